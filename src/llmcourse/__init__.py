@@ -1,0 +1,7 @@
+"""llmcourse: the Large Language Model Course as a tested CPU library and CLI.
+
+Core (``llmcourse.core``) loads models and data and evaluates them; each lab
+(``decoding``, ``quant``...) builds on the core and never on another lab's internals.
+"""
+
+__version__ = "0.1.0"

