@@ -40,8 +40,15 @@ GROUPS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (problem + where to look) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="llmcourse",
         description="The Large Language Model Course as a CPU library and CLI. "
         "Every command takes --help; --json prints one JSON object on stdout.",
@@ -64,11 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(debug: bool) -> None:
+    """Keep third-party chatter (transformers' load bars and warnings) off the user's terminal."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if debug:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(debug)
     handler = getattr(args, "func", None)
     if handler is None:
         gp = getattr(args, "_group_parser", None)

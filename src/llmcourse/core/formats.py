@@ -12,6 +12,8 @@ import json
 import struct
 from pathlib import Path
 
+from gguf.constants import GGML_QUANT_SIZES
+
 from llmcourse.core.errors import UserError
 
 GGUF_MAGIC = b"GGUF"
@@ -127,18 +129,36 @@ def check_gguf(path: str | Path) -> tuple[int, int]:
         else:
             raise _corrupt(path, f"unknown metadata type {t}", "GGUF")
 
+    alignment = 32
     for _ in range(n_kv):
-        string()
-        value(u32())
+        key_len = u64()
+        key = take(key_len)
+        t = u32()
+        if key == b"general.alignment" and t == 4:  # uint32
+            alignment = struct.unpack("<I", buf[pos:pos + 4])[0] if pos + 4 <= len(buf) else 0
+            if alignment == 0 or alignment & (alignment - 1):
+                raise _corrupt(path, f"alignment {alignment} is not a power of two", "GGUF")
+        value(t)
+    infos = []
     for _ in range(n_tensors):
         string()
         n_dims = u32()
-        if n_dims > 4:
+        if not 1 <= n_dims <= 4:
             raise _corrupt(path, f"tensor with {n_dims} dimensions", "GGUF")
-        for _ in range(n_dims):
-            if u64() > 2**40:
-                raise _corrupt(path, "tensor dimension too large", "GGUF")
-        u32()  # type
-        if u64() > size:
-            raise _corrupt(path, "tensor offset past the end of the file", "GGUF")
+        dims = [u64() for _ in range(n_dims)]
+        if any(d > 2**40 for d in dims):
+            raise _corrupt(path, "tensor dimension too large", "GGUF")
+        infos.append((dims, u32(), u64()))
+    data_start = -(-pos // alignment) * alignment
+    for dims, qtype, offset in infos:
+        if qtype not in GGML_QUANT_SIZES:
+            raise _corrupt(path, f"unknown tensor type {qtype}", "GGUF")
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        numel = 1
+        for d in dims:
+            numel *= d
+        if dims[0] % block:
+            raise _corrupt(path, f"row of {dims[0]} is not a multiple of the block size {block}", "GGUF")
+        if data_start + offset + numel // block * type_size > size:
+            raise _corrupt(path, "tensor data runs past the end of the file", "GGUF")
     return n_tensors, n_kv

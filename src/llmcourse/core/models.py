@@ -118,7 +118,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     try:
         tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
-    except (ValueError, KeyError, IndexError, OSError, TypeError, RuntimeError, struct_error()) as e:
+    except Exception as e:  # untrusted file through a third-party parser: any failure is bad input
         raise UserError(f"cannot read GGUF {path} ({type(e).__name__}: {str(e)[:150]})",
                         "check that it is a complete GGUF of a supported architecture (llama, qwen2, gpt2...)") from e
     # A GGUF-loaded model carries a quantization config that save_pretrained refuses:
@@ -136,12 +136,6 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         plain.tie_weights()
     plain.eval()
     return plain.to(dtype), tok
-
-
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error
 
 
 def _check_hf_folder(path: Path, trust_pickle: bool) -> bool:
@@ -286,3 +280,17 @@ def model_card(lm: LoadedModel) -> dict[str, Any]:
         "chat_template": bool(getattr(lm.tokenizer, "chat_template", None)),
         "load_seconds": round(lm.info.get("load_seconds", 0.0), 3),
     }
+
+
+def chat_sample(lm: LoadedModel, question: str, max_new_tokens: int = 40) -> str:
+    """A short greedy answer to ``question`` through the model's chat template (plain HF generate)."""
+    tok = lm.tokenizer
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(question, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = lm.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

