@@ -91,7 +91,7 @@ def test_fuzz_gguf(tiny_files, tmp_path):
     data = gguf_path.read_bytes()
     rng = random.Random(1234)
     outcomes = {"loaded": 0, "error": 0}
-    for i, (label, blob) in zip(range(N_CASES), mutations(data, rng, gguf_header_len(gguf_path))):
+    for i, (label, blob) in zip(range(N_CASES), mutations(data, rng, gguf_header_len(gguf_path)), strict=False):
         p = tmp_path / f"case{i}.gguf"
         p.write_bytes(blob)
         try:
@@ -116,7 +116,7 @@ def test_fuzz_safetensors(tiny_files, tmp_path):
     for f in hf.iterdir():
         if f.name != "model.safetensors":
             (case_dir / f.name).write_bytes(f.read_bytes())
-    for i, (label, blob) in zip(range(N_CASES), mutations(data, rng, header_len)):
+    for i, (label, blob) in zip(range(N_CASES), mutations(data, rng, header_len), strict=False):
         (case_dir / "model.safetensors").write_bytes(blob)
         try:
             outcomes[_run_st(case_dir)] += 1

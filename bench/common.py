@@ -1,0 +1,63 @@
+"""Helpers shared by the benchmark scripts: timing, medians, machine description, result files."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores {cpu}, {mem:.0f} GiB, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def write_result(name: str, title: str, table: str, notes: str = "") -> Path:
+    """Write ``bench/results/NAME.md`` (a section of BENCHMARKS.md) and print it."""
+    RESULTS.mkdir(exist_ok=True)
+    text = f"## {title}\n\n_{date.today().isoformat()}, {machine()}_\n\n{table}\n"
+    if notes:
+        text += f"\n{notes}\n"
+    path = RESULTS / f"{name}.md"
+    path.write_text(text)
+    print(text)
+    return path
+
+
+def md_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or list(rows[0])
+
+    def fmt(v: object) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,43 @@
+"""Run every benchmark script in bench/ and assemble BENCHMARKS.md from bench/results/*.md."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SCRIPTS = ["core.py", "decoding.py", "int8.py", "gguf.py"]
+
+
+def assemble() -> None:
+    from common import machine
+
+    parts = [f"# Benchmarks\n\nLatest results, {date.today().isoformat()}, on {machine()}.\n"
+             "Each table compares llmcourse with its anchor measured in the same run (median of several runs); "
+             "ratios matter more than absolute times on this shared machine.\n"]
+    for name in SCRIPTS:
+        f = HERE / "results" / (Path(name).stem + ".md")
+        if f.exists():
+            parts.append(f.read_text())
+    (HERE.parent / "BENCHMARKS.md").write_text("\n".join(parts))
+
+
+def main() -> int:
+    sys.path.insert(0, str(HERE))
+    only = sys.argv[1:]
+    rc = 0
+    for name in SCRIPTS:
+        if only and Path(name).stem not in only:
+            continue
+        script = HERE / name
+        if script.exists():
+            print(f"== {name}", flush=True)
+            rc |= subprocess.call([sys.executable, str(script)])
+    assemble()
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
