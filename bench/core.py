@@ -48,7 +48,7 @@ def main() -> None:
              "ratio (anchor/ours)": anchor / ours, "target": "<= 3 s"}]
 
     lm = load_model("default")
-    ids = tokenize_stream(lm.tokenizer, load_text("default", "eval"))[:, :4096]
+    ids = tokenize_stream(lm.tokenizer, load_text("default", "eval"))[:, :2048]
     t_ours, _ = median_time(lambda: perplexity(lm.model, ids, 1024, 512), repeat=3, warmup=1)
     t_ref, _ = median_time(lambda: hf_recipe_perplexity(lm.model, ids, 1024, 512), repeat=3, warmup=0)
     r = perplexity(lm.model, ids, 1024, 512)

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# this file is named gguf.py: keep its folder off the import path so `import gguf` finds the package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+# this file is named gguf.py: move its folder to the end of the import path, so that `import gguf` finds
+# the package and `import common` still finds bench/common.py
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"] + [str(ROOT / "bench")]
 
 
 def llama_quantize(src: Path, out: Path, ftype: int, pure: bool) -> None:
@@ -90,14 +91,14 @@ def main() -> None:
                   f"identical={same}", file=sys.stderr)
             ours.unlink()
             ref.unlink()
+    from common import write_result
+
     lines = [
-        "# GGUF: quantize time per preset, ours vs llama.cpp (`llama_model_quantize`, 1 thread)",
-        "",
         f"Default model (SmolLM2-135M, {n_el:,} weights), from the same F32 GGUF; median of {args.repeats} runs, "
         "both in the same process, one torch thread. Shared 2-core machine: absolute times are noisy, the ratio "
         "compares back-to-back runs. `identical`: our file's bytes equal llama.cpp's.",
         "",
-        "| type | MB | bits/weight | ours (s) | llama.cpp (s) | ours / llama.cpp | identical |",
+        "| type | file MB | file bits/weight | ours (s) | llama.cpp (s) | ours / llama.cpp | identical |",
         "|---|---:|---:|---:|---:|---:|:---:|",
     ]
     lines += [f"| {r[0]} | {r[1]:.1f} | {r[2]:.3f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {'yes' if r[6] else 'NO'} |"
@@ -106,11 +107,8 @@ def main() -> None:
               "`convert_hf_to_gguf.py`, checked by tests/quant/gguf/test_convert.py with LLAMA_CPP_CONVERT):", "",
               "| output | seconds |", "|---|---:|"]
     lines += [f"| {k.upper()} | {v:.2f} |" for k, v in conv.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    from llmcourse.core.io import write_text
-
-    write_text(ROOT / "bench" / "results" / "gguf.md", text)
+    write_result("gguf", "GGUF: quantize time per preset, ours vs llama.cpp (`llama_model_quantize`, 1 thread)",
+                 "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from gguf import GGMLQuantizationType as T
-
 ROOT = Path(__file__).resolve().parents[1]
+# bench/ holds a gguf.py of its own: keep it from shadowing the gguf package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT / "tests" / "quant" / "gguf"))
 
 import ggml_ref  # noqa: E402
+import numpy as np  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from llmcourse.core.data import calibration_windows  # noqa: E402
 from llmcourse.core.io import write_text  # noqa: E402

@@ -82,7 +82,8 @@ def _quiet_libraries(debug: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        if not sys.stderr.isatty():  # on a terminal, keep transformers' bars for long loads
+            hf_logging.disable_progress_bar()
     except ImportError:
         pass
 

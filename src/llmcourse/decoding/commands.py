@@ -1,0 +1,202 @@
+"""CLI: ``llmcourse generate`` and ``llmcourse chat``.
+
+``generate --json`` prints ``{"prompt_token_ids": [...], "sequences": [{"token_ids": [generated only],
+"text": str, "score": float}, ...], "tokens_per_second": float}``; without ``--json`` greedy and
+sampled text streams to stdout as it is generated. ``--tree FILE.png|svg`` draws the search tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs
+from llmcourse.core.errors import UserError
+from llmcourse.core.io import check_not_input
+from llmcourse.decoding.engine import (
+    BACKENDS,
+    STRATEGIES,
+    GenerationConfig,
+    GenerationOutput,
+    chat_prompt_ids,
+    generate,
+    parse_early_stopping,
+)
+from llmcourse.decoding.samplers import CHAINS
+
+
+def _add_generation_args(p: argparse.ArgumentParser, default_strategy: str, default_tokens: int) -> None:
+    d = GenerationConfig()
+    g = p.add_argument_group("decoding")
+    g.add_argument("--strategy", choices=STRATEGIES, default=default_strategy,
+                   help="greedy (argmax), beam (beam search) or sample (with the sampler chain). Default: %(default)s")
+    g.add_argument("--max-new-tokens", type=int, default=default_tokens,
+                   help="most tokens to generate. Default: %(default)s")
+    g.add_argument("--num-beams", type=int, default=d.num_beams, help="beams for --strategy beam. Default: %(default)s")
+    g.add_argument("--length-penalty", type=float, default=d.length_penalty,
+                   help="beam score = sum log p / length^X (0: no normalisation). Default: %(default)s")
+    g.add_argument("--early-stopping", type=parse_early_stopping, default=d.early_stopping, metavar="true|false|never",
+                   help="beam search stop rule, as transformers: true = stop when num-beams hypotheses are "
+                   "finished; false = heuristic; never = exact bound. Default: false")
+    g.add_argument("--num-return-sequences", type=int, default=1,
+                   help="sequences to return (beam: the best R of the beams; sample: R independent samples)")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help="divide logits by T before sampling (< 1 sharper, > 1 flatter). Default: %(default)s")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="keep the K most likely tokens (0: off). "
+                   "Default: %(default)s")
+    g.add_argument("--top-p", type=float, default=d.top_p,
+                   help="nucleus: keep the most likely tokens up to cumulative probability P. Default: %(default)s")
+    g.add_argument("--min-p", type=float, default=d.min_p,
+                   help="keep tokens with probability >= P x the top token's (0: off). Default: %(default)s")
+    g.add_argument("--typical-p", type=float, default=d.typical_p,
+                   help="locally typical sampling mass (1: off). Default: %(default)s")
+    g.add_argument("--epsilon", type=float, default=d.epsilon,
+                   help="epsilon sampling: drop tokens with probability < E (0: off). Default: %(default)s")
+    g.add_argument("--eta", type=float, default=d.eta,
+                   help="eta sampling: entropy-dependent cut-off (0: off). Default: %(default)s")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="CTRL penalty on tokens already in the context (1: off). Default: %(default)s")
+    g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
+                   help="subtract X x (count of the token in the window) from its logit. Default: %(default)s")
+    g.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
+                   help="subtract X from the logit of every token in the window. Default: %(default)s")
+    g.add_argument("--penalty-last-n", type=int, default=d.penalty_last_n,
+                   help="penalty window in tokens (0: the whole context; llama.cpp uses 64). Default: %(default)s")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=d.no_repeat_ngram_size,
+                   help="never repeat an n-gram of this size (0: off). Default: %(default)s")
+    g.add_argument("--chain", choices=list(CHAINS), default=d.chain,
+                   help="sampler order: hf (transformers: temperature first) or llama.cpp (penalties, top-k, "
+                   "typical, top-p, min-p, temperature last). Default: %(default)s")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: not fixed)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); the text is cut before it")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="fast (our Llama forward), hf (the model's own module) or auto. Default: %(default)s")
+
+
+def _config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(
+        strategy=args.strategy, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+        num_return_sequences=args.num_return_sequences, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p, epsilon=args.epsilon, eta=args.eta,
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, penalty_last_n=args.penalty_last_n,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, chain=args.chain, seed=args.seed, stop=tuple(args.stop),
+        backend=args.backend)
+
+
+def _check_tree_path(args: argparse.Namespace) -> Path | None:
+    if not getattr(args, "tree", None):
+        return None
+    path = Path(args.tree)
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise UserError(f"--tree {path} must end in .png or .svg", "pass e.g. --tree tree.png")
+    check_not_input(path, [args.model if args.model != "default" else None])
+    return path
+
+
+def _stream_writer(enabled: bool):
+    if not enabled:
+        return None
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    return write
+
+
+def _summary_text(out: GenerationOutput, streamed: bool) -> str:
+    lines = []
+    if not streamed:
+        for i, s in enumerate(out.sequences):
+            head = f"[{i}] score {s.score:.4f}: " if len(out.sequences) > 1 else ""
+            lines.append(head + s.text)
+    else:
+        lines.append("")  # end the streamed line
+    lines.append(f"({out.steps} tokens, {out.tokens_per_second:.1f} tok/s, {out.backend} backend)")
+    return "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> Result:
+    from llmcourse.core.models import load_model
+
+    cfg = _config(args)
+    tree_path = _check_tree_path(args)
+    if args.prompt is None or args.prompt == "":
+        raise UserError("--prompt is empty", "pass --prompt TEXT")
+    lm = load_model(args.model, **model_kwargs(args))
+    stream = not args.json and cfg.strategy != "beam" and cfg.num_return_sequences == 1
+    out = generate(lm.model, lm.tokenizer, args.prompt, cfg, on_text=_stream_writer(stream),
+                   record=tree_path is not None)
+    data = out.to_json()
+    if tree_path is not None:
+        from llmcourse.decoding import tree as tree_mod
+
+        t = tree_mod.tree_from_output(out, lm.tokenizer, cfg)
+        tree_mod.draw_tree(t, tree_path, title=f"{cfg.strategy}: {args.prompt!r}")
+        data["tree"] = str(tree_path)
+    return Result(data, _summary_text(out, stream))
+
+
+def cmd_chat(args: argparse.Namespace) -> Result:
+    from llmcourse.core.models import load_model
+
+    cfg = _config(args)
+    lm = load_model(args.model, **model_kwargs(args))
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        messages.append({"role": "user", "content": args.prompt})
+        ids = chat_prompt_ids(lm.tokenizer, messages)
+        stream = not args.json and cfg.strategy != "beam" and cfg.num_return_sequences == 1
+        out = generate(lm.model, lm.tokenizer, ids, cfg, on_text=_stream_writer(stream))
+        data = {**out.to_json(), "reply": out.sequences[0].text}
+        return Result(data, "" if stream else out.sequences[0].text)
+    if args.json:
+        raise UserError("--json needs a one-turn --prompt", "pass --prompt TEXT, or drop --json for a chat")
+    print("chat with the model (empty line or Ctrl-D to quit)", file=sys.stderr)
+    turns = 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = chat_prompt_ids(lm.tokenizer, messages)
+        out = generate(lm.model, lm.tokenizer, ids, cfg, on_text=_stream_writer(cfg.strategy != "beam"))
+        reply = out.sequences[0].text
+        if cfg.strategy == "beam":
+            print(reply)
+        else:
+            print()
+        messages.append({"role": "assistant", "content": reply})
+        turns += 1
+    return Result({"turns": turns}, "")
+
+
+def register(sub: argparse._SubParsersAction, groups: dict) -> None:
+    p = sub.add_parser("generate", help="generate text: greedy, beam search or sampling (fast on CPU)",
+                       description="Generate a continuation of --prompt. Greedy and beam search give exactly "
+                       "transformers' generate() tokens; --json prints prompt_token_ids, sequences "
+                       "(token_ids, text, score) and tokens_per_second.")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the text to continue (used as is, no chat template)")
+    _add_generation_args(p, "greedy", 32)
+    p.add_argument("--tree", default=None, metavar="FILE.png",
+                   help="also draw this run's search tree to FILE (.png or .svg)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat with a model through its chat template (interactive, or one --prompt)",
+                       description="Chat with the model using its own chat template. Without --prompt, read "
+                       "your turns from stdin; with --prompt, answer once and exit.")
+    add_model_args(c)
+    c.add_argument("--prompt", default=None, help="one user turn: answer it and exit")
+    c.add_argument("--system", default=None, help="an optional system message")
+    _add_generation_args(c, "greedy", 256)
+    add_common_args(c)
+    c.set_defaults(func=cmd_chat)

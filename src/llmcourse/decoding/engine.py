@@ -1,0 +1,461 @@
+"""The generation loop: greedy, beam search and sampling over a KV cache, with stop strings and streaming.
+
+One prompt at a time. The loop is the textbook autoregressive one: run the prompt once
+(prefill), then feed back one token per step, reusing the cached keys and values
+
+    z_t = f(y_<t);   greedy: y_t = argmax_v z'_t,v;   sampling: y_t ~ softmax(z'_t)
+
+where ``z'`` are the logits after the sampler chain (:mod:`llmcourse.decoding.samplers`;
+greedy and beam search apply only its penalties, as transformers does). Beam search is in
+:mod:`llmcourse.decoding.beam`. Greedy and beam results are token-identical to transformers'
+``generate()``; sampling with the ``hf`` chain draws the same tokens as ``generate(do_sample=True)``
+for the same seed, because the processed distribution and the RNG stream are the same.
+
+Two backends run the model: ``fast`` (:class:`~llmcourse.decoding.fast_llama.FastLlama`, for
+the Llama family, including models whose linears another lab swapped for its own modules) and
+``hf`` (any causal LM through its own module and ``DynamicCache``). ``auto`` picks ``fast`` when
+it can.
+
+Scores reported per sequence: greedy and sampling give the log-likelihood of the generated
+tokens under the model, ``sum_t log softmax(z_t)_{y_t}`` (unprocessed logits); beam search gives
+transformers' ``sequences_scores`` (length-normalised sum of processed log-probabilities).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmcourse.core.errors import UserError
+from llmcourse.decoding import samplers
+from llmcourse.decoding.beam import BeamRecorder, beam_search
+from llmcourse.decoding.fast_llama import FastLlama, supports
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("greedy", "beam", "sample")
+BACKENDS = ("auto", "fast", "hf")
+
+
+def parse_early_stopping(value: str | bool) -> bool | str:
+    """``true`` / ``false`` / ``never`` (CLI spelling) -> transformers' ``True`` / ``False`` / ``"never"``."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    if v == "never":
+        return "never"
+    raise UserError(f"--early-stopping must be true, false or never, got {value!r}", "pass one of true|false|never")
+
+
+@dataclass
+class GenerationConfig:
+    """Every knob of a generation; validated on creation (bad values raise UserError naming the flag)."""
+
+    strategy: str = "greedy"
+    max_new_tokens: int = 32
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off (transformers' GenerationConfig defaults to 50; llama.cpp to 40)
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    epsilon: float = 0.0
+    eta: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 0
+    no_repeat_ngram_size: int = 0
+    chain: str = "hf"
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None  # None: the model's generation config
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        def bad(flag: str, value: Any, want: str) -> UserError:
+            return UserError(f"{flag} {value!r} is invalid", f"pass {flag} {want}")
+
+        self.early_stopping = parse_early_stopping(self.early_stopping)
+        self.stop = tuple(self.stop or ())
+        finite = math.isfinite
+        checks = [
+            ("--strategy", self.strategy, self.strategy in STRATEGIES, "greedy|beam|sample"),
+            ("--max-new-tokens", self.max_new_tokens, isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             ">= 1"),
+            ("--num-beams", self.num_beams, isinstance(self.num_beams, int) and self.num_beams >= 1, ">= 1"),
+            ("--length-penalty", self.length_penalty, finite(self.length_penalty), "as a finite number"),
+            ("--num-return-sequences", self.num_return_sequences,
+             isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1, ">= 1"),
+            ("--temperature", self.temperature, finite(self.temperature) and self.temperature > 0,
+             "> 0 (for deterministic output use --strategy greedy)"),
+            ("--top-k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, ">= 0 (0 turns it off)"),
+            ("--top-p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("--min-p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+            ("--typical-p", self.typical_p, 0.0 < self.typical_p <= 1.0, "in (0, 1]"),
+            ("--epsilon", self.epsilon, 0.0 <= self.epsilon < 1.0, "in [0, 1)"),
+            ("--eta", self.eta, 0.0 <= self.eta < 1.0, "in [0, 1)"),
+            ("--repetition-penalty", self.repetition_penalty,
+             finite(self.repetition_penalty) and self.repetition_penalty > 0, "> 0 (1 turns it off)"),
+            ("--frequency-penalty", self.frequency_penalty, finite(self.frequency_penalty), "as a finite number"),
+            ("--presence-penalty", self.presence_penalty, finite(self.presence_penalty), "as a finite number"),
+            ("--penalty-last-n", self.penalty_last_n, isinstance(self.penalty_last_n, int) and self.penalty_last_n >= 0,
+             ">= 0 (0: the whole context)"),
+            ("--no-repeat-ngram-size", self.no_repeat_ngram_size,
+             isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0, ">= 0 (0 turns it off)"),
+            ("--chain", self.chain, self.chain in samplers.CHAINS, "|".join(samplers.CHAINS)),
+            ("--seed", self.seed, self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), ">= 0"),
+            ("--stop", self.stop, all(isinstance(s, str) and s for s in self.stop), "as non-empty strings"),
+            ("--backend", self.backend, self.backend in BACKENDS, "|".join(BACKENDS)),
+        ]
+        for flag, value, ok, want in checks:
+            if not ok:
+                raise bad(flag, value, want)
+        if self.strategy == "beam" and self.num_return_sequences > self.num_beams:
+            raise UserError(f"--num-return-sequences {self.num_return_sequences} is larger than --num-beams "
+                            f"{self.num_beams}", "pass --num-return-sequences <= --num-beams")
+        if self.strategy == "greedy" and self.num_return_sequences != 1:
+            raise UserError("greedy search returns one sequence",
+                            "pass --num-return-sequences 1, or use --strategy beam or sample")
+
+    def settings(self, min_keep: int = 1) -> samplers.SamplerSettings:
+        """The sampler-chain numbers of this config."""
+        return samplers.SamplerSettings(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+            typical_p=self.typical_p, epsilon=self.epsilon, eta=self.eta,
+            repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty, penalty_last_n=self.penalty_last_n,
+            no_repeat_ngram_size=self.no_repeat_ngram_size, min_keep=min_keep)
+
+
+@dataclass
+class GeneratedSequence:
+    token_ids: list[int]  # generated tokens only
+    text: str
+    score: float
+    finish_reason: str  # "eos" | "length" | "stop"
+
+
+@dataclass
+class StepRecord:
+    """What one greedy/sampling step saw (for the probability bar charts and trees)."""
+
+    top_ids: list[int]  # most likely tokens of the model's distribution, best first
+    top_probs: list[float]  # their probabilities under the model
+    processed_probs: list[float]  # their probabilities after the sampler chain (0 = filtered out)
+    kept: int  # tokens left with probability > 0 after the chain
+    chosen: int
+    chosen_prob: float  # model probability of the chosen token
+
+
+@dataclass
+class GenerationOutput:
+    prompt_token_ids: list[int]
+    sequences: list[GeneratedSequence]
+    seconds: float
+    steps: int  # decoding steps (forward passes after the prompt, plus one)
+    backend: str
+    records: list[list[StepRecord]] = field(default_factory=list)  # per returned sequence, if record=True
+    beam: BeamRecorder | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds > 0 else float("inf")
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI contract's object."""
+        return {
+            "prompt_token_ids": self.prompt_token_ids,
+            "sequences": [{"token_ids": s.token_ids, "text": s.text, "score": s.score} for s in self.sequences],
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+
+# --- backends ------------------------------------------------------------------------------------
+
+class HFDecoder:
+    """Any transformers causal LM through its own forward and ``DynamicCache``, as ``generate()`` calls it."""
+
+    name = "hf"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # transformers 5.24 renamed ``past_key_values`` to ``cache``; accept both spellings
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache: Any = None
+
+    def _forward(self, ids: torch.Tensor, **kw: Any) -> torch.Tensor:
+        out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: self.cache}, **kw)
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else out.past_key_values
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def start(self, ids: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        ids = ids.repeat(rows, 1)  # as generate() does for beams: the prompt is run once per beam
+        self.cache = DynamicCache(config=self.model.config)
+        return self._forward(ids, **self._keep)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._forward(tokens.view(-1, 1))
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        if not torch.equal(rows, torch.arange(rows.shape[0])):
+            self.cache.reorder_cache(rows)
+
+
+class FastDecoder:
+    """:class:`FastLlama` behind the decoder interface (one prompt row, expanded for beams)."""
+
+    name = "fast"
+
+    def __init__(self, fast: FastLlama) -> None:
+        self.fast = fast
+
+    def start(self, ids: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:
+        logits = self.fast.prefill(ids, capacity)
+        if rows > 1:
+            self.fast.expand(rows)
+            logits = logits.expand(rows, -1)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fast.step(tokens)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.fast.reorder(rows)
+
+
+_FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(model: Any) -> tuple:
+    """Changes when a module is swapped or a weight replaced, so a cached FastLlama is not stale."""
+    return tuple((type(m).__name__, id(m), *(p.data_ptr() for p in m.parameters(recurse=False)))
+                 for m in model.modules())
+
+
+def prepare(model: Any, matvec: str = "mm") -> FastLlama:
+    """The :class:`FastLlama` of ``model`` (built once, reused while the model is unchanged).
+
+    ``matvec="compiled"`` uses a ``torch.compile``'d one-row kernel (compiles ~5 kernels on first
+    use, cached on disk by Inductor afterwards); ``"mm"`` needs no compilation.
+    """
+    sig = (_signature(model), matvec)
+    hit = _FAST.get(model)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    fast = FastLlama(model, matvec=matvec)
+    _FAST[model] = (sig, fast)
+    return fast
+
+
+def make_decoder(model: Any, backend: str = "auto") -> HFDecoder | FastDecoder:
+    """Pick the backend: ``fast`` for the Llama family, else ``hf``."""
+    if isinstance(model, FastLlama):
+        return FastDecoder(model)
+    if backend == "fast" and not supports(model):
+        raise UserError(f"the fast backend does not support {type(model).__name__}", "pass --backend hf or auto")
+    if backend in ("auto", "fast") and supports(model):
+        return FastDecoder(prepare(model))
+    return HFDecoder(model)
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+class TextStream:
+    """Incremental detokenization with stop strings: emits only text that is final."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly final text ('' if none). Sets ``stopped`` on a stop string."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.text = True, text[:cut]
+            return self._emit(len(self.text))
+        self.text = text
+        end = len(text) - self.hold
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+            end = min(end, len(text.rstrip("\ufffd")))
+        return self._emit(end)
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        if end <= self.emitted:
+            return ""
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+    """Token ids of ``prompt`` (a string is tokenized with the tokenizer's special tokens)."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt).input_ids
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise UserError("the prompt is empty", "pass a non-empty --prompt")
+        ids = [bos]
+    return ids
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The model's chat template applied to ``messages``, ready for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("this model's tokenizer has no chat template", "use `llmcourse generate` with a plain prompt")
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def model_eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids from the model's generation config (as ``generate()`` uses), else the tokenizer's."""
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def _record(scores: torch.Tensor, processed: torch.Tensor, chosen: int, n: int = 30) -> StepRecord:
+    probs = torch.softmax(scores[0], dim=-1)
+    pprobs = torch.softmax(processed[0], dim=-1)
+    top = torch.topk(probs, min(n, probs.shape[-1]))
+    return StepRecord(top.indices.tolist(), top.values.tolist(), pprobs[top.indices].tolist(),
+                      int((pprobs > 0).sum()), chosen, float(probs[chosen]))
+
+
+def _one_sequence(decoder: Any, prompt: list[int], cfg: GenerationConfig, eos: set[int],
+                  stream: TextStream | None, on_text: Callable[[str], None] | None,
+                  generator: torch.Generator | None, record: bool) -> tuple[list[int], float, str, list[StepRecord]]:
+    sampling = cfg.strategy == "sample"
+    settings = cfg.settings()
+    order = samplers.CHAINS[cfg.chain]
+    ids = torch.tensor([prompt], dtype=torch.long)
+    out: list[int] = []
+    score, reason, records = 0.0, "length", []
+    logits = decoder.start(ids, 1, len(prompt) + cfg.max_new_tokens)
+    for step in range(cfg.max_new_tokens):
+        scores = logits.float()
+        processed = samplers.apply_chain(scores, ids, settings, order, sampling=sampling)
+        if sampling:
+            tok = int(samplers.sample(torch.softmax(processed, dim=-1), generator)[0])
+        else:
+            tok = int(torch.argmax(processed, dim=-1)[0])
+        score += float(torch.log_softmax(scores[0], dim=-1)[tok])
+        if record:
+            records.append(_record(scores, processed, tok))
+        out.append(tok)
+        ids = torch.cat((ids, torch.tensor([[tok]])), dim=1)
+        if stream is not None:
+            piece = stream.push(tok)
+            if piece and on_text is not None:
+                on_text(piece)
+            if stream.stopped:
+                reason = "stop"
+                break
+        if tok in eos:
+            reason = "eos"
+            break
+        if step + 1 < cfg.max_new_tokens:
+            logits = decoder.step(torch.tensor([tok]))
+    if stream is not None and on_text is not None:
+        rest = stream.flush()
+        if rest:
+            on_text(rest)
+    return out, score, reason, records
+
+
+def generate(model: Any, tokenizer: Any, prompt: str | list[int], config: GenerationConfig | None = None,
+             *, on_text: Callable[[str], None] | None = None, record: bool = False) -> GenerationOutput:
+    """Generate from ``prompt`` with ``config``; ``on_text`` receives text pieces as they become final.
+
+    ``model`` is a transformers causal LM (or a prepared :class:`FastLlama`); ``record`` keeps the
+    per-step distributions (greedy/sample) or the beam candidates (beam) for the plots.
+    """
+    cfg = config or GenerationConfig()
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    eos_list = list(cfg.eos_token_ids) if cfg.eos_token_ids is not None else model_eos_ids(model, tokenizer)
+    decoder = make_decoder(model, cfg.backend)  # builds FastLlama once per model, outside the timing
+    t0 = time.perf_counter()
+    sequences: list[GeneratedSequence] = []
+    records: list[list[StepRecord]] = []
+    beam_rec = None
+    steps = 0
+    with torch.inference_mode():
+        if cfg.strategy == "beam":
+            settings = cfg.settings()
+            order = samplers.CHAINS[cfg.chain]
+            needs = any(getattr(settings, a) != d for a, d in (("repetition_penalty", 1.0), ("frequency_penalty", 0.0),
+                                                                 ("presence_penalty", 0.0), ("no_repeat_ngram_size", 0)))
+
+            def process(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+                return samplers.apply_chain(logprobs, ids, settings, order, sampling=False)
+
+            beam_rec = BeamRecorder() if record else None
+            res = beam_search(decoder, prompt_ids, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                              eos_token_ids=eos_list, length_penalty=cfg.length_penalty,
+                              early_stopping=cfg.early_stopping, num_return_sequences=cfg.num_return_sequences,
+                              process=process if needs else None, recorder=beam_rec)
+            steps = res.steps
+            for toks, sc in zip(res.token_ids, res.scores, strict=True):
+                text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else ""
+                reason = "eos" if toks and toks[-1] in eos_list else "length"
+                for s in cfg.stop:  # stop strings cut beam results afterwards
+                    if s in text:
+                        text, reason = text[:text.index(s)], "stop"
+                sequences.append(GeneratedSequence(toks, text, sc, reason))
+        else:
+            n = cfg.num_return_sequences
+            generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+            for i in range(n):
+                stream = TextStream(tokenizer, cfg.stop) if tokenizer is not None and (on_text or cfg.stop) else None
+                toks, sc, reason, rec = _one_sequence(decoder, prompt_ids, cfg, set(eos_list), stream,
+                                                      on_text if i == 0 else None, generator, record)
+                text = stream.text if stream is not None else (
+                    tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else "")
+                sequences.append(GeneratedSequence(toks, text, sc, reason))
+                records.append(rec)
+                steps += len(toks)
+    seconds = time.perf_counter() - t0
+    return GenerationOutput(prompt_ids, sequences, seconds, steps, decoder.name, records, beam_rec)

@@ -1,0 +1,8 @@
+"""Lab 7: GGUF — llama.cpp's quantization formats in numpy, bit-exact with ggml.
+
+``quantize.py`` is the public entry point (``quantize``, ``dequantize``, ``QUANT_TYPES``);
+``blocks.py`` holds the byte layout of every block type, ``searches.py`` ggml's float32
+primitives and scale searches, ``legacy.py`` the 32-wide types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0),
+``kquants.py`` the 256-wide k-quants (Q2_K ... Q6_K) and ``imatrix.py`` the importance matrix
+(computing it with forward hooks, and llama.cpp's GGUF and legacy .dat files).
+"""

@@ -1,0 +1,111 @@
+"""Tour section of the GGUF lab: what each llama.cpp preset costs in size and quality.
+
+The default model is converted to F32 GGUF in memory and quantized with several presets; each file's
+weights are de-quantized back into a copy of the model, which is scored on the same window of text, from
+one forward pass: perplexity ``exp(mean NLL)`` (what ``core.evaluate.perplexity`` gives with
+``max_length = stride = n``), KL(P_fp32 || P_quant) per token and top-1 agreement with the fp32 model.
+Full mode runs 7 presets on 512 tokens (about two minutes); quick mode 2 presets on 64 tokens. Both caps
+are stated on the page.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+FULL_PRESETS = ["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+QUICK_PRESETS = ["Q4_0", "Q8_0"]
+
+
+def _chart(rows: list[dict[str, Any]], fp32: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.scatter([r["MB"] for r in rows], [r["perplexity"] for r in rows], color="tab:blue")
+    for r in rows:
+        ax.annotate(r["preset"], (r["MB"], r["perplexity"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(fp32["perplexity"], color="gray", ls="--", lw=1, label=f"fp32 ({fp32['MB']:.0f} MB)")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("llama.cpp presets on SmolLM2-135M: size vs perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _logits(model: Any, ids: Any) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits[0].float()  # (n, vocab)
+
+
+def _scores(logits: Any, ref: Any, ids: Any) -> dict[str, float]:
+    """Perplexity of the window, and KL(P_ref || P) / top-1 agreement against the reference logits."""
+    import math
+
+    import torch.nn.functional as F
+
+    nll = F.cross_entropy(logits[:-1], ids[0, 1:]).item()
+    lp, lq = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
+    return {"perplexity": math.exp(nll), "KL vs fp32": (lq.exp() * (lq - lp)).sum(-1).mean().item(),
+            "top-1 agreement": (lp.argmax(-1) == lq.argmax(-1)).float().mean().item()}
+
+
+def section(ctx: Any) -> Any:
+    """Per-preset file size, bits/weight, perplexity, KL vs fp32 and quantize time, with a chart."""
+    from llmcourse.core.data import load_text, tokenize_stream
+    from llmcourse.quant.gguf.convert import from_hf
+    from llmcourse.quant.gguf.presets import load_weights, quantize_gguf
+    from llmcourse.tour import TourSection, html_table
+
+    lm = ctx.lm
+    presets = QUICK_PRESETS if ctx.quick else FULL_PRESETS
+    n_tokens = 64 if ctx.quick else 512
+    ids = tokenize_stream(lm.tokenizer, load_text("default", "eval"))[:, :n_tokens]
+    t0 = time.perf_counter()
+    g = from_hf(lm.model, lm.tokenizer, "f32", folder=lm.path if lm.path and Path(lm.path).is_dir() else None)
+    convert_s = time.perf_counter() - t0
+    n_weights = sum(t.numel() for _, t in g.weights)
+    ref = _logits(lm.model, ids)
+    fp32_ppl = _scores(ref, ref, ids)["perplexity"]
+    fp32 = {"MB": 4 * n_weights / 1e6, "perplexity": fp32_ppl}
+    work = copy.deepcopy(lm.model)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in presets:
+            path = Path(tmp) / f"model-{name}.gguf"
+            info = quantize_gguf(g, path, name)
+            load_weights(work, path)
+            rows.append({"preset": name, "MB": info["bytes"] / 1e6, "bits/weight": info["bits_per_weight"],
+                         **_scores(_logits(work, ids), ref, ids), "quantize s": info["seconds"]})
+            path.unlink()
+    chart = "gguf_size_perplexity.png"
+    _chart(rows, fp32, Path(ctx.out_dir) / chart)
+    rows.sort(key=lambda r: r["MB"])
+    table = html_table([{"preset": "fp32 (F32 GGUF)", "MB": fp32["MB"], "bits/weight": 32.0,
+                         "perplexity": fp32_ppl, "KL vs fp32": 0.0, "top-1 agreement": 1.0,
+                         "quantize s": convert_s}] + rows)
+    cap = (f"{len(presets)} of the 14 presets, perplexity and KL on the first {n_tokens} tokens of the eval split "
+           f"(one window): a {'quick' if ctx.quick else 'two-minute'} budget. `llmcourse quantize gguf --type ...` "
+           "and `llmcourse eval perplexity --model FILE.gguf` run any preset on the whole text.")
+    body = (
+        "<p>The default model converted to GGUF and quantized with llama.cpp's presets by our own Python code "
+        "(byte-identical to <code>llama_model_quantize</code>). Its 576-wide rows are not multiples of the "
+        "k-quants' 256-value blocks, so most k-quant tensors fall back to Q4_0/Q5_0/Q5_1/Q8_0, and the tied "
+        "embedding matrix (also the output layer) takes Q8_0: the k-quant presets are bigger here than on "
+        "larger models. The weights also carry the packaged file's Q4_1 rounding, so Q4_1-like presets lose "
+        "less than they would from a full-precision checkpoint.</p>"
+        f"<p class=\"muted\">{html.escape(cap)}</p>{table}<img src=\"{chart}\" alt=\"size vs perplexity\">"
+    )
+    summary = {"tokens": n_tokens, "fp32_perplexity": fp32_ppl,
+               "presets": {r["preset"]: {k: v for k, v in r.items() if k != "preset"} for r in rows}}
+    return TourSection("GGUF: llama.cpp presets, size vs quality", body, summary)

@@ -1,0 +1,130 @@
+"""LLM.int8(): vector-wise int8 matrix multiplication with mixed-precision decomposition.
+
+Paper: T. Dettmers, M. Lewis, Y. Belkada, L. Zettlemoyer, "LLM.int8(): 8-bit Matrix Multiplication
+for Transformers at Scale" (NeurIPS 2022), section 3. For activations ``X`` (N, in) and a weight
+``W`` (out, in) (the paper's ``W`` is (in, out): its "columns" are our rows):
+
+1. Outlier feature columns ``O = {h : max_n |X_nh| >= threshold}`` (threshold 6.0 by default).
+2. Vector-wise quantization of the rest: one absmax per row of ``X`` over the columns not in
+   ``O``, ``c_x[n] = max_{h not in O} |X_nh|``, and one per output row of ``W``,
+   ``c_w[o] = max_h |W_oh|``; ``X_i8 = round(127 X / c_x)``, ``W_i8 = round(127 W / c_w)``.
+3. ``Y = (X_i8 W_i8^T) * (c_x c_w^T) / 127^2  +  X[:, O] W'[:, O]^T``: an int8 x int8 -> int32
+   product (``torch._int_mm``) rescaled by the outer product of the statistics, plus the
+   outlier columns multiplied in floating point.
+
+As bitsandbytes does with ``has_fp16_weights=False``, only ``W_i8`` and ``c_w`` are stored, and
+the weight columns of the outliers are de-quantized from them (``W' = W_i8 c_w / 127``). Two
+small differences from bitsandbytes 0.50: it computes ``c_x`` after zeroing only the outlier
+*elements* (so a column's non-outlier values still count in its rows' absmax) and casts the
+activations to fp16 first; it also rescales by the constant 6.200124e-05 where 1/127^2 is
+6.2000124e-05. We follow the paper (whole columns out; fp32) and use 1/127^2.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+if TYPE_CHECKING:
+    from llmcourse.quant.int8 import QuantizedTensor
+
+INV_127_SQ = 1.0 / (127.0 * 127.0)
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of the feature columns of ``x`` (N, in) holding any ``|x| >= threshold`` (sorted)."""
+    if threshold <= 0:
+        return torch.empty(0, dtype=torch.long)
+    return torch.nonzero((x.abs() >= threshold).any(dim=0)).reshape(-1)
+
+
+def vectorwise_quantize(x: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8 of ``x`` (N, in) with the columns ``cols`` set to zero.
+
+    Returns ``(x_i8, c_x)``: codes (N, in) and the per-row absmax (N, 1); an all-zero row gets
+    ``c_x = 1`` (codes 0).
+    """
+    xf = x.float()
+    if cols.numel():
+        xf = xf.clone()
+        xf[:, cols] = 0.0
+    c_x = xf.abs().amax(dim=1, keepdim=True)
+    c_x = torch.where(c_x > 0, c_x, torch.ones_like(c_x))
+    return torch.round(xf * (127.0 / c_x)).clamp_(-127, 127).to(torch.int8), c_x
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 (N, in) x int8 (out, in)^T -> int32 (N, out)."""
+    return torch._int_mm(a, b.t())
+
+
+def llm_int8_matmul(x: torch.Tensor, w_i8: torch.Tensor, c_w: torch.Tensor, threshold: float = 6.0,
+                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8() product ``x W^T (+ bias)`` for ``x`` (N, in) and a row-wise int8 weight.
+
+    ``c_w`` (out, 1) is the weight's per-row absmax. Returns ``(y, outlier_cols)`` with ``y`` fp32.
+    """
+    cols = outlier_columns(x, threshold)
+    x_i8, c_x = vectorwise_quantize(x, cols)
+    y = int8_matmul(x_i8, w_i8).float() * (c_x * c_w.reshape(1, -1)) * INV_127_SQ
+    if cols.numel():
+        w_out = w_i8[:, cols].float() * (c_w * (1.0 / 127.0))  # (out, |O|) de-quantized weight columns
+        y = y.addmm(x[:, cols].float(), w_out.t())
+    if bias is not None:
+        y = y + bias.float()
+    return y, cols
+
+
+class LLMInt8Linear(nn.Module):
+    """An ``nn.Linear`` replacement running LLM.int8(); stores the int8 weight and its row scales.
+
+    Buffers: ``qweight`` int8 (out, in) and ``scale`` fp32 (out, 1), the absmax-per-row scale
+    ``s = 127 / c_w`` of :mod:`llmcourse.quant.int8` (so ``c_w = 127 / s``), optional ``bias``.
+    ``last_outliers`` keeps the outlier columns of the latest call (for plots and tests).
+    """
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, threshold: float = 6.0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        assert qt.zero is None and qt.scale.shape == (qt.q.shape[0], 1), "LLM.int8() weights are absmax per row"
+        self.out_features, self.in_features = qt.q.shape
+        self.threshold = float(threshold)
+        self.register_buffer("qweight", qt.q)
+        self.register_buffer("scale", qt.scale)
+        self.register_buffer("bias", bias)
+        self.register_buffer("absmax", 127.0 / qt.scale, persistent=False)  # c_w
+        self.compute_dtype = dtype
+        self.last_outliers: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y, cols = llm_int8_matmul(x.reshape(-1, self.in_features), self.qweight, self.absmax, self.threshold, self.bias)
+        self.last_outliers = cols
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The de-quantized (out, in) weight, computed on each access (for code that reads ``.weight``)."""
+        return self.dequantize()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the int8 path represents: ``W' = W_i8 c_w / 127``."""
+        return (self.qweight.float() / self.scale).to(dtype or self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"threshold={self.threshold:g}, bias={self.bias is not None}")
+
+
+def quantize_llm_int8(model: nn.Module, threshold: float = 6.0, skip: list[str] | None = None) -> dict:
+    """Swap every linear layer of an HF causal LM for :class:`LLMInt8Linear`, in place.
+
+    The input embedding is stored as absmax-per-row int8 too (shared with a tied head). Returns
+    the report of :func:`llmcourse.quant.int8.quantize_model`.
+    """
+    from llmcourse.quant.int8 import Int8Config, quantize_model
+
+    return quantize_model(model, Int8Config(method="llm.int8", granularity="row", threshold=threshold,
+                                            skip=list(skip or [])))
