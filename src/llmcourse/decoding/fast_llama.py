@@ -59,6 +59,7 @@ def compiled_rowdot() -> Any:
 
 
 MATVECS = ("mm", "compiled")
+SMALL_BATCH = 8  # up to this many rows (beams) run as one-row products
 
 
 class Projection:
@@ -89,16 +90,23 @@ class Projection:
             self.bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=w.dtype)
                                    for m in modules])
 
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, in) -> (1, out) at full memory bandwidth."""
+        return x @ self.wt if self.wt is not None else self._rowdot(self.w, x[0]).unsqueeze(0)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if not self.fused:
             outs = [m(x) for m in self.modules]
             return outs[0] if len(outs) == 1 else outs
-        if self.wt is not None:
-            y = x @ self.wt
-        elif x.dim() == 2 and x.shape[0] == 1:
-            y = self._rowdot(self.w, x[0]).unsqueeze(0)
+        rows = x.shape[0] if x.dim() == 2 else 0
+        if 1 < rows <= SMALL_BATCH:
+            # beams: one-row products, row by row. MKL's GEMM for 2-8 rows was 1.8x slower here
+            # than 4 separate one-row passes over the weight (36 ms vs 20 ms for the 49152 x 576 head).
+            y = torch.cat([self._one_row(x[i:i + 1]) for i in range(rows)])
+        elif rows == 1:
+            y = self._one_row(x)
         else:
-            y = F.linear(x, self.w)
+            y = x @ self.wt if self.wt is not None else F.linear(x, self.w)
         if self.bias is not None:
             y = y + self.bias
         return y if len(self.sizes) == 1 else list(y.split(self.sizes, dim=-1))

@@ -28,8 +28,8 @@ def section(ctx: TourContext) -> TourSection:
     """Run the experiment; write the plots into ``ctx.out_dir``."""
     lm = ctx.lm
     model, tok = lm.model, lm.tokenizer
-    n_new = 3 if ctx.quick else 5
-    depth = 3 if ctx.quick else 5
+    n_new = 2 if ctx.quick else 5
+    depth = 2 if ctx.quick else 5
     out_dir = ctx.out_dir
     rows: list[dict[str, Any]] = []
     parts: list[str] = [f"<p>Prompt <b>{html.escape(PROMPT)!r}</b>, {n_new} new tokens, as in the course's "
@@ -82,7 +82,7 @@ def section(ctx: TourContext) -> TourSection:
     temps = tree_mod.draw_temperature(out_dir / "decoding_temperature.png")
 
     # a short speed check: ours vs generate(), greedy, same tokens
-    n_speed = 8 if ctx.quick else 32
+    n_speed = 4 if ctx.quick else 32
     t0 = time.perf_counter()
     with torch.inference_mode():
         model.generate(torch.tensor([prompt_ids]), max_new_tokens=n_speed, min_new_tokens=n_speed, do_sample=False)

@@ -291,6 +291,8 @@ def quantize_model(model: nn.Module, cfg: Int8Config) -> dict[str, Any]:
         _set_module(model, emb_name, Int8Embedding(emb_qt, padding_idx=emb.padding_idx, dtype=dtype))
         report["modules"][emb_name] = "embedding"
 
+    head_mod = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name_any = next((n for n, m in model.named_modules() if m is head_mod), None)
     linears = [(n, m) for n, m in model.named_modules() if _is_linear(m) and not _skipped(n, cfg.skip)]
     for name, m in linears:
         w = _linear_weight(m)
@@ -301,6 +303,14 @@ def quantize_model(model: nn.Module, cfg: Int8Config) -> dict[str, Any]:
             qt = quantize_tensor(w, cfg.method, cfg.granularity, cfg.gsize)
             record(name, w, qt)
         bias = m.bias.detach().to(dtype) if getattr(m, "bias", None) is not None else None
+        if cfg.method == "llm.int8" and name == head_name_any:
+            # As transformers + bitsandbytes keep the output head out of the int8 matmul, its
+            # activations stay in floating point; its weight is stored int8 (weight-only).
+            from llmcourse.quant.int8_linear import Int8Linear
+
+            _set_module(model, name, Int8Linear(qt, bias, dtype=dtype))
+            report["modules"][name] = "weight_only"
+            continue
         _set_module(model, name, _make_linear(cfg, qt, bias, dtype))
         report["modules"][name] = "conv1d" if not isinstance(m, nn.Linear) else "linear"
     if not report["modules"]:
@@ -392,7 +402,7 @@ def load_quantized(path: str | Path, dtype: str = "fp32") -> Any:
     from transformers.initialization import no_init_weights
 
     from llmcourse.core.models import DTYPES, LoadedModel
-    from llmcourse.quant.int8_linear import Int8Embedding
+    from llmcourse.quant.int8_linear import Int8Embedding, Int8Linear
 
     path = Path(path)
     if dtype not in DTYPES:
@@ -443,7 +453,11 @@ def load_quantized(path: str | Path, dtype: str = "fp32") -> Any:
             continue
         qt = shared if tied and name == tied[1] and shared is not None else take(name)
         bias = state.pop(f"{name}.bias", None)
-        _set_module(model, name, _make_linear(cfg, qt, None if bias is None else bias.to(torch_dtype), torch_dtype))
+        bias = None if bias is None else bias.to(torch_dtype)
+        if kind == "weight_only":
+            _set_module(model, name, Int8Linear(qt, bias, dtype=torch_dtype))
+        else:
+            _set_module(model, name, _make_linear(cfg, qt, bias, torch_dtype))
     rest = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     quant_keys = ("qweight", "scale", "zero", "bias")

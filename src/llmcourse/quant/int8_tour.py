@@ -59,8 +59,10 @@ def disk_bytes(model: Any, cfg: Int8Config, report: dict[str, Any]) -> int:
 
 
 def measure(lm: Any, cfg: Int8Config | None, ids: torch.Tensor, ppl_tokens: int, cmp_tokens: int,
-            decode_tokens: int) -> tuple[dict[str, Any], Any]:
-    """One table row for ``cfg`` (None: the fp32 reference); returns the row and the model."""
+            decode_tokens: int, write: bool = True) -> tuple[dict[str, Any], Any]:
+    """One table row for ``cfg`` (None: the fp32 reference); returns the row and the model.
+
+    ``write=False`` skips writing the folder and reports the bytes of its tensors instead."""
     t0 = time.perf_counter()
     if cfg is None:
         model, name = lm.model, "fp32 (reference)"
@@ -70,7 +72,7 @@ def measure(lm: Any, cfg: Int8Config | None, ids: torch.Tensor, ppl_tokens: int,
         model = copy.deepcopy(lm.model)
         report = quantize_model(model, cfg)
         name = cfg.name
-        disk = disk_bytes(model, cfg, report)
+        disk = disk_bytes(model, cfg, report) if write else model_bytes(model)
         ratio = report["int8_bytes"] / report["fp32_bytes"]
     ppl = perplexity(model, ids, max_length=min(1024, ppl_tokens), stride=min(512, ppl_tokens // 2),
                      max_tokens=ppl_tokens)
@@ -137,14 +139,12 @@ def plot_histograms(model: Any, out_dir: Path, quick: bool, llm_int8_model: Any 
     if llm_int8_model is not None:
         from llmcourse.quant.llm_int8 import LLMInt8Linear
 
-        deq = [m.dequantize(torch.float32) for m in llm_int8_model.modules() if isinstance(m, LLMInt8Linear)]
         seen, uniq = set(), []
-        for m, d in zip([m for m in llm_int8_model.modules() if isinstance(m, LLMInt8Linear)], deq, strict=True):
-            if m.qweight.data_ptr() not in seen:
+        for m in llm_int8_model.modules():
+            if isinstance(m, LLMInt8Linear) and m.qweight.data_ptr() not in seen:
                 seen.add(m.qweight.data_ptr())
-                uniq.append(d)
-        if quick:
-            uniq = uniq[:8]
+                uniq.append(m)
+        uniq = [m.dequantize(torch.float32) for m in (uniq[:8] if quick else uniq)]
         fig, ax = plt.subplots(figsize=(9, 3.8))
         ax.bar(centers, orig, width=(hi - lo) / 150, alpha=0.5, label="original", color="tab:blue")
         ax.bar(centers, hist(uniq), width=(hi - lo) / 150, alpha=0.5, label="LLM.int8() (row-wise int8)",
@@ -171,12 +171,12 @@ def section(ctx: Any) -> Any:
     ppl_tokens, cmp_tokens, decode_tokens = (64, 64, 0) if quick else (1024, 512, 16)
     methods = QUICK_METHODS if quick else FULL_METHODS
     rows, llm_model = [], None
-    ref_row, _ = measure(lm, None, ids, ppl_tokens, cmp_tokens, decode_tokens)
+    ref_row, _ = measure(lm, None, ids, ppl_tokens, cmp_tokens, decode_tokens, write=not quick)
     rows.append(ref_row)
     for cfg in methods:
         # decode speed only for the weight-only int8 kernels this lab makes fast (and fp32)
         fast = cfg.method != "llm.int8" and cfg.granularity != "group"
-        row, model = measure(lm, cfg, ids, ppl_tokens, cmp_tokens, decode_tokens if fast else 0)
+        row, model = measure(lm, cfg, ids, ppl_tokens, cmp_tokens, decode_tokens if fast else 0, write=not quick)
         rows.append(row)
         if cfg.method == "llm.int8":
             llm_model = model
@@ -208,7 +208,8 @@ def section(ctx: Any) -> Any:
         f"tour's time budget: run <code>llmcourse eval perplexity --model DIR</code> for all ~13.6k); KL(P_fp32 || P) "
         f"and top-1 agreement on the first {cmp_tokens} tokens; decode: greedy, {decode_tokens or 'no'} tokens through "
         "the decoding lab's engine, one run (noisy on a shared CPU; see bench/int8.py for medians). "
-        "Memory counts every tensor once; 'weights / fp32' is the bytes of the quantized weights (codes + "
+        + ("Quick mode: 'disk MB' is the bytes of the tensors (no folder written). " if quick else "")
+        + "Memory counts every tensor once; 'weights / fp32' is the bytes of the quantized weights (codes + "
         "scales) over their fp32 bytes.</p>",
     ]
     for f in files:

@@ -33,6 +33,10 @@ TINY = dict(vocab_size=264, hidden_size=256, intermediate_size=512, num_hidden_l
             num_key_value_heads=2, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
 TINY_GPT2 = dict(vocab_size=264, n_embd=256, n_layer=4, n_head=4, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
 
+# llama.cpp's own converter, fetched by `make setup-test` from the llama-cpp-python sdist
+LLAMA_CPP_CONVERT = Path(os.environ.get("LLAMA_CPP_CONVERT") or Path(
+    os.environ.get("LLMCOURSE_HOME", Path.home() / ".cache" / "llmcourse")) / "llama.cpp-convert" / "convert_hf_to_gguf.py")
+
 
 def kv_dict(path: Path) -> dict:
     return {kv.key: kv.value for kv in read_gguf_header(path)[0]}
@@ -233,11 +237,13 @@ def test_default_model_f32_greedy_equals_llama_cpp(default_lm, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_CONVERT"), reason="set LLAMA_CPP_CONVERT=.../convert_hf_to_gguf.py")
+@pytest.mark.skipif(not LLAMA_CPP_CONVERT.exists(),
+                    reason=f"llama.cpp's converter is not at {LLAMA_CPP_CONVERT}: `make setup-test` fetches it "
+                    "(or set LLAMA_CPP_CONVERT=.../convert_hf_to_gguf.py)")
 @pytest.mark.parametrize("outtype", ["f32", "bf16"])
 def test_default_model_file_is_byte_identical_to_convert_hf_to_gguf(default_lm, tmp_path, outtype):
     """With llama.cpp's own converter at hand (the llama-cpp-python sdist's vendor/llama.cpp), same bytes."""
-    script = Path(os.environ["LLAMA_CPP_CONVERT"])
+    script = LLAMA_CPP_CONVERT
     ref = tmp_path / "ref.gguf"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent / "gguf-py"),
                                                         os.environ.get("LLAMA_CPP_STUBS", "")])}

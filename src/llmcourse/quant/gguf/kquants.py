@@ -35,6 +35,7 @@ from gguf import GGMLQuantizationType as T
 
 from llmcourse.quant.gguf.blocks import QK_K, BlockQuant, join_fields, split_fields
 from llmcourse.quant.gguf.searches import (
+    _NI_MAGIC,
     F32,
     first_absmax,
     fp16,
@@ -108,6 +109,42 @@ def _requantize(x: np.ndarray, L: np.ndarray, d: np.ndarray, dm: np.ndarray | No
     with np.errstate(divide="ignore", invalid="ignore"):
         l = np.clip(nearest_int(num / dv), lo, hi)
     return np.where(dv != 0, l, L.astype(np.int32))
+
+
+def _requantize_cols(xs: np.ndarray, L: np.ndarray, d: np.ndarray, lo: F32, hi: F32,
+                     off: F32) -> np.ndarray:
+    """:func:`_requantize` in the sub-block layout, plus ``off``, as uint8: xs, L (size, M) with
+    L already offset; d (M,) the scale of each column. ``clip(nearest_int(x / d), lo, hi) + off``,
+    columns with d == 0 keep L."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.divide(xs, d)
+    v += _NI_MAGIC
+    b = v.view(np.int32)
+    b &= 0x007FFFFF  # nearest_int + 2^22 ...
+    b |= 0x4B000000  # ... as the float 2^23 + that
+    v -= _NI_MAGIC
+    np.clip(v, lo, hi, out=v)
+    v += off
+    zero = d == 0
+    if zero.any():
+        v[:, zero] = L[:, zero]
+    return v.astype(np.uint8)
+
+
+def _q3_bits(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(256, N) C-contiguous uint8 values 0..7 -> hmask (N, 32) and qs (N, 64), like the C
+    loops: the high bit of value 32 j + l goes to bit j of hmask[l], the low two bits as in
+    :func:`_crumbs`. Works on 8 bytes at a time (uint64 views; no shift crosses a byte)."""
+    N = q.shape[1]
+    q8 = q.reshape(8, 32 * N).view(np.uint64)  # (8, 4N): row j = values 32 j .. 32 j + 31
+    ones = np.uint64(0x0101010101010101)
+    h = (q8 >> np.uint64(2)) & ones
+    hm = h[0].copy()
+    for j in range(1, 8):
+        hm |= h[j] << np.uint64(j)
+    c = (q.reshape(2, 4, 32 * N).view(np.uint64)) & (ones * np.uint64(3))  # (2, 4, 4N)
+    qs = c[:, 0] | (c[:, 1] << np.uint64(2)) | (c[:, 2] << np.uint64(4)) | (c[:, 3] << np.uint64(6))
+    return hm.view(np.uint8).reshape(32, N).T, qs.view(np.uint8).reshape(64, N).T
 
 
 # ----------------------------------------------------------------------------- 6-bit scale packing
@@ -223,10 +260,10 @@ class Q3_K(BlockQuant, qtype=T.Q3_K):
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None, out=None):
-        x = _columns(blocks)
-        N = x.shape[1]
-        xs = _sub(x, 16)
+        N = blocks.shape[0]
         if qw is None:
+            # everything in the sub-block layout: one transpose in, one (of bytes) out
+            xs = np.ascontiguousarray(blocks.reshape(N, 16, 16).transpose(2, 1, 0)).reshape(16, 16 * N)
             scales, L = make_q3_quants(xs, 4)
             scales = scales.reshape(16, N)
             max_scale = first_absmax(scales)
@@ -236,14 +273,20 @@ class Q3_K(BlockQuant, qtype=T.Q3_K):
                 l = np.clip(nearest_int(iscale * scales), -32, 31) + 32
                 d = fp16(np.where(nz, F32(1) / iscale, F32(0)))
             packed = np.where(nz[:, None], _pack_scales_q3(l), 0).astype(np.uint8)
-        else:
-            w = _imatrix_weights(x, _columns(qw), _sigma2(x, 2))
-            ws = _sub(w, 16)
-            sw = seq_sum(ws).reshape(16, N)
-            scales, L = make_qx_quants(xs, 4, ws)
-            d_block, Ls = make_qx_quants(scales.reshape(16, N), 32, sw)
-            packed = _pack_scales_q3(Ls)
-            d = fp16(d_block)
+            # the scales as unpacked from the bytes: l - 32 (0..63 round-trips), -32 where all zero
+            dj = d.astype(F32) * np.where(nz, l - 32, -32).astype(F32)
+            q = _requantize_cols(xs, L, dj.reshape(-1), F32(-4), F32(3), F32(4))  # 0..7, uint8
+            hmask, qs = _q3_bits(np.ascontiguousarray(_unsub(q, 16)))
+            return join_fields(cls.layout, out, hmask=hmask, qs=qs, scales=packed, d=d)
+        x = _columns(blocks)
+        xs = _sub(x, 16)
+        w = _imatrix_weights(x, _columns(qw), _sigma2(x, 2))
+        ws = _sub(w, 16)
+        sw = seq_sum(ws).reshape(16, N)
+        scales, L = make_qx_quants(xs, 4, ws)
+        d_block, Ls = make_qx_quants(scales.reshape(16, N), 32, sw)
+        packed = _pack_scales_q3(Ls)
+        d = fp16(d_block)
         dj = d.astype(F32) * _unpack_scales_q3(packed).astype(F32)
         q = _requantize(x, _unsub(L, 16) - 4, dj, None, 16, -4, 3) + 4  # 0..7
         hmask = np.packbits((q >> 2).astype(np.uint8).reshape(8, 32, N).transpose(2, 1, 0), axis=2,

@@ -57,6 +57,12 @@ def _min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return t.amin(dim=1).numpy(), t.amax(dim=1).numpy()
 
 
+def _times_rows(x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """x (N, 32) * s[:, None] in float32. torch broadcasts one value per short row ~3x faster
+    than numpy; each product is one correctly rounded multiply either way."""
+    return (torch.from_numpy(x) * torch.from_numpy(s)[:, None]).numpy()
+
+
 def _signed_absmax(x: np.ndarray) -> np.ndarray:
     """Per block (N, 32): the first value of largest magnitude, with its sign (C's strict-> scan)."""
     lo, hi = _min_max(x)
@@ -85,7 +91,7 @@ def _symmetric(blocks: np.ndarray, qw: np.ndarray | None, sigma2: np.ndarray | N
     d = _signed_absmax(blocks) / F32(-half)
     with np.errstate(divide="ignore"):
         id_ = np.where(d != 0, F32(1) / d, F32(0))
-    v = blocks * id_[:, None]
+    v = _times_rows(blocks, id_)
     v += F32(half + 0.5)
     # MIN(2 half - 1, (int8_t)v): v >= 0.5 here, so clipping at 2 half - 0.5 and truncating is the same
     q = np.clip(v, F32(0), F32(2 * half - 0.5), out=v).astype(np.uint8)
@@ -105,8 +111,7 @@ def _affine(blocks: np.ndarray, qw: np.ndarray | None, sigma2: np.ndarray | None
     d = (hi - lo) / F32(nmax)
     with np.errstate(divide="ignore"):
         id_ = np.where(d != 0, F32(1) / d, F32(0))
-    v = blocks - lo[:, None]
-    v *= id_[:, None]
+    v = (torch.from_numpy(blocks) - torch.from_numpy(lo)[:, None]).mul_(torch.from_numpy(id_)[:, None]).numpy()
     v += F32(0.5)
     if nmax == 15:  # MIN(15, (int8_t)v); Q5_1's C code has no MIN(31, .)
         np.clip(v, F32(0), F32(15.5), out=v)
@@ -181,7 +186,7 @@ class Q8_0(BlockQuant, qtype=T.Q8_0):
         d = amax / F32(127)
         with np.errstate(divide="ignore"):
             id_ = np.where(d != 0, F32(1) / d, F32(0))
-        v = blocks * id_[:, None]  # float32, as in C
+        v = _times_rows(blocks, id_)  # float32, as in C
         # roundf (half away from zero), exactly: in float64, v +- 0.5 is exact and the cast truncates
         v64 = v.astype(np.float64)
         v64 += np.copysign(0.5, v)

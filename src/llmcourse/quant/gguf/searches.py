@@ -32,6 +32,8 @@ import numpy as np
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)  # below this amax a group counts as all zero
+_NI_MAGIC = F32(12582912.0)  # nearest_int adds 1.5 * 2^23 ...
+_NI_BIAS = 0x00400000  # ... and reads its low 23 bits, biased by 2^22
 
 
 # ----------------------------------------------------------------------------- float32 primitives
@@ -151,51 +153,121 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     Starts from l = round(-nmax x / max), then up to 5 sweeps: for each element in turn, try the
     integer that is optimal given the others and keep it if it raises (sum w x l)^2 / sum w l^2.
     A group stops after a sweep that changed nothing. Returns the scale (N,) and L (n, N) + nmax.
+
+    Vectorised by *moves*, not by elements: a group's sums change only when one of its elements
+    moves, and moves are rare (most groups never move). Each round evaluates every element of
+    every live group against the group's current sums at once -- exactly what C computes for the
+    elements it visits while nothing moves -- and applies, per group, only the first move in C's
+    visiting order from the group's next element on. That order wraps around into the next sweep:
+    a sweep after a move starts with the same sums, and if none of the n elements moves in a row
+    C's sweep ends without a change (or its 5 sweeps run out), so the group is finished. Rounds =
+    the most moves of any group + 1; the first round, over all groups, tests only the candidates.
     """
     n, N = x.shape
+    assert n & (n - 1) == 0, "the visiting order is computed modulo n, a power of two"
     max_ = first_absmax(x)
     zero = np.abs(max_) < GROUP_MAX_EPS
     max_ = np.where(zero, F32(1), max_)
     lo, hi = F32(-nmax), F32(nmax - 1)
-    w = x * x
-    wx = w * x
-    L = np.clip(rint((F32(-nmax) / max_) * x), lo, hi)
-    sumlx = seq_sum(wx * L)
-    suml2 = seq_sum(w * L * L)
-    # coordinate descent; after each sweep only the groups that changed go on (compacted copies).
-    # All-zero groups take part harmlessly (their w is 0, so slx > 0 never holds) and are reset below.
-    cols = np.arange(N)
-    xs, ws, wxs, Ls, slx_s, sl2_s = x, w, wx, L.copy(), sumlx.copy(), suml2.copy()
+    WW = np.empty((2, n, N), dtype=F32)  # [w*x, w] with w = x*x
+    w, wx = np.multiply(x, x, out=WW[1]), np.multiply(WW[1], x, out=WW[0])
+    L = np.multiply(x, F32(-nmax) / max_)
+    np.rint(L, out=L)
+    np.clip(L, lo, hi, out=L)
+    TT = np.multiply(WW, L)  # the terms [(w*x)*l, (w*l)*l] of sumlx and suml2
+    TT[1] *= L
+    sums = np.stack([seq_sum(TT[0]), seq_sum(TT[1])])  # [sumlx, suml2]
+    # All-zero groups take part harmlessly (w = 0, so slx > 0 never holds) and are reset below.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for _ in range(5):
-            changed = np.zeros(cols.size, dtype=bool)
-            for i in range(n):
-                wi, wxi, Li, xi = ws[i], wxs[i], Ls[i], xs[i]
-                slx = slx_s - wxi * Li
-                sl2 = sl2_s - wi * Li * Li
-                new_l = np.clip(nearest_int((xi * sl2) / slx).astype(F32), lo, hi)
-                # the rest only for the few groups where this element would move
-                c = np.nonzero((slx > 0) & (new_l != Li))[0]
-                if c.size == 0:
-                    continue
-                nl, wc = new_l[c], wi[c]
-                slx2 = slx[c] + wxi[c] * nl
-                sl22 = sl2[c] + wc * nl * nl
-                a, b = slx_s[c], sl2_s[c]
-                ok = (sl22 > 0) & (slx2 * slx2 * b > a * a * sl22)
-                t = c[ok]
-                Li[t] = nl[ok]  # Li is a view of row i of Ls
-                slx_s[t] = slx2[ok]
-                sl2_s[t] = sl22[ok]
-                changed[t] = True
-            L[:, cols], sumlx[cols], suml2[cols] = Ls, slx_s, sl2_s
-            if not changed.all():  # a group stops after a sweep without a change
-                cols = cols[changed]
-                if cols.size == 0:
-                    break
-                keep = np.nonzero(changed)[0]
-                xs, ws, wxs, Ls = (np.take(a, keep, axis=1) for a in (xs, ws, wxs, Ls))
-                slx_s, sl2_s = slx_s[keep], sl2_s[keep]
+        # round one, over all groups: moves are rare, so only the candidates are tested
+        DD = np.subtract(sums[:, None, :], TT)  # [slx, sl2] = sums - terms, for every element
+        slx, sl2 = DD[0], DD[1]
+        nl = _q3_new_l(x, slx, sl2, lo, hi)
+        cand = np.not_equal(nl, L)
+        cand &= slx > 0
+        idx = np.flatnonzero(cand)
+        nl = nl.ravel()[idx]
+        slx2 = slx.ravel()[idx] + wx.ravel()[idx] * nl
+        sl22 = sl2.ravel()[idx] + w.ravel()[idx] * nl * nl
+        g = idx % N
+        a = sums[0, g]
+        ok = (sl22 > 0) & (slx2 * slx2 * sums[1, g] > a * a * sl22)
+        e = np.flatnonzero(ok)  # ordered by element, then group
+        first = np.full(N, idx.size, dtype=idx.dtype)
+        np.minimum.at(first, g[e], e)  # each group's first move
+        cols = np.flatnonzero(first < idx.size)  # the groups that move
+        e = first[cols]
+        q = idx[e] // N
+        nq = nl[e]
+        # the moving groups go on in compact copies: X, W = [w*x, w], T = terms, AC = sums
+        X = np.take(x, cols, axis=1)
+        W = np.take(WW, cols, axis=2)
+        T = np.take(TT, cols, axis=2)
+        Lc = np.take(L, cols, axis=1)
+        AC = np.stack([slx2[e], sl22[e]])
+        pos = q + 1  # the element C visits next (n: the start of the next sweep) ...
+        left = 5 * n - pos  # ... and how many visits it has left
+        rows = np.arange(n)[:, None]
+        while cols.size:
+            # the move found last round (element q of each live group goes to nq): record it,
+            # and replace that element's terms of the sums
+            M = cols.size
+            fi = q * M + np.arange(M)  # flat (element, live group)
+            L[q, cols] = nq
+            sums[:, cols] = AC
+            Lc.ravel()[fi] = nq
+            u = np.take(W.reshape(2, -1), fi, axis=1)
+            u *= nq
+            u[1] *= nq
+            T.reshape(2, -1)[:, fi] = u
+            D = np.subtract(AC[:, None, :], T)  # [slx, sl2] of every element
+            slx, sl2 = D[0], D[1]
+            nl = _q3_new_l(X, slx, sl2, lo, hi)
+            ok = np.not_equal(nl, Lc)
+            S = np.multiply(W, nl)
+            S[1] *= nl
+            S += D  # [slx + w*x*new_l, sl2 + w*new_l*new_l]
+            lhs = np.multiply(S[0], S[0])
+            lhs *= AC[1]
+            rhs = np.multiply(AC[0] * AC[0], S[1])
+            ok &= lhs > rhs
+            ok &= np.minimum(slx, S[1]) > 0  # slx > 0 and sl2 > 0 (a NaN fails both ways)
+            key = rows - pos  # C's visiting order from the next element on
+            key &= n - 1
+            key = np.where(ok, key, 127).min(axis=0)  # the first move, 127 for none
+            q = pos + key
+            q &= n - 1
+            fi = q * M
+            fi += np.arange(M)
+            gi = np.flatnonzero(key < left)  # groups without a move are finished
+            if gi.size < M:  # (their L and sums are already recorded)
+                cols, pos, left, key, q, fi = cols[gi], pos[gi], left[gi], key[gi], q[gi], fi[gi]
+                X, Lc = np.take(X, gi, axis=1), np.take(Lc, gi, axis=1)
+                W, T = np.take(W, gi, axis=2), np.take(T, gi, axis=2)
+            nq = nl.ravel()[fi]
+            AC = np.take(S.reshape(2, -1), fi, axis=1)
+            pos = q + 1
+            left -= key + 1
+    return _q3_scale(sums[0], sums[1], L, zero, nmax)
+
+
+def _q3_new_l(x: np.ndarray, slx: np.ndarray, sl2: np.ndarray, lo: F32, hi: F32) -> np.ndarray:
+    """MAX(-nmax, MIN(nmax-1, nearest_int(x * sl2 / slx))) as float32, for any quotient."""
+    v = np.multiply(x, sl2)
+    v /= slx
+    v += _NI_MAGIC
+    b = v.view(np.int32)
+    b &= 0x007FFFFF  # nearest_int(.) + 2^22 ...
+    b |= 0x4B000000  # ... as the float 2^23 + that
+    v -= _NI_MAGIC  # exactly nearest_int(.)
+    return np.clip(v, lo, hi, out=v)
+
+
+def _q3_scale(sumlx: np.ndarray, suml2: np.ndarray, L: np.ndarray, zero: np.ndarray,
+              nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants' result: scale = sumlx / suml2 (0 if suml2 <= 0) and L + nmax; 0 for
+    all-zero groups."""
+    with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     scale = np.where(zero, F32(0), scale)
     L = np.where(zero, F32(0), L + F32(nmax))

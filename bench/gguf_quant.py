@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# this file is named gguf.py: move its folder to the end of the import path, so that `import gguf` finds
-# the package and `import common` still finds bench/common.py
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"] + [str(ROOT / "bench")]
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def llama_quantize(src: Path, out: Path, ftype: int, pure: bool) -> None:
