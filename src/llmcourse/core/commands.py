@@ -12,25 +12,13 @@ from llmcourse.core.cli_common import (
     add_data_args,
     add_model_args,
     model_kwargs,
+    positive_int,
 )
 from llmcourse.core.data import load_text, tokenize_stream
 from llmcourse.core.errors import UserError
 from llmcourse.core.evaluate import compare, perplexity
 from llmcourse.core.io import atomic_dir, check_not_input
 from llmcourse.core.models import load_model, model_card, save_hf
-
-
-def _positive(name: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
-        return v
-
-    return parse
 
 
 def cmd_models(args: argparse.Namespace) -> Result:
@@ -109,13 +97,13 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     ev.set_defaults(_group_parser=ev)
 
     def window_args(q: argparse.ArgumentParser, max_len: int, stride: bool) -> None:
-        q.add_argument("--max-length", type=_positive("--max-length"), default=max_len,
+        q.add_argument("--max-length", type=positive_int, default=max_len,
                        help="tokens per window (the context each prediction sees at most). Default: %(default)s")
         if stride:
-            q.add_argument("--stride", type=_positive("--stride"), default=max_len // 2,
+            q.add_argument("--stride", type=positive_int, default=max_len // 2,
                            help="tokens between window starts; each window scores only its new tokens "
                            "(the Hugging Face recipe). Default: %(default)s")
-        q.add_argument("--max-tokens", type=_positive("--max-tokens"), default=None,
+        q.add_argument("--max-tokens", type=positive_int, default=None,
                        help="evaluate only the first N tokens of the text (default: all)")
 
     pp = evs.add_parser("perplexity", help="sliding-window perplexity (the Hugging Face recipe)",

@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs
+from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs, positive_int
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input
 from llmcourse.core.models import load_model
@@ -19,16 +19,6 @@ from llmcourse.quant.int8 import (
     quantize_model,
     save_quantized,
 )
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _threshold(s: str) -> float:
@@ -89,7 +79,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--granularity", default="row", choices=GRANULARITIES,
                    help="one scale per tensor, per row (output channel) or per group of --group-size inputs; "
                    "llm.int8 is row only. Default: %(default)s")
-    p.add_argument("--group-size", type=_positive_int, default=128,
+    p.add_argument("--group-size", type=positive_int, default=128,
                    help="inputs per group for --granularity group (a ragged last group is allowed). Default: %(default)s")
     p.add_argument("--threshold", type=_threshold, default=6.0,
                    help="llm.int8: an input column with any |x| >= threshold is multiplied in floating point "
