@@ -20,7 +20,10 @@ def assemble() -> None:
     order = ["core", "decoding", "int8", "gguf"]
     files = sorted((HERE / "results").glob("*.md"),
                    key=lambda f: (order.index(f.stem) if f.stem in order else len(order), f.stem))
-    parts += [f.read_text() for f in files]
+    titles = {"decoding": "Decoding: ours vs generate() and llama.cpp (bench/decoding.py)"}
+    for f in files:
+        text = f.read_text()
+        parts.append(text if text.lstrip().startswith("#") else f"## {titles.get(f.stem, f.stem)}\n\n{text}")
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(parts))
 
 
