@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-# bench/ holds other scripts (e.g. gguf.py) that would shadow packages of the same name
+# keep bench/ off the front of the import path, so no script here can shadow a package of the same name
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 PROMPT = "I have a dream"
 N_NEW = 64

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-# bench/ holds scripts named like packages (bench/gguf.py): keep it off the import path.
+# keep bench/ off the import path, so no script here can shadow a package of the same name.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from llmcourse.core.data import load_text, tokenize_stream  # noqa: E402
