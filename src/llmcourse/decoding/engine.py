@@ -223,6 +223,9 @@ class HFDecoder:
         if not torch.equal(rows, torch.arange(rows.shape[0])):
             self.cache.reorder_cache(rows)
 
+    def warmup(self, rows: int, capacity: int) -> None:
+        """Nothing to prepare: transformers' modules run eagerly."""
+
 
 class FastDecoder:
     """:class:`FastLlama` behind the decoder interface (one prompt row, expanded for beams)."""
@@ -245,6 +248,9 @@ class FastDecoder:
     def reorder(self, rows: torch.Tensor) -> None:
         self.fast.reorder(rows)
 
+    def warmup(self, rows: int, capacity: int) -> None:
+        self.fast.warmup(rows, capacity)
+
 
 _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -255,11 +261,12 @@ def _signature(model: Any) -> tuple:
                  for m in model.modules())
 
 
-def prepare(model: Any, matvec: str = "mm") -> FastLlama:
+def prepare(model: Any, matvec: str = "auto") -> FastLlama:
     """The :class:`FastLlama` of ``model`` (built once, reused while the model is unchanged).
 
-    ``matvec="compiled"`` uses a ``torch.compile``'d one-row kernel (compiles ~5 kernels on first
-    use, cached on disk by Inductor afterwards); ``"mm"`` needs no compilation.
+    ``matvec="compiled"`` runs each decode step through ``torch.compile``'d layers (compiled on first
+    use, a few seconds, cached on disk by Inductor afterwards); ``"mm"`` needs no compilation;
+    ``"auto"`` compiles for models of 32 MB and more (see :func:`~llmcourse.decoding.fast_llama.auto_matvec`).
     """
     sig = (_signature(model), matvec)
     hit = _FAST.get(model)
@@ -417,6 +424,8 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[int], config: Genera
     prompt_ids = encode_prompt(tokenizer, prompt)
     eos_list = list(cfg.eos_token_ids) if cfg.eos_token_ids is not None else model_eos_ids(model, tokenizer)
     decoder = make_decoder(model, cfg.backend)  # builds FastLlama once per model, outside the timing
+    rows = cfg.num_beams if cfg.strategy == "beam" else 1
+    decoder.warmup(rows, len(prompt_ids) + cfg.max_new_tokens)  # compiles the fast step, outside the timing
     t0 = time.perf_counter()
     sequences: list[GeneratedSequence] = []
     records: list[list[StepRecord]] = []

@@ -1,4 +1,4 @@
-"""A lean Llama-family forward for CPU decoding: static KV cache, transposed weights, little Python.
+"""A lean Llama-family forward for CPU decoding: static KV cache, compiled layers, little Python.
 
 Same maths as transformers' ``LlamaForCausalLM`` (Touvron et al. 2023, "LLaMA"), written for
 one-token steps:
@@ -10,24 +10,37 @@ one-token steps:
     attn(q, K, V) = softmax(q K^T / sqrt(d)) V, grouped-query: each of the n_kv key/value
                     heads serves n_heads / n_kv query heads (Ainslie et al. 2023, GQA)
 
-Why it is faster than ``model.generate`` on a CPU: a one-row product ``x @ W.T`` with the usual
-``(out, in)`` layout runs on one core at about half the memory bandwidth, while ``x @ Wt`` with
-``Wt`` stored ``(in, out)`` and contiguous streams at full bandwidth (shared/MACHINE.md); q/k/v and
-gate/up are fused into one product each; the KV cache is a preallocated tensor written in
-place; and a step is ~15 tensor operations per layer, with no masks, cache objects or hooks.
+Two ways to run a decode step (one new token per row), chosen by ``matvec``:
 
-Plug-in rule (for the 8-bit lab): a projection that is a plain ``nn.Linear`` gets the fast
-transposed layout; any other module (e.g. an int8 linear) is called as ``module(x)``, so a model
-whose linears were swapped runs through this same path with its own kernels.
+- ``compiled`` (the default for models of 32 MB and more, "auto"): each layer is one call of
+  :func:`decode_layer`, compiled by TorchInductor into C++ loops. A product with a weight is
+  written as a reduction (:func:`rows_dot`), which Inductor turns into one row-parallel pass
+  over the weight — decoding one token is bound by reading every weight once — and the norms,
+  RoPE, the cache write and attention fuse into a few loops around it. Several rows (beams)
+  share each weight tile while it is in cache. The KV cache is a static tensor; attention runs
+  over all of it with a mask, so each cache size (rounded up to 64) compiles once.
+- ``mm`` (no compiler needed): eager PyTorch, ~15 operations per layer, with the weights stored
+  transposed, ``x @ Wt`` with ``Wt`` (in, out): a one-row ``x @ W.T`` in the usual layout runs
+  on one core at half the bandwidth (shared/MACHINE.md).
+
+Prompts (prefill) always run eagerly: many rows make the products compute-bound, where
+``F.linear``'s GEMM is the right tool.
+
+Plug-in rule (for the 8-bit lab): a projection is either a plain ``nn.Linear`` or a module
+whose ``decode_parts()`` returns ``(int8 codes, 1/scale, zero, bias)``; the compiled step then
+de-quantizes inside its loads, reading one byte per weight. Any other module (e.g. LLM.int8())
+is called as ``module(x)`` on the ``mm`` path, so a model whose linears were swapped still runs here.
 
 Supported: ``model_type`` in :data:`SUPPORTED` (Llama, Qwen2 — q/k/v biases are handled; Mistral
-without a sliding window). Logits match transformers within 1e-4 absolute in fp32 (tested): the
-products run in a different order, so they are not bit-identical.
+without a sliding window). Logits match transformers within 1e-4 absolute in fp32 on both paths
+(tested): the products sum in a different order, so they are not bit-identical.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,59 +53,34 @@ log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "qwen2", "mistral")
 
 
-def _rowdot(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(out, in) . (in,) -> (out,): one pass over ``w``, rows summed in registers once compiled."""
-    return (w * x).sum(-1)
-
-
-_COMPILED_ROWDOT: list[Any] = []
-
-
-def compiled_rowdot() -> Any:
-    """``torch.compile``'d :func:`_rowdot` (one specialisation per weight shape; a model has ~5)."""
-    if not _COMPILED_ROWDOT:
-        import torch._dynamo.config as dynamo_config
-
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-        _COMPILED_ROWDOT.append(torch.compile(_rowdot, dynamic=False))
-    return _COMPILED_ROWDOT[0]
-
-
-MATVECS = ("mm", "compiled")
-SMALL_BATCH = 8  # up to this many rows (beams) run as one-row products
+MATVECS = ("auto", "compiled", "mm")
+SMALL_BATCH = 8  # up to this many rows (beams) run as one-row products on the eager "mm" path
+TILE = 16  # output rows per tile of the compiled several-row product (see rows_dot)
+CAPACITY_STEP = 64  # the compiled step's KV cache grows in these steps (one compilation per size)
+AUTO_MIN_BYTES = 32 * 2**20  # "auto" compiles the step for models with at least this many weight bytes
 
 
 class Projection:
-    """``y = x W^T + b`` for plain ``nn.Linear`` modules (fused along the outputs), else ``module(x)``.
+    """``y = x W^T + b`` on the eager path: plain ``nn.Linear`` modules fused along the outputs, else ``module(x)``.
 
-    ``matvec="mm"`` stores ``Wt = W^T`` contiguous and runs ``x @ Wt`` (full bandwidth for one row,
-    a plain GEMM for several). ``matvec="compiled"`` keeps ``W`` as ``(out, in)`` and runs one row
-    through a compiled row-wise dot product (the fastest fp32 one-row kernel measured on this CPU,
-    shared/MACHINE.md), several rows through ``F.linear``.
+    ``fuse=True`` stores ``Wt = W^T`` contiguous and runs ``x @ Wt`` (full bandwidth for one row,
+    a plain GEMM for several). ``fuse=False`` calls the modules themselves (``F.linear`` for an
+    ``nn.Linear``; its own kernel for a swapped module such as the 8-bit lab's ``Int8Linear``).
     """
 
-    def __init__(self, modules: list[nn.Module], matvec: str = "mm") -> None:
-        self.fused = all(type(m) is nn.Linear for m in modules)
+    def __init__(self, modules: list[nn.Module], fuse: bool = True) -> None:
+        self.fused = fuse and all(type(m) is nn.Linear for m in modules)
         self.sizes = [getattr(m, "out_features", None) for m in modules]
-        self.matvec = matvec
-        self.w = self.wt = self.bias = None
+        self.wt = self.bias = None
         self.modules: list[nn.Module] = []
         if not self.fused:
             self.modules = modules
             return
         w = torch.cat([m.weight.detach() for m in modules], dim=0) if len(modules) > 1 else modules[0].weight.detach()
-        if matvec == "compiled":
-            self.w = w.contiguous()  # (out, in)
-            self._rowdot = compiled_rowdot()
-        else:
-            self.wt = w.t().contiguous()  # (in, out): streams at full bandwidth for one row
+        self.wt = w.t().contiguous()  # (in, out): streams at full bandwidth for one row
         if any(m.bias is not None for m in modules):
             self.bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=w.dtype)
                                    for m in modules])
-
-    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, in) -> (1, out) at full memory bandwidth."""
-        return x @ self.wt if self.wt is not None else self._rowdot(self.w, x[0]).unsqueeze(0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if not self.fused:
@@ -102,14 +90,104 @@ class Projection:
         if 1 < rows <= SMALL_BATCH:
             # beams: one-row products, row by row. MKL's GEMM for 2-8 rows was 1.8x slower here
             # than 4 separate one-row passes over the weight (36 ms vs 20 ms for the 49152 x 576 head).
-            y = torch.cat([self._one_row(x[i:i + 1]) for i in range(rows)])
-        elif rows == 1:
-            y = self._one_row(x)
+            y = torch.cat([x[i:i + 1] @ self.wt for i in range(rows)])
         else:
-            y = x @ self.wt if self.wt is not None else F.linear(x, self.w)
+            y = x @ self.wt
         if self.bias is not None:
             y = y + self.bias
         return y if len(self.sizes) == 1 else list(y.split(self.sizes, dim=-1))
+
+
+# --- the compiled decode step ------------------------------------------------------------------
+# One new token per row. Each function below is compiled by TorchInductor into a handful of C++
+# loops: a product with a weight becomes one pass over that weight (the bound of a decode step is
+# reading every weight once), the norms, RoPE and attention become a few fused loops, and a layer
+# costs one Python call instead of ~15 tensor operations.
+
+def rows_dot(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` for a few rows: ``x`` (B, I), ``w`` (O, I) -> (B, O), written as a reduction.
+
+    One row: ``y_o = sum_i w_oi x_i``, which Inductor runs as a row-parallel streaming pass over ``w``.
+    Several rows (beams): the outputs are taken in tiles of ``TILE`` weight rows and every row of
+    ``x`` meets a tile while it is in cache, so ``w`` is still read from memory once per step
+    (B = 4 costs 1.6x one row, not 4x).
+    """
+    b = x.shape[0]
+    o, i = w.shape
+    if b == 1 or o % TILE:
+        return (x.unsqueeze(1) * w.unsqueeze(0)).sum(-1)
+    part = (w.view(o // TILE, 1, TILE, i) * x.view(1, b, 1, i)).sum(-1)  # (O/T, B, T)
+    return part.permute(1, 0, 2).reshape(b, o)
+
+
+Parts = tuple  # (weight (O, I), inv_scale (O, 1) | None, zero (O, 1) | None, bias (O,) | None)
+
+
+def project(parts: Parts, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` for one projection's parts. Float weights are used as they are; int8 codes
+    (the 8-bit lab's weight-only int8) are de-quantized inside the product's loads,
+    ``y_o = (sum_i (q_oi - z_o) x_i) / s_o``, so one byte per weight is read from memory."""
+    w, inv_scale, zero, bias = parts
+    if inv_scale is not None:
+        w = w.to(x.dtype) if zero is None else w.to(x.dtype) - zero
+    y = rows_dot(w, x)
+    if inv_scale is not None:
+        y = y * inv_scale.view(1, -1)
+    return y if bias is None else y + bias
+
+
+def decode_layer(x: torch.Tensor, wts: tuple, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, *, n_heads: int, n_kv: int,
+                 head_dim: int, eps: float) -> torch.Tensor:
+    """One decoder layer for one new token per row: ``x`` (B, H) -> (B, H); writes K/V at ``pos`` in place.
+
+    ``mask`` (C,) is 0 for cache positions <= pos and -inf after, so the attention runs over the
+    whole (static-size) cache and compiles once per cache size.
+    """
+    n1, qkv, o, n2, gate_up, down = wts
+    b = x.shape[0]
+    h = rms_norm(x, n1, eps)
+    q, k, v = project(qkv, h).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.reshape(b, n_heads, head_dim)
+    k = k.reshape(b, n_kv, head_dim)
+    v = v.reshape(b, n_kv, head_dim)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    kc.index_copy_(2, pos, k.unsqueeze(2))  # (B, n_kv, C, hd)
+    vc.index_copy_(2, pos, v.unsqueeze(2))
+    qg = q.view(b, n_kv, n_heads // n_kv, 1, head_dim)  # grouped-query: g query heads per K/V head
+    s = (qg * kc.unsqueeze(2)).sum(-1) * head_dim ** -0.5 + mask  # (B, n_kv, g, C)
+    att = torch.softmax(s, dim=-1)
+    y = (att.unsqueeze(-1) * vc.unsqueeze(2)).sum(-2).reshape(b, n_heads * head_dim)
+    x = x + project(o, y)
+    h = rms_norm(x, n2, eps)
+    gate, up = project(gate_up, h).chunk(2, dim=-1)
+    return x + project(down, F.silu(gate) * up)
+
+
+def decode_head(x: torch.Tensor, norm: torch.Tensor, head: Parts, eps: float) -> torch.Tensor:
+    """Final norm and output head: (B, H) -> fp32 logits (B, V)."""
+    return project(head, rms_norm(x, norm, eps)).float()
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def compiled(name: str) -> Any:
+    """The ``torch.compile``'d :func:`decode_layer` or :func:`decode_head` (shape-specialised, cached on disk)."""
+    if name not in _COMPILED:
+        import torch._dynamo.config as dynamo_config
+
+        # one specialisation per (weight shapes, rows, cache size): allow many models in one process
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        fn = {"layer": decode_layer, "head": decode_head}[name]
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[name]
+
+
+def can_compile() -> bool:
+    """Whether TorchInductor can build CPU kernels here (it needs a C++ compiler)."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
 
 
 @dataclass
@@ -142,7 +220,7 @@ class FastLlama:
     HF model's; the HF model is not modified.
     """
 
-    def __init__(self, model: nn.Module, matvec: str = "mm") -> None:
+    def __init__(self, model: nn.Module, matvec: str = "auto") -> None:
         if matvec not in MATVECS:
             raise ValueError(f"matvec must be one of {MATVECS}, not {matvec!r}")
         cfg = model.config
@@ -158,24 +236,40 @@ class FastLlama:
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         self.embed = inner.embed_tokens
-        self.dtype = self.embed.weight.dtype
+        # the norms' dtype, not the embedding's: reading ``.weight`` of a swapped embedding (the
+        # 8-bit lab's Int8Embedding) would de-quantize the whole table
+        self.dtype = inner.norm.weight.dtype
+        if matvec == "auto":
+            matvec = auto_matvec(model)
+        elif matvec == "compiled" and not compilable(model):
+            log.info("some projections have no compiled form: FastLlama runs them eagerly (matvec 'mm')")
+            matvec = "mm"
+        self.matvec = matvec
+        fuse = matvec == "mm"  # the compiled step reads the modules' own weights: no copies
         self.layers = []
+        self.step_weights: list[tuple] = []  # per layer, the tensors decode_layer reads
         for blk in inner.layers:
             a, m = blk.self_attn, blk.mlp
             self.layers.append(Layer(
                 n1=blk.input_layernorm.weight.detach(),
-                qkv=Projection([a.q_proj, a.k_proj, a.v_proj], matvec), o=Projection([a.o_proj], matvec),
+                qkv=Projection([a.q_proj, a.k_proj, a.v_proj], fuse), o=Projection([a.o_proj], fuse),
                 n2=blk.post_attention_layernorm.weight.detach(),
-                gate_up=Projection([m.gate_proj, m.up_proj], matvec), down=Projection([m.down_proj], matvec)))
+                gate_up=Projection([m.gate_proj, m.up_proj], fuse), down=Projection([m.down_proj], fuse)))
+            if matvec == "compiled":
+                self.step_weights.append((
+                    blk.input_layernorm.weight.detach(), fused_parts([a.q_proj, a.k_proj, a.v_proj]),
+                    fused_parts([a.o_proj]), blk.post_attention_layernorm.weight.detach(),
+                    fused_parts([m.gate_proj, m.up_proj]), fused_parts([m.down_proj])))
         self.norm = inner.norm.weight.detach()
-        self.lm_head = Projection([model.lm_head], matvec)
-        self.matvec = matvec
+        self.lm_head = Projection([model.lm_head], fuse)
+        self.head_parts = fused_parts([model.lm_head]) if matvec == "compiled" else None
         self.rotary = inner.rotary_emb
         self.cos = self.sin = None  # (L, head_dim) tables, grown on demand
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.pos = 0
         self.capacity = 0
+        self._warm: set[tuple[int, int]] = set()  # (rows, capacity) shapes the compiled step has run
 
     @property
     def vocab_size(self) -> int:
@@ -190,13 +284,40 @@ class FastLlama:
             cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype), pos)
         self.cos, self.sin = cos[0], sin[0]  # (n, head_dim)
 
+    def _cache_size(self, capacity: int) -> int:
+        """The compiled step attends over the whole cache: round it up so sizes, and compilations, are few."""
+        if self.matvec != "compiled":
+            return capacity
+        return -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+
     def reset(self, batch: int, capacity: int) -> None:
-        """Allocate an empty cache for ``batch`` rows and ``capacity`` positions."""
+        """Allocate an empty cache for ``batch`` rows and at least ``capacity`` positions."""
+        capacity = self._cache_size(capacity)
         shape = (batch, self.n_kv, capacity, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
         self.pos, self.capacity = 0, capacity
         self._rope_tables(capacity)
+        self._positions = torch.arange(capacity)
+
+    def warmup(self, rows: int, capacity: int) -> None:
+        """Compile the step for ``rows`` x ``capacity`` now (a no-op when done, or on the eager path).
+
+        Compiling takes seconds the first time in a process (less with Inductor's on-disk cache);
+        :func:`~llmcourse.decoding.engine.generate` calls this before it starts its clock.
+        """
+        key = (rows, self._cache_size(capacity))
+        if self.matvec != "compiled" or key in self._warm:
+            return
+        saved = (self.k_cache, self.v_cache, self.pos, self.capacity)
+        try:
+            self.reset(rows, capacity)
+            self.pos = 1
+            self.forward(torch.zeros(rows, 1, dtype=torch.long))
+        finally:
+            self.k_cache, self.v_cache, self.pos, self.capacity = saved
+            if self.capacity:
+                self._positions = torch.arange(self.capacity)
 
     def expand(self, n: int) -> None:
         """Repeat a one-row cache into ``n`` rows (beam search after the prompt)."""
@@ -218,6 +339,8 @@ class FastLlama:
         p0 = self.pos
         if p0 + t > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions, asked for {p0 + t}")
+        if t == 1 and self.matvec == "compiled":
+            return self._compiled_step(ids[:, 0])
         cos, sin = self.cos[p0:p0 + t], self.sin[p0:p0 + t]  # (T, hd)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.embed(ids)  # (B, T, H)
@@ -257,6 +380,30 @@ class FastLlama:
         last = x if t == 1 else x[:, -1]
         return self.lm_head(rms_norm(last, self.norm, self.eps)).float()
 
+    def _compiled_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row through the compiled :func:`decode_layer` / :func:`decode_head`."""
+        p = self.pos
+        try:
+            layer, head = compiled("layer"), compiled("head")
+            x = self.embed(tokens)  # (B, H)
+            pos = torch.tensor([p])
+            cos, sin = self.cos[p], self.sin[p]
+            mask = torch.zeros(self.capacity, dtype=self.dtype).masked_fill_(self._positions > p, float("-inf"))
+            for li, wts in enumerate(self.step_weights):
+                x = layer(x, wts, self.k_cache[li], self.v_cache[li], pos, cos, sin, mask, n_heads=self.n_heads,
+                          n_kv=self.n_kv, head_dim=self.head_dim, eps=self.eps)
+            logits = head(x, self.norm, self.head_parts, self.eps)
+        except Exception as exc:  # no working compiler, or an Inductor failure: stay correct, run eagerly
+            if self._warm:  # it compiled and ran before: this is a real error
+                raise
+            log.warning("torch.compile failed (%s: %s); decoding eagerly, which is slower",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.matvec = "eager"  # the unfused projections' own forward
+            return self.forward(tokens.view(-1, 1))
+        self._warm.add((tokens.shape[0], self.capacity))
+        self.pos = p + 1
+        return logits
+
     def prefill(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
         """Start a sequence: allocate the cache for ``capacity`` positions and run the prompt (B, T)."""
         self.reset(ids.shape[0], capacity)
@@ -265,6 +412,68 @@ class FastLlama:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,) -> logits (B, V)."""
         return self.forward(tokens.view(-1, 1))
+
+
+def linear_parts(module: nn.Module) -> Parts | None:
+    """The compiled step's view of a projection: an ``nn.Linear``'s weight and bias, or what a
+    swapped module offers through ``decode_parts()`` (the 8-bit lab's ``Int8Linear`` gives its int8
+    codes, 1/scale and zero point); None if it offers nothing."""
+    if type(module) is nn.Linear:
+        return (module.weight.detach(), None, None, None if module.bias is None else module.bias.detach())
+    get = getattr(module, "decode_parts", None)
+    return get() if callable(get) else None
+
+
+def fused_parts(modules: list[nn.Module]) -> Parts:
+    """The parts of several projections of the same input, concatenated along the outputs (one pass)."""
+    parts = [linear_parts(m) for m in modules]
+    if any(p is None for p in parts):
+        raise ValueError("a projection has no compiled form")
+    if len(parts) == 1:
+        return parts[0]
+    if len({(p[0].dtype, p[1] is None, p[2] is None) for p in parts}) > 1:
+        raise ValueError("projections of one input must share their weight format to be fused")
+
+    def cat(i: int) -> torch.Tensor | None:
+        if all(p[i] is None for p in parts):
+            return None
+        return torch.cat([p[i] if p[i] is not None else torch.zeros(p[0].shape[0], dtype=p[0].dtype) for p in parts])
+
+    return (cat(0), cat(1), cat(2), cat(3))
+
+
+def projection_groups(model: Any) -> list[list[nn.Module]]:
+    """The projections a step runs, grouped by shared input: per layer q/k/v, o, gate/up, down; then the head."""
+    groups = []
+    for blk in model.model.layers:
+        a, m = blk.self_attn, blk.mlp
+        groups += [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]]
+    return groups + [[model.lm_head]]
+
+
+def compilable(model: Any) -> bool:
+    """Whether the compiled step can run every projection (see :func:`linear_parts`)."""
+    try:
+        groups = projection_groups(model)
+    except AttributeError:
+        return False
+    for group in groups:
+        parts = [linear_parts(m) for m in group]
+        if any(p is None for p in parts) or len({(p[0].dtype, p[1] is None, p[2] is None) for p in parts}) > 1:
+            return False
+    return True
+
+
+def auto_matvec(model: Any) -> str:
+    """``compiled`` for a model whose projections all have a compiled form, big enough to repay the compilation (and a C++ compiler
+    to compile with), else ``mm``. ``LLMCOURSE_COMPILE=0`` forces ``mm``, ``=1`` forces ``compiled``."""
+    env = os.environ.get("LLMCOURSE_COMPILE", "").strip()
+    if env == "0" or not compilable(model):
+        return "mm"
+    if env == "1":
+        return "compiled"
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return "compiled" if size >= AUTO_MIN_BYTES and can_compile() else "mm"
 
 
 def supports(model: Any) -> bool:

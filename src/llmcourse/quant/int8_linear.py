@@ -118,6 +118,14 @@ class Int8Linear(nn.Module):
         qt = QuantizedTensor(self.qweight, self.scale, self.zero, self.granularity, self.group_size)
         return qt.dequantize(dtype or self.compute_dtype)
 
+    def decode_parts(self) -> tuple | None:
+        """What the decoding lab's compiled step needs to run this layer in its own fused loop:
+        ``(int8 codes (out, in), 1/s (out, 1), z (out, 1) or None, bias or None)``; None for group-wise
+        statistics, which it does not run."""
+        if self.inv_scale is None:
+            return None
+        return (self.qweight, self.inv_scale, self.zero_row, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

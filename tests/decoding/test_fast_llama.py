@@ -1,0 +1,123 @@
+"""FastLlama's compiled decode step on tiny random models: logits against transformers, beams, int8, fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from llmcourse.decoding import FastLlama, GenerationConfig, generate
+from llmcourse.decoding import fast_llama as fl
+
+pytestmark = pytest.mark.skipif(not fl.can_compile(), reason="no C++ compiler for TorchInductor")
+
+
+def _stepped_logits(fast: FastLlama, ids: torch.Tensor, first: int = 2) -> torch.Tensor:
+    """Prefill ``first`` tokens, then one step per token: logits at every position from first-1 on (B, T', V)."""
+    t = ids.shape[1]
+    got = [fast.prefill(ids[:, :first], t)]
+    for i in range(first, t):
+        got.append(fast.step(ids[:, i]))
+    return torch.stack(got, dim=1)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {}),
+    ("qwen2", {}),  # q/k/v biases, untied head
+    ("llama", {"vocab_size": 250, "intermediate_size": 120}),  # outputs not a multiple of the tile
+])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_step_logits_match_transformers(arch: str, overrides: dict, rows: int) -> None:
+    model = tiny_model(arch, seed=3, **overrides)
+    gen = torch.Generator().manual_seed(rows)
+    ids = torch.randint(3, model.config.vocab_size, (rows, 9), generator=gen)
+    with torch.no_grad():
+        ref = model(ids).logits.float()[:, 1:]
+    fast = FastLlama(model, matvec="compiled")
+    assert fast.matvec == "compiled"
+    with torch.inference_mode():
+        got = _stepped_logits(fast, ids)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    assert fast.capacity % fl.CAPACITY_STEP == 0 and fast.capacity >= 9
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_greedy_and_beam_identical(arch: str, monkeypatch) -> None:
+    monkeypatch.setenv("LLMCOURSE_COMPILE", "1")  # tiny models would run uncompiled under "auto"
+    model = tiny_model(arch, seed=5)
+    prompt = [5, 17, 33, 9]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, 4:].tolist()
+        beam = model.generate(torch.tensor([prompt]), max_new_tokens=12, num_beams=4, num_return_sequences=2,
+                              do_sample=False, output_scores=True, return_dict_in_generate=True)
+    out = generate(model, None, prompt, GenerationConfig(max_new_tokens=40))
+    assert out.backend == "fast" and out.sequences[0].token_ids == ref
+    assert fl.FastLlama is not None and fl.auto_matvec(model) == "compiled"
+    bout = generate(model, None, prompt, GenerationConfig(strategy="beam", num_beams=4, max_new_tokens=12,
+                                                          num_return_sequences=2))
+    for i in range(2):
+        n = int((beam.beam_indices[i] != -1).sum())
+        assert bout.sequences[i].token_ids == beam.sequences[i, 4:4 + n].tolist()
+        assert abs(bout.sequences[i].score - float(beam.sequences_scores[i])) <= 1e-4
+
+
+def test_auto_compiles_only_big_models(monkeypatch) -> None:
+    monkeypatch.delenv("LLMCOURSE_COMPILE", raising=False)
+    model = tiny_model("llama")
+    assert fl.auto_matvec(model) == "mm"  # a few hundred KB: compiling would cost more than it saves
+    monkeypatch.setattr(fl, "AUTO_MIN_BYTES", 1)
+    assert fl.auto_matvec(model) == "compiled"
+    monkeypatch.setenv("LLMCOURSE_COMPILE", "0")
+    assert fl.auto_matvec(model) == "mm"
+
+
+def test_int8_linears_plug_into_the_compiled_step() -> None:
+    from llmcourse.quant.int8 import Int8Config, quantize_model
+
+    model = tiny_model("llama", seed=6)
+    ids = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    for method in ("absmax", "zeropoint"):
+        q = tiny_model("llama", seed=6)
+        quantize_model(q, Int8Config(method=method, granularity="row"))
+        assert fl.compilable(q)
+        compiled, eager = FastLlama(q, matvec="compiled"), FastLlama(q, matvec="mm")
+        assert compiled.matvec == "compiled"
+        with torch.inference_mode():
+            a, b = _stepped_logits(compiled, ids), _stepped_logits(eager, ids)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    # group-wise statistics have no compiled form: FastLlama runs them on the eager path
+    g = tiny_model("llama", seed=6)
+    quantize_model(g, Int8Config(method="absmax", granularity="group", group_size=32))
+    assert not fl.compilable(g) and FastLlama(g, matvec="compiled").matvec == "mm"
+    del model
+
+
+def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog) -> None:
+    model = tiny_model("llama", seed=7)
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits.float()[:, 1:]
+
+    def broken(name: str):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fl, "compiled", broken)
+    fast = FastLlama(model, matvec="compiled")
+    with torch.inference_mode():
+        got = _stepped_logits(fast, ids)
+    assert fast.matvec == "eager" and "torch.compile failed" in caplog.text
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
+def test_warmup_leaves_the_cache_alone() -> None:
+    model = tiny_model("llama", seed=8)
+    fast = FastLlama(model, matvec="compiled")
+    ids = torch.tensor([[4, 5, 6]])
+    with torch.inference_mode():
+        first = fast.prefill(ids, 10)
+        fast.warmup(4, 100)  # another shape, compiled on scratch caches
+        assert fast.pos == 3 and fast.capacity == fl.CAPACITY_STEP and fast.k_cache[0].shape[0] == 1
+        nxt = fast.step(first.argmax(-1))
+    with torch.no_grad():
+        ref = model(torch.cat([ids, first.argmax(-1)[:, None]], dim=1)).logits[:, -1]
+    torch.testing.assert_close(nxt, ref, rtol=0, atol=1e-4)
