@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# keep bench/ off the import path, so no script here can shadow a package of the same name
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT / "tests" / "quant" / "gguf"))
 
 import ggml_ref  # noqa: E402

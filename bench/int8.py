@@ -24,9 +24,6 @@ from pathlib import Path
 
 import torch
 
-# keep bench/ off the import path, so no script here can shadow a package of the same name.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 from llmcourse.core.data import load_text, tokenize_stream  # noqa: E402
 from llmcourse.core.models import load_model  # noqa: E402
 from llmcourse.quant.int8 import Int8Config, quantize_model  # noqa: E402
@@ -34,13 +31,10 @@ from llmcourse.quant.int8_tour import FULL_METHODS, measure  # noqa: E402
 
 
 def _machine() -> str:
-    """bench/common.py's machine description (loaded by path: bench/ is off sys.path)."""
-    import importlib.util
+    """bench/common.py's machine description."""
+    from common import machine
 
-    spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).resolve().parent / "common.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.machine()
+    return machine()
 
 
 PROMPT = "The history of the Roman Empire"
@@ -99,12 +93,14 @@ def main() -> None:
     lines = [
         "# 8-bit quantization (bench/int8.py)",
         "",
-        f"Default model (SmolLM2-135M-Instruct) on {_machine()}; a shared machine (other jobs ran at the same time: absolute speeds are noisy, ratios are "
-        "within one run).",
+        f"Default model (SmolLM2-135M-Instruct) on {_machine()}; a shared virtual machine: absolute speeds are "
+        "noisy, ratios are within one run.",
         "",
         f"## Greedy decoding, {args.new_tokens} new tokens, median of {args.repeats} interleaved runs",
         "",
-        "Engines: `fast` is the decoding lab's Llama forward (`llmcourse.decoding.generate`, static KV cache), "
+        "Engines: `fast` is the decoding lab's Llama forward (`llmcourse.decoding.generate`, static KV cache; "
+        "its compiled decode step for fp32 and the weight-only int8 rows, which it de-quantizes inside the "
+        "products, and its eager path for LLM.int8()), "
         "`hf` its transformers backend (`model(...)` with HF's KV cache). int8 rows are weight-only int8 "
         "(`Int8Linear`) except LLM.int8(), which also quantizes activations.",
         "",

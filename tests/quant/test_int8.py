@@ -192,6 +192,17 @@ def test_memory_of_quantized_linear_weights():
         assert model_bytes(q) < 0.4 * model_bytes(model)
 
 
+def test_model_card_counts_int8_weights_as_parameters():
+    from llmcourse.core.models import LoadedModel
+
+    model = tiny_model("llama")
+    before = LoadedModel(model, None, "tiny").n_params
+    q = copy.deepcopy(model)
+    quantize_model(q, Int8Config(method="absmax", granularity="row"))
+    assert not any(isinstance(p, torch.Tensor) and p.dtype == torch.int8 for p in q.parameters())
+    assert LoadedModel(q, None, "tiny-int8").n_params == before  # tied embedding/head counted once
+
+
 def test_skip_keeps_modules_in_full_precision():
     model = tiny_model("qwen2")
     report = quantize_model(model, Int8Config("absmax", "row", skip=["lm_head", "q_proj"]))

@@ -62,7 +62,10 @@ class LoadedModel:
 
     @property
     def n_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Weights of the model: its parameters plus quantized weights kept as ``qweight`` buffers
+        (the 8-bit lab's int8 codes), each shared tensor counted once."""
+        quantized = sum(b.numel() for name, b in self.model.named_buffers() if name.rsplit(".", 1)[-1] == "qweight")
+        return sum(p.numel() for p in self.model.parameters()) + quantized
 
 
 def llmcourse_home() -> Path:

@@ -60,8 +60,13 @@ def parse_early_stopping(value: str | bool) -> bool | str:
 
 
 @dataclass
-class GenerationConfig:
-    """Every knob of a generation; validated on creation (bad values raise UserError naming the flag)."""
+class GenerationConfig(samplers.SamplerSettings):
+    """Every knob of a generation; validated on creation (bad values raise UserError naming the flag).
+
+    The sampler-chain numbers (temperature, top-k, top-p, min-p, typical-p, epsilon, eta, the
+    penalties, no-repeat-ngram) are the fields of :class:`~llmcourse.decoding.samplers.SamplerSettings`,
+    inherited; ``top_k`` defaults to 0, off (transformers' GenerationConfig defaults to 50, llama.cpp to 40).
+    """
 
     strategy: str = "greedy"
     max_new_tokens: int = 32
@@ -69,18 +74,6 @@ class GenerationConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off (transformers' GenerationConfig defaults to 50; llama.cpp to 40)
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    epsilon: float = 0.0
-    eta: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    penalty_last_n: int = 0
-    no_repeat_ngram_size: int = 0
     chain: str = "hf"
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -132,15 +125,6 @@ class GenerationConfig:
         if self.strategy == "greedy" and self.num_return_sequences != 1:
             raise UserError("greedy search returns one sequence",
                             "pass --num-return-sequences 1, or use --strategy beam or sample")
-
-    def settings(self, min_keep: int = 1) -> samplers.SamplerSettings:
-        """The sampler-chain numbers of this config."""
-        return samplers.SamplerSettings(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-            typical_p=self.typical_p, epsilon=self.epsilon, eta=self.eta,
-            repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty, penalty_last_n=self.penalty_last_n,
-            no_repeat_ngram_size=self.no_repeat_ngram_size, min_keep=min_keep)
 
 
 @dataclass
@@ -376,7 +360,6 @@ def _one_sequence(decoder: Any, prompt: list[int], cfg: GenerationConfig, eos: s
                   stream: TextStream | None, on_text: Callable[[str], None] | None,
                   generator: torch.Generator | None, record: bool) -> tuple[list[int], float, str, list[StepRecord]]:
     sampling = cfg.strategy == "sample"
-    settings = cfg.settings()
     order = samplers.CHAINS[cfg.chain]
     ids = torch.tensor([prompt], dtype=torch.long)
     out: list[int] = []
@@ -384,7 +367,7 @@ def _one_sequence(decoder: Any, prompt: list[int], cfg: GenerationConfig, eos: s
     logits = decoder.start(ids, 1, len(prompt) + cfg.max_new_tokens)
     for step in range(cfg.max_new_tokens):
         scores = logits.float()
-        processed = samplers.apply_chain(scores, ids, settings, order, sampling=sampling)
+        processed = samplers.apply_chain(scores, ids, cfg, order, sampling=sampling)
         if sampling:
             tok = int(samplers.sample(torch.softmax(processed, dim=-1), generator)[0])
         else:
@@ -433,13 +416,12 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[int], config: Genera
     steps = 0
     with torch.inference_mode():
         if cfg.strategy == "beam":
-            settings = cfg.settings()
             order = samplers.CHAINS[cfg.chain]
-            needs = any(getattr(settings, a) != d for a, d in (("repetition_penalty", 1.0), ("frequency_penalty", 0.0),
+            needs = any(getattr(cfg, a) != d for a, d in (("repetition_penalty", 1.0), ("frequency_penalty", 0.0),
                                                                  ("presence_penalty", 0.0), ("no_repeat_ngram_size", 0)))
 
             def process(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-                return samplers.apply_chain(logprobs, ids, settings, order, sampling=False)
+                return samplers.apply_chain(logprobs, ids, cfg, order, sampling=False)
 
             beam_rec = BeamRecorder() if record else None
             res = beam_search(decoder, prompt_ids, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,

@@ -166,9 +166,9 @@ def eta_cutoff(scores: torch.Tensor, eta: float, min_keep: int = 1) -> torch.Ten
 
 # --- chains --------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass
 class SamplerSettings:
-    """The numbers the chain needs (validated by :class:`llmcourse.decoding.engine.GenerationConfig`)."""
+    """The numbers the chain needs; :class:`llmcourse.decoding.engine.GenerationConfig` extends it and validates them."""
 
     temperature: float = 1.0
     top_k: int = 0
