@@ -47,14 +47,17 @@ def test_compiled_greedy_and_beam_identical(arch: str, monkeypatch) -> None:
     model = tiny_model(arch, seed=5)
     prompt = [5, 17, 33, 9]
     with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, 4:].tolist()
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False)[0, 4:].tolist()
         beam = model.generate(torch.tensor([prompt]), max_new_tokens=12, num_beams=4, num_return_sequences=2,
                               do_sample=False, output_scores=True, return_dict_in_generate=True)
-    out = generate(model, None, prompt, GenerationConfig(max_new_tokens=40))
+    out = generate(model, None, prompt, GenerationConfig(max_new_tokens=64))
     assert out.backend == "fast" and out.sequences[0].token_ids == ref
-    assert fl.FastLlama is not None and fl.auto_matvec(model) == "compiled"
+    from llmcourse.decoding import engine
+
+    assert (1, 128) in engine._FAST[model]["compiled"][1]._warm  # the compiled step ran (1 row, 68 -> 128)
     bout = generate(model, None, prompt, GenerationConfig(strategy="beam", num_beams=4, max_new_tokens=12,
                                                           num_return_sequences=2))
+    assert (4, 64) in engine._FAST[model]["compiled"][1]._warm  # 4 beams through the tiled products
     for i in range(2):
         n = int((beam.beam_indices[i] != -1).sum())
         assert bout.sequences[i].token_ids == beam.sequences[i, 4:4 + n].tolist()
@@ -121,3 +124,18 @@ def test_warmup_leaves_the_cache_alone() -> None:
     with torch.no_grad():
         ref = model(torch.cat([ids, first.argmax(-1)[:, None]], dim=1)).logits[:, -1]
     torch.testing.assert_close(nxt, ref, rtol=0, atol=1e-4)
+
+
+def test_short_generations_skip_compiling_until_a_compiled_step_is_warm(monkeypatch) -> None:
+    from llmcourse.decoding import engine
+
+    monkeypatch.setattr(fl, "AUTO_MIN_BYTES", 1)  # treat the tiny model as big
+    model = tiny_model("llama", seed=9)
+    prompt = [3, 4, 5]
+    short = engine.make_decoder(model, steps=engine.COMPILE_MIN_STEPS - 1)
+    assert short.fast.matvec == "mm"
+    out_long = generate(model, None, prompt, GenerationConfig(max_new_tokens=engine.COMPILE_MIN_STEPS))
+    assert engine._FAST[model]["compiled"][1]._warm  # the long run compiled its step
+    assert engine.make_decoder(model, steps=2).fast.matvec == "compiled"  # now reused, even for short runs
+    out_short = generate(model, None, prompt, GenerationConfig(max_new_tokens=8))
+    assert out_short.sequences[0].token_ids == out_long.sequences[0].token_ids[:8]

@@ -37,7 +37,7 @@ import torch
 from llmcourse.core.errors import UserError
 from llmcourse.decoding import samplers
 from llmcourse.decoding.beam import BeamRecorder, beam_search
-from llmcourse.decoding.fast_llama import FastLlama, supports
+from llmcourse.decoding.fast_llama import FastLlama, auto_matvec, supports
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ class FastDecoder:
         self.fast.warmup(rows, capacity)
 
 
-_FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {matvec: (signature, FastLlama)}
+COMPILE_MIN_STEPS = 48  # shorter generations take the uncompiled step: compiling (2-5 s) would not pay off
 
 
 def _signature(model: Any) -> tuple:
@@ -246,29 +247,43 @@ def _signature(model: Any) -> tuple:
 
 
 def prepare(model: Any, matvec: str = "auto") -> FastLlama:
-    """The :class:`FastLlama` of ``model`` (built once, reused while the model is unchanged).
+    """The :class:`FastLlama` of ``model`` (built once per step path, reused while the model is unchanged).
 
     ``matvec="compiled"`` runs each decode step through ``torch.compile``'d layers (compiled on first
     use, a few seconds, cached on disk by Inductor afterwards); ``"mm"`` needs no compilation;
     ``"auto"`` compiles for models of 32 MB and more (see :func:`~llmcourse.decoding.fast_llama.auto_matvec`).
     """
-    sig = (_signature(model), matvec)
-    hit = _FAST.get(model)
+    if matvec == "auto":
+        matvec = auto_matvec(model)
+    sig = _signature(model)
+    cached = _FAST.setdefault(model, {})
+    hit = cached.get(matvec)
     if hit is not None and hit[0] == sig:
         return hit[1]
     fast = FastLlama(model, matvec=matvec)
-    _FAST[model] = (sig, fast)
+    cached[matvec] = (sig, fast)
     return fast
 
 
-def make_decoder(model: Any, backend: str = "auto") -> HFDecoder | FastDecoder:
-    """Pick the backend: ``fast`` for the Llama family, else ``hf``."""
+def _compiled_ready(model: Any) -> bool:
+    """Whether ``model`` already has a compiled step that has run (so using it costs nothing more)."""
+    hit = _FAST.get(model, {}).get("compiled")
+    return hit is not None and bool(hit[1]._warm) and hit[0] == _signature(model)
+
+
+def make_decoder(model: Any, backend: str = "auto", steps: int | None = None) -> HFDecoder | FastDecoder:
+    """Pick the backend: ``fast`` for the Llama family, else ``hf``.
+
+    ``steps`` (rows x new tokens, when known): a generation shorter than ``COMPILE_MIN_STEPS`` takes
+    the uncompiled fast step unless a compiled one is already warm for this model.
+    """
     if isinstance(model, FastLlama):
         return FastDecoder(model)
     if backend == "fast" and not supports(model):
         raise UserError(f"the fast backend does not support {type(model).__name__}", "pass --backend hf or auto")
     if backend in ("auto", "fast") and supports(model):
-        return FastDecoder(prepare(model))
+        short = steps is not None and steps < COMPILE_MIN_STEPS and not _compiled_ready(model)
+        return FastDecoder(prepare(model, "mm" if short else "auto"))
     return HFDecoder(model)
 
 
@@ -406,8 +421,10 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[int], config: Genera
     cfg = config or GenerationConfig()
     prompt_ids = encode_prompt(tokenizer, prompt)
     eos_list = list(cfg.eos_token_ids) if cfg.eos_token_ids is not None else model_eos_ids(model, tokenizer)
-    decoder = make_decoder(model, cfg.backend)  # builds FastLlama once per model, outside the timing
     rows = cfg.num_beams if cfg.strategy == "beam" else 1
+    # builds FastLlama once per model, outside the timing
+    runs = rows if cfg.strategy == "beam" else cfg.num_return_sequences
+    decoder = make_decoder(model, cfg.backend, steps=runs * cfg.max_new_tokens)
     decoder.warmup(rows, len(prompt_ids) + cfg.max_new_tokens)  # compiles the fast step, outside the timing
     t0 = time.perf_counter()
     sequences: list[GeneratedSequence] = []
