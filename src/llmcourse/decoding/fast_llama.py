@@ -290,6 +290,7 @@ class FastLlama:
             return capacity
         return -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
 
+    @torch.inference_mode()  # cache tensors are always inference tensors: one compiled specialisation
     def reset(self, batch: int, capacity: int) -> None:
         """Allocate an empty cache for ``batch`` rows and at least ``capacity`` positions."""
         capacity = self._cache_size(capacity)
@@ -300,6 +301,7 @@ class FastLlama:
         self._rope_tables(capacity)
         self._positions = torch.arange(capacity)
 
+    @torch.inference_mode()
     def warmup(self, rows: int, capacity: int) -> None:
         """Compile the step for ``rows`` x ``capacity`` now (a no-op when done, or on the eager path).
 
@@ -319,11 +321,13 @@ class FastLlama:
             if self.capacity:
                 self._positions = torch.arange(self.capacity)
 
+    @torch.inference_mode()
     def expand(self, n: int) -> None:
         """Repeat a one-row cache into ``n`` rows (beam search after the prompt)."""
         self.k_cache = [k.expand(n, -1, -1, -1).contiguous() for k in self.k_cache]
         self.v_cache = [v.expand(n, -1, -1, -1).contiguous() for v in self.v_cache]
 
+    @torch.inference_mode()
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep cache rows ``rows`` (B,), in that order (beam search)."""
         if torch.equal(rows, torch.arange(rows.shape[0])):
