@@ -61,8 +61,8 @@ def test_beam4_identical_to_generate(default_lm) -> None:
         assert abs(out.sequences[i].score - float(ref.sequences_scores[i])) <= 1e-4
 
 
-def test_compiled_matvec_logits_match(default_lm) -> None:
-    """The torch.compile'd one-row kernel: same tolerance as the mm layout."""
+def test_compiled_step_logits_match(default_lm) -> None:
+    """The compiled decode step on the default model: same tolerance as the mm layout."""
     from llmcourse.decoding import FastLlama
 
     model, tok = default_lm.model, default_lm.tokenizer
