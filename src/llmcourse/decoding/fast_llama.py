@@ -144,13 +144,12 @@ def decode_layer(x: torch.Tensor, wts: tuple, kc: torch.Tensor, vc: torch.Tensor
     ``mask`` (C,) is 0 for cache positions <= pos and -inf after, so the attention runs over the
     whole (static-size) cache and compiles once per cache size.
     """
-    n1, qkv, o, n2, gate_up, down = wts
+    n1, q_proj, k_proj, v_proj, o_proj, n2, gate_proj, up_proj, down_proj = wts
     b = x.shape[0]
     h = rms_norm(x, n1, eps)
-    q, k, v = project(qkv, h).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
-    q = q.reshape(b, n_heads, head_dim)
-    k = k.reshape(b, n_kv, head_dim)
-    v = v.reshape(b, n_kv, head_dim)
+    q = project(q_proj, h).view(b, n_heads, head_dim)
+    k = project(k_proj, h).view(b, n_kv, head_dim)
+    v = project(v_proj, h).view(b, n_kv, head_dim)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     kc.index_copy_(2, pos, k.unsqueeze(2))  # (B, n_kv, C, hd)
@@ -159,10 +158,9 @@ def decode_layer(x: torch.Tensor, wts: tuple, kc: torch.Tensor, vc: torch.Tensor
     s = (qg * kc.unsqueeze(2)).sum(-1) * head_dim ** -0.5 + mask  # (B, n_kv, g, C)
     att = torch.softmax(s, dim=-1)
     y = (att.unsqueeze(-1) * vc.unsqueeze(2)).sum(-2).reshape(b, n_heads * head_dim)
-    x = x + project(o, y)
+    x = x + project(o_proj, y)
     h = rms_norm(x, n2, eps)
-    gate, up = project(gate_up, h).chunk(2, dim=-1)
-    return x + project(down, F.silu(gate) * up)
+    return x + project(down_proj, F.silu(project(gate_proj, h)) * project(up_proj, h))
 
 
 def decode_head(x: torch.Tensor, norm: torch.Tensor, head: Parts, eps: float) -> torch.Tensor:
@@ -256,13 +254,15 @@ class FastLlama:
                 n2=blk.post_attention_layernorm.weight.detach(),
                 gate_up=Projection([m.gate_proj, m.up_proj], fuse), down=Projection([m.down_proj], fuse)))
             if matvec == "compiled":
+                # the modules' own tensors, no copies: Inductor fuses the products that share an input
                 self.step_weights.append((
-                    blk.input_layernorm.weight.detach(), fused_parts([a.q_proj, a.k_proj, a.v_proj]),
-                    fused_parts([a.o_proj]), blk.post_attention_layernorm.weight.detach(),
-                    fused_parts([m.gate_proj, m.up_proj]), fused_parts([m.down_proj])))
+                    blk.input_layernorm.weight.detach(), *(linear_parts(p) for p in (a.q_proj, a.k_proj, a.v_proj,
+                                                                                      a.o_proj)),
+                    blk.post_attention_layernorm.weight.detach(),
+                    *(linear_parts(p) for p in (m.gate_proj, m.up_proj, m.down_proj))))
         self.norm = inner.norm.weight.detach()
         self.lm_head = Projection([model.lm_head], fuse)
-        self.head_parts = fused_parts([model.lm_head]) if matvec == "compiled" else None
+        self.head_parts = linear_parts(model.lm_head) if matvec == "compiled" else None
         self.rotary = inner.rotary_emb
         self.cos = self.sin = None  # (L, head_dim) tables, grown on demand
         self.k_cache: list[torch.Tensor] = []
@@ -428,44 +428,16 @@ def linear_parts(module: nn.Module) -> Parts | None:
     return get() if callable(get) else None
 
 
-def fused_parts(modules: list[nn.Module]) -> Parts:
-    """The parts of several projections of the same input, concatenated along the outputs (one pass)."""
-    parts = [linear_parts(m) for m in modules]
-    if any(p is None for p in parts):
-        raise ValueError("a projection has no compiled form")
-    if len(parts) == 1:
-        return parts[0]
-    if len({(p[0].dtype, p[1] is None, p[2] is None) for p in parts}) > 1:
-        raise ValueError("projections of one input must share their weight format to be fused")
-
-    def cat(i: int) -> torch.Tensor | None:
-        if all(p[i] is None for p in parts):
-            return None
-        return torch.cat([p[i] if p[i] is not None else torch.zeros(p[0].shape[0], dtype=p[0].dtype) for p in parts])
-
-    return (cat(0), cat(1), cat(2), cat(3))
-
-
-def projection_groups(model: Any) -> list[list[nn.Module]]:
-    """The projections a step runs, grouped by shared input: per layer q/k/v, o, gate/up, down; then the head."""
-    groups = []
-    for blk in model.model.layers:
-        a, m = blk.self_attn, blk.mlp
-        groups += [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]]
-    return groups + [[model.lm_head]]
-
-
 def compilable(model: Any) -> bool:
     """Whether the compiled step can run every projection (see :func:`linear_parts`)."""
     try:
-        groups = projection_groups(model)
+        mods = [model.lm_head]
+        for blk in model.model.layers:
+            a, m = blk.self_attn, blk.mlp
+            mods += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
     except AttributeError:
         return False
-    for group in groups:
-        parts = [linear_parts(m) for m in group]
-        if any(p is None for p in parts) or len({(p[0].dtype, p[1] is None, p[2] is None) for p in parts}) > 1:
-            return False
-    return True
+    return all(linear_parts(m) is not None for m in mods)
 
 
 def auto_matvec(model: Any) -> str:
