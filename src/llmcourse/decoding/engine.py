@@ -268,7 +268,7 @@ def prepare(model: Any, matvec: str = "auto") -> FastLlama:
 def _compiled_ready(model: Any) -> bool:
     """Whether ``model`` already has a compiled step that has run (so using it costs nothing more)."""
     hit = _FAST.get(model, {}).get("compiled")
-    return hit is not None and bool(hit[1]._warm) and hit[0] == _signature(model)
+    return hit is not None and hit[1].warm and hit[0] == _signature(model)
 
 
 def make_decoder(model: Any, backend: str = "auto", steps: int | None = None) -> HFDecoder | FastDecoder:

@@ -272,6 +272,11 @@ class FastLlama:
         self._warm: set[tuple[int, int]] = set()  # (rows, capacity) shapes the compiled step has run
 
     @property
+    def warm(self) -> bool:
+        """Whether the compiled step has run (for some shape): using it again costs no compilation."""
+        return bool(self._warm)
+
+    @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
@@ -299,7 +304,6 @@ class FastLlama:
         self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
         self.pos, self.capacity = 0, capacity
         self._rope_tables(capacity)
-        self._positions = torch.arange(capacity)
 
     @torch.inference_mode()
     def warmup(self, rows: int, capacity: int) -> None:
@@ -318,8 +322,6 @@ class FastLlama:
             self.forward(torch.zeros(rows, 1, dtype=torch.long))
         finally:
             self.k_cache, self.v_cache, self.pos, self.capacity = saved
-            if self.capacity:
-                self._positions = torch.arange(self.capacity)
 
     @torch.inference_mode()
     def expand(self, n: int) -> None:
@@ -392,7 +394,8 @@ class FastLlama:
             x = self.embed(tokens)  # (B, H)
             pos = torch.tensor([p])
             cos, sin = self.cos[p], self.sin[p]
-            mask = torch.zeros(self.capacity, dtype=self.dtype).masked_fill_(self._positions > p, float("-inf"))
+            mask = torch.zeros(self.capacity, dtype=self.dtype).masked_fill_(torch.arange(self.capacity) > p,
+                                                                              float("-inf"))
             for li, wts in enumerate(self.step_weights):
                 x = layer(x, wts, self.k_cache[li], self.v_cache[li], pos, cos, sin, mask, n_heads=self.n_heads,
                           n_kv=self.n_kv, head_dim=self.head_dim, eps=self.eps)
