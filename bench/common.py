@@ -13,6 +13,17 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+def rows_for(w, block: int):
+    """``w`` as rows whose length is a multiple of ``block`` (ggml quantizes whole blocks), or None if it cannot be."""
+    import numpy as np
+
+    w = w.reshape(-1, w.shape[-1])
+    if w.shape[-1] % block == 0:
+        return w
+    n = int(np.lcm(w.shape[-1], block))
+    return w.reshape(-1, n) if w.size % n == 0 else None
+
+
 def machine() -> str:
     cpu = platform.processor() or "cpu"
     try:

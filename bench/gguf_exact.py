@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "tests" / "quant" / "gguf"))
 
 import ggml_ref  # noqa: E402
 import numpy as np  # noqa: E402
+from common import rows_for  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from llmcourse.core.data import calibration_windows  # noqa: E402
@@ -31,14 +32,6 @@ from llmcourse.core.models import load_model  # noqa: E402
 from llmcourse.quant.gguf import imatrix as im  # noqa: E402
 from llmcourse.quant.gguf.blocks import LAYOUTS  # noqa: E402
 from llmcourse.quant.gguf.quantize import QUANT_TYPES, quantize  # noqa: E402
-
-
-def rows_for(w: np.ndarray, block: int) -> np.ndarray | None:
-    w = w.reshape(-1, w.shape[-1])
-    if w.shape[-1] % block == 0:
-        return w
-    n = int(np.lcm(w.shape[-1], block))
-    return w.reshape(-1, n) if w.size % n == 0 else None
 
 
 def main() -> None:

@@ -255,11 +255,9 @@ class FastLlama:
                 gate_up=Projection([m.gate_proj, m.up_proj], fuse), down=Projection([m.down_proj], fuse)))
             if matvec == "compiled":
                 # the modules' own tensors, no copies: Inductor fuses the products that share an input
-                self.step_weights.append((
-                    blk.input_layernorm.weight.detach(), *(linear_parts(p) for p in (a.q_proj, a.k_proj, a.v_proj,
-                                                                                      a.o_proj)),
-                    blk.post_attention_layernorm.weight.detach(),
-                    *(linear_parts(p) for p in (m.gate_proj, m.up_proj, m.down_proj))))
+                q, k, v, o, gate, up, down = (linear_parts(p) for p in layer_projections(blk))
+                self.step_weights.append((blk.input_layernorm.weight.detach(), q, k, v, o,
+                                          blk.post_attention_layernorm.weight.detach(), gate, up, down))
         self.norm = inner.norm.weight.detach()
         self.lm_head = Projection([model.lm_head], fuse)
         self.head_parts = linear_parts(model.lm_head) if matvec == "compiled" else None
@@ -431,13 +429,16 @@ def linear_parts(module: nn.Module) -> Parts | None:
     return get() if callable(get) else None
 
 
+def layer_projections(blk: nn.Module) -> tuple[nn.Module, ...]:
+    """A decoder layer's projections, in :func:`decode_layer`'s order: q, k, v, o, gate, up, down."""
+    a, m = blk.self_attn, blk.mlp
+    return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+
+
 def compilable(model: Any) -> bool:
     """Whether the compiled step can run every projection (see :func:`linear_parts`)."""
     try:
-        mods = [model.lm_head]
-        for blk in model.model.layers:
-            a, m = blk.self_attn, blk.mlp
-            mods += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        mods = [model.lm_head, *(p for blk in model.model.layers for p in layer_projections(blk))]
     except AttributeError:
         return False
     return all(linear_parts(m) is not None for m in mods)
