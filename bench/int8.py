@@ -27,7 +27,7 @@ import torch
 from llmcourse.core.data import load_text, tokenize_stream  # noqa: E402
 from llmcourse.core.models import load_model  # noqa: E402
 from llmcourse.quant.int8 import Int8Config, quantize_model  # noqa: E402
-from llmcourse.quant.int8_tour import FULL_METHODS, measure  # noqa: E402
+from llmcourse.quant.int8.tour import FULL_METHODS, measure  # noqa: E402
 
 
 def _machine() -> str:

@@ -5,3 +5,5 @@ Core (``llmcourse.core``) loads models and data and evaluates them; each lab
 """
 
 __version__ = "0.1.0"
+
+from llmcourse import labs as _labs  # noqa: E402,F401  (registers every lab's folder formats with core)

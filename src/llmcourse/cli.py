@@ -1,10 +1,14 @@
 """The one entry point: ``llmcourse <command>``.
 
-Each lab contributes its commands through a ``register(sub, groups)`` function in its
-``commands`` module (listed in :data:`COMMAND_MODULES`). ``sub`` is the top-level
-subparsers object; ``groups`` maps a group name ("convert", "quantize", "eval") to the
-subparsers of that group so a lab can add e.g. ``convert gguf`` beside the core's
-``convert hf``.
+The commands come from the lab table (:mod:`llmcourse.core.lab`): each lab declares its
+commands with a one-line help, and a commands module whose ``register(sub, groups)`` builds
+their parsers. ``sub`` is the top-level subparsers object; ``groups`` maps a group name
+("eval", "convert", "quantize") to the subparsers of that group, so a lab can add e.g.
+``convert gguf`` beside the core's ``convert hf``.
+
+The parser is built lazily: every command is listed from the table, but only the lab of the
+command being run is imported (so ``llmcourse --help`` imports no torch, and a lab whose optional
+package is missing fails with one line only when its own command is used).
 
 A command handler takes the parsed ``argparse.Namespace`` and returns a
 :class:`llmcourse.core.cli_common.Result` (a JSON-able dict plus human text); this
@@ -15,7 +19,6 @@ module prints it (``--json``: one JSON object on stdout) and turns
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -24,20 +27,9 @@ from llmcourse import __version__
 from llmcourse.core.cli_common import Result
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import dumps
-
-# Order here is the order in `llmcourse --help`.
-COMMAND_MODULES = [
-    "llmcourse.core.commands",
-    "llmcourse.decoding.commands",
-    "llmcourse.quant.int8_commands",
-    "llmcourse.quant.gguf.commands",
-    "llmcourse.tour",
-]
-
-GROUPS = {
-    "convert": "convert a model between formats (hf, gguf)",
-    "quantize": "quantize a model (int8, gguf)",
-}
+from llmcourse.core.lab import HelpFormatter, Lab, import_lab_module
+from llmcourse.labs import GROUPS, labs
+from llmcourse.tour import TOUR
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,27 +39,46 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: Sequence[str], table: list[Lab]) -> str | None:
+    """The command named on the command line ("generate", "quantize int8"), if any."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words:
+        return None
+    if words[0] in GROUPS and len(words) > 1:
+        return f"{words[0]} {words[1]}"
+    return words[0]
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: every command listed, only the named command's lab imported.
+
+    ``argv=None`` builds every lab's parsers (imports every lab; for tests and docs).
+    """
+    table = [*labs(), TOUR]
+    chosen = _chosen(argv, table) if argv is not None else None
     parser = Parser(
-        prog="llmcourse",
+        prog="llmcourse", formatter_class=HelpFormatter,
         description="The Large Language Model Course as a CPU library and CLI. "
         "Every command takes --help; --json prints one JSON object on stdout.",
+        epilog="examples:\n  llmcourse tour --out tour\n  llmcourse generate --prompt \"I have a dream\"\n"
+        "  llmcourse quantize gguf --model default --type Q4_K_M --out out/gguf\n  llmcourse generate --help",
     )
     parser.add_argument("--version", action="version", version=f"llmcourse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, help_text in GROUPS.items():
-        gp = sub.add_parser(name, help=help_text, description=help_text)
+        kinds = [c.split(" ", 1)[1] for lab in table for c in lab.commands if c.startswith(name + " ")]
+        text = f"{help_text} ({', '.join(kinds)})"
+        gp = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
         groups[name] = gp.add_subparsers(dest="subcommand", metavar="KIND")
         gp.set_defaults(_group_parser=gp)
-    for mod_name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name and mod_name.startswith(e.name):
-                continue  # lab not present in this build
-            raise
-        mod.register(sub, groups)
+    for lab in table:
+        if argv is None or chosen in lab.commands:
+            import_lab_module(lab, lab.commands_module).register(sub, groups)
+            continue
+        for command, help_text in lab.commands.items():  # listed, not built: never parsed in this run
+            group, _, kind = command.partition(" ")
+            (groups[group] if kind else sub).add_parser(kind or group, help=help_text)
     return parser
 
 
@@ -89,7 +100,12 @@ def _quiet_libraries(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(argv)
+    except UserError as e:  # a lab's optional package is missing
+        print(f"llmcourse: error: {e}", file=sys.stderr)
+        return UserError.exit_code
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -98,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         gp = getattr(args, "_group_parser", None)
         (gp or parser).print_help()
-        return 2 if argv or len(sys.argv) > 1 else 0
+        return 2 if argv else 0
     try:
         result = handler(args)
     except UserError as e:
@@ -114,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(dumps(result.data))
         elif result.text:
             print(result.text)
+        return result.exit_code
     return 0
 
 

@@ -1,64 +1,35 @@
 """The course tour: each lab's short demo on the default model, in one static HTML report.
 
 ``llmcourse tour --out DIR`` writes ``DIR/index.html`` (offline: plots are files beside it)
-and ``DIR/summary.json``. Each lab contributes ``section(ctx) -> TourSection`` from its
-``tour`` module, listed in :data:`SECTIONS`; a section that fails is reported in the page
-and in the summary, and the tour goes on.
+and ``DIR/summary.json``. Each lab of the lab table (:mod:`llmcourse.core.lab`) may declare a
+section ``section(ctx: TourContext) -> TourSection`` (:mod:`llmcourse.core.report`); they run in
+the table's order. A section that fails is reported in the page and in the summary, the tour
+goes on, and ``llmcourse tour`` exits 1 at the end so that CI sees it.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
-import importlib
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmcourse.core.cli_common import Result, add_common_args
 from llmcourse.core.errors import UserError
-from llmcourse.core.io import atomic_dir, dumps, write_json, write_text
+from llmcourse.core.io import atomic_dir, write_json, write_text
+from llmcourse.core.lab import Lab, add_parser, import_lab_module
+from llmcourse.labs import tour_sections
+from llmcourse.core.report import TourContext, TourSection, html_table
 
 log = logging.getLogger(__name__)
 
-# "module:function" of each lab's section, in the course's order.
-SECTIONS = [
-    "llmcourse.core.tour_section:section",
-    "llmcourse.decoding.tour:section",
-    "llmcourse.quant.int8_tour:section",
-    "llmcourse.quant.gguf.tour:section",
-]
-
-
-@dataclass
-class TourContext:
-    """What every section gets: where to write files, the shared default model, the mode."""
-
-    out_dir: Path  # write assets here; reference them in HTML by file name relative to index.html
-    quick: bool  # tests: smallest meaningful run
-    model_spec: str = "default"
-    _lm: Any = None
-
-    @property
-    def lm(self):
-        """The default model (fp32), loaded once and shared by all sections. Do not modify it."""
-        if self._lm is None:
-            from llmcourse.core.models import load_model
-
-            self._lm = load_model(self.model_spec)
-        return self._lm
-
-
-@dataclass
-class TourSection:
-    title: str
-    html: str  # an HTML fragment (no <html>/<body>); images as <img src="NAME.png">
-    summary: dict[str, Any] = field(default_factory=dict)  # JSON-able figures for summary.json
-    seconds: float = 0.0
-
+# The tour is the orchestrator, not a lab; the CLI lists its command beside the labs'.
+TOUR = Lab(name="tour", title="The course tour",
+           commands={"tour": "run every lab's demo on the default model into one HTML report"},
+           commands_module="llmcourse.tour")
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llmcourse tour</title>
@@ -78,25 +49,13 @@ img {{ max-width: 100%; }} pre {{ background: #f6f6f6; padding: 0.7em; overflow-
 """
 
 
-def html_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """A small HTML table from a list of dicts (floats shown with 4 significant digits)."""
-    if not rows:
-        return ""
-    columns = columns or list(rows[0])
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def run_tour(out: str | Path, quick: bool = False, model: str = "default",
              sections: list[str] | None = None) -> dict[str, Any]:
-    """Run every section into ``out`` (written atomically); return the summary."""
+    """Run the sections (default: every lab's, in the table's order) into ``out`` (written
+    atomically); return the summary, whose ``failed`` lists the sections that raised.
+
+    ``sections`` restricts the run to the labs of these names (``["core", "decoding"]``).
+    """
     from llmcourse import __version__
 
     t_start = time.perf_counter()
@@ -104,28 +63,31 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
     parts, nav = [], []
     with atomic_dir(out) as tmp:
         ctx = TourContext(out_dir=tmp, quick=quick, model_spec=model)
-        for i, ref in enumerate(sections or SECTIONS):
-            mod_name, fn_name = ref.split(":")
-            try:
-                fn = getattr(importlib.import_module(mod_name), fn_name)
-            except ModuleNotFoundError as e:
-                if e.name and mod_name.startswith(e.name):
-                    continue
-                raise
+        chosen = [(lab, ref) for lab, ref in tour_sections() if sections is None or lab.name in sections]
+        summary["failed"] = []
+        for i, (lab, ref) in enumerate(chosen):
+            mod_name, _, fn_name = ref.partition(":")
             t0 = time.perf_counter()
             try:
+                fn = getattr(import_lab_module(lab, mod_name), fn_name)
                 sec = fn(ctx)
                 sec.seconds = time.perf_counter() - t0
                 body = sec.html
                 summary["sections"][sec.title] = {**sec.summary, "seconds": round(sec.seconds, 2)}
                 title = sec.title
-            except UserError:
-                raise
+            except UserError as e:
+                if lab.name == "core":  # the model itself cannot be loaded: nothing else can run
+                    raise
+                title = lab.title
+                body = f'<p class="err">This section could not run: {html.escape(str(e))}</p>'
+                summary["sections"][title] = {"error": str(e)}
+                summary["failed"].append(lab.name)
             except Exception as e:  # a failing section must not hide the others
                 log.exception("tour section %s failed", ref)
-                title = mod_name.split(".")[-2] if "." in mod_name else mod_name
+                title = lab.title
                 body = f'<p class="err">This section failed: {html.escape(repr(e))}</p><pre>{html.escape(traceback.format_exc())}</pre>'
                 summary["sections"][title] = {"error": repr(e)}
+                summary["failed"].append(lab.name)
             anchor = f"s{i}"
             nav.append(f'<a href="#{anchor}">{html.escape(title)}</a>')
             parts.append(f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>')
@@ -143,13 +105,17 @@ def _cmd_tour(args: argparse.Namespace) -> Result:
     lines = [f"tour written to {Path(args.out) / 'index.html'} in {summary['seconds']:.0f} s"]
     for title, s in summary["sections"].items():
         lines.append(f"  {title}: {'FAILED ' + s['error'] if 'error' in s else str(s.get('seconds', '')) + ' s'}")
-    return Result(summary, "\n".join(lines))
+    if summary["failed"]:
+        lines.append(f"{len(summary['failed'])} section(s) failed: {', '.join(summary['failed'])} "
+                     "(details in the page; run again with --debug for the tracebacks)")
+    return Result(summary, "\n".join(lines), exit_code=1 if summary["failed"] else 0)
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
-    p = sub.add_parser("tour", help="run every lab's demo on the default model into one HTML report",
-                       description="Run each lab's short demo on the default model and write DIR/index.html "
-                       "(static, offline) and DIR/summary.json.")
+    p = add_parser(sub, groups, TOUR, "tour",
+                   description="Run each lab's short demo on the default model and write DIR/index.html "
+                   "(static, offline) and DIR/summary.json. Exits 1 if a section failed (the page shows the others).",
+                   epilog="examples:\n  llmcourse tour --out tour\n  llmcourse tour --quick --out /tmp/tour")
     p.add_argument("--out", default="tour", help="output folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="smallest meaningful run of each section (for tests)")
     p.add_argument("--model", default="default", help="model to tour (default: %(default)s)")
@@ -157,4 +123,4 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.set_defaults(func=_cmd_tour)
 
 
-__all__ = ["TourContext", "TourSection", "html_table", "run_tour", "dumps"]
+__all__ = ["TourContext", "TourSection", "html_table", "run_tour"]

@@ -21,7 +21,7 @@ from llmcourse.quant.int8 import (
     save_quantized,
     zeropoint_quantize,
 )
-from llmcourse.quant.int8_linear import Int8Embedding, Int8Linear
+from llmcourse.quant.int8.linear import Int8Embedding, Int8Linear
 
 
 @pytest.fixture(autouse=True)

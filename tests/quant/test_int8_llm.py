@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 from llmcourse.quant.int8 import Int8Config, quantize_model, quantize_tensor
-from llmcourse.quant.llm_int8 import (
+from llmcourse.quant.int8.llm_int8 import (
     LLMInt8Linear,
     llm_int8_matmul,
     outlier_columns,

@@ -17,6 +17,7 @@ class Result:
 
     data: dict[str, Any] = field(default_factory=dict)
     text: str = ""
+    exit_code: int = 0  # non-zero when the work ran but part of it failed (e.g. a tour section)
 
 
 def positive_int(s: str) -> int:

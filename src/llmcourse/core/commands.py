@@ -18,6 +18,7 @@ from llmcourse.core.data import load_text, tokenize_stream
 from llmcourse.core.errors import UserError
 from llmcourse.core.evaluate import compare, perplexity
 from llmcourse.core.io import atomic_dir, check_not_input
+from llmcourse.core.lab import add_parser
 from llmcourse.core.models import load_model, model_card, save_hf
 
 
@@ -81,20 +82,25 @@ def cmd_convert_hf(args: argparse.Namespace) -> Result:
     return Result(data, f"wrote {out} ({n_bytes / 1e6:.1f} MB, {args.dtype}) in {data['seconds']:.1f} s")
 
 
+EXAMPLES = {
+    "models": "examples:\n  llmcourse models\n  llmcourse models --model out/int8 --chat-sample \"What is the capital of France?\"",
+    "eval perplexity": "examples:\n  llmcourse eval perplexity --model default --max-length 1024 --stride 512\n"
+                       "  llmcourse eval perplexity --model out/gguf/smollm2-Q4_K_M.gguf --data notes.txt --json",
+    "eval compare": "examples:\n  llmcourse eval compare --model out/int8 --reference default",
+    "convert hf": "examples:\n  llmcourse convert hf --model model.gguf --out out/hf",
+}
+
+
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
-    p = sub.add_parser("models", help="load a model and show its card (parameters, bytes, architecture)",
-                       description="Load --model and print its card: parameters, bytes, architecture, context, "
+    from llmcourse.core import LAB
+
+    p = add_parser(sub, groups, LAB, "models", epilog=EXAMPLES["models"], description="Load --model and print its card: parameters, bytes, architecture, context, "
                        "load time. The first use of 'default' converts the packaged GGUF once (~20-50 s).")
     add_model_args(p)
     p.add_argument("--chat-sample", metavar="QUESTION", default=None,
                    help="also answer QUESTION with the model's chat template (greedy, 40 tokens)")
     add_common_args(p)
     p.set_defaults(func=cmd_models)
-
-    ev = sub.add_parser("eval", help="evaluate a model: perplexity, or KL / top-1 agreement against a reference",
-                        description="Evaluate a model on text.")
-    evs = ev.add_subparsers(dest="subcommand", metavar="KIND")
-    ev.set_defaults(_group_parser=ev)
 
     def window_args(q: argparse.ArgumentParser, max_len: int, stride: bool) -> None:
         q.add_argument("--max-length", type=positive_int, default=max_len,
@@ -106,8 +112,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         q.add_argument("--max-tokens", type=positive_int, default=None,
                        help="evaluate only the first N tokens of the text (default: all)")
 
-    pp = evs.add_parser("perplexity", help="sliding-window perplexity (the Hugging Face recipe)",
-                        description="Perplexity exp(mean NLL) with a sliding window (--max-length, --stride), equal to "
+    pp = add_parser(sub, groups, LAB, "eval perplexity", epilog=EXAMPLES["eval perplexity"], description="Perplexity exp(mean NLL) with a sliding window (--max-length, --stride), equal to "
                         "the Hugging Face perplexity recipe. Default text: the eval split of the Wikipedia extracts "
                         "(~13.6k tokens).")
     add_model_args(pp)
@@ -119,8 +124,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_common_args(pp)
     pp.set_defaults(func=cmd_perplexity)
 
-    pc = evs.add_parser("compare", help="KL divergence and top-1 agreement of a model vs a reference model",
-                        description="Run --model and --reference on the same non-overlapping windows and report the mean "
+    pc = add_parser(sub, groups, LAB, "eval compare", epilog=EXAMPLES["eval compare"], description="Run --model and --reference on the same non-overlapping windows and report the mean "
                         "KL(P_ref || P_model) per token and the share of positions where their argmax agree.")
     add_model_args(pc)
     pc.add_argument("--reference", default="default", help="reference model (same tokenizer). Default: %(default)s")
@@ -129,8 +133,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_common_args(pc)
     pc.set_defaults(func=cmd_compare)
 
-    ph = groups["convert"].add_parser("hf", help="any model (GGUF, HF folder, default, quantized) -> HF safetensors folder",
-                                      description="Load --model (de-quantizing a GGUF) and write a plain Hugging Face "
+    ph = add_parser(sub, groups, LAB, "convert hf", epilog=EXAMPLES["convert hf"], description="Load --model (de-quantizing a GGUF) and write a plain Hugging Face "
                                       "folder: config.json, model.safetensors, tokenizer files.")
     add_model_args(ph)
     ph.add_argument("--out", required=True, help="output folder (written atomically; must not be the input)")

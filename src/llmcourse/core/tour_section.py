@@ -12,7 +12,7 @@ QUESTION = "What is the capital of France?"
 
 
 def section(ctx) -> object:
-    from llmcourse.tour import TourSection, html_table
+    from llmcourse.core.report import TourSection, html_table
 
     lm = ctx.lm
     card = model_card(lm)

@@ -1,31 +1,49 @@
 """Decoding lab: greedy, beam search and sampling, token-exact with transformers, fast on CPU, and visible.
 
-Public API (other labs use only these names)::
+Public API (other labs use only these names; imported lazily, so declaring the lab costs nothing)::
 
     from llmcourse.decoding import GenerationConfig, generate
     out = generate(model, tokenizer, "I have a dream", GenerationConfig(strategy="beam", num_beams=4))
     out.sequences[0].text, out.tokens_per_second
 
 ``model`` is any transformers causal LM; Llama-family models (also with their ``nn.Linear``
-modules swapped for another lab's int8 modules) run through :class:`FastLlama`.
+modules swapped for another lab's modules that implement :class:`DecodePlugin`) run through
+:class:`FastLlama`. Weights are shared, state is per call: each generation owns a
+:class:`DecodeSession` (its KV cache), so concurrent generations on one model are safe.
 """
 
-from llmcourse.decoding.beam import BeamRecorder, BeamResult, beam_search
-from llmcourse.decoding.engine import (
-    GeneratedSequence,
-    GenerationConfig,
-    GenerationOutput,
-    StepRecord,
-    chat_prompt_ids,
-    generate,
-    make_decoder,
-    prepare,
-)
-from llmcourse.decoding.fast_llama import FastLlama
-from llmcourse.decoding.samplers import CHAINS, SamplerSettings, apply_chain
+from __future__ import annotations
 
-__all__ = [
-    "CHAINS", "BeamRecorder", "BeamResult", "FastLlama", "GeneratedSequence", "GenerationConfig",
-    "GenerationOutput", "SamplerSettings", "StepRecord", "apply_chain", "beam_search", "chat_prompt_ids",
-    "generate", "make_decoder", "prepare",
-]
+import importlib
+from typing import Any
+
+from llmcourse.core.lab import Lab
+
+LAB = Lab(
+    name="decoding",
+    title="Decoding strategies",
+    commands={
+        "generate": "generate text: greedy, beam search or sampling (fast on CPU)",
+        "chat": "chat with a model through its chat template (interactive, or one --prompt)",
+    },
+    commands_module="llmcourse.decoding.commands",
+    tour="llmcourse.decoding.tour:section",
+)
+
+_PUBLIC = {
+    "beam": ("BeamRecorder", "BeamResult", "beam_search"),
+    "engine": ("GeneratedSequence", "GenerationConfig", "GenerationOutput", "StepRecord", "chat_prompt_ids",
+               "generate", "make_decoder", "prepare"),
+    "fast_llama": ("FastLlama", "DecodeSession", "DecodePlugin"),
+    "samplers": ("CHAINS", "SamplerSettings", "apply_chain"),
+}
+_WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["LAB", *_WHERE]

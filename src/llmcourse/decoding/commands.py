@@ -14,6 +14,7 @@ from pathlib import Path
 from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import check_not_input
+from llmcourse.core.lab import add_parser
 from llmcourse.decoding.engine import (
     BACKENDS,
     STRATEGIES,
@@ -178,9 +179,19 @@ def cmd_chat(args: argparse.Namespace) -> Result:
     return Result({"turns": turns}, "")
 
 
+EXAMPLES = {
+    "generate": "examples:\n  llmcourse generate --prompt \"I have a dream\"\n"
+                "  llmcourse generate --prompt \"I have a dream\" --strategy beam --num-beams 2 --max-new-tokens 5 "
+                "--tree beam.png\n"
+                "  llmcourse generate --prompt \"Once upon a time\" --strategy sample --top-p 0.9 --seed 1 --json",
+    "chat": "examples:\n  llmcourse chat\n  llmcourse chat --prompt \"Hi!\" --system \"Answer briefly.\"",
+}
+
+
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
-    p = sub.add_parser("generate", help="generate text: greedy, beam search or sampling (fast on CPU)",
-                       description="Generate a continuation of --prompt. Greedy and beam search give exactly "
+    from llmcourse.decoding import LAB
+
+    p = add_parser(sub, groups, LAB, "generate", epilog=EXAMPLES["generate"], description="Generate a continuation of --prompt. Greedy and beam search give exactly "
                        "transformers' generate() tokens; --json prints prompt_token_ids, sequences "
                        "(token_ids, text, score) and tokens_per_second.")
     add_model_args(p)
@@ -191,8 +202,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_common_args(p)
     p.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="chat with a model through its chat template (interactive, or one --prompt)",
-                       description="Chat with the model using its own chat template. Without --prompt, read "
+    c = add_parser(sub, groups, LAB, "chat", epilog=EXAMPLES["chat"], description="Chat with the model using its own chat template. Without --prompt, read "
                        "your turns from stdin; with --prompt, answer once and exit.")
     add_model_args(c)
     c.add_argument("--prompt", default=None, help="one user turn: answer it and exit")

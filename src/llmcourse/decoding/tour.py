@@ -15,7 +15,7 @@ import torch
 
 from llmcourse.decoding import GenerationConfig, generate
 from llmcourse.decoding import tree as tree_mod
-from llmcourse.tour import TourContext, TourSection, html_table
+from llmcourse.core.report import TourContext, TourSection, html_table
 
 PROMPT = "I have a dream"
 

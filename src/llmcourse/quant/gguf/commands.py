@@ -11,6 +11,7 @@ from typing import Any
 from llmcourse.core.cli_common import Result, add_common_args, add_data_args
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import check_not_input
+from llmcourse.core.lab import add_parser
 from llmcourse.core.progress import progress
 
 MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, offline), a local Hugging Face folder (safetensors), "
@@ -162,11 +163,22 @@ def cmd_imatrix(args: argparse.Namespace) -> Result:
 
 # ---------------------------------------------------------------------------------------------
 
+EXAMPLES = {
+    "convert gguf": "examples:\n  llmcourse convert gguf --model default --dtype f16 --out out/smollm2-f16.gguf",
+    "quantize gguf": "examples:\n  llmcourse quantize gguf --model out/smollm2-f32.gguf --type Q4_K_M,Q8_0 --out out/gguf\n"
+                     "  llmcourse quantize gguf --model default --type Q4_K_M --imatrix out/imatrix.gguf --out out/gguf",
+    "imatrix": "examples:\n  llmcourse imatrix --model default --out out/imatrix.gguf\n"
+               "  llmcourse imatrix --model default --data notes.txt --chunks 16 --chunk-size 256 --out out/im.gguf",
+}
+
+
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     from llmcourse.quant.gguf.presets import PRESETS
 
-    pc = groups["convert"].add_parser(
-        "gguf", help="Hugging Face model -> GGUF file (f32/f16/bf16), as llama.cpp's convert_hf_to_gguf.py",
+    from llmcourse.quant.gguf import LAB
+
+    pc = add_parser(
+        sub, groups, LAB, "convert gguf", epilog=EXAMPLES["convert gguf"],
         description="Write --model as a GGUF file llama.cpp runs: tensor names, the q/k permutation, "
         "hyperparameters, tokenizer and chat template as llama.cpp's converter writes them. Llama family and Qwen2.")
     _add_model(pc)
@@ -180,8 +192,8 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_common_args(pc)
     pc.set_defaults(func=cmd_convert_gguf)
 
-    pq = groups["quantize"].add_parser(
-        "gguf", help="quantize to GGUF with llama.cpp's presets (Q4_K_M, Q8_0, ...), one file per type",
+    pq = add_parser(
+        sub, groups, LAB, "quantize gguf", epilog=EXAMPLES["quantize gguf"],
         description="Quantize --model (a GGUF file, or any model: converted to F32 first) with llama.cpp's "
         "per-tensor rules, byte for byte what llama-quantize writes from the same F32 file.")
     _add_model(pq, gguf_ok="; from an F32/F16/BF16 .gguf the files are llama.cpp's exact bytes")
@@ -201,8 +213,8 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_common_args(pq)
     pq.set_defaults(func=cmd_quantize_gguf)
 
-    pi = sub.add_parser(
-        "imatrix", help="importance matrix (mean squared activations per column) for --imatrix",
+    pi = add_parser(
+        sub, groups, LAB, "imatrix", epilog=EXAMPLES["imatrix"],
         description="Run the model over calibration windows with forward hooks and write llama.cpp's importance "
         "matrix (GGUF by default, or the legacy .dat), which `quantize gguf --imatrix` and llama-quantize read.")
     _add_model(pi)

@@ -71,7 +71,7 @@ def section(ctx: Any) -> Any:
     from llmcourse.core.data import load_text, tokenize_stream
     from llmcourse.quant.gguf.convert import from_hf
     from llmcourse.quant.gguf.presets import load_weights, quantize_gguf
-    from llmcourse.tour import TourSection, html_table
+    from llmcourse.core.report import TourSection, html_table
 
     lm = ctx.lm
     presets = QUICK_PRESETS if ctx.quick else FULL_PRESETS

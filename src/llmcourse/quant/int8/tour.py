@@ -21,7 +21,7 @@ import torch
 
 from llmcourse.core.data import load_text, tokenize_stream
 from llmcourse.core.evaluate import compare, perplexity
-from llmcourse.quant.int8 import (
+from llmcourse.quant.int8.model import (
     Int8Config,
     fake_quantize,
     linear_weight_bytes,
@@ -91,7 +91,7 @@ def measure(lm: Any, cfg: Int8Config | None, ids: torch.Tensor, ppl_tokens: int,
 
 
 def _all_linear_weights(model: Any) -> list[torch.Tensor]:
-    from llmcourse.quant.int8 import _is_linear, _linear_weight
+    from llmcourse.quant.int8.model import _is_linear, _linear_weight
 
     seen, out = set(), []
     for m in model.modules():
@@ -137,7 +137,7 @@ def plot_histograms(model: Any, out_dir: Path, quick: bool, llm_int8_model: Any 
     plt.close(fig)
     files.append("int8_hist_absmax_zeropoint.png")
     if llm_int8_model is not None:
-        from llmcourse.quant.llm_int8 import LLMInt8Linear
+        from llmcourse.quant.int8.llm_int8 import LLMInt8Linear
 
         seen, uniq = set(), []
         for m in llm_int8_model.modules():
@@ -163,7 +163,7 @@ def plot_histograms(model: Any, out_dir: Path, quick: bool, llm_int8_model: Any 
 
 def section(ctx: Any) -> Any:
     """The 8-bit section of the tour (full mode about 90 s on 2 cores; quick mode < 20 s)."""
-    from llmcourse.tour import TourSection, html_table
+    from llmcourse.core.report import TourSection, html_table
 
     lm = ctx.lm
     quick = ctx.quick

@@ -10,8 +10,9 @@ from pathlib import Path
 from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs, positive_int
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input
+from llmcourse.core.lab import add_parser
 from llmcourse.core.models import load_model
-from llmcourse.quant.int8 import (
+from llmcourse.quant.int8.model import (
     GRANULARITIES,
     METHODS,
     Int8Config,
@@ -63,9 +64,16 @@ def cmd_quantize_int8(args: argparse.Namespace) -> Result:
     return Result(data, text)
 
 
+EXAMPLES = ("examples:\n  llmcourse quantize int8 --model default --out out/int8\n"
+            "  llmcourse quantize int8 --method llm.int8 --threshold 6 --model default --out out/llm-int8\n"
+            "  llmcourse quantize int8 --method zeropoint --granularity group --group-size 64 --out out/zp")
+
+
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
-    p = groups["quantize"].add_parser(
-        "int8", help="8-bit quantization: absmax, zero-point or LLM.int8() -> a folder that reloads",
+    from llmcourse.quant.int8 import LAB
+
+    p = add_parser(
+        sub, groups, LAB, "quantize int8", epilog=EXAMPLES,
         description="Quantize every linear layer (and the input embedding, shared with a tied head) of --model to "
         "int8 and write --out: model.safetensors (int8 codes + fp32 scales, no pickle), config, tokenizer and "
         "llmcourse.json naming the scheme. `llmcourse eval perplexity|compare --model OUT` and "

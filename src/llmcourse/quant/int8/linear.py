@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from llmcourse.quant.int8 import QuantizedTensor
+    from llmcourse.quant.int8.model import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class Int8Linear(nn.Module):
     the activations (fp32 or bf16).
     """
 
+    weight_buffers = ("qweight",)  # counted as weights by LoadedModel.n_params
+
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.out_features, self.in_features = qt.q.shape
@@ -113,7 +115,7 @@ class Int8Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The de-quantized (out, in) weight ``(q - z) / s``."""
-        from llmcourse.quant.int8 import QuantizedTensor
+        from llmcourse.quant.int8.model import QuantizedTensor
 
         qt = QuantizedTensor(self.qweight, self.scale, self.zero, self.granularity, self.group_size)
         return qt.dequantize(dtype or self.compute_dtype)
@@ -156,6 +158,8 @@ class Int8Embedding(nn.Module):
     LLM.int8() linear) holds the very same ``qweight`` / ``scale`` tensors.
     """
 
+    weight_buffers = ("qweight",)  # counted as weights by LoadedModel.n_params
+
     def __init__(self, qt: QuantizedTensor, padding_idx: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim = qt.q.shape
@@ -173,7 +177,7 @@ class Int8Embedding(nn.Module):
         return self.forward(torch.arange(self.num_embeddings))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        from llmcourse.quant.int8 import expand_stat
+        from llmcourse.quant.int8.model import expand_stat
 
         flat = ids.reshape(-1)
         rows = self.qweight[flat].float()  # (n, dim)

@@ -21,7 +21,7 @@ returns the constant within ``1 / (2 s)``.
 Unlike the notebook, which writes the de-quantized values back into fp32 tensors (so nothing
 gets smaller), :func:`quantize_model` swaps every ``nn.Linear`` (and GPT-2's ``Conv1D``) and the
 input embedding for modules that *store* the int8 codes and scales
-(:mod:`llmcourse.quant.int8_linear`, or :mod:`llmcourse.quant.llm_int8` for LLM.int8());
+(:mod:`llmcourse.quant.int8.linear`, or :mod:`llmcourse.quant.int8.llm_int8` for LLM.int8());
 :func:`save_quantized` writes them as safetensors with ``llmcourse.json`` naming the scheme, and
 :func:`load_quantized` (called by ``core.models.load_model`` for such folders) reads them back.
 """
@@ -241,10 +241,10 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _make_linear(cfg: Int8Config, qt: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
     if cfg.method == "llm.int8":
-        from llmcourse.quant.llm_int8 import LLMInt8Linear
+        from llmcourse.quant.int8.llm_int8 import LLMInt8Linear
 
         return LLMInt8Linear(qt, bias, threshold=cfg.threshold, dtype=dtype)
-    from llmcourse.quant.int8_linear import Int8Linear
+    from llmcourse.quant.int8.linear import Int8Linear
 
     return Int8Linear(qt, bias, dtype=dtype)
 
@@ -269,7 +269,7 @@ def quantize_model(model: nn.Module, cfg: Int8Config) -> dict[str, Any]:
     sharing one int8 tensor), ``fp32_bytes`` and ``int8_bytes`` of the replaced weights and
     ``errors`` (per module mean |W - W'| / mean |W|).
     """
-    from llmcourse.quant.int8_linear import Int8Embedding
+    from llmcourse.quant.int8.linear import Int8Embedding
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     emb_name, head_name = _tied_head(model)
@@ -306,7 +306,7 @@ def quantize_model(model: nn.Module, cfg: Int8Config) -> dict[str, Any]:
         if cfg.method == "llm.int8" and name == head_name_any:
             # As transformers + bitsandbytes keep the output head out of the int8 matmul, its
             # activations stay in floating point; its weight is stored int8 (weight-only).
-            from llmcourse.quant.int8_linear import Int8Linear
+            from llmcourse.quant.int8.linear import Int8Linear
 
             _set_module(model, name, Int8Linear(qt, bias, dtype=dtype))
             report["modules"][name] = "weight_only"
@@ -321,8 +321,8 @@ def quantize_model(model: nn.Module, cfg: Int8Config) -> dict[str, Any]:
 
 def linear_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes held by the linear / embedding weights of ``model`` (quantized or not), counted once each."""
-    from llmcourse.quant.int8_linear import Int8Embedding, Int8Linear
-    from llmcourse.quant.llm_int8 import LLMInt8Linear
+    from llmcourse.quant.int8.linear import Int8Embedding, Int8Linear
+    from llmcourse.quant.int8.llm_int8 import LLMInt8Linear
 
     seen: set[int] = set()
     total = 0
@@ -402,7 +402,7 @@ def load_quantized(path: str | Path, dtype: str = "fp32") -> Any:
     from transformers.initialization import no_init_weights
 
     from llmcourse.core.models import DTYPES, LoadedModel
-    from llmcourse.quant.int8_linear import Int8Embedding, Int8Linear
+    from llmcourse.quant.int8.linear import Int8Embedding, Int8Linear
 
     path = Path(path)
     if dtype not in DTYPES:

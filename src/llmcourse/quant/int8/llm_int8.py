@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:
-    from llmcourse.quant.int8 import QuantizedTensor
+    from llmcourse.quant.int8.model import QuantizedTensor
 
 INV_127_SQ = 1.0 / (127.0 * 127.0)
 
@@ -85,6 +85,8 @@ class LLMInt8Linear(nn.Module):
     ``last_outliers`` keeps the outlier columns of the latest call (for plots and tests).
     """
 
+    weight_buffers = ("qweight",)  # counted as weights by LoadedModel.n_params
+
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, threshold: float = 6.0,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -124,7 +126,7 @@ def quantize_llm_int8(model: nn.Module, threshold: float = 6.0, skip: list[str] 
     The input embedding is stored as absmax-per-row int8 too (shared with a tied head). Returns
     the report of :func:`llmcourse.quant.int8.quantize_model`.
     """
-    from llmcourse.quant.int8 import Int8Config, quantize_model
+    from llmcourse.quant.int8.model import Int8Config, quantize_model
 
     return quantize_model(model, Int8Config(method="llm.int8", granularity="row", threshold=threshold,
                                             skip=list(skip or [])))

@@ -1,0 +1,114 @@
+"""What a lab declares (:class:`Lab`) and the helpers the CLI, the tour and ``load_model`` use with it.
+
+Each lab package declares one :class:`Lab` named ``LAB`` in its ``__init__`` (kept light: no torch,
+no optional packages at import time). The table of labs is ``llmcourse/labs.py``, outside core:
+core never names a lab. The table registers each lab's folder formats here
+(:func:`register_formats`) when the ``llmcourse`` package is imported, and
+:func:`llmcourse.core.models.load_model` looks them up with :func:`folder_loader`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmcourse.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class Lab:
+    """What a lab contributes, declared in its package's ``__init__``.
+
+    ``commands`` maps each command (``"generate"``, or ``"quantize int8"`` inside a group) to its
+    one-line help; ``commands_module`` has ``register(sub, groups)`` that builds their parsers (it is
+    imported only when one of them is used). ``tour`` is ``"module:function"`` of the tour section,
+    ``formats`` maps a ``llmcourse.json`` format name to ``"module:function"`` of its loader
+    ``(path, dtype) -> LoadedModel``, and ``requires`` maps the optional packages (import names) the
+    lab needs to the command that installs them.
+    """
+
+    name: str
+    title: str
+    commands: dict[str, str] = field(default_factory=dict)
+    commands_module: str | None = None
+    tour: str | None = None
+    formats: dict[str, str] = field(default_factory=dict)
+    requires: dict[str, str] = field(default_factory=dict)
+
+
+def resolve(ref: str) -> Any:
+    """``"module:attribute"`` -> the attribute (importing the module)."""
+    mod_name, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(mod_name), attr)
+
+
+def missing_dependency(lab: Lab, exc: ModuleNotFoundError) -> UserError:
+    """The one-line error for a lab whose optional package is not installed."""
+    name = (exc.name or "").split(".")[0]
+    hint = lab.requires.get(name) or f"pip install {name}"
+    return UserError(f"the {lab.name} lab needs the package {name!r}, which is not installed", f"run `{hint}`")
+
+
+def import_lab_module(lab: Lab, module: str) -> Any:
+    """Import one of ``lab``'s modules; a missing third-party package becomes a one-line UserError."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and not e.name.startswith("llmcourse"):
+            raise missing_dependency(lab, e) from e
+        raise
+
+
+_FORMATS: dict[str, tuple[Lab, str]] = {}  # llmcourse.json format -> (lab, "module:function")
+
+
+def register_formats(lab: Lab) -> None:
+    """Make ``lab``'s folder formats loadable by :func:`folder_loader` (done by the lab table)."""
+    for fmt, ref in lab.formats.items():
+        _FORMATS[fmt] = (lab, ref)
+
+
+def folder_loader(fmt: str) -> Callable[..., Any]:
+    """The loader ``(path, dtype) -> LoadedModel`` of a ``llmcourse.json`` folder format."""
+    if fmt not in _FORMATS:
+        raise UserError(f"unknown llmcourse folder format {fmt!r}", f"known formats: {', '.join(sorted(_FORMATS))}; "
+                        "re-create the folder with this version of llmcourse")
+    lab, ref = _FORMATS[fmt]
+    mod_name, _, fn = ref.partition(":")
+    return getattr(import_lab_module(lab, mod_name), fn)
+
+
+def add_parser(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction], lab: Lab,
+               command: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """Add ``command``'s parser (top level, or in its group) with the help declared in ``lab``.
+
+    ``epilog`` holds examples; it is shown verbatim after the options in ``--help``.
+    """
+    group, _, kind = command.partition(" ")
+    target, name = (groups[group], kind) if kind else (sub, group)
+    return target.add_parser(name, help=lab.commands[command], description=description, epilog=epilog,
+                             formatter_class=HelpFormatter)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, plus: every option's help ends with its default (unless it already
+    names one), and indented lines of a description or epilog (examples) are kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text.lower() or action.default in (None, False, [])
+                or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for para in text.split("\n\n"):
+            if para.startswith((" ", "\n")) or "\n " in para:
+                out.append("\n".join(indent + line for line in para.splitlines()))
+            else:
+                out.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(out)

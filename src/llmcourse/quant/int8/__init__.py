@@ -1,0 +1,40 @@
+"""Lab 5: 8-bit quantization — absmax and zero-point (per tensor, row or group), LLM.int8(), weight-only int8.
+
+Public API (imported lazily, so that declaring the lab costs nothing)::
+
+    from llmcourse.quant.int8 import Int8Config, quantize_model, save_quantized, load_quantized
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from llmcourse.core.lab import Lab
+
+LAB = Lab(
+    name="int8",
+    title="8-bit quantization",
+    commands={"quantize int8": "8-bit quantization: absmax, zero-point or LLM.int8() -> a folder that reloads"},
+    commands_module="llmcourse.quant.int8.commands",
+    tour="llmcourse.quant.int8.tour:section",
+    formats={"int8": "llmcourse.quant.int8.model:load_quantized"},
+)
+
+_PUBLIC = {
+    "model": ("Int8Config", "QuantizedTensor", "absmax_quantize", "zeropoint_quantize", "quantize_tensor",
+              "fake_quantize", "expand_stat", "quantize_model", "save_quantized", "load_quantized",
+              "linear_weight_bytes", "model_bytes", "METHODS", "GRANULARITIES"),
+    "linear": ("Int8Linear", "Int8Embedding"),
+    "llm_int8": ("LLMInt8Linear", "llm_int8_matmul", "quantize_llm_int8"),
+}
+_WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["LAB", *_WHERE]
