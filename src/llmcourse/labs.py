@@ -13,8 +13,11 @@ A listed package that is not installed (a trimmed build) is skipped.
 from __future__ import annotations
 
 import importlib
+import logging
 
 from llmcourse.core.lab import Lab, register_formats
+
+log = logging.getLogger(__name__)
 
 LAB_PACKAGES: list[str] = [
     "llmcourse.core",
@@ -41,11 +44,16 @@ def labs() -> list[Lab]:
     out = []
     for pkg in LAB_PACKAGES:
         try:
-            out.append(importlib.import_module(pkg).LAB)
+            mod = importlib.import_module(pkg)
         except ModuleNotFoundError as e:
             if e.name and pkg.startswith(e.name):
                 continue  # this lab is not in this build
             raise
+        lab = getattr(mod, "LAB", None)
+        if lab is None:
+            log.warning("%s is listed in the lab table but declares no LAB; skipped", pkg)
+            continue
+        out.append(lab)
     return out
 
 

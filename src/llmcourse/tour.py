@@ -21,8 +21,8 @@ from llmcourse.core.cli_common import Result, add_common_args
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, write_json, write_text
 from llmcourse.core.lab import Lab, add_parser, import_lab_module
-from llmcourse.labs import tour_sections
 from llmcourse.core.report import TourContext, TourSection, html_table
+from llmcourse.labs import tour_sections
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,10 @@ def test_fast_logits_match_transformers(default_lm) -> None:
         ref = model(ids).logits[0].float()
     fast = prepare(model)
     t = ids.shape[1]
-    got = [fast.prefill(ids[:, :4], t + 1)[0]]
+    session = fast.session(1, t + 1)
+    got = [session.prefill(ids[:, :4])[0]]
     for i in range(4, t):
-        got.append(fast.step(ids[:, i])[0])
+        got.append(session.step(ids[:, i])[0])
     torch.testing.assert_close(torch.stack(got), ref[3:], rtol=0, atol=1e-4)
 
 
@@ -71,7 +72,8 @@ def test_compiled_step_logits_match(default_lm) -> None:
         ref = model(ids).logits[0].float()
     fast = FastLlama(model, matvec="compiled")
     t = ids.shape[1]
-    got = [fast.prefill(ids[:, :2], t)[0]]
+    session = fast.session(1, t)
+    got = [session.prefill(ids[:, :2])[0]]
     for i in range(2, t):
-        got.append(fast.step(ids[:, i])[0])
+        got.append(session.step(ids[:, i])[0])
     torch.testing.assert_close(torch.stack(got), ref[1:], rtol=0, atol=1e-4)

@@ -15,9 +15,11 @@ pytestmark = pytest.mark.skipif(not fl.can_compile(), reason="no C++ compiler fo
 def _stepped_logits(fast: FastLlama, ids: torch.Tensor, first: int = 2) -> torch.Tensor:
     """Prefill ``first`` tokens, then one step per token: logits at every position from first-1 on (B, T', V)."""
     t = ids.shape[1]
-    got = [fast.prefill(ids[:, :first], t)]
+    session = fast.session(ids.shape[0], t)
+    got = [session.prefill(ids[:, :first])]
     for i in range(first, t):
-        got.append(fast.step(ids[:, i]))
+        got.append(session.step(ids[:, i]))
+    fast.last_session = session  # for the capacity check
     return torch.stack(got, dim=1)
 
 
@@ -38,7 +40,8 @@ def test_compiled_step_logits_match_transformers(arch: str, overrides: dict, row
     with torch.inference_mode():
         got = _stepped_logits(fast, ids)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
-    assert fast.capacity % fl.CAPACITY_STEP == 0 and fast.capacity >= 9
+    cap = fast.last_session.capacity
+    assert cap % fl.CAPACITY_STEP == 0 and cap >= 9
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -117,10 +120,11 @@ def test_warmup_leaves_the_cache_alone() -> None:
     fast = FastLlama(model, matvec="compiled")
     ids = torch.tensor([[4, 5, 6]])
     with torch.inference_mode():
-        first = fast.prefill(ids, 10)
+        session = fast.session(1, 10)
+        first = session.prefill(ids)
         fast.warmup(4, 100)  # another shape, compiled on scratch caches
-        assert fast.pos == 3 and fast.capacity == fl.CAPACITY_STEP and fast.k_cache[0].shape[0] == 1
-        nxt = fast.step(first.argmax(-1))
+        assert session.pos == 3 and session.capacity == fl.CAPACITY_STEP and session.k_cache[0].shape[0] == 1
+        nxt = session.step(first.argmax(-1))
     with torch.no_grad():
         ref = model(torch.cat([ids, first.argmax(-1)[:, None]], dim=1)).logits[:, -1]
     torch.testing.assert_close(nxt, ref, rtol=0, atol=1e-4)

@@ -71,3 +71,61 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "trust_pickle": getattr(args, "trust_pickle", False),
         "trust_remote_code": getattr(args, "trust_remote_code", False),
     }
+
+
+# --- options declared once: CLI flags generated from a config dataclass -------------------------
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A dataclass field that is also a CLI option: ``help`` is its ``--help`` text; ``cli`` may set
+    ``flag`` (default ``--field-name``), ``choices``, ``type``, ``metavar``, ``action`` ("append"
+    for a tuple of strings). The default lives here only; the CLI shows it."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def _field_type(f: Any) -> Any:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    t = t.replace(" ", "")
+    if t.startswith("int"):
+        return int
+    if t.startswith("float"):
+        return float
+    return str
+
+
+def add_config_args(p: Any, cls: type, defaults: dict[str, Any] | None = None,
+                    exclude: tuple[str, ...] = ()) -> None:
+    """Add one option per field of dataclass ``cls`` that carries ``help`` metadata (see :func:`option`).
+
+    ``defaults`` overrides a field's default for this command (e.g. ``chat`` generates 256 tokens)."""
+    import dataclasses
+
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        if "help" not in meta or f.name in exclude:
+            continue
+        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+        kw: dict[str, Any] = {"dest": f.name, "help": meta.pop("help")}
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        action = meta.pop("action", None)
+        if action == "append":
+            kw.update(action="append", default=list(default or []))
+        elif isinstance(default, bool) and "type" not in meta:
+            kw.update(action="store_true" if not default else "store_false", default=default)
+        else:
+            kw.update(type=meta.pop("type", _field_type(f)), default=default)
+        kw.update(meta)
+        p.add_argument(flag, **kw)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """Build ``cls`` from the parsed options that :func:`add_config_args` added (plus ``extra``)."""
+    import dataclasses
+
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if "help" in f.metadata
+          and hasattr(args, f.name)}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("action") == "append" and f.name in kw:
+            kw[f.name] = tuple(kw[f.name] or ())
+    kw.update(extra)
+    return cls(**kw)

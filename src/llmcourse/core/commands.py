@@ -74,8 +74,10 @@ def cmd_convert_hf(args: argparse.Namespace) -> Result:
     check_not_input(out, [args.model if args.model != "default" else None])
     t0 = time.perf_counter()
     lm = load_model(args.model, **model_kwargs(args))
+    # a lab's quantized model (its modules are not nn.Linear) offers a plain de-quantized copy
+    model = lm.info["dequantize"]() if callable(lm.info.get("dequantize")) else lm.model
     with atomic_dir(out) as tmp:
-        save_hf(lm.model, lm.tokenizer, tmp)
+        save_hf(model, lm.tokenizer, tmp)
     n_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     data = {"model": args.model, "out": str(out), "dtype": args.dtype, "bytes": n_bytes,
             "seconds": time.perf_counter() - t0}

@@ -11,81 +11,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs
+from llmcourse.core.cli_common import (
+    Result,
+    add_common_args,
+    add_config_args,
+    add_model_args,
+    config_from_args,
+    model_kwargs,
+)
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import check_not_input
 from llmcourse.core.lab import add_parser
-from llmcourse.decoding.engine import (
-    BACKENDS,
-    STRATEGIES,
-    GenerationConfig,
-    GenerationOutput,
-    chat_prompt_ids,
-    generate,
-    parse_early_stopping,
-)
-from llmcourse.decoding.samplers import CHAINS
+from llmcourse.decoding.engine import GenerationConfig, GenerationOutput, chat_prompt_ids, generate
 
 
 def _add_generation_args(p: argparse.ArgumentParser, default_strategy: str, default_tokens: int) -> None:
-    d = GenerationConfig()
+    """Every field of :class:`GenerationConfig` (and its sampler settings) as a flag, declared there once."""
     g = p.add_argument_group("decoding")
-    g.add_argument("--strategy", choices=STRATEGIES, default=default_strategy,
-                   help="greedy (argmax), beam (beam search) or sample (with the sampler chain). Default: %(default)s")
-    g.add_argument("--max-new-tokens", type=int, default=default_tokens,
-                   help="most tokens to generate. Default: %(default)s")
-    g.add_argument("--num-beams", type=int, default=d.num_beams, help="beams for --strategy beam. Default: %(default)s")
-    g.add_argument("--length-penalty", type=float, default=d.length_penalty,
-                   help="beam score = sum log p / length^X (0: no normalisation). Default: %(default)s")
-    g.add_argument("--early-stopping", type=parse_early_stopping, default=d.early_stopping, metavar="true|false|never",
-                   help="beam search stop rule, as transformers: true = stop when num-beams hypotheses are "
-                   "finished; false = heuristic; never = exact bound. Default: false")
-    g.add_argument("--num-return-sequences", type=int, default=1,
-                   help="sequences to return (beam: the best R of the beams; sample: R independent samples)")
-    g.add_argument("--temperature", type=float, default=d.temperature,
-                   help="divide logits by T before sampling (< 1 sharper, > 1 flatter). Default: %(default)s")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="keep the K most likely tokens (0: off). "
-                   "Default: %(default)s")
-    g.add_argument("--top-p", type=float, default=d.top_p,
-                   help="nucleus: keep the most likely tokens up to cumulative probability P. Default: %(default)s")
-    g.add_argument("--min-p", type=float, default=d.min_p,
-                   help="keep tokens with probability >= P x the top token's (0: off). Default: %(default)s")
-    g.add_argument("--typical-p", type=float, default=d.typical_p,
-                   help="locally typical sampling mass (1: off). Default: %(default)s")
-    g.add_argument("--epsilon", type=float, default=d.epsilon,
-                   help="epsilon sampling: drop tokens with probability < E (0: off). Default: %(default)s")
-    g.add_argument("--eta", type=float, default=d.eta,
-                   help="eta sampling: entropy-dependent cut-off (0: off). Default: %(default)s")
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                   help="CTRL penalty on tokens already in the context (1: off). Default: %(default)s")
-    g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
-                   help="subtract X x (count of the token in the window) from its logit. Default: %(default)s")
-    g.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
-                   help="subtract X from the logit of every token in the window. Default: %(default)s")
-    g.add_argument("--penalty-last-n", type=int, default=d.penalty_last_n,
-                   help="penalty window in tokens (0: the whole context; llama.cpp uses 64). Default: %(default)s")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=d.no_repeat_ngram_size,
-                   help="never repeat an n-gram of this size (0: off). Default: %(default)s")
-    g.add_argument("--chain", choices=list(CHAINS), default=d.chain,
-                   help="sampler order: hf (transformers: temperature first) or llama.cpp (penalties, top-k, "
-                   "typical, top-p, min-p, temperature last). Default: %(default)s")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: not fixed)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text appears (repeatable); the text is cut before it")
-    g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="fast (our Llama forward), hf (the model's own module) or auto. Default: %(default)s")
+    add_config_args(g, GenerationConfig, defaults={"strategy": default_strategy, "max_new_tokens": default_tokens})
 
 
 def _config(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(
-        strategy=args.strategy, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        length_penalty=args.length_penalty, early_stopping=args.early_stopping,
-        num_return_sequences=args.num_return_sequences, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p, epsilon=args.epsilon, eta=args.eta,
-        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-        presence_penalty=args.presence_penalty, penalty_last_n=args.penalty_last_n,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, chain=args.chain, seed=args.seed, stop=tuple(args.stop),
-        backend=args.backend)
+    return config_from_args(GenerationConfig, args)
 
 
 def _check_tree_path(args: argparse.Namespace) -> Path | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -34,10 +35,11 @@ from typing import Any
 
 import torch
 
+from llmcourse.core.cli_common import option
 from llmcourse.core.errors import UserError
 from llmcourse.decoding import samplers
 from llmcourse.decoding.beam import BeamRecorder, beam_search
-from llmcourse.decoding.fast_llama import FastLlama, auto_matvec, supports
+from llmcourse.decoding.fast_llama import DecodeSession, FastLlama, auto_matvec, supports
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +70,27 @@ class GenerationConfig(samplers.SamplerSettings):
     inherited; ``top_k`` defaults to 0, off (transformers' GenerationConfig defaults to 50, llama.cpp to 40).
     """
 
-    strategy: str = "greedy"
-    max_new_tokens: int = 32
-    num_beams: int = 4
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False
-    num_return_sequences: int = 1
-    chain: str = "hf"
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    strategy: str = option("greedy", "greedy (argmax), beam (beam search) or sample (with the sampler chain). "
+                           "Default: %(default)s", choices=STRATEGIES)
+    max_new_tokens: int = option(32, "most tokens to generate. Default: %(default)s")
+    num_beams: int = option(4, "beams for --strategy beam. Default: %(default)s")
+    length_penalty: float = option(1.0, "beam score = sum log p / length^X (0: no normalisation). "
+                                   "Default: %(default)s")
+    early_stopping: bool | str = option(False, "beam search stop rule, as transformers: true = stop when "
+                                        "num-beams hypotheses are finished; false = heuristic; never = exact "
+                                        "bound. Default: false", type=parse_early_stopping,
+                                        metavar="true|false|never")
+    num_return_sequences: int = option(1, "sequences to return (beam: the best R of the beams; sample: R "
+                                       "independent samples). Default: %(default)s")
+    chain: str = option("hf", "sampler order: hf (transformers: temperature first) or llama.cpp (penalties, "
+                        "top-k, typical, top-p, min-p, temperature last). Default: %(default)s",
+                        choices=list(samplers.CHAINS))
+    seed: int | None = option(None, "random seed for sampling (default: not fixed)")
+    stop: tuple[str, ...] = option((), "stop when this text appears (repeatable); the text is cut before it "
+                                   "(default: none)", action="append", metavar="TEXT")
     eos_token_ids: tuple[int, ...] | None = None  # None: the model's generation config
-    backend: str = "auto"
+    backend: str = option("auto", "fast (our Llama forward), hf (the model's own module) or auto. "
+                          "Default: %(default)s", choices=BACKENDS)
 
     def __post_init__(self) -> None:
         def bad(flag: str, value: Any, want: str) -> UserError:
@@ -212,25 +224,31 @@ class HFDecoder:
 
 
 class FastDecoder:
-    """:class:`FastLlama` behind the decoder interface (one prompt row, expanded for beams)."""
+    """:class:`FastLlama` behind the decoder interface (one prompt row, expanded for beams).
+
+    The weights (``fast``) are shared by every decoder of a model; each :meth:`start` opens a new
+    :class:`~llmcourse.decoding.fast_llama.DecodeSession`, so this decoder's state is its own.
+    """
 
     name = "fast"
 
     def __init__(self, fast: FastLlama) -> None:
         self.fast = fast
+        self.session: DecodeSession | None = None
 
     def start(self, ids: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:
-        logits = self.fast.prefill(ids, capacity)
+        self.session = self.fast.session(ids.shape[0], capacity)
+        logits = self.session.prefill(ids)
         if rows > 1:
-            self.fast.expand(rows)
+            self.session.expand(rows)
             logits = logits.expand(rows, -1)
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fast.step(tokens)
+        return self.session.step(tokens)
 
     def reorder(self, rows: torch.Tensor) -> None:
-        self.fast.reorder(rows)
+        self.session.reorder(rows)
 
     def warmup(self, rows: int, capacity: int) -> None:
         self.fast.warmup(rows, capacity)
@@ -246,6 +264,9 @@ def _signature(model: Any) -> tuple:
                  for m in model.modules())
 
 
+_FAST_LOCK = threading.Lock()
+
+
 def prepare(model: Any, matvec: str = "auto") -> FastLlama:
     """The :class:`FastLlama` of ``model`` (built once per step path, reused while the model is unchanged).
 
@@ -256,13 +277,14 @@ def prepare(model: Any, matvec: str = "auto") -> FastLlama:
     if matvec == "auto":
         matvec = auto_matvec(model)
     sig = _signature(model)
-    cached = _FAST.setdefault(model, {})
-    hit = cached.get(matvec)
-    if hit is not None and hit[0] == sig:
-        return hit[1]
-    fast = FastLlama(model, matvec=matvec)
-    cached[matvec] = (sig, fast)
-    return fast
+    with _FAST_LOCK:  # two threads preparing one model build it once
+        cached = _FAST.setdefault(model, {})
+        hit = cached.get(matvec)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        fast = FastLlama(model, matvec=matvec)
+        cached[matvec] = (sig, fast)
+        return fast
 
 
 def _compiled_ready(model: Any) -> bool:

@@ -26,10 +26,15 @@ Two ways to run a decode step (one new token per row), chosen by ``matvec``:
 Prompts (prefill) always run eagerly: many rows make the products compute-bound, where
 ``F.linear``'s GEMM is the right tool.
 
-Plug-in rule (for the 8-bit lab): a projection is either a plain ``nn.Linear`` or a module
-whose ``decode_parts()`` returns ``(int8 codes, 1/scale, zero, bias)``; the compiled step then
-de-quantizes inside its loads, reading one byte per weight. Any other module (e.g. LLM.int8())
-is called as ``module(x)`` on the ``mm`` path, so a model whose linears were swapped still runs here.
+Weights are shared, state is per call: a :class:`FastLlama` holds only the model's tensors (read,
+never written); each generation opens its own :class:`DecodeSession` (KV cache, position), so
+several generations may run on one model at once, from several threads.
+
+Plug-in rule (:class:`DecodePlugin`, for the quantization labs): a projection is either a plain
+``nn.Linear`` or a module whose ``decode_parts()`` returns :data:`Parts` ``(codes, scale, zero, bias)``;
+the compiled step then de-quantizes inside its loads, reading one byte per weight. Any other module
+(e.g. LLM.int8()) is called as ``module(x)`` on the ``mm`` path, so a model whose linears were
+swapped still runs here.
 
 Supported: ``model_type`` in :data:`SUPPORTED` (Llama, Qwen2 — q/k/v biases are handled; Mistral
 without a sliding window). Logits match transformers within 1e-4 absolute in fp32 on both paths
@@ -41,8 +46,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -120,19 +126,45 @@ def rows_dot(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return part.permute(1, 0, 2).reshape(b, o)
 
 
-Parts = tuple  # (weight (O, I), inv_scale (O, 1) | None, zero (O, 1) | None, bias (O,) | None)
+Parts = tuple
+"""What the compiled step reads of one projection: ``(weight, scale, zero, bias)``.
+
+* a float layer: ``(W (O, I), None, None, bias (O,) | None)``;
+* integer codes with one scale per output row: ``(q (O, I) int8/uint8, 1/s (O, 1), z (O, 1) | None, bias)``,
+  ``W = (q - z) / s`` (the 8-bit lab's weight-only int8);
+* integer codes with a scale per group of ``I / G`` consecutive inputs: ``(q (O, I), scale (O, G),
+  zero (O, G) | None, bias)`` with G > 1, ``W[o, i] = (q[o, i] - zero[o, g]) * scale[o, g]``,
+  ``g = i // (I / G)`` (4-bit GPTQ, codes unpacked to one byte each).
+"""
+
+
+@runtime_checkable
+class DecodePlugin(Protocol):
+    """A module that replaces an ``nn.Linear`` and offers its weights to the compiled decode step."""
+
+    def decode_parts(self) -> Parts | None:
+        """The :data:`Parts` of this projection, or None to be called as ``module(x)`` on the eager path."""
+        ...
 
 
 def project(parts: Parts, x: torch.Tensor) -> torch.Tensor:
-    """``x W^T + b`` for one projection's parts. Float weights are used as they are; int8 codes
-    (the 8-bit lab's weight-only int8) are de-quantized inside the product's loads,
-    ``y_o = (sum_i (q_oi - z_o) x_i) / s_o``, so one byte per weight is read from memory."""
-    w, inv_scale, zero, bias = parts
-    if inv_scale is not None:
+    """``x W^T + b`` for one projection's parts (:data:`Parts`). Float weights are used as they are;
+    integer codes are de-quantized inside the product's loads, ``y_o = (sum_i (q_oi - z_o) x_i) / s_o``
+    for per-row scales, so one byte per weight is read from memory."""
+    w, scale, zero, bias = parts
+    if scale is not None and scale.shape[-1] > 1:  # per-group scales: de-quantize inside the loads
+        o, i = w.shape
+        g = scale.shape[-1]
+        wq = w.to(x.dtype).view(o, g, i // g)
+        if zero is not None:
+            wq = wq - zero.unsqueeze(-1)
+        w = (wq * scale.unsqueeze(-1)).view(o, i)
+        scale = None
+    elif scale is not None:
         w = w.to(x.dtype) if zero is None else w.to(x.dtype) - zero
     y = rows_dot(w, x)
-    if inv_scale is not None:
-        y = y * inv_scale.view(1, -1)
+    if scale is not None:
+        y = y * scale.view(1, -1)
     return y if bias is None else y + bias
 
 
@@ -210,12 +242,71 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class DecodeSession:
+    """One generation's state on a :class:`FastLlama`: its static KV cache and position.
+
+    ``session = fast.session(rows, capacity)``, then :meth:`prefill` once with the prompt and
+    :meth:`step` per new token; :meth:`expand` and :meth:`reorder` serve beam search. Sessions
+    never share tensors, so concurrent sessions on one model do not interfere.
+    """
+
+    def __init__(self, fast: FastLlama, batch: int, capacity: int) -> None:
+        self.fast = fast
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.pos = 0
+        self.capacity = 0
+        self.reset(batch, capacity)
+
+    @torch.inference_mode()  # cache tensors are always inference tensors: one compiled specialisation
+    def reset(self, batch: int, capacity: int) -> None:
+        """Allocate an empty cache for ``batch`` rows and at least ``capacity`` positions."""
+        f = self.fast
+        capacity = f._cache_size(capacity)
+        shape = (batch, f.n_kv, capacity, f.head_dim)  # (B, n_kv, C, hd)
+        self.k_cache = [torch.zeros(shape, dtype=f.dtype) for _ in f.layers]
+        self.v_cache = [torch.zeros(shape, dtype=f.dtype) for _ in f.layers]
+        self.pos, self.capacity = 0, capacity
+        f._rope_tables(capacity)
+
+    @property
+    def rows(self) -> int:
+        return self.k_cache[0].shape[0] if self.k_cache else 0
+
+    @torch.inference_mode()
+    def expand(self, n: int) -> None:
+        """Repeat a one-row cache into ``n`` rows (beam search after the prompt)."""
+        self.k_cache = [k.expand(n, -1, -1, -1).contiguous() for k in self.k_cache]
+        self.v_cache = [v.expand(n, -1, -1, -1).contiguous() for v in self.v_cache]
+
+    @torch.inference_mode()
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep cache rows ``rows`` (B,), in that order (beam search)."""
+        if torch.equal(rows, torch.arange(rows.shape[0])):
+            return
+        self.k_cache = [k.index_select(0, rows) for k in self.k_cache]
+        self.v_cache = [v.index_select(0, rows) for v in self.v_cache]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run ``ids`` (B, T) at the next T positions; return the last position's logits (B, V) in fp32."""
+        return self.fast.forward(self, ids)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (B, T) from position 0 (the cache is cleared first)."""
+        self.pos = 0
+        return self.forward(ids)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One new token per row (B,) -> logits (B, V)."""
+        return self.forward(tokens.view(-1, 1))
+
+
 class FastLlama:
     """Our forward of a Llama-family HF model with a static KV cache (see module docstring).
 
-    Use :meth:`prefill` once with the prompt, then :meth:`step` per new token; :meth:`expand` and
-    :meth:`reorder` serve beam search. The weights are shared with (or transposed copies of) the
-    HF model's; the HF model is not modified.
+    Holds the weights only (shared with, or transposed copies of, the HF model's; the HF model is
+    not modified). State lives in a :class:`DecodeSession`: ``s = fast.session(rows, capacity)``,
+    ``s.prefill(prompt)``, ``s.step(tokens)``.
     """
 
     def __init__(self, model: nn.Module, matvec: str = "auto") -> None:
@@ -262,12 +353,9 @@ class FastLlama:
         self.lm_head = Projection([model.lm_head], fuse)
         self.head_parts = linear_parts(model.lm_head) if matvec == "compiled" else None
         self.rotary = inner.rotary_emb
-        self.cos = self.sin = None  # (L, head_dim) tables, grown on demand
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-        self.pos = 0
-        self.capacity = 0
+        self.cos = self.sin = None  # (L, head_dim) tables, grown on demand (replaced, never written)
         self._warm: set[tuple[int, int]] = set()  # (rows, capacity) shapes the compiled step has run
+        self._lock = threading.Lock()  # compiling (first run of a shape) happens in one thread at a time
 
     @property
     def warm(self) -> bool:
@@ -278,30 +366,27 @@ class FastLlama:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    def session(self, batch: int, capacity: int) -> DecodeSession:
+        """A new generation's state: an empty cache for ``batch`` rows and ``capacity`` positions."""
+        return DecodeSession(self, batch, capacity)
+
     # --- cache ---------------------------------------------------------------------------------
     def _rope_tables(self, n: int) -> None:
-        if self.cos is not None and self.cos.shape[0] >= n:
-            return
-        pos = torch.arange(n).unsqueeze(0)
-        with torch.no_grad():
-            cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype), pos)
-        self.cos, self.sin = cos[0], sin[0]  # (n, head_dim)
+        with self._lock:
+            if self.cos is not None and self.cos.shape[0] >= n:
+                return
+            pos = torch.arange(n).unsqueeze(0)
+            with torch.no_grad():
+                cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype), pos)
+            # one assignment each, of new tensors: a concurrent reader keeps tables at least as long as it needs
+            self.sin = sin[0]
+            self.cos = cos[0]  # (n, head_dim)
 
     def _cache_size(self, capacity: int) -> int:
         """The compiled step attends over the whole cache: round it up so sizes, and compilations, are few."""
         if self.matvec != "compiled":
             return capacity
         return -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
-
-    @torch.inference_mode()  # cache tensors are always inference tensors: one compiled specialisation
-    def reset(self, batch: int, capacity: int) -> None:
-        """Allocate an empty cache for ``batch`` rows and at least ``capacity`` positions."""
-        capacity = self._cache_size(capacity)
-        shape = (batch, self.n_kv, capacity, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
-        self.pos, self.capacity = 0, capacity
-        self._rope_tables(capacity)
 
     @torch.inference_mode()
     def warmup(self, rows: int, capacity: int) -> None:
@@ -313,38 +398,20 @@ class FastLlama:
         key = (rows, self._cache_size(capacity))
         if self.matvec != "compiled" or key in self._warm:
             return
-        saved = (self.k_cache, self.v_cache, self.pos, self.capacity)
-        try:
-            self.reset(rows, capacity)
-            self.pos = 1
-            self.forward(torch.zeros(rows, 1, dtype=torch.long))
-        finally:
-            self.k_cache, self.v_cache, self.pos, self.capacity = saved
-
-    @torch.inference_mode()
-    def expand(self, n: int) -> None:
-        """Repeat a one-row cache into ``n`` rows (beam search after the prompt)."""
-        self.k_cache = [k.expand(n, -1, -1, -1).contiguous() for k in self.k_cache]
-        self.v_cache = [v.expand(n, -1, -1, -1).contiguous() for v in self.v_cache]
-
-    @torch.inference_mode()
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep cache rows ``rows`` (B,), in that order (beam search)."""
-        if torch.equal(rows, torch.arange(rows.shape[0])):
-            return
-        self.k_cache = [k.index_select(0, rows) for k in self.k_cache]
-        self.v_cache = [v.index_select(0, rows) for v in self.v_cache]
+        s = self.session(rows, capacity)  # a throw-away session: no generation's state is touched
+        s.pos = 1
+        s.forward(torch.zeros(rows, 1, dtype=torch.long))
 
     # --- forward -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run ``ids`` (B, T) at the next T positions; return the last position's logits (B, V) in fp32."""
+    def forward(self, state: DecodeSession, ids: torch.Tensor) -> torch.Tensor:
+        """Run ``ids`` (B, T) at ``state``'s next T positions; return the last position's logits (B, V) in fp32."""
         b, t = ids.shape
-        p0 = self.pos
-        if p0 + t > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions, asked for {p0 + t}")
+        p0 = state.pos
+        if p0 + t > state.capacity:
+            raise ValueError(f"KV cache holds {state.capacity} positions, asked for {p0 + t}")
         if t == 1 and self.matvec == "compiled":
-            return self._compiled_step(ids[:, 0])
+            return self._compiled_step(state, ids[:, 0])
         cos, sin = self.cos[p0:p0 + t], self.sin[p0:p0 + t]  # (T, hd)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.embed(ids)  # (B, T, H)
@@ -358,7 +425,7 @@ class FastLlama:
             v = v.view(b, t, nkv, hd).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            kc, vc = self.k_cache[li], self.v_cache[li]
+            kc, vc = state.k_cache[li], state.v_cache[li]
             kc[:, :, p0:p0 + t] = k
             vc[:, :, p0:p0 + t] = v
             keys, values = kc[:, :, :p0 + t], vc[:, :, :p0 + t]  # (B, nkv, P, hd)
@@ -380,53 +447,54 @@ class FastLlama:
             h = rms_norm(x, layer.n2, self.eps)
             gate, up = layer.gate_up(h)
             x = x + layer.down(F.silu(gate) * up)
-        self.pos = p0 + t
+        state.pos = p0 + t
         last = x if t == 1 else x[:, -1]
         return self.lm_head(rms_norm(last, self.norm, self.eps)).float()
 
-    def _compiled_step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _compiled_step(self, state: DecodeSession, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row through the compiled :func:`decode_layer` / :func:`decode_head`."""
-        p = self.pos
-        try:
-            layer, head = compiled("layer"), compiled("head")
-            x = self.embed(tokens)  # (B, H)
-            pos = torch.tensor([p])
-            cos, sin = self.cos[p], self.sin[p]
-            mask = torch.zeros(self.capacity, dtype=self.dtype).masked_fill_(torch.arange(self.capacity) > p,
-                                                                              float("-inf"))
-            for li, wts in enumerate(self.step_weights):
-                x = layer(x, wts, self.k_cache[li], self.v_cache[li], pos, cos, sin, mask, n_heads=self.n_heads,
-                          n_kv=self.n_kv, head_dim=self.head_dim, eps=self.eps)
-            logits = head(x, self.norm, self.head_parts, self.eps)
-        except Exception as exc:  # no working compiler, or an Inductor failure: stay correct, run eagerly
-            if self._warm:  # it compiled and ran before: this is a real error
-                raise
-            log.warning("torch.compile failed (%s: %s); decoding eagerly, which is slower",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            self.matvec = "eager"  # the unfused projections' own forward
-            return self.forward(tokens.view(-1, 1))
-        self._warm.add((tokens.shape[0], self.capacity))
-        self.pos = p + 1
+        key = (tokens.shape[0], state.capacity)
+        if key in self._warm:
+            return self._run_compiled(state, tokens)
+        with self._lock:  # the first run of a shape compiles: one thread at a time
+            if self.matvec != "compiled":  # another thread found that compiling fails
+                return self.forward(state, tokens.view(-1, 1))
+            try:
+                logits = self._run_compiled(state, tokens)
+            except Exception as exc:  # no working compiler, or an Inductor failure: stay correct, run eagerly
+                if self._warm:  # it compiled and ran before: this is a real error
+                    raise
+                log.warning("torch.compile failed (%s: %s); decoding eagerly, which is slower",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                self.matvec = "eager"  # the unfused projections' own forward
+                return self.forward(state, tokens.view(-1, 1))
+            self._warm.add(key)
+            return logits
+
+    def _run_compiled(self, state: DecodeSession, tokens: torch.Tensor) -> torch.Tensor:
+        p, cap = state.pos, state.capacity
+        layer, head = compiled("layer"), compiled("head")
+        x = self.embed(tokens)  # (B, H)
+        pos = torch.tensor([p])
+        cos, sin = self.cos[p], self.sin[p]
+        mask = torch.zeros(cap, dtype=self.dtype).masked_fill_(torch.arange(cap) > p, float("-inf"))
+        for li, wts in enumerate(self.step_weights):
+            x = layer(x, wts, state.k_cache[li], state.v_cache[li], pos, cos, sin, mask, n_heads=self.n_heads,
+                      n_kv=self.n_kv, head_dim=self.head_dim, eps=self.eps)
+        logits = head(x, self.norm, self.head_parts, self.eps)
+        state.pos = p + 1
         return logits
-
-    def prefill(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
-        """Start a sequence: allocate the cache for ``capacity`` positions and run the prompt (B, T)."""
-        self.reset(ids.shape[0], capacity)
-        return self.forward(ids)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One new token per row (B,) -> logits (B, V)."""
-        return self.forward(tokens.view(-1, 1))
 
 
 def linear_parts(module: nn.Module) -> Parts | None:
     """The compiled step's view of a projection: an ``nn.Linear``'s weight and bias, or what a
-    swapped module offers through ``decode_parts()`` (the 8-bit lab's ``Int8Linear`` gives its int8
-    codes, 1/scale and zero point); None if it offers nothing."""
+    :class:`DecodePlugin` offers through ``decode_parts()`` (the 8-bit lab's ``Int8Linear`` gives its
+    int8 codes, 1/scale and zero point); None if it offers nothing."""
     if type(module) is nn.Linear:
         return (module.weight.detach(), None, None, None if module.bias is None else module.bias.detach())
-    get = getattr(module, "decode_parts", None)
-    return get() if callable(get) else None
+    if isinstance(module, DecodePlugin):
+        return module.decode_parts()
+    return None
 
 
 def layer_projections(blk: nn.Module) -> tuple[nn.Module, ...]:

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llmcourse.core.cli_common import option
+
 NEG_INF = -float("inf")
 
 
@@ -168,20 +170,29 @@ def eta_cutoff(scores: torch.Tensor, eta: float, min_keep: int = 1) -> torch.Ten
 
 @dataclass
 class SamplerSettings:
-    """The numbers the chain needs; :class:`llmcourse.decoding.engine.GenerationConfig` extends it and validates them."""
+    """The numbers the chain needs; :class:`llmcourse.decoding.engine.GenerationConfig` extends it and validates them.
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    epsilon: float = 0.0
-    eta: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    penalty_last_n: int = 0  # 0: the whole context (transformers); llama.cpp's default is 64
-    no_repeat_ngram_size: int = 0
+    Each field is declared once with its default and help text; the CLI flags are generated from them
+    (:func:`llmcourse.core.cli_common.add_config_args`)."""
+
+    temperature: float = option(1.0, "divide logits by T before sampling (< 1 sharper, > 1 flatter). "
+                                "Default: %(default)s")
+    top_k: int = option(0, "keep the K most likely tokens (0: off). Default: %(default)s")
+    top_p: float = option(1.0, "nucleus: keep the most likely tokens up to cumulative probability P. "
+                          "Default: %(default)s")
+    min_p: float = option(0.0, "keep tokens with probability >= P x the top token's (0: off). Default: %(default)s")
+    typical_p: float = option(1.0, "locally typical sampling mass (1: off). Default: %(default)s")
+    epsilon: float = option(0.0, "epsilon sampling: drop tokens with probability < E (0: off). Default: %(default)s")
+    eta: float = option(0.0, "eta sampling: entropy-dependent cut-off (0: off). Default: %(default)s")
+    repetition_penalty: float = option(1.0, "CTRL penalty on tokens already in the context (1: off). "
+                                       "Default: %(default)s")
+    frequency_penalty: float = option(0.0, "subtract X x (count of the token in the window) from its logit. "
+                                      "Default: %(default)s")
+    presence_penalty: float = option(0.0, "subtract X from the logit of every token in the window. "
+                                     "Default: %(default)s")
+    penalty_last_n: int = option(0, "penalty window in tokens (0: the whole context, as transformers; llama.cpp "
+                                 "uses 64). Default: %(default)s")
+    no_repeat_ngram_size: int = option(0, "never repeat an n-gram of this size (0: off). Default: %(default)s")
     min_keep: int = 1
 
 

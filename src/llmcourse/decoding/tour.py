@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from llmcourse.core.report import TourContext, TourSection, html_table
 from llmcourse.decoding import GenerationConfig, generate
 from llmcourse.decoding import tree as tree_mod
-from llmcourse.core.report import TourContext, TourSection, html_table
 
 PROMPT = "I have a dream"
 
