@@ -1,0 +1,171 @@
+"""``llmcourse quantize gptq`` and ``llmcourse quantize rtn``: a model -> a standard GPTQ checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs, positive_int
+from llmcourse.core.data import calibration_windows
+from llmcourse.core.errors import UserError
+from llmcourse.core.io import atomic_dir, check_not_input
+from llmcourse.core.lab import add_parser
+from llmcourse.core.models import load_model
+from llmcourse.quant.gptq.model import (
+    LOG_FILE,
+    GPTQConfig,
+    check_calibration,
+    check_model,
+    quantize_model,
+    save_quantized,
+)
+
+
+def group_size_arg(s: str) -> int | None:
+    """argparse type: a positive group size, or 'none' (one group per row)."""
+    if s.lower() in ("none", "row"):
+        return None
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {s!r}") from None
+    return v  # GPTQConfig refuses <= 0 with a one-line error
+
+
+def damp_arg(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    return v  # GPTQConfig refuses values outside (0, 1] with a one-line error
+
+
+def cmd_quantize(args: argparse.Namespace) -> Result:
+    method = args.method
+    out = Path(args.out)
+    check_not_input(out, [args.model if args.model != "default" else None, args.data])
+    cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
+                     static_groups=args.static_groups, damp=args.damp, block_size=args.block_size,
+                     true_sequential=not args.no_true_sequential, mse=args.mse, method=method)
+    t0 = time.perf_counter()
+    lm = load_model(args.model, **model_kwargs(args))
+    if lm.kind not in ("hf", "default", "hub", "gguf") or getattr(lm.model.config, "quantization_config", None):
+        raise UserError(f"{args.model} is already quantized ({lm.kind})", "quantize the original model instead")
+    check_model(lm.model, cfg)
+    windows = None
+    if method == "gptq" or args.samples_given:
+        check_calibration(lm.model, args.samples * args.seq_len)
+        windows = calibration_windows(lm.tokenizer, args.samples, args.seq_len, seed=args.seed, data=args.data,
+                                      field=args.field, split=args.split)
+    report = quantize_model(lm.model, windows, cfg)
+    report["source"] = args.model
+    report["data"] = {"data": args.data, "split": args.split, "samples": args.samples, "seq_len": args.seq_len,
+                      "seed": args.seed} if windows is not None else None
+    with atomic_dir(out) as tmp:
+        save_quantized(lm.model, lm.tokenizer, tmp, cfg, report, source=args.model)
+    disk = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    layers = report["layers"]
+    data = {
+        "model": args.model, "out": str(out), "scheme": cfg.name, "config": cfg.quantize_config(),
+        "layers": len(layers), "bytes_on_disk": disk, "quantize_seconds": report["seconds"],
+        "seconds": time.perf_counter() - t0, "log": str(out / LOG_FILE),
+    }
+    text = f"wrote {out}: {cfg.name}, {len(layers)} layers, {disk / 1e6:.1f} MB on disk, " \
+           f"quantized in {report['seconds']:.1f} s"
+    if layers and "rtn_error" in layers[0]:
+        key = "gptq_error" if method == "gptq" else "error"
+        ratio = sum(r[key] for r in layers) / max(1e-30, sum(r["rtn_error"] for r in layers))
+        better = sum(r[key] <= r["rtn_error"] for r in layers)
+        data["error_vs_rtn"], data["layers_not_worse_than_rtn"] = ratio, better
+        if method == "gptq":
+            text += f"; output error {ratio:.3f} x RTN's, lower or equal in {better}/{len(layers)} layers"
+    text += f".\nevaluate it with: llmcourse eval perplexity --model {out}"
+    return Result(data, text)
+
+
+def _cmd_gptq(args: argparse.Namespace) -> Result:
+    args.method = "gptq"
+    return cmd_quantize(args)
+
+
+def _cmd_rtn(args: argparse.Namespace) -> Result:
+    args.method = "rtn"
+    return cmd_quantize(args)
+
+
+class _Given(argparse.Action):
+    """Store the value and remember that the option was given (RTN calibrates only when asked)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        setattr(namespace, self.dest, values)
+        namespace.samples_given = True
+
+
+def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder (written atomically; must not be the input)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8. Default: %(default)s")
+    p.add_argument("--group-size", type=group_size_arg, default=128,
+                   help="inputs per group (must divide every layer's input width), or 'none' for one scale per "
+                   "row. Default: %(default)s")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True,
+                     help="symmetric grid, zero = 2^(bits-1) (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (min/max per group)")
+    p.add_argument("--mse", action="store_true", help="search each group's clipping range (grid 100, norm 2.4)")
+    if not rtn:
+        p.add_argument("--desc-act", action="store_true",
+                       help="act-order: quantize columns by decreasing Hessian diagonal (default: natural order)")
+        p.add_argument("--static-groups", action="store_true",
+                       help="compute every group's grid from the original weights first (with --desc-act, keeps "
+                       "g_idx in natural order)")
+        p.add_argument("--damp", type=damp_arg, default=0.01,
+                       help="dampening, a fraction of mean(diag H) added to diag H (raised x10 automatically while "
+                       "the Cholesky factorisation fails; GPTQModel's default is 0.05). Default: %(default)s")
+        p.add_argument("--block-size", type=positive_int, default=128,
+                       help="columns per lazy batch update. Default: %(default)s")
+        p.add_argument("--no-true-sequential", action="store_true",
+                       help="collect all of a block's Hessians in one pass (default: stage by stage, q/k/v, o, "
+                       "gate/up, down)")
+    act = _Given if rtn else "store"
+    p.add_argument("--samples", type=positive_int, default=128, action=act,
+                   help="calibration windows" + (" (RTN: only to log output errors)" if rtn else "")
+                   + ". Default: %(default)s")
+    p.add_argument("--seq-len", type=positive_int, default=512, action=act,
+                   help="tokens per calibration window. Default: %(default)s")
+    p.add_argument("--data", default="default",
+                   help="calibration text: 'default' (Wikipedia extracts, offline) or a .txt/.jsonl/.csv/.parquet "
+                   "file. Default: %(default)s")
+    p.add_argument("--field", default=None, help="column / JSON key holding the text (default: 'text')")
+    p.add_argument("--split", default="calibration", choices=["eval", "calibration", "train", "all"],
+                   help="split of the default data. Default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows. Default: %(default)s")
+    add_common_args(p)
+    p.set_defaults(func=_cmd_rtn if rtn else _cmd_gptq, samples_given=False, desc_act=False, static_groups=False,
+                   damp=0.01, block_size=128, no_true_sequential=False)
+
+
+EXAMPLES_GPTQ = ("examples:\n  llmcourse quantize gptq --model default --out out/gptq-4bit\n"
+                 "  llmcourse quantize gptq --bits 3 --group-size 128 --desc-act --samples 32 --seq-len 256 "
+                 "--out out/gptq-3bit\n  llmcourse eval perplexity --model out/gptq-4bit")
+EXAMPLES_RTN = ("examples:\n  llmcourse quantize rtn --model default --out out/rtn-4bit\n"
+                "  llmcourse quantize rtn --bits 3 --group-size 64 --asym --out out/rtn-3bit")
+
+
+def register(sub: argparse._SubParsersAction, groups: dict) -> None:
+    from llmcourse.quant.gptq import LAB
+
+    p = add_parser(
+        sub, groups, LAB, "quantize gptq", epilog=EXAMPLES_GPTQ,
+        description="Quantize the linear layers of every decoder block of --model with GPTQ, block by block on "
+        "calibration windows that passed through the already quantized blocks, and write --out as a standard "
+        "GPTQ checkpoint (int32-packed qweight, qzeros 'gptq' v1, fp16 scales, g_idx, quantize_config.json, "
+        "config.json quantization_config) with the tokenizer, llmcourse.json and a per-layer error log "
+        f"({LOG_FILE}). `llmcourse eval|generate|chat --model OUT` load it.")
+    _add_options(p, rtn=False)
+    p = add_parser(
+        sub, groups, LAB, "quantize rtn", epilog=EXAMPLES_RTN,
+        description="Round every weight of the decoder blocks' linear layers to the nearest point of GPTQ's grid "
+        "(same --bits, --group-size, --sym/--asym) and write the same checkpoint format as `quantize gptq`.")
+    _add_options(p, rtn=True)

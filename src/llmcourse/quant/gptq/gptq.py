@@ -1,0 +1,275 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers"), one linear layer at a time, in the paper's order and names.
+
+For a layer with weight ``W`` (rows = outputs, columns = inputs) and calibration inputs ``X``
+(columns = tokens), GPTQ looks for quantized ``Q`` minimising ``||W X - Q X||²``. Rows are
+independent; each has the same Hessian
+
+    H = 2 X Xᵀ / N          (accumulated in fp32 over the N calibration tokens: :meth:`GPTQ.add_batch`)
+
+Optimal Brain Quantization quantizes one weight ``w_q`` at a time and moves the not yet quantized
+ones ``F`` to compensate:  ``δ_F = -(w_q - quant(w_q)) / [H_F⁻¹]_qq · (H_F⁻¹)_{:,q}``, then removes
+``q`` from ``H_F⁻¹``. GPTQ makes three changes (:meth:`GPTQ.quantize`):
+
+1. the same, fixed column order for every row (optionally by decreasing ``diag(H)``: *act-order*),
+   so ``H_F⁻¹`` is shared by all rows;
+2. *lazy batch updates*: the update is applied inside a block of ``B = 128`` columns at once
+   (``W1``, ``Err1``), and to the columns after the block with one matrix product
+   ``W[:, i2:] -= Err1 · Hinv[i1:i2, i2:]``;
+3. *Cholesky form*: the rows of successive ``H_F⁻¹`` restricted to ``F`` are the rows of the
+   upper Cholesky factor of ``H⁻¹`` (scaled), so ``Hinv = chol(H⁻¹)ᵀ`` computed once replaces the
+   removal step, with *dampening* ``H += λ I``, ``λ = damp · mean(diag H)`` for stability
+   (raised automatically, x10, while the factorisation fails).
+
+Dead inputs (``diag(H) = 0``, never active in calibration) get ``H_ii = 1`` and ``W_:,i = 0``.
+
+The quantization grid (:func:`find_params`, :func:`quantize`) is the reference's, per row over
+a group of ``g`` columns, with ``maxq = 2^bits - 1``:
+
+    asymmetric:  scale = (max - min) / maxq,  zero = round(-min / scale)
+    symmetric:   scale = 2 max|x| / maxq,      zero = (maxq + 1) / 2
+    q = clamp(round(x / scale) + zero, 0, maxq),   x' = scale (q - zero)
+
+(min is taken over the group and 0, max likewise.) Optional MSE clipping (``mse``) shrinks the
+range by ``p = 1, 0.99, ... 0.21`` and keeps, per row, the one with the smallest
+``sum |x - x'|^2.4`` (the reference's grid of 100 and norm 2.4). Groups are formed in the
+quantization order from the weights *as updated so far* (``W[:, i:i+g]`` at the group's first
+column, including the updates of the current lazy block), or, with *static groups*, once from
+the original weights in natural order.
+
+Differences from the reference code: a group that starts inside a lazy block takes its grid from
+the updated weights (the reference reads the columns before this block's updates; the two agree
+when the group size is a multiple of the block size, e.g. 128); the asymmetric zero is at least 1, because the standard
+"gptq" v1 checkpoint stores ``zero - 1`` in ``bits`` bits and cannot hold -1 (a group whose
+values are all positive then uses the grid shifted by one step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4  # the reference's clipping search
+
+
+# --------------------------------------------------------------------------------------------
+# The quantization grid
+# --------------------------------------------------------------------------------------------
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """``x' = scale (clamp(round(x / scale) + zero, 0, maxq) - zero)``: ``x`` on its grid (same shape)."""
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+def codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """The integer codes ``clamp(round(x / scale) + zero, 0, maxq)`` of ``x`` (as int32)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq).to(torch.int32)
+
+
+def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) of the grid for ``x`` (rows, cols): each (rows, 1), fp32."""
+    maxq = 2**bits - 1
+    x = x.float()
+    zeros = torch.zeros(x.shape[0], device=x.device)
+    xmin = torch.minimum(x.min(1).values, zeros)
+    xmax = torch.maximum(x.max(1).values, zeros)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both_zero, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(both_zero, torch.ones_like(xmax), xmax)
+
+    def grid(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (hi - lo) / maxq
+        if sym:
+            zero = torch.full_like(scale, (maxq + 1) / 2)
+        else:
+            zero = torch.round(-lo / scale).clamp(min=1)  # v1 checkpoints store zero - 1 >= 0
+        return scale, zero
+
+    scale, zero = grid(xmin, xmax)
+    if mse:
+        best = torch.full_like(scale, float("inf"))
+        for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+            p = 1 - i / MSE_GRID
+            scale1, zero1 = grid(p * xmin, p * xmax)
+            err = (quantize(x, scale1[:, None], zero1[:, None], maxq) - x).abs_().pow_(MSE_NORM).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, scale1, scale)
+            zero = torch.where(better, zero1, zero)
+    return scale[:, None], zero[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# One layer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedLayer:
+    """What GPTQ (or RTN) produces for a layer of ``rows`` outputs and ``columns`` inputs.
+
+    ``codes`` (rows, columns) int32 in [0, maxq] in the natural column order; ``scales`` and
+    ``zeros`` (rows, G) fp32 indexed by group; ``g_idx`` (columns,) int32 the group of each input
+    column. De-quantized weight: ``scales[:, g_idx] * (codes - zeros[:, g_idx])``.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    damp: float = 0.0  # the dampening that was used (after any automatic raise)
+    loss: float = 0.0  # GPTQ's own estimate sum (w - q)² / [Hinv]_qq² / 2
+
+    def dequantize(self) -> torch.Tensor:
+        """The (rows, columns) fp32 weight ``scale (q - zero)`` of each column's group."""
+        g = self.g_idx.long()
+        return self.scales[:, g] * (self.codes.float() - self.zeros[:, g])
+
+
+def rtn(W: torch.Tensor, bits: int, group_size: int | None, sym: bool, mse: bool = False) -> QuantizedLayer:
+    """Round-to-nearest baseline on the same grid: each group of ``group_size`` columns (or the whole
+    row) gets its own (scale, zero) and every weight is rounded independently."""
+    W = W.float()
+    rows, columns = W.shape
+    g = group_size or columns
+    maxq = 2**bits - 1
+    scales, zeros = zip(*(find_params(W[:, i:i + g], bits, sym, mse) for i in range(0, columns, g)), strict=True)
+    scales_t, zeros_t = torch.cat(scales, 1), torch.cat(zeros, 1)  # (rows, G)
+    g_idx = torch.arange(columns, dtype=torch.int32) // g
+    Q = codes(W, scales_t[:, g_idx.long()], zeros_t[:, g_idx.long()], maxq)
+    return QuantizedLayer(Q, scales_t, zeros_t, g_idx, bits)
+
+
+class GPTQ:
+    """The Hessian of one linear layer's inputs, and the GPTQ quantization of its weight.
+
+    ``add_batch(X)`` with inputs (tokens, columns) accumulates ``H = 2 X Xᵀ / N`` in fp32 (a
+    running mean, so batches of any size can be added); ``quantize(W, ...)`` runs the algorithm.
+    """
+
+    def __init__(self, columns: int) -> None:
+        self.columns = columns
+        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self.nsamples = 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Add the inputs ``inp`` (tokens, columns) of one forward: ``H <- (n H + 2 XᵀX) / (n + t)``."""
+        X = inp.reshape(-1, self.columns).float()  # (t, columns)
+        t = X.shape[0]
+        self.H *= self.nsamples / (self.nsamples + t)
+        self.nsamples += t
+        X = math.sqrt(2 / self.nsamples) * X
+        self.H += X.t() @ X
+
+    def output_error(self, dW: torch.Tensor) -> float:
+        """``||ΔW X||² / N``, the mean squared output error per token, from ``H = 2 X Xᵀ / N``:
+        ``sum_rows ΔW H ΔWᵀ / 2``."""
+        dW = dW.float()
+        return float(((dW @ self.H) * dW).sum() / 2)
+
+    @torch.no_grad()
+    def quantize(self, W: torch.Tensor, bits: int = 4, group_size: int | None = None, sym: bool = True,
+                 desc_act: bool = False, static_groups: bool = False, damp: float = 0.01,
+                 blocksize: int = 128, mse: bool = False) -> QuantizedLayer:
+        """GPTQ on ``W`` (rows, columns) with this layer's Hessian (the reference's ``fasterquant``)."""
+        W = W.detach().clone().float()
+        rows, columns = W.shape
+        assert columns == self.columns and self.nsamples > 0
+        maxq = 2**bits - 1
+        g = group_size or columns
+        H = self.H.clone()
+
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        if static_groups:  # every group's grid from the original weights, in natural order
+            static = [find_params(W[:, i:i + g], bits, sym, mse) for i in range(0, columns, g)]
+
+        perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(columns)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+        Hinv, damp = self._inverse_cholesky(H, damp)
+
+        Q = torch.zeros_like(W)  # codes, in the permuted order
+        Losses = torch.zeros_like(W)
+        group_of = torch.zeros(columns, dtype=torch.long)  # group of each permuted column
+        scales: list[torch.Tensor] = []
+        zeros: list[torch.Tensor] = []
+        scale = zero = torch.empty(0)
+        for i1 in range(0, columns, blocksize):
+            i2 = min(i1 + blocksize, columns)
+            count = i2 - i1
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Losses1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(count):
+                col = i1 + i
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                if static_groups:
+                    group_of[col] = perm[col] // g
+                    scale, zero = static[group_of[col]]
+                elif col % g == 0:
+                    # A new group's grid, from its weights as updated so far; the columns after this
+                    # block have not received this block's updates yet (lazy), so add them here.
+                    ahead = W[:, i2:col + g] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:col + g]
+                    scale, zero = find_params(torch.cat([W1[:, i:], ahead], 1)[:, :g], bits, sym, mse)
+                    scales.append(scale)
+                    zeros.append(zero)
+                if not static_groups:
+                    group_of[col] = len(scales) - 1
+                q = codes(w[:, None], scale, zero, maxq)
+                wq = (scale * (q - zero)).flatten()
+                Q1[:, i] = q.flatten().float()
+                Losses1[:, i] = (w - wq) ** 2 / d**2
+                err1 = (w - wq) / d
+                W1[:, i:] -= err1[:, None] @ Hinv1[i, i:][None, :]
+                Err1[:, i] = err1
+            Q[:, i1:i2] = Q1
+            Losses[:, i1:i2] = Losses1 / 2
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+        invperm = torch.argsort(perm)
+        if static_groups:
+            scales_t = torch.cat([s for s, _ in static], 1)
+            zeros_t = torch.cat([z for _, z in static], 1)
+        else:
+            scales_t, zeros_t = torch.cat(scales, 1), torch.cat(zeros, 1)
+        return QuantizedLayer(Q[:, invperm].to(torch.int32), scales_t, zeros_t,
+                              group_of[invperm].to(torch.int32), bits, damp, float(Losses.sum()))
+
+    @staticmethod
+    def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+        """``Hinv = chol((H + λI)⁻¹)ᵀ`` (upper), with ``λ = damp · mean(diag H)``; ``damp`` is raised
+        x10 (up to 1.0, then the diagonal mean itself x10) while the factorisation fails."""
+        columns = H.shape[0]
+        mean_diag = torch.mean(torch.diag(H))
+        while True:
+            Hd = H.clone()
+            Hd.diagonal().add_(damp * mean_diag)
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if info == 0:
+                Hinv_full = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv_full, upper=True)
+                if info == 0 and torch.isfinite(U).all():
+                    return U, damp
+            new = damp * 10
+            log.warning("Cholesky failed with damp=%g on a %d-column Hessian; retrying with %g", damp, columns, new)
+            if new > 1e6:
+                raise RuntimeError("GPTQ: the Hessian stays singular after dampening (non-finite inputs?)")
+            damp = new

@@ -1,0 +1,64 @@
+"""``GPTQLinear``: a linear layer that stores the standard packed GPTQ tensors and runs on a CPU.
+
+It holds exactly the checkpoint's tensors (:mod:`llmcourse.quant.gptq.pack`) as buffers under
+the checkpoint's names, so its ``state_dict`` is the file's. ``forward`` de-quantizes the weight
+per group, ``W[o, i] = scales[g_idx[i], o] · (q[i, o] - zero[g_idx[i], o])``, then runs
+``F.linear``; the unpacked codes and zeros are kept (int8, one byte per weight) after the first
+call unless ``cache_codes=False``, so later calls only do the multiply-add of the de-quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmcourse.quant.gptq.pack import unpack
+
+
+class GPTQLinear(nn.Module):
+    """A ``bits``-bit GPTQ linear layer (packed ``qweight``, ``qzeros``, fp16 ``scales``, ``g_idx``)."""
+
+    weight_buffers = ("qweight",)  # counted as the model's weights by core.models.LoadedModel
+
+    def __init__(self, in_features: int, out_features: int, bits: int, tensors: dict[str, torch.Tensor],
+                 dtype: torch.dtype = torch.float32, cache_codes: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.compute_dtype = dtype
+        self.cache_codes = cache_codes
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            self.register_buffer(name, tensors[name])
+        self.register_buffer("bias", tensors.get("bias"))
+        self._codes: torch.Tensor | None = None  # (O, I) int8, unpacked on first use
+        self._zeros: torch.Tensor | None = None  # (O, G) int8
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes (O, I) int8, scales (O, G) fp32, zeros (O, G) int8 with the v1 +1, g_idx (I,) long):
+        what a fused kernel needs (codes in [0, 2^bits), one group per input column)."""
+        codes, zeros = self._codes, self._zeros
+        if codes is None or zeros is None:
+            codes = unpack(self.qweight, self.bits, dim=0).t().to(torch.int8).contiguous()
+            zeros = (unpack(self.qzeros, self.bits, dim=1) + 1).t().to(torch.int8).contiguous()
+            if self.cache_codes:
+                self._codes, self._zeros = codes, zeros
+        return codes, self.scales.float().t(), zeros, self.g_idx.long()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) weight de-quantized per group."""
+        codes, scales, zeros, g = self.parts()
+        return (scales[:, g] * (codes.float() - zeros[:, g].float())).to(dtype or self.compute_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The de-quantized weight, computed on each access (for code that reads ``.weight``)."""
+        return self.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        groups = self.scales.shape[0]
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"groups={groups}, bias={self.bias is not None}")

@@ -1,0 +1,352 @@
+"""GPTQ on a whole model, block by block, into the standard GPTQ checkpoint (and back).
+
+Sequential quantization (the paper's section 4 / GPTQModel's loop): the calibration windows go
+through the embeddings once (``core.modules.block_inputs``); then, for each decoder block,
+
+1. the block's linear layers are split into *stages* of layers that read the same input, in call
+   order (Llama: ``q,k,v`` / ``o`` / ``gate,up`` / ``down``), found by running the block once;
+   with ``true_sequential`` each stage collects its Hessians after the stages before it are
+   quantized, otherwise all layers collect them from one pass of the unquantized block;
+2. each layer is quantized by :class:`~llmcourse.quant.gptq.gptq.GPTQ` (or rounded to nearest)
+   and replaced by a :class:`~llmcourse.quant.gptq.linear.GPTQLinear` holding its packed tensors;
+3. the windows go through the quantized block, and its outputs become the next block's inputs.
+
+Only one block's inputs (``n x seq_len x hidden``) live at a time. ``load_block`` / ``done_block``
+let a caller read a block's weights just before it is quantized and free or write it after
+(bench/gptq_memory.py quantizes a model from safetensors shards that way).
+
+Per layer, the report logs the mean squared output error per token ``||(W - Q) X||² / N`` of
+GPTQ and of round-to-nearest on the same inputs (from the Hessian: ``ΔW H ΔWᵀ / 2``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from llmcourse.core.errors import UserError
+from llmcourse.core.modules import (
+    BlockInput,
+    block_inputs,
+    decoder_blocks,
+    input_hooks,
+    linear_layers,
+    linear_weight,
+    run_block,
+    set_module,
+)
+from llmcourse.core.progress import progress
+from llmcourse.quant.gptq.gptq import GPTQ, QuantizedLayer, rtn
+from llmcourse.quant.gptq.linear import GPTQLinear
+from llmcourse.quant.gptq.pack import BITS, pack_layer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gptq"
+WEIGHTS_FILE = "model.safetensors"
+MARKER_FILE = "llmcourse.json"
+QUANTIZE_CONFIG = "quantize_config.json"
+LOG_FILE = "quant_log.json"
+METHODS = ("gptq", "rtn")
+
+
+@dataclass
+class GPTQConfig:
+    """How to quantize; validated here, at the boundary. ``group_size=None``: one group per row."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = True
+    desc_act: bool = False  # act-order: columns by decreasing diag(H)
+    static_groups: bool = False  # group grids from the original weights, before any update
+    damp: float = 0.01  # the paper's and the notebook's; GPTQModel's default is 0.05
+    block_size: int = 128  # lazy batch size
+    true_sequential: bool = True
+    mse: bool = False  # clipping search for each group's range
+    method: str = "gptq"  # gptq | rtn
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise UserError(f"--bits {self.bits} is not supported", f"use one of {', '.join(map(str, BITS))}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise UserError(f"--group-size must be >= 1 (got {self.group_size})", "pass e.g. 128, or 'none' for one "
+                            "group per row")
+        if not (math.isfinite(self.damp) and 0 < self.damp <= 1):
+            raise UserError(f"--damp must be in (0, 1] (got {self.damp})", "use e.g. 0.01")
+        if self.block_size < 1:
+            raise UserError(f"--block-size must be >= 1 (got {self.block_size})", "use e.g. 128")
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
+
+    @property
+    def name(self) -> str:
+        g = f"g{self.group_size}" if self.group_size else "per-row"
+        flags = "".join([" act-order" if self.desc_act else "", " static" if self.static_groups else "",
+                         "" if self.sym else " asym", " mse" if self.mse else ""])
+        return f"{self.method.upper()} {self.bits}-bit {g}{flags}"
+
+    def quantize_config(self) -> dict[str, Any]:
+        """``quantize_config.json`` / ``config.json["quantization_config"]`` as GPTQModel and transformers read them."""
+        return {
+            "quant_method": "gptq", "checkpoint_format": "gptq", "bits": self.bits,
+            "group_size": self.group_size or -1, "desc_act": self.desc_act, "sym": self.sym,
+            "static_groups": self.static_groups, "true_sequential": self.true_sequential,
+            "damp_percent": self.damp, "mse": 2.4 if self.mse else 0.0, "lm_head": False, "pack_dtype": "int32",
+            "meta": {"quantizer": ["llmcourse"], "method": self.method},
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Checks at the boundary
+# --------------------------------------------------------------------------------------------
+
+
+def check_model(model: nn.Module, cfg: GPTQConfig) -> None:
+    """A one-line UserError unless every block linear can be quantized and packed with ``cfg``."""
+    if any(hasattr(m, "weight_buffers") for m in model.modules()):
+        raise UserError("the model is already quantized", "quantize the original (floating-point) model instead")
+    try:
+        prefix, blocks = decoder_blocks(model)
+    except ValueError as e:
+        raise UserError(str(e), "GPTQ needs a decoder-only model with Llama/Qwen2/GPT-2-style blocks") from None
+    for name, m in linear_layers(blocks):
+        name = f"{prefix}.{name}"
+        out_f, in_f = linear_weight(m).shape
+        if cfg.group_size is not None and in_f % cfg.group_size:
+            raise UserError(f"--group-size {cfg.group_size} does not divide the {in_f} inputs of {name}",
+                            "pick a group size that divides every layer's input width (e.g. 32, 64 or 128), "
+                            "or 'none'")
+        for what, n in (("inputs", in_f), ("outputs", out_f)):
+            if (n * cfg.bits) % 32:
+                raise UserError(f"{name} has {n} {what}: {cfg.bits}-bit values of it do not fill 32-bit words",
+                                "use a model whose widths are multiples of 32")
+
+
+def check_calibration(model: nn.Module, n_tokens: int) -> None:
+    """Refuse fewer calibration tokens than the widest layer input (its Hessian would be singular)."""
+    _, blocks = decoder_blocks(model)
+    widest = max(linear_weight(m).shape[1] for _, m in linear_layers(blocks))
+    if n_tokens < widest:
+        raise UserError(f"{n_tokens} calibration tokens are fewer than the {widest} inputs of the widest layer",
+                        "raise --samples or --seq-len")
+
+
+# --------------------------------------------------------------------------------------------
+# Block by block
+# --------------------------------------------------------------------------------------------
+
+
+def sequential_stages(block: nn.Module, layers: dict[str, nn.Module], inp: BlockInput) -> list[list[str]]:
+    """The block's linear layers in call order, grouped by the input tensor they read (one forward)."""
+    order: list[tuple[str, int]] = []
+    with input_hooks(layers, lambda n, x: order.append((n, x.data_ptr()))), torch.no_grad():
+        run_block(block, inp)
+    stages: list[list[str]] = []
+    seen: dict[int, int] = {}
+    for name, ptr in order:
+        if any(name in s for s in stages):
+            continue
+        if ptr in seen:
+            stages[seen[ptr]].append(name)
+        else:
+            seen[ptr] = len(stages)
+            stages.append([name])
+    rest = [n for n in layers if not any(n in s for s in stages)]
+    return stages + ([rest] if rest else [])
+
+
+def _set_weight(m: nn.Module, W: torch.Tensor) -> None:
+    """Write an (out, in) weight into an ``nn.Linear`` or a ``Conv1D`` (stored transposed)."""
+    target = m.weight.data
+    target.copy_((W if isinstance(m, nn.Linear) else W.t()).to(target.dtype))
+
+
+def _quantize_layer(m: nn.Module, cfg: GPTQConfig, H: GPTQ | None) -> tuple[QuantizedLayer, dict[str, Any]]:
+    W = linear_weight(m).float()
+    t0 = time.perf_counter()
+    baseline = rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.mse)
+    if cfg.method == "gptq":
+        assert H is not None
+        ql = H.quantize(W, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups, cfg.damp,
+                        cfg.block_size, cfg.mse)
+    else:
+        ql = baseline
+    ql.scales = ql.scales.half().float()  # what the checkpoint stores (fp16)
+    row: dict[str, Any] = {"rows": W.shape[0], "columns": W.shape[1], "seconds": time.perf_counter() - t0}
+    if H is not None:
+        row["rtn_error"] = H.output_error(W - baseline.dequantize())
+        row["gptq_error" if cfg.method == "gptq" else "error"] = H.output_error(W - ql.dequantize())
+        row["damp"] = ql.damp
+    row["weight_error"] = float((W - ql.dequantize()).pow(2).mean())
+    return ql, row
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: GPTQConfig,
+                   load_block: Callable[[int, nn.Module], None] | None = None,
+                   done_block: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
+    """Quantize the linear layers of ``model``'s decoder blocks in place (they become :class:`GPTQLinear`).
+
+    ``windows`` (n, seq_len) are the calibration token windows (RTN needs none; with them it also
+    logs output errors). Returns a report with the per-layer ``layers`` log and ``seconds``.
+    """
+    check_model(model, cfg)
+    prefix, blocks = decoder_blocks(model)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    t0 = time.perf_counter()
+    inputs = block_inputs(model, windows) if windows is not None else None
+    rows: list[dict[str, Any]] = []
+    bar = progress(total=len(blocks), desc=f"{cfg.method} {cfg.bits}-bit", unit="block")
+    for b, block in enumerate(blocks):
+        if load_block is not None:
+            load_block(b, block)
+        layers = dict(linear_layers(block))
+        if inputs is None:
+            stages = [list(layers)]
+        elif cfg.true_sequential:
+            stages = sequential_stages(block, layers, inputs[0])
+        else:
+            stages = [[n for s in sequential_stages(block, layers, inputs[0]) for n in s]]
+        done: dict[str, QuantizedLayer] = {}
+        for stage in stages:
+            hessians = {n: GPTQ(linear_weight(layers[n]).shape[1]) for n in stage} if inputs is not None else {}
+            if inputs is not None:
+                with input_hooks({n: layers[n] for n in stage}, lambda n, x: hessians[n].add_batch(x)):
+                    for inp in inputs:
+                        run_block(block, inp)
+            for n in stage:
+                ql, row = _quantize_layer(layers[n], cfg, hessians.get(n))
+                _set_weight(layers[n], ql.dequantize())  # later stages and blocks see the quantized layer
+                done[n] = ql
+                rows.append({"layer": f"{prefix}.{b}.{n}", **row})
+            del hessians
+        if inputs is not None:
+            for inp in inputs:
+                inp.hidden = run_block(block, inp)
+        for n, ql in done.items():
+            m = layers[n]
+            out_f, in_f = linear_weight(m).shape
+            bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
+            tensors = pack_layer(ql.codes, ql.scales, ql.zeros, ql.g_idx, cfg.bits, bias)
+            set_module(block, n, GPTQLinear(in_f, out_f, cfg.bits, tensors, dtype=dtype))
+        if done_block is not None:
+            done_block(b, block)
+        bar.update(1)
+        bar.set_postfix(layers=len(rows))
+    bar.close()
+    return {"config": asdict(cfg), "layers": rows, "seconds": time.perf_counter() - t0,
+            "calibration": None if windows is None else list(windows.shape)}
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors to write: GPTQ layers as they are, every other floating tensor in fp16 (as GPTQ
+    checkpoints are), the output head dropped when it is tied to the embedding."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        if tied and head_name and k.startswith(head_name + "."):
+            continue
+        v = v.detach()
+        out[k] = (v.to(torch.float16) if v.is_floating_point() else v).contiguous().clone()
+    return out
+
+
+def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path, cfg: GPTQConfig,
+                   report: dict[str, Any], source: str | None = None) -> None:
+    """Write ``model`` (after :func:`quantize_model`) as a standard GPTQ folder plus ``llmcourse.json``."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    save_file(checkpoint_state(model), str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "llmcourse": FORMAT})
+    qcfg = cfg.quantize_config()
+    model.config.quantization_config = qcfg
+    try:
+        model.config.save_pretrained(out_dir)
+    finally:
+        del model.config.quantization_config
+    (out_dir / QUANTIZE_CONFIG).write_text(json.dumps(qcfg, indent=2) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    (out_dir / LOG_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    meta = {"format": FORMAT, **asdict(cfg), "source": source, "weights": WEIGHTS_FILE}
+    (out_dir / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_quantized(path: str | Path, dtype: str = "fp32") -> Any:
+    """Open a GPTQ folder (ours, or any "gptq" v1 checkpoint in one safetensors file) as a LoadedModel."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    from llmcourse.core.models import DTYPES, LoadedModel
+
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    try:
+        qcfg = json.loads((path / QUANTIZE_CONFIG).read_text())
+        bits = int(qcfg["bits"])
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read the GPTQ folder {path} ({type(e).__name__}: {str(e)[:120]})",
+                        "re-create it with `llmcourse quantize gptq`") from e
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} has no *.safetensors", "re-create it with `llmcourse quantize gptq`")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval()
+    replaced: set[str] = set()
+    for key in [k for k in state if k.endswith(".qweight")]:
+        name = key[: -len(".qweight")]
+        replaced.add(name)
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise UserError(f"{path}: {name} is not in the architecture of config.json", "re-create the folder") from e
+        out_f, in_f = linear_weight(old).shape
+        tensors = {t: state.pop(f"{name}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")}
+        if f"{name}.bias" in state:
+            tensors["bias"] = state.pop(f"{name}.bias")
+        if tensors["qweight"].shape != (in_f * bits // 32, out_f):
+            raise UserError(f"{path}: {name}.qweight has shape {tuple(tensors['qweight'].shape)}, not "
+                            f"({in_f * bits // 32}, {out_f}) for {bits} bits", "re-create the folder")
+        set_module(model, name, GPTQLinear(in_f, out_f, bits, tensors, dtype=torch_dtype))
+    rest = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight")) and k.rpartition(".")[0] not in replaced]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the architecture (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})", "re-create the folder")
+    if tied:
+        model.tie_weights()
+    meta = {}
+    if (path / MARKER_FILE).exists():
+        meta = json.loads((path / MARKER_FILE).read_text())
+    return LoadedModel(model, tok, str(path), path, kind="gptq", info={"quantize_config": qcfg, "llmcourse": meta})
