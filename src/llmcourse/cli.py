@@ -27,6 +27,7 @@ from llmcourse import __version__
 from llmcourse.core.cli_common import Result
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import dumps
+from llmcourse.core.threads import apply_threads, choose_threads
 from llmcourse.core.lab import HelpFormatter, Lab, import_lab_module
 from llmcourse.labs import GROUPS, labs
 from llmcourse.tour import TOUR
@@ -116,7 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         (gp or parser).print_help()
         return 2 if argv else 0
     try:
+        threads = None
+        if hasattr(args, "threads"):  # commands that compute: choose before torch starts its pool
+            threads = choose_threads(args.threads)
+            apply_threads(threads)
         result = handler(args)
+        if isinstance(result, Result) and threads is not None:
+            result.data.setdefault("threads", threads)
     except UserError as e:
         if debug:
             raise

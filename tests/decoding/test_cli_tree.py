@@ -73,7 +73,7 @@ def test_chat_without_template_is_a_clean_error(tiny_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_chat_one_turn_default_model(capsys) -> None:
-    rc = main(["chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "12", "--json"])
+    rc = main(["chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "12", "--seed", "0", "--json"])
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert "Paris" in data["reply"]

@@ -32,6 +32,9 @@ def positive_int(s: str) -> int:
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="compute threads (default: $LLMCOURSE_THREADS, else the cores idle at start, so that a "
+                   "busy core does not stall every step)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
     p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
 

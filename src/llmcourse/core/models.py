@@ -35,6 +35,7 @@ from llmcourse.core.errors import UserError
 from llmcourse.core.formats import check_gguf, check_safetensors
 from llmcourse.core.io import atomic_dir
 from llmcourse.core.lab import folder_loader
+from llmcourse.core.progress import status
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,13 @@ def load_model(
         raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     t0 = time.perf_counter()
+    with status(f"loading {spec}…"):
+        lm = _load(spec, dtype, torch_dtype, trust_pickle, trust_remote_code)
+    lm.info["load_seconds"] = time.perf_counter() - t0
+    return lm
+
+
+def _load(spec: str, dtype: str, torch_dtype: torch.dtype, trust_pickle: bool, trust_remote_code: bool) -> LoadedModel:
     if spec == "default":
         path = default_model_dir()
         lm = _load_hf_folder(path, torch_dtype, False, False, spec)
@@ -203,7 +211,6 @@ def load_model(
             raise UserError(f"model path {spec} does not exist", "check the path, or use --model default")
         else:
             lm = _load_hub(spec, torch_dtype, trust_remote_code)
-    lm.info["load_seconds"] = time.perf_counter() - t0
     return lm
 
 
@@ -213,7 +220,31 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or spec.count("/") != 1 or spec.endswith((".gguf", ".safetensors", ".bin"))
+    """A spec that names a local path: a Hub id is ``owner/name`` exactly, so anything with a
+    backslash, several slashes, a leading ``.``/``/``/``~``, a file suffix, or whose first part is an
+    existing folder (``out/nothere`` when ``out/`` exists) is local."""
+    if spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") != 1:
+        return True
+    if spec.endswith((".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")):
+        return True
+    return Path(spec.split("/")[0]).expanduser().is_dir()
+
+
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the Hugging Face Hub can be reached: False at once when ``HF_HUB_OFFLINE`` /
+    ``TRANSFORMERS_OFFLINE`` is set, else one TCP connection attempt (no retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0") or \
+            os.environ.get("TRANSFORMERS_OFFLINE", "").strip() not in ("", "0"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _load_hf_folder(path: Path, dtype: torch.dtype, trust_pickle: bool, trust_remote_code: bool, spec: str) -> LoadedModel:
@@ -299,6 +330,10 @@ def _load_lab_folder(path: Path, dtype: str, spec: str) -> LoadedModel:
 
 def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not hub_reachable():
+        raise UserError(f"{spec!r} is neither a local file or folder (no such path) nor reachable on the Hugging Face Hub (offline)",
+                        "pass a local folder or .gguf file, or --model default")
 
     try:
         tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)

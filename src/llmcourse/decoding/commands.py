@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from llmcourse.core.cli_common import (
     Result,
@@ -100,38 +101,115 @@ def cmd_chat(args: argparse.Namespace) -> Result:
         ids = chat_prompt_ids(lm.tokenizer, messages)
         stream = not args.json and cfg.strategy != "beam" and cfg.num_return_sequences == 1
         out = generate(lm.model, lm.tokenizer, ids, cfg, on_text=_stream_writer(stream))
+        if stream:
+            sys.stdout.write("\n")  # end the streamed reply's line
         data = {**out.to_json(), "reply": out.sequences[0].text}
         return Result(data, "" if stream else out.sequences[0].text)
     if args.json:
         raise UserError("--json needs a one-turn --prompt", "pass --prompt TEXT, or drop --json for a chat")
-    print("chat with the model (empty line or Ctrl-D to quit)", file=sys.stderr)
-    turns = 0
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line})
-        ids = chat_prompt_ids(lm.tokenizer, messages)
-        out = generate(lm.model, lm.tokenizer, ids, cfg, on_text=_stream_writer(cfg.strategy != "beam"))
-        reply = out.sequences[0].text
-        if cfg.strategy == "beam":
-            print(reply)
-        else:
-            print()
-        messages.append({"role": "assistant", "content": reply})
-        turns += 1
+    turns = ChatRepl(lm, cfg, messages).run()
     return Result({"turns": turns}, "")
 
+
+CHAT_HELP = """commands: /exit (or Ctrl-D) quit · /clear forget the conversation · /save FILE write it as JSON ·
+/help this text · Ctrl-C stops a reply and keeps the conversation"""
+
+
+class ChatRepl:
+    """The interactive chat: readline editing and history, slash commands, Ctrl-C stops only the reply."""
+
+    def __init__(self, lm: Any, cfg: GenerationConfig, messages: list[dict[str, str]]) -> None:
+        self.lm, self.cfg = lm, cfg
+        self.system = [m for m in messages if m["role"] == "system"]
+        self.messages = list(messages)
+
+    def run(self) -> int:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # not on every platform
+            pass
+        print(f"chat with {self.lm.spec} ({self.cfg.strategy}, temperature {self.cfg.temperature:g}, "
+              f"top-p {self.cfg.top_p:g}); /help for commands", file=sys.stderr)
+        turns = 0
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                break
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as a shell does
+                print(file=sys.stderr)
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if not self.command(text):
+                    break
+                continue
+            self.reply(line)
+            turns += 1
+        return turns
+
+    def command(self, text: str) -> bool:
+        """Run a slash command; False ends the chat."""
+        name, _, arg = text.partition(" ")
+        if name in ("/exit", "/quit", "/bye"):
+            return False
+        if name == "/clear":
+            self.messages = list(self.system)
+            print("(conversation cleared)", file=sys.stderr)
+        elif name == "/save":
+            if not arg.strip():
+                print("usage: /save FILE.json", file=sys.stderr)
+                return True
+            from llmcourse.core.io import write_json
+
+            try:
+                write_json(Path(arg.strip()).expanduser(), {"model": self.lm.spec, "messages": self.messages})
+                print(f"(saved {len(self.messages)} messages to {arg.strip()})", file=sys.stderr)
+            except (OSError, UserError) as e:
+                print(f"cannot save: {e}", file=sys.stderr)
+        elif name == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+        else:
+            print(f"unknown command {name}; /help lists them", file=sys.stderr)
+        return True
+
+    def reply(self, line: str) -> None:
+        self.messages.append({"role": "user", "content": line})
+        shown: list[str] = []
+
+        def write(piece: str) -> None:
+            shown.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        streaming = self.cfg.strategy != "beam"
+        try:
+            ids = chat_prompt_ids(self.lm.tokenizer, self.messages)
+            out = generate(self.lm.model, self.lm.tokenizer, ids, self.cfg, on_text=write if streaming else None)
+            reply = out.sequences[0].text
+            if not streaming:
+                sys.stdout.write(reply)
+        except KeyboardInterrupt:  # stop this reply, keep what was said
+            reply = "".join(shown)
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.messages.append({"role": "assistant", "content": reply})
+
+
+CHAT_DEFAULTS = {"strategy": "sample", "max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9,
+                 "repetition_penalty": 1.1, "penalty_last_n": 64}
 
 EXAMPLES = {
     "generate": "examples:\n  llmcourse generate --prompt \"I have a dream\"\n"
                 "  llmcourse generate --prompt \"I have a dream\" --strategy beam --num-beams 2 --max-new-tokens 5 "
                 "--tree beam.png\n"
                 "  llmcourse generate --prompt \"Once upon a time\" --strategy sample --top-p 0.9 --seed 1 --json",
-    "chat": "examples:\n  llmcourse chat\n  llmcourse chat --prompt \"Hi!\" --system \"Answer briefly.\"",
+    "chat": "examples:\n  llmcourse chat\n  llmcourse chat --prompt \"Hi!\" --system \"Answer briefly.\"\n"
+            "  llmcourse chat --strategy greedy --max-new-tokens 64\n\n" + CHAT_HELP.replace("\n", " "),
 }
 
 
@@ -154,6 +232,9 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_model_args(c)
     c.add_argument("--prompt", default=None, help="one user turn: answer it and exit")
     c.add_argument("--system", default=None, help="an optional system message")
-    _add_generation_args(c, "greedy", 256)
+    g = c.add_argument_group("decoding (chat defaults: sampling at temperature 0.7, top-p 0.9, repetition "
+                             "penalty 1.1 over the last 64 tokens, as chat front-ends use; greedy loops on small "
+                             "models)")
+    add_config_args(g, GenerationConfig, defaults=CHAT_DEFAULTS)
     add_common_args(c)
     c.set_defaults(func=cmd_chat)
