@@ -8,12 +8,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from llmcourse.quant.int8 import Int8Config, quantize_model, quantize_tensor
+from llmcourse.quant.int8 import Int8Config, quantize_llm_int8, quantize_model, quantize_tensor
 from llmcourse.quant.int8.llm_int8 import (
     LLMInt8Linear,
     llm_int8_matmul,
     outlier_columns,
-    quantize_llm_int8,
     vectorwise_quantize,
 )
 

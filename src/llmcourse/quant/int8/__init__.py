@@ -1,5 +1,14 @@
 """Lab 5: 8-bit quantization — absmax and zero-point (per tensor, row or group), LLM.int8(), weight-only int8.
 
+Imports go one way, each module using only those above it:
+
+* ``formulas`` — absmax / zero-point on tensors: :class:`QuantizedTensor`, ``quantize_tensor``;
+* ``linear``, ``llm_int8`` — the runtime modules that store int8 (``Int8Linear``, ``Int8Embedding``,
+  ``LLMInt8Linear``);
+* ``model`` — whole models: ``quantized_state_dict`` (pure) apart from ``swap_modules`` (runtime),
+  ``quantize_model``, ``dequantize_model``, folders (``save_quantized`` / ``load_quantized``);
+* ``commands`` (``llmcourse quantize int8``) and ``tour`` (the tour section).
+
 Public API (imported lazily, so that declaring the lab costs nothing)::
 
     from llmcourse.quant.int8 import Int8Config, quantize_model, save_quantized, load_quantized
@@ -22,11 +31,12 @@ LAB = Lab(
 )
 
 _PUBLIC = {
-    "model": ("Int8Config", "QuantizedTensor", "absmax_quantize", "zeropoint_quantize", "quantize_tensor",
-              "fake_quantize", "expand_stat", "quantize_model", "save_quantized", "load_quantized",
-              "linear_weight_bytes", "model_bytes", "METHODS", "GRANULARITIES"),
+    "formulas": ("QuantizedTensor", "absmax_quantize", "zeropoint_quantize", "quantize_tensor", "fake_quantize",
+                 "expand_stat", "METHODS", "GRANULARITIES"),
     "linear": ("Int8Linear", "Int8Embedding"),
-    "llm_int8": ("LLMInt8Linear", "llm_int8_matmul", "quantize_llm_int8"),
+    "llm_int8": ("LLMInt8Linear", "llm_int8_matmul"),
+    "model": ("Int8Config", "quantized_state_dict", "swap_modules", "quantize_model", "quantize_llm_int8",
+              "dequantize_model", "save_quantized", "load_quantized", "linear_weight_bytes", "model_bytes"),
 }
 _WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
 

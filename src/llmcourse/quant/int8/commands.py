@@ -12,14 +12,9 @@ from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input
 from llmcourse.core.lab import add_parser
 from llmcourse.core.models import load_model
-from llmcourse.quant.int8.model import (
-    GRANULARITIES,
-    METHODS,
-    Int8Config,
-    model_bytes,
-    quantize_model,
-    save_quantized,
-)
+from llmcourse.quant.int8 import LAB
+from llmcourse.quant.int8.formulas import GRANULARITIES, METHODS
+from llmcourse.quant.int8.model import WEIGHTS_FILE, Int8Config, model_bytes, quantize_model, save_quantized
 
 
 def _threshold(s: str) -> float:
@@ -46,7 +41,7 @@ def cmd_quantize_int8(args: argparse.Namespace) -> Result:
     with atomic_dir(out) as tmp:
         save_quantized(lm.model, lm.tokenizer, tmp, cfg, report, source=args.model)
     disk = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    weights = (out / "model.safetensors").stat().st_size
+    weights = (out / WEIGHTS_FILE).stat().st_size
     data = {
         "model": args.model, "out": str(out), "method": cfg.method, "granularity": cfg.granularity,
         "group_size": cfg.gsize, "threshold": cfg.threshold if cfg.method == "llm.int8" else None,
@@ -70,15 +65,15 @@ EXAMPLES = ("examples:\n  llmcourse quantize int8 --model default --out out/int8
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
-    from llmcourse.quant.int8 import LAB
-
     p = add_parser(
         sub, groups, LAB, "quantize int8", epilog=EXAMPLES,
         description="Quantize every linear layer (and the input embedding, shared with a tied head) of --model to "
         "int8 and write --out: model.safetensors (int8 codes + fp32 scales, no pickle), config, tokenizer and "
         "llmcourse.json naming the scheme. `llmcourse eval perplexity|compare --model OUT` and "
         "`llmcourse generate --model OUT` load it. absmax: s = 127/max|X|; zeropoint: s = 255/(max-min), "
-        "z = round(-s min - 128); llm.int8: vector-wise int8 matmul with outlier columns (|x| >= threshold) in fp32.")
+        "z = round(-s min - 128); llm.int8: vector-wise int8 matmul with outlier columns (|x| >= threshold) in fp32. "
+        "Plain transformers refuses the folder (its config.json has a quantization_config without quant_method); "
+        "`llmcourse convert hf --model OUT --out HF_DIR` writes a de-quantized plain folder.")
     add_model_args(p)
     p.add_argument("--out", required=True, help="output folder (written atomically; must not be the input)")
     p.add_argument("--method", default="absmax", choices=METHODS,

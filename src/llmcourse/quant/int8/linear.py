@@ -1,7 +1,7 @@
 """Runtime modules that store int8 weights: a weight-only ``Int8Linear`` and an ``Int8Embedding``.
 
 Weight-only int8 (as gpt-fast's ``WeightOnlyInt8Linear``): the weight is kept as int8 codes ``q``
-with fp32 scales ``s`` (and zero-points ``z``) from :mod:`llmcourse.quant.int8`; the activations
+with fp32 scales ``s`` (and zero-points ``z``) from :mod:`llmcourse.quant.int8.formulas`; the activations
 stay in floating point. For an input row ``x`` and an absmax-per-row weight,
 
     y_o = (sum_i q_oi x_i) / s_o            (zero-point:  y_o = (sum_i (q_oi - z_o) x_i) / s_o)
@@ -22,14 +22,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from llmcourse.quant.int8.model import QuantizedTensor
+from llmcourse.quant.int8.formulas import QuantizedTensor, expand_stat
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +90,7 @@ class Int8Linear(nn.Module):
     """
 
     weight_buffers = ("qweight",)  # counted as weights by LoadedModel.n_params
+    conv1d = False  # it replaced GPT-2's Conv1D (set by .model, whose dequantize_model restores one)
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -115,8 +114,6 @@ class Int8Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The de-quantized (out, in) weight ``(q - z) / s``."""
-        from llmcourse.quant.int8.model import QuantizedTensor
-
         qt = QuantizedTensor(self.qweight, self.scale, self.zero, self.granularity, self.group_size)
         return qt.dequantize(dtype or self.compute_dtype)
 
@@ -177,8 +174,6 @@ class Int8Embedding(nn.Module):
         return self.forward(torch.arange(self.num_embeddings))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        from llmcourse.quant.int8.model import expand_stat
-
         flat = ids.reshape(-1)
         rows = self.qweight[flat].float()  # (n, dim)
         pick = (lambda t: t) if self.scale.shape[0] == 1 else (lambda t: t[flat])

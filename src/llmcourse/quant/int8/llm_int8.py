@@ -22,13 +22,10 @@ activations to fp16 first; it also rescales by the constant 6.200124e-05 where 1
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:
-    from llmcourse.quant.int8.model import QuantizedTensor
+from llmcourse.quant.int8.formulas import QuantizedTensor
 
 INV_127_SQ = 1.0 / (127.0 * 127.0)
 
@@ -81,11 +78,12 @@ class LLMInt8Linear(nn.Module):
     """An ``nn.Linear`` replacement running LLM.int8(); stores the int8 weight and its row scales.
 
     Buffers: ``qweight`` int8 (out, in) and ``scale`` fp32 (out, 1), the absmax-per-row scale
-    ``s = 127 / c_w`` of :mod:`llmcourse.quant.int8` (so ``c_w = 127 / s``), optional ``bias``.
+    ``s = 127 / c_w`` of :mod:`llmcourse.quant.int8.formulas` (so ``c_w = 127 / s``), optional ``bias``.
     ``last_outliers`` keeps the outlier columns of the latest call (for plots and tests).
     """
 
     weight_buffers = ("qweight",)  # counted as weights by LoadedModel.n_params
+    conv1d = False  # it replaced GPT-2's Conv1D (set by .model, whose dequantize_model restores one)
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, threshold: float = 6.0,
                  dtype: torch.dtype = torch.float32):
@@ -119,14 +117,3 @@ class LLMInt8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"threshold={self.threshold:g}, bias={self.bias is not None}")
 
-
-def quantize_llm_int8(model: nn.Module, threshold: float = 6.0, skip: list[str] | None = None) -> dict:
-    """Swap every linear layer of an HF causal LM for :class:`LLMInt8Linear`, in place.
-
-    The input embedding is stored as absmax-per-row int8 too (shared with a tied head). Returns
-    the report of :func:`llmcourse.quant.int8.quantize_model`.
-    """
-    from llmcourse.quant.int8.model import Int8Config, quantize_model
-
-    return quantize_model(model, Int8Config(method="llm.int8", granularity="row", threshold=threshold,
-                                            skip=list(skip or [])))

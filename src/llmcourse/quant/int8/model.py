@@ -1,33 +1,35 @@
-"""8-bit weight quantization: absmax and zero-point, per tensor / row / group, as real int8 models.
+"""Whole models in 8 bits: the quantized state dict, the swap to runtime modules, folders, the way back.
 
-Source: the course's notebook "Introduction to Weight Quantization" (M. Labonne), whose formulas
-we keep, applied to a whole tensor, to each row (output channel) or to groups of ``group_size``
-consecutive inputs of each row. With ``X`` one such block:
+Unlike the course notebook ("Introduction to Weight Quantization"), which writes the de-quantized
+values back into fp32 tensors (so nothing gets smaller), the model *stores* int8 codes. As in
+gpt-fast's ``quantize.py``, quantizing is two steps:
 
-* absmax (symmetric):  ``s = 127 / max|X|``,  ``Xq = round(s X)``,  ``X' = Xq / s``.
-* zero-point (asymmetric):  ``s = 255 / (max X - min X)``,  ``z = round(-s min X - 128)``,
-  ``Xq = clip(round(s X + z), -128, 127)``,  ``X' = (Xq - z) / s``.
-  Worked example: max 3.2, min -3.0 gives ``s = 41.13``, ``z = -5``; 0.1 maps to
-  ``round(4.11 - 5) = -1`` and back to ``(-1 + 5) / 41.13 = 0.097``.
+1. :func:`quantized_state_dict` (pure: the model is only read) applies the formulas of
+   :mod:`llmcourse.quant.int8.formulas` to every linear layer (``nn.Linear`` and GPT-2's ``Conv1D``,
+   as :func:`llmcourse.core.modules.linear_layers` finds them) and to the input embedding. Each
+   quantized module ``NAME`` becomes ``NAME.qweight`` (int8 (out, in)), ``NAME.scale`` (fp32),
+   ``NAME.zero`` (zero-point only) and ``NAME.bias``; every other tensor is the model's own; a
+   tied output head has no entries (it shares the embedding's codes). A report names each
+   module's kind (``embedding``, ``linear``, ``conv1d``, ``weight_only``).
+2. :func:`swap_modules` replaces those modules by the runtime modules of
+   :mod:`llmcourse.quant.int8.linear` (``Int8Linear``, ``Int8Embedding``) or
+   :mod:`llmcourse.quant.int8.llm_int8` (``LLMInt8Linear``) holding the tensors of such a state dict.
 
-Rounding is ``torch.round``: to nearest, ties to even (the notebook uses the same function).
-Neither scheme clips a value of its own block (except a tie at exactly 127.5, which lands on
-127), so the round trip is bounded element-wise by ``|X - X'| <= 1 / (2 s)``.
+:func:`quantize_model` runs both, in place. :func:`save_quantized` writes the state dict as
+safetensors with ``llmcourse.json`` naming the scheme; :func:`load_quantized` (which
+``core.models.load_model`` calls for such folders, through the lab table) builds the architecture
+from ``config.json`` and runs step 2 on the file's tensors. :func:`dequantize_model` goes back to
+plain ``nn.Linear`` / ``nn.Embedding`` modules holding ``W' = (q - z) / s`` (``convert hf``).
 
-Guards: a block whose absmax is 0 (or so small that ``127 / max|X|`` overflows) gets ``s = 1``
-and all-zero codes; a block with ``max == min`` gets the notebook's range of 1, which still
-returns the constant within ``1 / (2 s)``.
-
-Unlike the notebook, which writes the de-quantized values back into fp32 tensors (so nothing
-gets smaller), :func:`quantize_model` swaps every ``nn.Linear`` (and GPT-2's ``Conv1D``) and the
-input embedding for modules that *store* the int8 codes and scales
-(:mod:`llmcourse.quant.int8.linear`, or :mod:`llmcourse.quant.int8.llm_int8` for LLM.int8());
-:func:`save_quantized` writes them as safetensors with ``llmcourse.json`` naming the scheme, and
-:func:`load_quantized` (called by ``core.models.load_model`` for such folders) reads them back.
+The folder's ``config.json`` carries a ``quantization_config`` without ``quant_method``
+(:data:`HF_GUARD`), so plain transformers ``from_pretrained`` raises instead of loading a model
+whose weights are missing: with an unknown ``quant_method``, transformers 5 only warns and
+initialises those weights at random.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -37,152 +39,49 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from llmcourse.core.errors import UserError
+from llmcourse.core.models import DTYPES, LoadedModel
+from llmcourse.core.modules import (
+    is_linear,
+    linear_layers,
+    linear_weight,
+    matches,
+    module_name,
+    output_head,
+    set_module,
+    tied_embeddings,
+)
+from llmcourse.quant.int8.formulas import (
+    GRANULARITIES,
+    METHODS,
+    QuantizedTensor,
+    check_granularity,
+    quantize_tensor,
+)
+from llmcourse.quant.int8.linear import Int8Embedding, Int8Linear
+from llmcourse.quant.int8.llm_int8 import LLMInt8Linear
 
 log = logging.getLogger(__name__)
 
-METHODS = ("absmax", "zeropoint", "llm.int8")
-GRANULARITIES = ("tensor", "row", "group")
+__all__ = ["GRANULARITIES", "METHODS", "Int8Config", "quantized_state_dict", "swap_modules", "quantize_model",
+           "quantize_llm_int8", "dequantize_model", "linear_weight_bytes", "model_bytes", "save_quantized",
+           "load_quantized"]
+
 FORMAT = "int8"
 WEIGHTS_FILE = "model.safetensors"
 MARKER_FILE = "llmcourse.json"
+QUANT_KEYS = ("qweight", "scale", "zero")  # a quantized module's tensors, beside its optional bias
 
-
-# --------------------------------------------------------------------------------------------
-# The formulas, on blocks of a 2-D view of the tensor
-# --------------------------------------------------------------------------------------------
-
-
-def _blocks(x: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
-    """``x`` as fp32 blocks over which one scale is taken: (1, 1, n), (rows, 1, cols) or (rows, G, g).
-
-    A ragged last group is padded by repeating the row's last value, which changes neither
-    its max nor its min.
-    """
-    x2 = x.detach().float().reshape(x.shape[0], -1) if x.dim() > 1 else x.detach().float().reshape(1, -1)
-    if granularity == "tensor":
-        return x2.reshape(1, 1, -1)
-    if granularity == "row":
-        return x2.unsqueeze(1)
-    assert group_size is not None and group_size >= 1
-    cols = x2.shape[1]
-    n_groups = math.ceil(cols / group_size)
-    pad = n_groups * group_size - cols
-    if pad:
-        x2 = torch.cat([x2, x2[:, -1:].expand(-1, pad)], dim=1)
-    return x2.reshape(x2.shape[0], n_groups, group_size)
-
-
-def expand_stat(stat: torch.Tensor, cols: int, group_size: int | None) -> torch.Tensor:
-    """A (rows, G) per-group statistic repeated over its columns: (rows, cols). Row / tensor
-    statistics of shape (rows, 1) / (1, 1) are returned as they are (they broadcast)."""
-    if stat.shape[1] == 1:
-        return stat
-    assert group_size is not None
-    return stat.repeat_interleave(group_size, dim=1)[:, :cols]
-
-
-def absmax_scale(blocks: torch.Tensor) -> torch.Tensor:
-    """``s = 127 / max|X|`` per block (last dim), guarded: 1 where that is not finite."""
-    s = 127.0 / blocks.abs().amax(dim=-1)
-    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
-
-
-def zeropoint_params(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s = 255 / (max - min)`` (range 1 for constant blocks, as the notebook) and ``z = round(-s min - 128)``."""
-    lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
-    rng = hi - lo
-    s = 255.0 / torch.where(rng > 0, rng, torch.ones_like(rng))
-    s = torch.where(torch.isfinite(s), s, torch.full_like(s, 255.0))
-    z = torch.round(-s * lo - 128.0)
-    return s, z
-
-
-@dataclass
-class QuantizedTensor:
-    """int8 codes of a tensor with their scales (and zero-points for the zero-point scheme).
-
-    ``q`` has the tensor's shape viewed as 2-D (rows, cols); ``scale`` (and ``zero``) are fp32 of
-    shape (1, 1) per tensor, (rows, 1) per row or (rows, ceil(cols / group_size)) per group.
-    De-quantization: ``(q - zero) / scale`` with the statistic of each element's block.
-    """
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    granularity: str
-    group_size: int | None = None
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``X' = (Xq - z) / s`` (absmax: ``Xq / s``), in ``dtype``, shape (rows, cols)."""
-        cols = self.q.shape[1]
-        w = self.q.float()
-        if self.zero is not None:
-            w = w - expand_stat(self.zero, cols, self.group_size)
-        return (w / expand_stat(self.scale, cols, self.group_size)).to(dtype)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the codes plus their statistics."""
-        n = self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
-        if self.zero is not None:
-            n += self.zero.numel() * self.zero.element_size()
-        return n
-
-
-def absmax_quantize(x: torch.Tensor, granularity: str = "tensor", group_size: int | None = None) -> QuantizedTensor:
-    """Absmax (symmetric) int8: ``s = 127 / max|X|``, ``Xq = round(s X)`` per block."""
-    _check_granularity(granularity, group_size)
-    b = _blocks(x, granularity, group_size)
-    s = absmax_scale(b)  # (rows, G)
-    q = torch.round(b * s.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    q = q.reshape(b.shape[0], -1)[:, : _cols(x)] if granularity != "tensor" else q.reshape(_rows(x), -1)
-    return QuantizedTensor(q.contiguous(), s.contiguous(), None, granularity, group_size)
-
-
-def zeropoint_quantize(x: torch.Tensor, granularity: str = "tensor", group_size: int | None = None) -> QuantizedTensor:
-    """Zero-point (asymmetric) int8: ``Xq = clip(round(s X + z), -128, 127)`` per block."""
-    _check_granularity(granularity, group_size)
-    b = _blocks(x, granularity, group_size)
-    s, z = zeropoint_params(b)
-    q = torch.round(b * s.unsqueeze(-1) + z.unsqueeze(-1)).clamp_(-128, 127).to(torch.int8)
-    q = q.reshape(b.shape[0], -1)[:, : _cols(x)] if granularity != "tensor" else q.reshape(_rows(x), -1)
-    return QuantizedTensor(q.contiguous(), s.contiguous(), z.contiguous(), granularity, group_size)
-
-
-def quantize_tensor(x: torch.Tensor, method: str, granularity: str = "row", group_size: int | None = None) -> QuantizedTensor:
-    """Quantize ``x`` with ``method`` (absmax | zeropoint; llm.int8 stores absmax per row)."""
-    if method == "zeropoint":
-        return zeropoint_quantize(x, granularity, group_size)
-    if method in ("absmax", "llm.int8"):
-        return absmax_quantize(x, granularity, group_size)
-    raise UserError(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
-
-
-def fake_quantize(x: torch.Tensor, method: str, granularity: str = "tensor", group_size: int | None = None) -> torch.Tensor:
-    """The notebook's operation: ``x`` replaced by its de-quantized value, same shape and dtype."""
-    return quantize_tensor(x, method, granularity, group_size).dequantize(x.dtype).reshape(x.shape)
-
-
-def _rows(x: torch.Tensor) -> int:
-    return x.shape[0] if x.dim() > 1 else 1
-
-
-def _cols(x: torch.Tensor) -> int:
-    return x.numel() // _rows(x)
-
-
-def _check_granularity(granularity: str, group_size: int | None) -> None:
-    if granularity not in GRANULARITIES:
-        raise UserError(f"unknown granularity {granularity!r}", f"use one of {', '.join(GRANULARITIES)}")
-    if granularity == "group" and (group_size is None or group_size < 1):
-        raise UserError(f"group granularity needs a group size >= 1 (got {group_size})", "pass --group-size, e.g. 128")
-
-
-# --------------------------------------------------------------------------------------------
-# Whole models
-# --------------------------------------------------------------------------------------------
+# Written as config.json's quantization_config. No quant_method: transformers' from_pretrained raises
+# "... has no `quant_method` attribute" (tested); an unknown quant_method would only be warned about.
+HF_GUARD: dict[str, Any] = {
+    "quant_method": None,
+    "llmcourse": FORMAT,
+    "note": "int8 codes and scales written by `llmcourse quantize int8`, which transformers cannot load. "
+            "Use `llmcourse ... --model DIR`, or `llmcourse convert hf --model DIR --out HF_DIR` for a plain folder.",
+}
 
 
 @dataclass
@@ -199,7 +98,7 @@ class Int8Config:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}", f"use --method {' | '.join(METHODS)}")
-        _check_granularity(self.granularity, self.group_size)
+        check_granularity(self.granularity, self.group_size)
         if self.method == "llm.int8" and self.granularity != "row":
             raise UserError(f"LLM.int8() is vector-wise (one scale per row), not --granularity {self.granularity}",
                             "drop --granularity or pass --granularity row")
@@ -218,118 +117,184 @@ class Int8Config:
         return f"{self.method} per {self.granularity}{g}"
 
 
-def _is_linear(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
-        return True
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")  # GPT-2's transposed linear
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _linear_weight(m: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (stored (in, out))."""
-    return m.weight.detach() if isinstance(m, nn.Linear) else m.weight.detach().t()
-
-
-def _skipped(name: str, skip: list[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _make_linear(cfg: Int8Config, qt: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-    if cfg.method == "llm.int8":
-        from llmcourse.quant.int8.llm_int8 import LLMInt8Linear
-
-        return LLMInt8Linear(qt, bias, threshold=cfg.threshold, dtype=dtype)
-    from llmcourse.quant.int8.linear import Int8Linear
-
-    return Int8Linear(qt, bias, dtype=dtype)
-
-
-def _tied_head(model: nn.Module) -> tuple[str | None, str | None]:
-    """Names of (input embedding, output head) when they share one weight tensor."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is None or head is None or not hasattr(emb, "weight") or not hasattr(head, "weight"):
-        return None, None
-    if emb.weight.data_ptr() != head.weight.data_ptr():
-        return None, None
-    names = {id(m): n for n, m in model.named_modules()}
-    return names.get(id(emb)), names.get(id(head))
+# --------------------------------------------------------------------------------------------
+# Step 1: the quantized state dict (pure)
+# --------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, cfg: Int8Config) -> dict[str, Any]:
-    """Swap ``model``'s linear layers (and input embedding) for int8 modules, in place.
+def quantized_state_dict(model: nn.Module, cfg: Int8Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict of ``model`` quantized with ``cfg``, and a report; ``model`` is not changed.
 
-    Returns a report: ``modules`` (name -> kind, for reloading), ``tied`` (embedding and head
-    sharing one int8 tensor), ``fp32_bytes`` and ``int8_bytes`` of the replaced weights and
-    ``errors`` (per module mean |W - W'| / mean |W|).
+    Quantized modules hold ``NAME.qweight`` / ``NAME.scale`` / ``NAME.zero`` (and ``NAME.bias`` in
+    the model's dtype); other entries are the model's own tensors (not copies); a tied head has no
+    entries. The report: ``modules`` (name -> kind, what :func:`swap_modules` builds), ``tied``
+    ([embedding, head] sharing one int8 tensor, or None), ``fp32_bytes`` / ``int8_bytes`` of the
+    replaced weights and ``errors`` (per module mean |W - W'| / mean |W|).
     """
-    from llmcourse.quant.int8.linear import Int8Embedding
-
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    emb_name, head_name = _tied_head(model)
+    dtype = _float_dtype(model)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_name = module_name(model, emb) if isinstance(emb, nn.Embedding) else None
+    tied_emb, tied_head = tied_embeddings(model)
+    head_name, _ = output_head(model)
+    quantized: dict[str, torch.Tensor] = {}
     report: dict[str, Any] = {"modules": {}, "tied": None, "fp32_bytes": 0, "int8_bytes": 0, "errors": {}}
 
-    def record(name: str, w: torch.Tensor, qt: QuantizedTensor) -> None:
+    def put(name: str, w: torch.Tensor, qt: QuantizedTensor) -> None:
+        quantized[f"{name}.qweight"], quantized[f"{name}.scale"] = qt.q, qt.scale
+        if qt.zero is not None:
+            quantized[f"{name}.zero"] = qt.zero
         report["fp32_bytes"] += w.numel() * 4
         report["int8_bytes"] += qt.nbytes
         err = (qt.dequantize() - w.float()).abs().mean() / w.float().abs().mean().clamp_min(1e-30)
         report["errors"][name] = float(err)
 
-    emb_qt = None
-    if cfg.embeddings and isinstance(emb, nn.Embedding) and emb_name and not _skipped(emb_name, cfg.skip):
+    if cfg.embeddings and emb_name and not matches(emb_name, cfg.skip):
         # The embedding is looked up by rows (tokens): row / group statistics work for it as they are.
         emb_method = "absmax" if cfg.method == "llm.int8" else cfg.method
-        emb_qt = quantize_tensor(emb.weight, emb_method, cfg.granularity, cfg.gsize)
-        record(emb_name, emb.weight, emb_qt)
-        _set_module(model, emb_name, Int8Embedding(emb_qt, padding_idx=emb.padding_idx, dtype=dtype))
+        put(emb_name, emb.weight, quantize_tensor(emb.weight, emb_method, cfg.granularity, cfg.gsize))
         report["modules"][emb_name] = "embedding"
 
-    head_mod = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_name_any = next((n for n, m in model.named_modules() if m is head_mod), None)
-    linears = [(n, m) for n, m in model.named_modules() if _is_linear(m) and not _skipped(n, cfg.skip)]
-    for name, m in linears:
-        w = _linear_weight(m)
-        if name == head_name and emb_qt is not None:
-            qt = emb_qt  # tied: one int8 tensor serves the lookup and the output projection
-            report["tied"] = [emb_name, head_name]
+    for name, m in linear_layers(model, cfg.skip):
+        if name == tied_head and tied_emb in report["modules"]:
+            report["tied"] = [tied_emb, name]  # one int8 tensor serves the lookup and the output projection
         else:
-            qt = quantize_tensor(w, cfg.method, cfg.granularity, cfg.gsize)
-            record(name, w, qt)
-        bias = m.bias.detach().to(dtype) if getattr(m, "bias", None) is not None else None
-        if cfg.method == "llm.int8" and name == head_name_any:
+            w = linear_weight(m)
+            put(name, w, quantize_tensor(w, cfg.method, cfg.granularity, cfg.gsize))
+        if getattr(m, "bias", None) is not None:
+            quantized[f"{name}.bias"] = m.bias.detach().to(dtype)
+        if cfg.method == "llm.int8" and name == head_name:
             # As transformers + bitsandbytes keep the output head out of the int8 matmul, its
             # activations stay in floating point; its weight is stored int8 (weight-only).
-            from llmcourse.quant.int8.linear import Int8Linear
-
-            _set_module(model, name, Int8Linear(qt, bias, dtype=dtype))
             report["modules"][name] = "weight_only"
-            continue
-        _set_module(model, name, _make_linear(cfg, qt, bias, dtype))
-        report["modules"][name] = "conv1d" if not isinstance(m, nn.Linear) else "linear"
+        else:
+            report["modules"][name] = "linear" if isinstance(m, nn.Linear) else "conv1d"
     if not report["modules"]:
         raise UserError("the model has no linear layers to quantize", "check --skip and the model architecture")
+    state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in report["modules"]}
+    state.update(quantized)
+    return state, report
+
+
+# --------------------------------------------------------------------------------------------
+# Step 2: swap modules for runtime
+# --------------------------------------------------------------------------------------------
+
+
+def runtime_module(kind: str, qt: QuantizedTensor, bias: torch.Tensor | None, cfg: Int8Config,
+                   dtype: torch.dtype, padding_idx: int | None = None) -> nn.Module:
+    """The runtime module for one quantized module of kind ``kind`` (see :func:`quantized_state_dict`)."""
+    if kind == "embedding":
+        return Int8Embedding(qt, padding_idx=padding_idx, dtype=dtype)
+    if cfg.method == "llm.int8" and kind != "weight_only":
+        mod: nn.Module = LLMInt8Linear(qt, bias, threshold=cfg.threshold, dtype=dtype)
+    else:
+        mod = Int8Linear(qt, bias, dtype=dtype)
+    mod.conv1d = kind == "conv1d"
+    return mod
+
+
+def swap_modules(model: nn.Module, state: dict[str, torch.Tensor], modules: dict[str, str], cfg: Int8Config,
+                 tied: list[str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Replace each module named in ``modules`` (name -> kind) by its runtime module holding the
+    tensors of ``state`` (a :func:`quantized_state_dict`), in place. A tied head (``tied[1]``) gets
+    the embedding's very tensors. Raises KeyError if ``state`` lacks a module's codes or scales."""
+    dtype = dtype or _float_dtype(model)
+    for name, kind in modules.items():
+        src = tied[0] if tied and name == tied[1] else name
+        zero = state.get(f"{src}.zero")
+        qt = QuantizedTensor(state[f"{src}.qweight"], state[f"{src}.scale"].float(),
+                             None if zero is None else zero.float(), cfg.granularity, cfg.gsize)
+        bias = state.get(f"{name}.bias")
+        bias = None if bias is None else bias.to(dtype)
+        old = model.get_submodule(name)
+        set_module(model, name, runtime_module(kind, qt, bias, cfg, dtype, getattr(old, "padding_idx", None)))
+
+
+def quantize_model(model: nn.Module, cfg: Int8Config) -> dict[str, Any]:
+    """Swap ``model``'s linear layers (and input embedding) for int8 modules, in place: the two steps
+    :func:`quantized_state_dict` then :func:`swap_modules`. Returns the report of the first."""
+    dtype = _float_dtype(model)
+    state, report = quantized_state_dict(model, cfg)
+    swap_modules(model, state, report["modules"], cfg, report["tied"], dtype)
     log.info("quantized %d modules (%s)", len(report["modules"]), cfg.name)
     return report
 
 
+def quantize_llm_int8(model: nn.Module, threshold: float = 6.0, skip: list[str] | None = None) -> dict[str, Any]:
+    """Swap every linear layer of an HF causal LM for :class:`LLMInt8Linear`, in place.
+
+    The input embedding is stored as absmax-per-row int8 too (shared with a tied head). Returns
+    the report of :func:`quantize_model`.
+    """
+    return quantize_model(model, Int8Config(method="llm.int8", granularity="row", threshold=threshold,
+                                            skip=list(skip or [])))
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every int8 module of ``model`` by a plain one holding its de-quantized weight
+    ``W' = (q - z) / s``, in place, and return ``model``: ``nn.Embedding`` for an
+    :class:`Int8Embedding`, ``nn.Linear`` (GPT-2's ``Conv1D`` where it replaced one) for an
+    :class:`Int8Linear` or :class:`LLMInt8Linear`, in each module's compute dtype. Modules that
+    shared int8 codes (a tied embedding and head) share one weight afterwards.
+
+    The result is an ordinary transformers model (``save_pretrained`` writes a plain folder); it
+    computes what the weight-only modules computed, up to float rounding (LLM.int8() also rounded
+    the activations, which a plain model does not).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    weights: dict[int, nn.Parameter] = {}  # data_ptr of the int8 codes -> its de-quantized weight
+
+    def weight(m: nn.Module, table: bool) -> nn.Parameter:
+        key = m.qweight.data_ptr()
+        if key not in weights:
+            w = m.weight if table else m.dequantize()  # (rows, cols) either way
+            weights[key] = nn.Parameter(w.detach().contiguous())
+        return weights[key]
+
+    def bias(m: nn.Module) -> nn.Parameter | None:
+        return None if m.bias is None else nn.Parameter(m.bias.detach().to(m.compute_dtype).clone())
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Int8Embedding):
+            new: nn.Module = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx,
+                                          device="meta")
+            new.weight = weight(m, table=True)
+        elif isinstance(m, Int8Linear | LLMInt8Linear) and m.conv1d:
+            new = Conv1D(m.out_features, m.in_features)
+            new.weight = nn.Parameter(m.dequantize().t().contiguous())  # Conv1D stores (in, out)
+            b = bias(m)
+            new.bias = b if b is not None else nn.Parameter(torch.zeros(m.out_features, dtype=m.compute_dtype))
+        elif isinstance(m, Int8Linear | LLMInt8Linear):
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            new.weight = weight(m, table=False)
+            if m.bias is not None:
+                new.bias = bias(m)
+        else:
+            continue
+        set_module(model, name, new)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+
+
 def linear_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes held by the linear / embedding weights of ``model`` (quantized or not), counted once each."""
-    from llmcourse.quant.int8.linear import Int8Embedding, Int8Linear
-    from llmcourse.quant.int8.llm_int8 import LLMInt8Linear
-
     seen: set[int] = set()
     total = 0
     for m in model.modules():
         if isinstance(m, Int8Linear | LLMInt8Linear | Int8Embedding):
             tensors = [m.qweight, m.scale] + ([m.zero] if getattr(m, "zero", None) is not None else [])
-        elif _is_linear(m) or isinstance(m, nn.Embedding):
+        elif is_linear(m) or isinstance(m, nn.Embedding):
             tensors = [m.weight]
         else:
             continue
@@ -362,27 +327,34 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path, cfg: I
 
     ``model.safetensors`` holds the int8 codes (``NAME.qweight``), scales (``NAME.scale``),
     zero-points (``NAME.zero``) and every other tensor in the model's dtype; a tied head is
-    stored once, under the embedding's name. No pickle is written.
+    stored once, under the embedding's name. No pickle is written. ``config.json`` gets
+    :data:`HF_GUARD` as its ``quantization_config``.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     state = model.state_dict()
     if report.get("tied"):
         _, head = report["tied"]
-        state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+        state = {k: v for k, v in state.items() if not _is_quant_key(k, head)}
     state = {k: v.detach().contiguous().clone() if _shares(v, state, k) else v.detach().contiguous()
              for k, v in state.items()}
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "llmcourse": FORMAT})
     model.config.save_pretrained(out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = HF_GUARD
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     meta = {"format": FORMAT, **asdict(cfg), "modules": report["modules"], "tied": report["tied"],
-            "source": source, "dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())
-                                             ).replace("torch.", "")}
+            "source": source, "dtype": str(_float_dtype(model)).replace("torch.", "")}
     (out_dir / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _is_quant_key(key: str, module: str) -> bool:
+    """Whether ``key`` is one of ``module``'s int8 tensors (codes, scale, zero-point)."""
+    owner, _, leaf = key.rpartition(".")
+    return owner == module and leaf in QUANT_KEYS
 
 
 def _shares(v: torch.Tensor, state: dict[str, torch.Tensor], key: str) -> bool:
@@ -390,19 +362,17 @@ def _shares(v: torch.Tensor, state: dict[str, torch.Tensor], key: str) -> bool:
     return any(k != key and t.data_ptr() == v.data_ptr() for k, t in state.items())
 
 
-def load_quantized(path: str | Path, dtype: str = "fp32") -> Any:
+def load_quantized(path: str | Path, dtype: str = "fp32") -> LoadedModel:
     """Rebuild a folder written by :func:`save_quantized` as a :class:`~llmcourse.core.models.LoadedModel`.
 
-    The architecture is built from ``config.json`` (without random initialisation), each module
-    named in ``llmcourse.json`` is replaced by its int8 module holding the stored tensors, and the
-    remaining tensors are loaded strictly.
+    The architecture is built from ``config.json`` (without random initialisation, its
+    ``quantization_config`` guard dropped), :func:`swap_modules` puts the int8 modules named in
+    ``llmcourse.json`` in place with the stored tensors, and the remaining tensors are loaded
+    strictly. ``info["dequantize"]`` is a callable returning a plain de-quantized copy of the
+    model (:func:`dequantize_model`), for commands that write other formats.
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
-
-    from llmcourse.core.models import DTYPES, LoadedModel
-    from llmcourse.quant.int8.linear import Int8Embedding, Int8Linear
 
     path = Path(path)
     if dtype not in DTYPES:
@@ -412,7 +382,7 @@ def load_quantized(path: str | Path, dtype: str = "fp32") -> Any:
         meta = json.loads((path / MARKER_FILE).read_text())
         cfg = Int8Config(**{k: meta[k] for k in ("method", "granularity", "group_size", "threshold", "skip",
                                                  "embeddings")})
-        modules: dict[str, str] = meta["modules"]
+        modules: dict[str, str] = dict(meta["modules"])
         tied = meta.get("tied")
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{path / MARKER_FILE} is not a valid int8 description ({type(e).__name__}: {e})",
@@ -426,44 +396,33 @@ def load_quantized(path: str | Path, dtype: str = "fp32") -> Any:
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read the config / tokenizer of {path} ({type(e).__name__})",
                         "check that the folder is complete") from e
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # our guard against plain transformers; the model is built here
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.eval()
 
-    def take(name: str) -> QuantizedTensor:
+    for name in modules:
         try:
-            q, s = state.pop(f"{name}.qweight"), state.pop(f"{name}.scale")
-        except KeyError as e:
-            raise UserError(f"{path / WEIGHTS_FILE} lacks the int8 tensors of {name}", "re-create the folder") from e
-        z = state.pop(f"{name}.zero", None)
+            model.get_submodule(name)
+        except AttributeError as e:
+            raise UserError(f"{path}: module {name} is not in the architecture of config.json",
+                            "re-create the folder") from e
+        if tied and name == tied[1]:
+            continue
+        q = state.get(f"{name}.qweight")
+        if q is None or f"{name}.scale" not in state:
+            raise UserError(f"{path / WEIGHTS_FILE} lacks the int8 tensors of {name}", "re-create the folder")
         if q.dtype != torch.int8:
             raise UserError(f"{name}.qweight in {path} is {q.dtype}, not int8", "re-create the folder")
-        return QuantizedTensor(q, s.float(), None if z is None else z.float(), cfg.granularity, cfg.gsize)
-
-    shared: QuantizedTensor | None = None
-    for name, kind in modules.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as e:
-            raise UserError(f"{path}: module {name} is not in the architecture of config.json", "re-create the folder") from e
-        if kind == "embedding":
-            qt = take(name)
-            shared = qt
-            _set_module(model, name, Int8Embedding(qt, padding_idx=getattr(old, "padding_idx", None), dtype=torch_dtype))
-            continue
-        qt = shared if tied and name == tied[1] and shared is not None else take(name)
-        bias = state.pop(f"{name}.bias", None)
-        bias = None if bias is None else bias.to(torch_dtype)
-        if kind == "weight_only":
-            _set_module(model, name, Int8Linear(qt, bias, dtype=torch_dtype))
-        else:
-            _set_module(model, name, _make_linear(cfg, qt, bias, torch_dtype))
-    rest = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    swap_modules(model, state, modules, cfg, tied, torch_dtype)
+    rest = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()
+            if k.rpartition(".")[0] not in modules}
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    quant_keys = ("qweight", "scale", "zero", "bias")
-    missing = [k for k in missing if not (k.rsplit(".", 1)[0] in modules and k.rsplit(".", 1)[1] in quant_keys)]
+    missing = [k for k in missing if k.rpartition(".")[0] not in modules]
     if missing or unexpected:
         raise UserError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})",
                         "re-create the folder with `llmcourse quantize int8`")
-    info = {"int8": {k: meta[k] for k in ("method", "granularity", "group_size", "threshold") if k in meta}}
+    info = {"int8": {k: meta[k] for k in ("method", "granularity", "group_size", "threshold") if k in meta},
+            "dequantize": lambda: dequantize_model(copy.deepcopy(model))}
     return LoadedModel(model, tok, str(path), path, kind="int8", info=info)

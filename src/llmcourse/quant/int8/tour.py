@@ -10,7 +10,6 @@ and original vs LLM.int8().
 from __future__ import annotations
 
 import copy
-import html
 import logging
 import tempfile
 import time
@@ -21,9 +20,13 @@ import torch
 
 from llmcourse.core.data import load_text, tokenize_stream
 from llmcourse.core.evaluate import compare, perplexity
+from llmcourse.core.modules import linear_layers, linear_weight
+from llmcourse.core.report import TourContext, TourSection, html_table, pyplot, save_figure
+from llmcourse.quant.int8.formulas import fake_quantize
+from llmcourse.quant.int8.llm_int8 import LLMInt8Linear
 from llmcourse.quant.int8.model import (
+    WEIGHTS_FILE,
     Int8Config,
-    fake_quantize,
     linear_weight_bytes,
     model_bytes,
     quantize_model,
@@ -55,7 +58,7 @@ def disk_bytes(model: Any, cfg: Int8Config, report: dict[str, Any]) -> int:
     """Size of the weights file ``quantize int8`` would write for this model."""
     with tempfile.TemporaryDirectory() as d:
         save_quantized(model, None, d, cfg, report)
-        return (Path(d) / "model.safetensors").stat().st_size
+        return (Path(d) / WEIGHTS_FILE).stat().st_size
 
 
 def measure(lm: Any, cfg: Int8Config | None, ids: torch.Tensor, ppl_tokens: int, cmp_tokens: int,
@@ -91,23 +94,20 @@ def measure(lm: Any, cfg: Int8Config | None, ids: torch.Tensor, ppl_tokens: int,
 
 
 def _all_linear_weights(model: Any) -> list[torch.Tensor]:
-    from llmcourse.quant.int8.model import _is_linear, _linear_weight
-
+    """Every linear weight of ``model`` as (out, in), a tied head counted once."""
     seen, out = set(), []
-    for m in model.modules():
-        if _is_linear(m) and m.weight.data_ptr() not in seen:
-            seen.add(m.weight.data_ptr())
-            out.append(_linear_weight(m))
+    for _, m in linear_layers(model):
+        w = linear_weight(m)
+        if w.data_ptr() not in seen:
+            seen.add(w.data_ptr())
+            out.append(w)
     return out
 
 
-def plot_histograms(model: Any, out_dir: Path, quick: bool, llm_int8_model: Any | None = None) -> list[str]:
-    """The notebook's weight histograms (150 bins); returns the image file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_histograms(model: Any, out_dir: Path, quick: bool,
+                    llm_int8_model: Any | None = None) -> list[tuple[str, str]]:
+    """The notebook's weight histograms (150 bins); returns (file name, ``<img>`` tag) of each."""
+    plt = pyplot()
     weights = _all_linear_weights(model)
     if quick:
         weights = weights[:8]
@@ -133,12 +133,9 @@ def plot_histograms(model: Any, out_dir: Path, quick: bool, llm_int8_model: Any 
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("weight value")
     fig.tight_layout()
-    fig.savefig(out_dir / "int8_hist_absmax_zeropoint.png", dpi=90)
-    plt.close(fig)
-    files.append("int8_hist_absmax_zeropoint.png")
+    name = "int8_hist_absmax_zeropoint.png"
+    files.append((name, save_figure(fig, out_dir, name, "original vs absmax and zero-point weights", dpi=90)))
     if llm_int8_model is not None:
-        from llmcourse.quant.int8.llm_int8 import LLMInt8Linear
-
         seen, uniq = set(), []
         for m in llm_int8_model.modules():
             if isinstance(m, LLMInt8Linear) and m.qweight.data_ptr() not in seen:
@@ -155,16 +152,13 @@ def plot_histograms(model: Any, out_dir: Path, quick: bool, llm_int8_model: Any 
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / "int8_hist_llm_int8.png", dpi=90)
-        plt.close(fig)
-        files.append("int8_hist_llm_int8.png")
+        name = "int8_hist_llm_int8.png"
+        files.append((name, save_figure(fig, out_dir, name, "original vs LLM.int8() weights", dpi=90)))
     return files
 
 
-def section(ctx: Any) -> Any:
+def section(ctx: TourContext) -> TourSection:
     """The 8-bit section of the tour (full mode about 90 s on 2 cores; quick mode < 20 s)."""
-    from llmcourse.core.report import TourSection, html_table
-
     lm = ctx.lm
     quick = ctx.quick
     ids = tokenize_stream(lm.tokenizer, load_text("default", "eval"))
@@ -213,8 +207,7 @@ def section(ctx: Any) -> Any:
         + "Memory counts every tensor once; 'weights / fp32' is the bytes of the quantized weights (codes + "
         "scales) over their fp32 bytes.</p>",
     ]
-    for f in files:
-        text.append(f'<img src="{html.escape(f)}" alt="{html.escape(f)}">')
+    text += [tag for _, tag in files]
     summary = {"rows": rows, "perplexity_tokens": ppl_tokens, "compare_tokens": cmp_tokens,
-               "llm_int8_linear_weight_ratio": linear_ratio, "images": files}
+               "llm_int8_linear_weight_ratio": linear_ratio, "images": [f for f, _ in files]}
     return TourSection("8-bit quantization: absmax, zero-point, LLM.int8()", "\n".join(text), summary)
