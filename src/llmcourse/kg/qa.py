@@ -1,0 +1,289 @@
+"""Question answering over a knowledge graph, with provenance: link entities, retrieve, rank, prompt, answer.
+
+The notebook's LangChain ``GraphQAChain`` takes the depth-1 *outgoing* facts of the entities an LLM
+names in the question, one relation per node pair. Here (Edge et al. 2024, "From Local to Global:
+A Graph RAG Approach", and Pan et al. 2024, "Unifying LLMs and KGs", for the pattern):
+
+1. **link** (:meth:`Asker.link`): the longest word n-grams of the question equal to an entity's
+   normalised name or alias (short ISO-code aliases must match case-sensitively); if none match,
+   the n-gram whose all-MiniLM embedding is closest to an entity name's (cosine >= ``link_threshold``).
+2. **retrieve** (:func:`llmcourse.kg.store.neighbourhood`): every edge within ``hops`` of the linked
+   entities, in both directions, multi-edges kept, through parameterised queries.
+3. **rank** (:func:`rank_facts`): a path score. A linked entity has reach 3; an edge reached at hop
+   ``h`` through node ``v`` scores ``reach(v) + 3 * [its relation is named in the question] - (h - 1)``,
+   plus 2 if it joins two linked entities and 0.1 per question word it repeats; its far end gets
+   reach ``score - 3``. So "currency of the country whose capital is Lima" ranks Lima-capital-Peru,
+   then Peru-currency-Sol. The top facts that fit ``max_facts`` and a token budget go in the prompt.
+4. **answer**: the facts as sentences, then the question; the result lists the facts shown and
+   marks those the answer repeats (``used``).
+
+Other modes, for the measured comparison: ``none`` (the question alone), ``vector`` (top-k fact
+sentences from a FAISS index: plain vector RAG over the same facts) and ``cypher`` (the model writes
+a Cypher query, GraphCypherQAChain's approach; it runs only if :func:`check_read_query` passes, on a
+read-only database).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llmcourse.core.errors import UserError
+from llmcourse.kg.store import CYPHER_SCHEMA, GraphStore, check_read_query, neighbourhood
+from llmcourse.kg.triples import Entity, Triple, normalize
+
+LLM = Callable[[str], str]  # a user message -> the model's reply
+MODES = ("facts", "vector", "none", "cypher")
+
+TEMPLATES = {
+    "capital": "The capital of {s} is {o}.",
+    "continent": "{s} is in {o}.",
+    "currency": "The currency of {s} is the {o}.",
+    "language": "{o} is spoken in {s}.",
+    "neighbour": "{s} borders {o}.",
+}
+# words in a question that name a relation besides the relation's own words
+SYNONYMS = {"language": ("speak", "spoken"), "neighbour": ("border", "neighbor"), "currency": ("money",),
+            "founded_by": ("founder",), "ceo": ("chief", "boss", "runs", "leads")}
+STOPWORDS = set("a an the of in on at to is was are be by for with and or what which who whom whose when where "
+                "how did does do that this it its as from".split())
+
+
+def sentence(t: Triple) -> str:
+    """A fact as an English sentence (templates for the country relations)."""
+    if t.relation in TEMPLATES:
+        return TEMPLATES[t.relation].format(s=t.subject, o=t.object)
+    return f"{t.subject} {t.relation.replace('_', ' ')} {t.object}."
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[\w'-]+", normalize(text))
+
+
+def _stem(w: str) -> str:
+    return w[:5]
+
+
+@dataclass
+class Fact:
+    """A fact in an answer's context, with its score, hop and whether the answer repeats it."""
+
+    subject: str
+    relation: str
+    object: str
+    text: str
+    hop: int = 0
+    score: float = 0.0
+    used: bool = False
+
+
+@dataclass
+class Answer:
+    """What ``ask`` returns: the answer, the facts it was given (provenance), and how it got there."""
+
+    question: str
+    answer: str
+    mode: str
+    facts: list[Fact] = field(default_factory=list)
+    entities: list[str] = field(default_factory=list)
+    cypher: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def relation_named(relation: str, question_words: set[str]) -> bool:
+    """Whether the question names ``relation`` (one of its words or synonyms, by 5-letter prefix)."""
+    cues = [w for w in relation.split("_") if w not in STOPWORDS] + list(SYNONYMS.get(relation, ()))
+    return any(_stem(c) in question_words for c in cues)
+
+
+def rank_facts(found: list[tuple[Triple, int]], linked: list[str], question: str) -> list[Fact]:
+    """Score each retrieved edge by its path from the linked entities (see the module docstring)."""
+    qwords = {_stem(w) for w in words(question) if w not in STOPWORDS}
+    reach = {e: 3.0 for e in linked}
+    linked_set = set(linked)
+    facts = []
+    for t, hop in found:  # neighbourhood returns edges hop by hop, so reach is set before it is read
+        s, o = normalize(t.subject), normalize(t.object)
+        via = max(reach.get(s, float("-inf")), reach.get(o, float("-inf")))
+        if via == float("-inf"):
+            via = 0.0
+        score = via + 3.0 * relation_named(t.relation, qwords) - (hop - 1)
+        if s in linked_set and o in linked_set:
+            score += 2.0
+        text = sentence(t)
+        score += 0.1 * len({_stem(w) for w in words(text) if w not in STOPWORDS} & qwords)
+        for end in (s, o):
+            reach[end] = max(reach.get(end, float("-inf")), score - 3.0)
+        facts.append(Fact(t.subject, t.relation, t.object, text, hop, round(score, 3)))
+    facts.sort(key=lambda f: (-f.score, f.hop))
+    return facts
+
+
+def answer_prompt(question: str, facts: list[str]) -> str:
+    if not facts:
+        return f"Answer the question in a few words.\nQuestion: {question}"
+    listed = "\n".join(f"- {f}" for f in facts)
+    return (f"Answer the question using these facts. Reply with the answer only, in a few words.\n"
+            f"Facts:\n{listed}\nQuestion: {question}")
+
+
+CYPHER_PROMPT = """Write one Cypher query that answers the question. Schema: {schema}.
+Example: Question: What is the capital of France?
+MATCH (a:Entity {{id: 'france'}})-[r:REL {{relation: 'capital'}}]->(b:Entity) RETURN b.name
+Relations: {relations}.
+Question: {question}"""
+
+
+def extract_cypher(text: str) -> str:
+    """The query in a model's reply: a fenced block, else from the first MATCH to the end of that line."""
+    m = re.search(r"```(?:cypher)?\s*(.+?)```", text, re.DOTALL | re.IGNORECASE)
+    if m:
+        return m.group(1).strip()
+    m = re.search(r"\b(OPTIONAL\s+MATCH|MATCH)\b.*", text, re.IGNORECASE)
+    return m.group(0).strip() if m else text.strip()
+
+
+class Asker:
+    """Answers questions from one graph with one LLM; the entity index and vector index are built once."""
+
+    def __init__(self, store: GraphStore, llm: LLM, embedder: Any = None, max_facts: int = 6,
+                 fact_tokens: int = 200, link_threshold: float = 0.75, vector_k: int = 5) -> None:
+        self.store, self.llm, self._embedder = store, llm, embedder
+        self.max_facts, self.fact_tokens, self.link_threshold, self.vector_k = (
+            max_facts, fact_tokens, link_threshold, vector_k)
+        self.entities: dict[str, Entity] = {e.id: e for e in store.entities()}
+        self.surface: dict[str, str] = {}  # normalised name or long alias -> entity id
+        self.codes: dict[str, str] = {}  # short alias (ISO code), matched case-sensitively -> entity id
+        for e in self.entities.values():
+            for a in e.aliases:
+                (self.codes if len(a) <= 3 else self.surface).setdefault(a if len(a) <= 3 else normalize(a), e.id)
+        for e in self.entities.values():  # names win over aliases
+            self.surface[e.id] = e.id
+        self.longest = max((len(k.split()) for k in self.surface), default=1)
+        self._names_index: Any = None
+        self._vector: Any = None
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from llmcourse.kg.vector import default_embedder
+
+            self._embedder = default_embedder()
+        return self._embedder
+
+    # -- 1. entity linking --------------------------------------------------------------------------
+    def link(self, question: str, fuzzy: bool = True) -> list[str]:
+        """Entity ids named in ``question``, longest match first, left to right."""
+        toks = words(question)
+        raw = re.findall(r"[\w'-]+", question)
+        found, i = [], 0
+        while i < len(toks):
+            for n in range(min(self.longest, len(toks) - i), 0, -1):
+                key = " ".join(toks[i:i + n])
+                if key in self.surface and not (n == 1 and key in STOPWORDS):
+                    found.append(self.surface[key])
+                    i += n
+                    break
+            else:
+                i += 1
+        found += [self.codes[w] for w in raw if w.isupper() and w in self.codes]
+        found = list(dict.fromkeys(found))
+        if not found and fuzzy and self.entities:
+            found = self._link_by_embedding(toks)
+        return found
+
+    def _link_by_embedding(self, toks: list[str]) -> list[str]:
+        from llmcourse.kg.vector import VectorIndex
+
+        if self._names_index is None:
+            ids = list(self.entities)
+            self._names_index = (ids, VectorIndex([self.entities[i].name for i in ids], self.embedder))
+        ids, index = self._names_index
+        grams = [" ".join(toks[i:i + n]) for n in (1, 2, 3) for i in range(len(toks) - n + 1)
+                 if not all(w in STOPWORDS for w in toks[i:i + n])]
+        best: tuple[float, str] | None = None
+        for g in grams:
+            for name, score in index.search(g, 1):
+                if score >= self.link_threshold and (best is None or score > best[0]):
+                    best = (score, normalize(name))
+        return [best[1]] if best and best[1] in self.entities else []
+
+    # -- 2-3. retrieval and ranking -------------------------------------------------------------------
+    def retrieve(self, question: str, hops: int = 2) -> tuple[list[str], list[Fact]]:
+        """The linked entities and the top facts around them (capped to ``max_facts`` and the token budget)."""
+        linked = self.link(question)
+        facts = rank_facts(neighbourhood(self.store, linked, hops), linked, question)
+        kept, budget = [], self.fact_tokens
+        for f in facts[:self.max_facts]:
+            cost = len(f.text) // 4 + 2  # about 4 characters a token, plus the list marker
+            if cost > budget:
+                break
+            kept.append(f)
+            budget -= cost
+        return linked, kept
+
+    def vector_facts(self, question: str) -> list[Fact]:
+        from llmcourse.kg.vector import VectorIndex
+
+        if self._vector is None:
+            ts = self.store.triples()
+            self._vector = (ts, VectorIndex([sentence(t) for t in ts], self.embedder))
+        ts, index = self._vector
+        by_text = {sentence(t): t for t in ts}
+        return [Fact(by_text[s].subject, by_text[s].relation, by_text[s].object, s, 0, round(score, 4))
+                for s, score in index.search(question, self.vector_k)]
+
+    # -- 4. answering ---------------------------------------------------------------------------------
+    def ask(self, question: str, mode: str = "facts", hops: int = 2) -> Answer:
+        """Answer ``question`` in ``mode`` (facts | vector | none | cypher)."""
+        if mode not in MODES:
+            raise UserError(f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
+        if not question.strip():
+            raise UserError("the question is empty", "pass a question")
+        t0 = time.perf_counter()
+        out = Answer(question, "", mode)
+        if mode == "facts":
+            out.entities, out.facts = self.retrieve(question, hops)
+        elif mode == "vector":
+            out.facts = self.vector_facts(question)
+        elif mode == "cypher":
+            self._cypher_facts(question, out)
+        out.answer = self.llm(answer_prompt(question, [f.text for f in out.facts])).strip()
+        said = normalize(out.answer)
+        for f in out.facts:
+            f.used = bool(said) and any(normalize(x) in said for x in (f.object, f.subject)
+                                        if normalize(x) not in normalize(question))
+        out.seconds = time.perf_counter() - t0
+        return out
+
+    def _cypher_facts(self, question: str, out: Answer) -> None:
+        relations = sorted({t.relation for t in self.store.triples()})[:30]
+        reply = self.llm(CYPHER_PROMPT.format(schema=CYPHER_SCHEMA, relations=", ".join(relations), question=question))
+        out.cypher = extract_cypher(reply)
+        try:
+            rows = self.store.read_query(check_read_query(out.cypher))
+        except UserError as e:
+            out.error = str(e)
+            return
+        out.facts = [Fact("", "cypher", ", ".join(map(str, r)), ", ".join(map(str, r))) for r in rows[:self.max_facts]]
+
+
+def model_llm(lm: Any, max_new_tokens: int = 24, stop: tuple[str, ...] = ("\n",)) -> LLM:
+    """A loaded chat model (``load_model(...)``) as an :data:`LLM`: chat template, greedy decoding
+    through the decoding lab's ``generate``."""
+    from llmcourse.decoding import GenerationConfig, chat_prompt_ids, generate
+
+    cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, stop=stop)
+
+    def llm(prompt: str) -> str:
+        ids = chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": prompt}])
+        return generate(lm.model, lm.tokenizer, ids, cfg).sequences[0].text
+
+    return llm
