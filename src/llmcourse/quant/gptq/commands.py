@@ -107,8 +107,8 @@ def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
     p.add_argument("--out", required=True, help="output folder (written atomically; must not be the input)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8. Default: %(default)s")
     p.add_argument("--group-size", type=group_size_arg, default=128,
-                   help="inputs per group (must divide every layer's input width), or 'none' for one scale per "
-                   "row. Default: %(default)s")
+                   help="inputs per group (a last, shorter group where it does not divide a layer's width), or "
+                   "'none' for one scale per row. Default: %(default)s")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True,
                      help="symmetric grid, zero = 2^(bits-1) (default)")

@@ -178,11 +178,23 @@ class GPTQ:
         dW = dW.float()
         return float(((dW @ self.H) * dW).sum() / 2)
 
-    @torch.no_grad()
     def quantize(self, W: torch.Tensor, bits: int = 4, group_size: int | None = None, sym: bool = True,
                  desc_act: bool = False, static_groups: bool = False, damp: float = 0.01,
                  blocksize: int = 128, mse: bool = False) -> QuantizedLayer:
-        """GPTQ on ``W`` (rows, columns) with this layer's Hessian (the reference's ``fasterquant``)."""
+        """GPTQ on ``W`` (rows, columns) with this layer's Hessian (the reference's ``fasterquant``).
+
+        Runs on one thread: the column loop is thousands of small operations, which a second thread
+        only slows down (measured 0.56 s vs 8.9 s for a 1536 x 576 layer with the other core busy)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                return self._quantize(W, bits, group_size, sym, desc_act, static_groups, damp, blocksize, mse)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _quantize(self, W: torch.Tensor, bits: int, group_size: int | None, sym: bool, desc_act: bool,
+                  static_groups: bool, damp: float, blocksize: int, mse: bool) -> QuantizedLayer:
         W = W.detach().clone().float()
         rows, columns = W.shape
         assert columns == self.columns and self.nsamples > 0

@@ -111,7 +111,10 @@ class GPTQConfig:
 
 
 def check_model(model: nn.Module, cfg: GPTQConfig) -> None:
-    """A one-line UserError unless every block linear can be quantized and packed with ``cfg``."""
+    """A one-line UserError unless every block linear can be quantized and packed with ``cfg``.
+
+    A group size that does not divide a layer's width leaves a shorter last group (``ceil(I / g)``
+    groups, as AutoGPTQ and GPTQModel do: the default model's 576-wide layers at g128 have 4.5)."""
     if any(hasattr(m, "weight_buffers") for m in model.modules()):
         raise UserError("the model is already quantized", "quantize the original (floating-point) model instead")
     try:
@@ -121,10 +124,9 @@ def check_model(model: nn.Module, cfg: GPTQConfig) -> None:
     for name, m in linear_layers(blocks):
         name = f"{prefix}.{name}"
         out_f, in_f = linear_weight(m).shape
-        if cfg.group_size is not None and in_f % cfg.group_size:
-            raise UserError(f"--group-size {cfg.group_size} does not divide the {in_f} inputs of {name}",
-                            "pick a group size that divides every layer's input width (e.g. 32, 64 or 128), "
-                            "or 'none'")
+        if cfg.group_size is not None and cfg.group_size > in_f:
+            raise UserError(f"--group-size {cfg.group_size} is wider than the {in_f} inputs of {name}",
+                            f"use a group size <= {in_f} (e.g. 32, 64 or 128), or 'none' for one group per row")
         for what, n in (("inputs", in_f), ("outputs", out_f)):
             if (n * cfg.bits) % 32:
                 raise UserError(f"{name} has {n} {what}: {cfg.bits}-bit values of it do not fill 32-bit words",
@@ -147,12 +149,13 @@ def check_calibration(model: nn.Module, n_tokens: int) -> None:
 
 def sequential_stages(block: nn.Module, layers: dict[str, nn.Module], inp: BlockInput) -> list[list[str]]:
     """The block's linear layers in call order, grouped by the input tensor they read (one forward)."""
-    order: list[tuple[str, int]] = []
-    with input_hooks(layers, lambda n, x: order.append((n, x.data_ptr()))), torch.no_grad():
+    order: list[tuple[str, torch.Tensor]] = []  # the inputs are held, so no address is reused meanwhile
+    with input_hooks(layers, lambda n, x: order.append((n, x))), torch.no_grad():
         run_block(block, inp)
     stages: list[list[str]] = []
-    seen: dict[int, int] = {}
-    for name, ptr in order:
+    seen: dict[tuple, int] = {}
+    for name, x in order:
+        ptr = (x.data_ptr(), tuple(x.shape))
         if any(name in s for s in stages):
             continue
         if ptr in seen:
