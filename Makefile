@@ -43,7 +43,7 @@ setup: $(VENV)/.stamp-setup
 setup-test: $(VENV)/.stamp-test
 
 demo: setup
-	$(BIN)/llmcourse tour --out tour
+	$(BIN)/llmcourse tour --out tour --overwrite
 	@echo "open tour/index.html"
 
 test: setup-test

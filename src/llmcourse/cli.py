@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from llmcourse import __version__
 from llmcourse.core.cli_common import Result
 from llmcourse.core.errors import UserError
-from llmcourse.core.io import dumps
+from llmcourse.core.io import dumps, overwriting
 from llmcourse.core.threads import apply_threads, choose_threads
 from llmcourse.core.lab import HelpFormatter, Lab, import_lab_module
 from llmcourse.labs import GROUPS, labs
@@ -76,11 +76,24 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     for lab in table:
         if argv is None or chosen in lab.commands:
             import_lab_module(lab, lab.commands_module).register(sub, groups)
+            _add_overwrite(sub)
             continue
         for command, help_text in lab.commands.items():  # listed, not built: never parsed in this run
             group, _, kind = command.partition(" ")
             (groups[group] if kind else sub).add_parser(kind or group, help=help_text)
     return parser
+
+
+def _add_overwrite(sub: argparse._SubParsersAction) -> None:
+    """Every command with an ``--out`` gets ``--overwrite`` (outputs are never replaced without it)."""
+    for p in {id(c): c for c in sub.choices.values()}.values():
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                _add_overwrite(a)
+        dests = {a.dest for a in p._actions}
+        if "out" in dests and "overwrite" not in dests:
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace an existing --out (a folder only if llmcourse wrote it)")
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -121,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(args, "threads"):  # commands that compute: choose before torch starts its pool
             threads = choose_threads(args.threads)
             apply_threads(threads)
-        result = handler(args)
+        with overwriting(getattr(args, "overwrite", False)):
+            result = handler(args)
         if isinstance(result, Result) and threads is not None:
             result.data.setdefault("threads", threads)
     except UserError as e:

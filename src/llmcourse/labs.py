@@ -51,7 +51,7 @@ def labs() -> list[Lab]:
             raise
         lab = getattr(mod, "LAB", None)
         if lab is None:
-            log.warning("%s is listed in the lab table but declares no LAB; skipped", pkg)
+            log.debug("%s is listed in the lab table but declares no LAB; skipped", pkg)
             continue
         out.append(lab)
     return out

@@ -19,7 +19,7 @@ from typing import Any
 
 from llmcourse.core.cli_common import Result, add_common_args
 from llmcourse.core.errors import UserError
-from llmcourse.core.io import atomic_dir, write_json, write_text
+from llmcourse.core.io import atomic_dir, check_not_input, write_json, write_text
 from llmcourse.core.lab import Lab, add_parser, import_lab_module
 from llmcourse.core.report import TourContext, TourSection, html_table
 from llmcourse.labs import tour_sections
@@ -61,6 +61,7 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
     t_start = time.perf_counter()
     summary: dict[str, Any] = {"model": model, "quick": quick, "sections": {}}
     parts, nav = [], []
+    check_not_input(out, [model])
     with atomic_dir(out) as tmp:
         ctx = TourContext(out_dir=tmp, quick=quick, model_spec=model)
         chosen = [(lab, ref) for lab, ref in tour_sections() if sections is None or lab.name in sections]

@@ -7,6 +7,7 @@ leaves a partial output behind and never overwrites one of its inputs.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -31,15 +32,62 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+MARKER = ".llmcourse-output"  # written into every output folder: only such folders are ever replaced
+_OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("llmcourse_overwrite", default=False)
+
+
+def llmcourse_home() -> Path:
+    """Cache folder: ``$LLMCOURSE_HOME`` or ``~/.cache/llmcourse``."""
+    return Path(os.environ.get("LLMCOURSE_HOME", Path.home() / ".cache" / "llmcourse"))
+
+
+@contextlib.contextmanager
+def overwriting(allowed: bool) -> Iterator[None]:
+    """Inside, :func:`check_not_input` lets an existing output be replaced (the CLI's ``--overwrite``)."""
+    token = _OVERWRITE.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _OVERWRITE.reset(token)
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
 def check_not_input(out: str | Path, inputs: list[str | Path | None]) -> None:
-    """Refuse an ``--out`` that is, or would replace a folder holding, one of the inputs."""
-    out_r = Path(out).resolve()
-    for inp in inputs:
-        if inp is None or not Path(inp).exists():
-            continue
-        p = Path(inp).resolve()
-        if p == out_r or p.is_relative_to(out_r):
-            raise UserError(f"--out {out} would overwrite the input {inp}", "choose another output path")
+    """Refuse an ``--out`` that would touch an input or the model cache, or an existing output.
+
+    * ``out`` may not be an input, lie inside an input folder (``MODEL_DIR/model.safetensors``),
+      nor be a parent of an input (replacing it would delete the input), and the same for the
+      model cache (``$LLMCOURSE_HOME/models``);
+    * an existing non-empty ``out`` is refused unless ``--overwrite`` (:func:`overwriting`), and even
+      then a folder is replaced only if llmcourse wrote it (its ``.llmcourse-output`` marker).
+    """
+    out_p = Path(out).expanduser()
+    out_r = out_p.resolve()
+    guarded = [(str(inp), Path(inp).expanduser().resolve()) for inp in inputs
+               if inp is not None and str(inp) != "default" and Path(inp).expanduser().exists()]
+    cache = (llmcourse_home() / "models").resolve()
+    for name, p in guarded:
+        if _related(out_r, p):
+            raise UserError(f"--out {out} would overwrite the input {name} (or delete it)",
+                            "choose an output path outside the inputs (and not a folder that holds them)")
+    if _related(out_r, cache):
+        raise UserError(f"--out {out} is inside (or holds) the model cache {cache}",
+                        "choose an output path outside $LLMCOURSE_HOME/models")
+    if not (out_p.exists() or out_p.is_symlink()):
+        return
+    if out_p.is_dir() and not any(out_p.iterdir()):
+        return
+    what = "folder" if out_p.is_dir() else "file"
+    if not _OVERWRITE.get():
+        raise UserError(f"--out {out} exists", f"choose a new path, or pass --overwrite to replace the {what}")
+    if out_p.is_dir() and not (out_p / MARKER).exists():
+        raise UserError(f"--out {out} is a folder llmcourse did not write (no {MARKER} in it); it is never replaced",
+                        "choose a new or empty folder")
+    if not out_p.is_dir() and not out_p.is_file():
+        raise UserError(f"--out {out} is not a regular file", "choose a regular file path")
 
 
 @contextlib.contextmanager
@@ -73,6 +121,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     try:
         yield tmp
+        (tmp / MARKER).write_text("written by llmcourse; `--overwrite` may replace this folder\n")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -33,7 +33,7 @@ import torch
 
 from llmcourse.core.errors import UserError
 from llmcourse.core.formats import check_gguf, check_safetensors
-from llmcourse.core.io import atomic_dir
+from llmcourse.core.io import atomic_dir, llmcourse_home
 from llmcourse.core.lab import folder_loader
 from llmcourse.core.progress import status
 
@@ -74,11 +74,6 @@ class LoadedModel:
                     seen.add(b.data_ptr())
                     quantized += b.numel()
         return sum(p.numel() for p in self.model.parameters()) + quantized
-
-
-def llmcourse_home() -> Path:
-    """Cache folder: ``$LLMCOURSE_HOME`` or ``~/.cache/llmcourse``."""
-    return Path(os.environ.get("LLMCOURSE_HOME", Path.home() / ".cache" / "llmcourse"))
 
 
 def package_dir(pkg: str, install_hint: str) -> Path:
@@ -251,6 +246,8 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, trust_pickle: bool, trust_re
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     use_st = _check_hf_folder(path, trust_pickle)
+    if use_st and not trust_remote_code:
+        check_weights_match(path)
     model = _fast_load_safetensors(path, dtype) if use_st and not trust_remote_code else None
     try:
         if model is None:
@@ -267,6 +264,62 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, trust_pickle: bool, trust_re
                         "check that the folder is complete (config, tokenizer, weights)") from e
     model.eval()
     return LoadedModel(model, tok, spec, path, kind="hf")
+
+
+def _meta_model(path: Path) -> Any:
+    """The folder's architecture built on the meta device (no memory), or a one-line error for a bad config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        if getattr(cfg, "quantization_config", None) is not None:
+            return None  # transformers' own quantized formats: let from_pretrained check them
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # an untrusted config through transformers' validators: any failure is bad input
+        raise UserError(f"{path / 'config.json'} describes no buildable causal LM ({type(e).__name__}: "
+                        f"{str(e)[:150]})", "fix config.json (model_type, sizes, head counts) or re-export the model") \
+            from e
+
+
+def check_weights_match(path: Path) -> None:
+    """Refuse a folder whose safetensors do not hold exactly the tensors its config implies.
+
+    Every tensor the architecture needs must be there with the shape the config gives it, and none
+    may be left over (transformers would initialise the missing ones at random and only warn).
+    A tied output head may be absent; keys transformers itself ignores on load are allowed.
+    """
+    from safetensors import safe_open
+
+    meta = _meta_model(path)
+    if meta is None:
+        return
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    found: dict[str, tuple[int, ...]] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                found[k] = tuple(st.get_slice(k).get_shape())
+    ignore_missing = list(getattr(meta, "_keys_to_ignore_on_load_missing", None) or [])
+    ignore_extra = list(getattr(meta, "_keys_to_ignore_on_load_unexpected", None) or [])
+    if getattr(meta.config, "tie_word_embeddings", False):
+        ignore_missing.append(r"lm_head\.weight")
+    import re
+
+    missing = [k for k in expected if k not in found and not any(re.search(p, k) for p in ignore_missing)]
+    extra = [k for k in found if k not in expected and not any(re.search(p, k) for p in ignore_extra)]
+    shapes = [f"{k} {found[k]} (config implies {expected[k]})" for k in expected if k in found
+              and found[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:2])})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors (e.g. {', '.join(extra[:2])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shapes that differ from config.json (e.g. {shapes[0]})")
+    if problems:
+        raise UserError(f"{path} does not match its config.json: {'; '.join(problems)}",
+                        "re-export the model, or fix config.json (model_type, layer count, sizes) to match its weights")
 
 
 def _fast_load_safetensors(path: Path, dtype: torch.dtype) -> Any | None:
