@@ -199,7 +199,7 @@ def test_reload_is_exact(tmp_path):
     cfg = GPTQConfig(bits=3, group_size=32, sym=False)
     windows = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
     report = quantize_model(lm.model, windows, cfg)
-    for name, p in lm.model.named_parameters():
+    for p in lm.model.parameters():
         p.data = p.data.half().float()
     out = tmp_path / "q"
     out.mkdir()

@@ -223,15 +223,14 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: GPTQConf
         for stage in stages:
             hessians = {n: GPTQ(linear_weight(layers[n]).shape[1]) for n in stage} if inputs is not None else {}
             if inputs is not None:
-                with input_hooks({n: layers[n] for n in stage}, lambda n, x: hessians[n].add_batch(x)):
+                with input_hooks({n: layers[n] for n in stage}, lambda n, x, h=hessians: h[n].add_batch(x)):
                     for inp in inputs:
                         run_block(block, inp)
             for n in stage:
-                ql, row = _quantize_layer(layers[n], cfg, hessians.get(n))
+                ql, row = _quantize_layer(layers[n], cfg, hessians.pop(n, None))
                 _set_weight(layers[n], ql.dequantize())  # later stages and blocks see the quantized layer
                 done[n] = ql
                 rows.append({"layer": f"{prefix}.{b}.{n}", **row})
-            del hessians
         if inputs is not None:
             for inp in inputs:
                 inp.hidden = run_block(block, inp)

@@ -1,0 +1,209 @@
+"""Benchmark of the GPTQ lab against GPTQModel 7.6.0 on the default model (SmolLM2-135M-Instruct).
+
+For each calibration size (--calib, default ``32x256,128x512``) both quantizers get the *same*
+token windows (``core.data.calibration_windows``, seed 0, calibration split) and the same settings
+(4-bit, group 128, symmetric, damp 0.01, no act-order, true-sequential); each runs in its own
+process, whose wall time and peak RSS are measured. Both folders are then evaluated by *our*
+loader and core ``perplexity`` (window 512, stride 512, the first --ppl-tokens of the eval split),
+so the figures differ only by the quantizer. Then:
+
+* GPTQModel loads our folder (``backend=BACKEND.TORCH``) and its logits on 64 eval tokens are
+  compared with ours (max |Δ| and top-1 agreement);
+* greedy decode tokens/s of our 4-bit model vs our fp32 model (decoding lab's engine), and of
+  GPTQModel's CPU backend on its own model.
+
+GPTQModel lives in its own virtual environment (``bench/venvs/gptqmodel``, git-ignored), made by
+``--setup`` as shared/MACHINE.md says: torch 2.13.0 (CPU), setuptools, wheel, then
+``BUILD_CUDA_EXT=0 pip install --no-build-isolation gptqmodel==7.6.0``; it runs with
+``GPTQMODEL_CPU_WORKERS=2``. It is never a dependency of the package.
+
+Run: ``.venv/bin/python bench/gptq.py --setup`` once (minutes), then ``.venv/bin/python bench/gptq.py``
+(writes bench/results/gptq.md). ``--ours-only`` skips GPTQModel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENV = HERE / "venvs" / "gptqmodel"
+PY = VENV / "bin" / "python"
+TORCH_PIN = "torch==2.13.0"
+GPTQMODEL_PIN = "gptqmodel==7.6.0"
+
+
+def setup() -> None:
+    """Create bench/venvs/gptqmodel with GPTQModel 7.6.0 on a CPU-only torch."""
+    VENV.parent.mkdir(parents=True, exist_ok=True)
+    (VENV.parent / ".gitignore").write_text("*\n")
+    if not PY.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(PY), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, TORCH_PIN], check=True)  # the configured index serves the CPU build here
+    subprocess.run([*pip, "setuptools", "wheel"], check=True)
+    subprocess.run([*pip, "--no-build-isolation", GPTQMODEL_PIN], check=True,
+                   env={**os.environ, "BUILD_CUDA_EXT": "0"})
+
+
+def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run ``cmd``; return (wall seconds, peak RSS in MB from /usr/bin/time, stdout)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        t0 = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf.name, *cmd], capture_output=True, text=True,
+                           env={**os.environ, **(env or {})})
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"{cmd[:3]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        rss_kb = float(Path(tf.name).read_text().split()[-1])
+    return wall, rss_kb / 1024, p.stdout
+
+
+OURS = """
+import sys, time, torch
+from llmcourse.core.models import load_model
+from llmcourse.quant.gptq import GPTQConfig, quantize_model, save_quantized
+windows = torch.load(sys.argv[1])
+t0 = time.perf_counter()
+lm = load_model("default")
+cfg = GPTQConfig(bits=4, group_size=128, sym=True, damp=0.01)
+report = quantize_model(lm.model, windows, cfg)
+save_quantized(lm.model, lm.tokenizer, sys.argv[2], cfg, report, source="default")
+print(time.perf_counter() - t0)
+"""
+
+GPTQMODEL_QUANTIZE = """
+import sys, time, torch
+from gptqmodel import GPTQModel, QuantizeConfig
+windows = torch.load(sys.argv[1])
+t0 = time.perf_counter()
+cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01, true_sequential=True)
+model = GPTQModel.load(sys.argv[3], cfg)
+calib = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
+model.quantize(calib, batch_size=1)
+model.save(sys.argv[2])
+print(time.perf_counter() - t0)
+"""
+
+GPTQMODEL_LOAD = """
+import json, sys, time, torch
+from gptqmodel import BACKEND, GPTQModel
+ids = torch.load(sys.argv[2])
+model = GPTQModel.load(sys.argv[1], backend=BACKEND.TORCH, device="cpu", dtype=torch.float32)
+with torch.inference_mode():
+    logits = model.model(input_ids=ids).logits[0].float()
+torch.save(logits, sys.argv[3])
+prompt = ids[:, :8]
+t0 = time.perf_counter()
+out = model.generate(input_ids=prompt, max_new_tokens=int(sys.argv[4]), min_new_tokens=int(sys.argv[4]), do_sample=False)
+dt = time.perf_counter() - t0
+print(json.dumps({"decode_tok_s": (out.shape[1] - prompt.shape[1]) / dt}))
+"""
+
+
+def _script(text: str, d: Path, name: str) -> str:
+    p = d / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def decode_tok_s(model, tokenizer, n: int) -> float:
+    from llmcourse.decoding import GenerationConfig, generate
+
+    generate(model, tokenizer, "The history of", GenerationConfig(strategy="greedy", max_new_tokens=2, eos_token_ids=()))
+    cfg = GenerationConfig(strategy="greedy", max_new_tokens=n, eos_token_ids=())
+    return generate(model, tokenizer, "The history of", cfg).tokens_per_second
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setup", action="store_true", help="create GPTQModel's venv and exit")
+    ap.add_argument("--calib", default="32x256,128x512", help="calibration sizes NxT, comma-separated")
+    ap.add_argument("--ppl-tokens", type=int, default=4096, help="eval tokens for perplexity (default 4096)")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens for decode speed (default 64)")
+    ap.add_argument("--ours-only", action="store_true", help="skip GPTQModel")
+    ap.add_argument("--out", default=None, help="keep the quantized folders here (default: a temporary folder)")
+    args = ap.parse_args()
+    if args.setup:
+        setup()
+        return
+    import torch
+
+    from llmcourse.core.data import calibration_windows, load_text, tokenize_stream
+    from llmcourse.core.evaluate import compare, perplexity
+    from llmcourse.core.models import default_model_dir, load_model
+    from llmcourse.quant.gptq import load_quantized
+
+    sys.path.insert(0, str(HERE))
+    from common import write_result
+
+    fp = load_model("default")
+    ids = tokenize_stream(fp.tokenizer, load_text("default", "eval"))
+    ppl_fp = perplexity(fp.model, ids, max_length=512, stride=512, max_tokens=args.ppl_tokens)["perplexity"]
+    use_gptqmodel = not args.ours_only and PY.exists()
+    work = Path(args.out or tempfile.mkdtemp(prefix="gptq-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows, notes = [], []
+    for spec in args.calib.split(","):
+        n, t = (int(x) for x in spec.lower().split("x"))
+        windows = calibration_windows(fp.tokenizer, n, t, seed=0)
+        wfile = work / f"windows-{n}x{t}.pt"
+        torch.save(windows, wfile)
+        runs = [("llmcourse", [sys.executable, _script(OURS, work, "ours.py"), str(wfile), str(work / f"ours-{spec}")],
+                 {"LLMCOURSE_PROGRESS": "0"})]
+        if use_gptqmodel:
+            runs.append(("GPTQModel 7.6.0", [str(PY), _script(GPTQMODEL_QUANTIZE, work, "gm.py"), str(wfile),
+                                             str(work / f"gptqmodel-{spec}"), str(default_model_dir())],
+                         {"GPTQMODEL_CPU_WORKERS": "2"}))
+        for name, cmd, env in runs:
+            wall, rss, _ = measured(cmd, env)
+            folder = Path(cmd[3])
+            q = load_quantized(folder)
+            ppl = perplexity(q.model, ids, max_length=512, stride=512, max_tokens=args.ppl_tokens)["perplexity"]
+            c = compare(q.model, fp.model, ids, max_length=512, max_tokens=1024)
+            rows.append({"calibration": spec, "quantizer": name, "wall_s": wall, "peak_rss_mb": rss,
+                         "perplexity": ppl, "vs_fp32": ppl / ppl_fp - 1, "kl": c["kl_divergence"],
+                         "top1": c["top1_agreement"]})
+            print(rows[-1], flush=True)
+    ours = load_quantized(work / f"ours-{args.calib.split(',')[0]}")
+    speed = {"fp32": decode_tok_s(fp.model, fp.tokenizer, args.decode_tokens),
+             "ours 4-bit": decode_tok_s(ours.model, ours.tokenizer, args.decode_tokens)}
+    if use_gptqmodel:
+        probe = ids[:, :64]
+        pfile, lfile = work / "probe.pt", work / "gm_logits.pt"
+        torch.save(probe, pfile)
+        p = subprocess.run([str(PY), _script(GPTQMODEL_LOAD, work, "gml.py"), str(work / f"ours-{args.calib.split(',')[0]}"),
+                            str(pfile), str(lfile), str(args.decode_tokens)], capture_output=True, text=True,
+                           env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+        if p.returncode == 0:
+            gm_logits = torch.load(lfile)
+            with torch.inference_mode():
+                our_logits = ours.model(input_ids=probe).logits[0].float()
+            diff = (gm_logits - our_logits).abs().max().item()
+            agree = (gm_logits.argmax(-1) == our_logits.argmax(-1)).float().mean().item()
+            speed["GPTQModel torch backend (our folder)"] = json.loads(p.stdout.strip().splitlines()[-1])["decode_tok_s"]
+            notes.append(f"GPTQModel loaded our folder (BACKEND.TORCH, fp32): max |logit difference| {diff:.2e} "
+                         f"on 64 tokens, top-1 agreement {agree:.3f}.")
+        else:
+            notes.append(f"GPTQModel could not load our folder: {p.stderr.strip().splitlines()[-1][:300]}")
+    table = ["| calibration | quantizer | wall s | peak RSS MB | perplexity | vs fp32 | KL | top-1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        table.append(f"| {r['calibration']} | {r['quantizer']} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['perplexity']:.3f} | {100 * r['vs_fp32']:+.2f}% | {r['kl']:.4f} | {r['top1']:.3f} |")
+    table += ["", "| model | greedy decode tok/s |", "|---|---:|"]
+    table += [f"| {k} | {v:.1f} |" for k, v in speed.items()]
+    notes.insert(0, f"fp32 perplexity {ppl_fp:.3f} on the first {args.ppl_tokens} eval tokens (window 512, stride "
+                 "512). Both quantizers: 4-bit, g128, sym, damp 0.01, no act-order, true-sequential, the same windows.")
+    write_result("gptq", "GPTQ: llmcourse vs GPTQModel 7.6.0 (default model)", "\n".join(table), "\n\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()
