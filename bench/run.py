@@ -8,7 +8,7 @@ from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ["core.py", "decoding.py", "int8.py", "gguf_quant.py"]
+SCRIPTS = ["core.py", "decoding.py", "busy.py", "int8.py", "gguf_quant.py"]
 
 
 def assemble() -> None:
