@@ -1,0 +1,204 @@
+"""``llmcourse finetune`` and ``llmcourse merge``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from llmcourse.core.cli_common import Result, add_common_args, positive_int
+from llmcourse.core.errors import UserError
+from llmcourse.core.io import atomic_dir, check_not_input
+from llmcourse.core.lab import add_parser
+from llmcourse.core.models import save_hf
+from llmcourse.finetune.lora import DEFAULT_TARGETS, METHODS, LoraSettings
+from llmcourse.finetune.run import finetune, merge_adapter
+from llmcourse.finetune.trainer import PRESETS, TrainConfig
+
+GGUF_CONVERT_TYPES = ("f32", "f16", "bf16")
+
+
+def _float(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
+def _int(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The options, over the preset's values where given."""
+    base = dict(PRESETS[args.preset]) if args.preset else {}
+    for k in ("batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs"):
+        v = getattr(args, k)
+        if v is not None:
+            base[k] = v
+    return TrainConfig(**base, max_steps=args.max_steps, seq_len=args.seq_len, packing=args.packing,
+                       full_loss=args.full_loss, eval_every=args.eval_every, save_every=args.save_every,
+                       seed=args.seed)
+
+
+def _processes(args: argparse.Namespace) -> Result:
+    """Re-launch this command under torchrun with ``--processes`` CPU processes (gloo)."""
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--processes")
+    del argv[i:i + 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
+           "-m", "llmcourse", *argv]
+    rc = subprocess.call(cmd)
+    if rc:
+        raise UserError(f"the {args.processes}-process run failed (exit {rc})", "see its messages above")
+    return Result({"processes": args.processes, "out": args.out}, f"{args.processes}-process run wrote {args.out}")
+
+
+def _init_distributed() -> None:
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
+def cmd_finetune(args: argparse.Namespace) -> Result:
+    if args.processes > 1:
+        return _processes(args)
+    _init_distributed()
+    targets = args.targets.split(",") if args.targets else list(DEFAULT_TARGETS)
+    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r,
+                        dropout=args.lora_dropout, targets=[t.strip() for t in targets if t.strip()],
+                        rslora=args.rslora, dora=args.dora)
+    cfg = train_config(args)
+    r = finetune(args.model, args.data, args.method, lora, cfg, args.out, resume=args.resume, dtype=args.dtype)
+    s = r.summary
+    text = (f"{args.method} fine-tuning of {args.model}: {s['steps']} steps, {s['trainable_parameters']:,} trainable "
+            f"of {s['parameters']:,} parameters; loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}"
+            + (f", held-out eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else "")
+            + f"; {s['tokens_per_s']:.0f} tokens/s.\nwrote {args.out}: "
+            + ", ".join(k for k in ("adapter", "merged") if k in s) + ", metrics.jsonl, loss.png, checkpoints/"
+            + f"\nnext: llmcourse chat --model {s.get('merged', args.out)}"
+            + f"  |  llmcourse convert gguf --model {s.get('merged', args.out)} --out model.gguf")
+    return Result(s, text)
+
+
+def cmd_merge(args: argparse.Namespace) -> Result:
+    out = Path(args.out)
+    check_not_input(out, [args.model if args.model != "default" else None, args.adapter])
+    if args.push_to_hub:
+        _check_hub(args.push_to_hub)
+    merged, tok = merge_adapter(args.model, args.adapter)
+    with atomic_dir(out) as tmp:
+        save_hf(merged, tok, tmp)
+    data = {"model": args.model, "adapter": args.adapter, "out": str(out)}
+    text = f"wrote {out} (adapter {args.adapter} merged into {args.model})"
+    if args.gguf:
+        gguf = out.with_suffix("").parent / f"{out.name}-{args.gguf}.gguf" if args.gguf in GGUF_CONVERT_TYPES \
+            else out.parent / f"{out.name}-gguf"
+        # the GGUF lab's own command (its public interface): convert for float types, quantize for the rest
+        sub = (["convert", "gguf", "--model", str(out), "--outtype", args.gguf, "--out", str(gguf)]
+               if args.gguf in GGUF_CONVERT_TYPES else
+               ["quantize", "gguf", "--model", str(out), "--type", args.gguf, "--out", str(gguf)])
+        rc = subprocess.call([sys.executable, "-m", "llmcourse", *sub])
+        if rc:
+            raise UserError(f"GGUF export of {out} failed (exit {rc})", f"run `llmcourse {' '.join(sub)}` to see why")
+        data["gguf"] = str(gguf)
+        text += f"; GGUF {gguf}"
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.push_to_hub, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=args.push_to_hub)
+        data["hub"] = f"https://huggingface.co/{args.push_to_hub}"
+    return Result(data, text)
+
+
+def _check_hub(repo: str) -> None:
+    """Offline (the usual case here): a clear error before any work."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise UserError(f"cannot push to {repo}: HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE and retry online")
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().whoami()
+    except Exception as e:  # any failure of the Hub client means "cannot push"
+        raise UserError(f"cannot push to {repo}: the Hugging Face Hub is not reachable or you are not logged in "
+                        f"({type(e).__name__})", "run `hf auth login` online, or drop --push-to-hub") from None
+
+
+FT_EXAMPLES = ("examples:\n  llmcourse finetune --model default --data default --method lora --max-steps 50 --out out/ft\n"
+               "  llmcourse finetune --method qlora --preset course --lora-r 64 --lora-alpha 16 --out out/qlora\n"
+               "  llmcourse finetune --data chats.jsonl --packing --dora --targets q_proj,v_proj --out out/ft2\n"
+               "  llmcourse finetune --resume out/ft --max-steps 100 --out out/ft\n"
+               "  llmcourse finetune --processes 2 --max-steps 20 --out out/ddp")
+MERGE_EXAMPLES = ("examples:\n  llmcourse merge --model default --adapter out/ft/adapter --out out/merged\n"
+                  "  llmcourse merge --adapter out/ft/adapter --out out/merged --gguf f16")
+
+
+def register(sub: argparse._SubParsersAction, groups: dict) -> None:
+    from llmcourse.finetune import LAB
+
+    p = add_parser(
+        sub, groups, LAB, "finetune", epilog=FT_EXAMPLES,
+        description="Supervised fine-tuning of a causal LM on chat data (.jsonl with 'messages' or 'prompt'/"
+        "'response', or 'default': country facts with held-out countries). The chat template is applied and the "
+        "loss is on the assistant tokens only (--full-loss: every token). lora: PEFT LoRA adapters on --targets; "
+        "qlora: the same on a frozen NF4 base (4.13 bits/weight, de-quantized per layer); full: every weight. "
+        "Writes --out: adapter/ (PEFT), merged/ (plain HF folder), metrics.jsonl, loss.png, checkpoints/.")
+    p.add_argument("--model", default="default", help="base model: 'default' or a Hugging Face folder. Default: default")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the base (default: fp32)")
+    p.add_argument("--data", default="default", help="a .jsonl file or 'default'. Default: %(default)s")
+    p.add_argument("--method", default="lora", choices=METHODS, help="what trains. Default: %(default)s")
+    p.add_argument("--out", required=True, help="output folder (adapter/, merged/, metrics, checkpoints)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="'course': notebook 4's values (batch 4, lr 2e-4, warmup 0.03, weight decay 0.001, max "
+                   "grad norm 0.3, 1 epoch); explicit options override it. Default: none")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=_float, default=None, help="passes over the data (default: 1)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="rows per micro-batch (default: 4)")
+    p.add_argument("--grad-accum", type=positive_int, default=None,
+                   help="micro-batches per optimizer step (default: 1)")
+    p.add_argument("--lr", type=_float, default=None, help="peak learning rate (default: 2e-4)")
+    p.add_argument("--warmup-ratio", type=_float, default=None,
+                   help="fraction of the steps with a linear warmup, then cosine decay to 0 (default: 0.03)")
+    p.add_argument("--weight-decay", type=_float, default=None, help="AdamW weight decay (default: 0.001)")
+    p.add_argument("--max-grad-norm", type=_float, default=None, help="gradient clipping, 0 = off (default: 0.3)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per example / packed row (default: 256)")
+    p.add_argument("--packing", action="store_true",
+                   help="pack examples into rows of --seq-len (own position ids, block-diagonal mask)")
+    p.add_argument("--full-loss", action="store_true", help="loss on every token, prompt included")
+    p.add_argument("--lora-r", type=_int, default=16, help="LoRA rank r (default: 16)")
+    p.add_argument("--lora-alpha", type=_float, default=None, help="LoRA alpha; scale alpha/r (default: 2 r)")
+    p.add_argument("--lora-dropout", type=_float, default=0.05, help="dropout on the LoRA input (default: 0.05)")
+    p.add_argument("--targets", default=None,
+                   help=f"comma-separated module names, or all-linear (default: {','.join(DEFAULT_TARGETS)})")
+    p.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(r)")
+    p.add_argument("--dora", action="store_true", help="DoRA: learn a magnitude per output too")
+    p.add_argument("--eval-every", type=_int, default=0, help="eval loss every N steps; 0 = at the end (default: 0)")
+    p.add_argument("--save-every", type=_int, default=0,
+                   help="checkpoint every N steps; 0 = at the end (default: 0)")
+    p.add_argument("--resume", default=None, help="a finetune --out folder or its checkpoints/step-N (default: none)")
+    p.add_argument("--seed", type=_int, default=0, help="data order, LoRA init and dropout (default: 0)")
+    p.add_argument("--processes", type=positive_int, default=1,
+                   help="CPU processes (DDP over gloo through torchrun; the global batch is kept). Default: 1")
+    add_common_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    m = add_parser(sub, groups, LAB, "merge", epilog=MERGE_EXAMPLES,
+                   description="Merge a PEFT LoRA adapter into its fp32 base (W + (alpha/r) B A) and write a plain "
+                   "Hugging Face folder; --gguf TYPE also exports it through the GGUF lab's commands.")
+    m.add_argument("--model", default="default", help="the base model the adapter was trained on. Default: default")
+    m.add_argument("--adapter", required=True, help="the adapter folder (finetune --out DIR/adapter)")
+    m.add_argument("--out", required=True, help="output folder (written atomically)")
+    m.add_argument("--gguf", default=None, metavar="TYPE",
+                   help="also write a GGUF: f32/f16/bf16 (convert gguf) or a quant type such as Q8_0 (quantize gguf)")
+    m.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="push the merged folder to the Hub (offline: a clear error, nothing written)")
+    add_common_args(m)
+    m.set_defaults(func=cmd_merge)

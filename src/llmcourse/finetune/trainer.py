@@ -1,0 +1,347 @@
+"""The SFT training loop: AdamW, cosine schedule with warmup, gradient accumulation and clipping, eval loss,
+safetensors checkpoints that resume bit for bit, metrics JSONL and a loss curve.
+
+Learning rate at optimizer step ``t`` of ``T`` (``W = ceil(warmup_ratio T)`` warmup steps, as transformers'
+``get_cosine_schedule_with_warmup``):
+
+    lr_t = lr t / W                                     t < W
+    lr_t = lr 1/2 (1 + cos(pi (t - W) / (T - W)))       otherwise
+
+The loss of one optimizer step is the mean over every response token of its ``grad_accum`` micro-batches
+(summed, then divided by the step's token count), so accumulation and packing do not re-weight examples.
+Logits are computed only where a label is: the output head (49k x 576 on the default model) runs on the
+response tokens, not on every position.
+
+Batch order is a function of (seed, epoch) only, and the checkpoint stores the trainable weights, AdamW's
+moments, the step and the RNG state (dropout), so ``--resume`` continues the same curve bit for bit.
+
+Multi-process (``torchrun`` / ``accelerate launch``, gloo on CPUs): each process takes every
+``world``-th row of each batch, the token count is summed over processes and gradients are all-reduced
+(summed), so the update equals the single-process one with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcourse.core.errors import UserError
+from llmcourse.core.io import atomic_dir, atomic_file
+from llmcourse.core.progress import progress
+from llmcourse.finetune.sft_data import IGNORE, Row, collate, count_tokens
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # notebook 4 (QLoRA on Llama 2): batch 4, lr 2e-4, cosine, warmup 0.03, weight decay 0.001, max grad norm 0.3
+    "course": dict(batch_size=4, grad_accum=1, lr=2e-4, warmup_ratio=0.03, weight_decay=0.001, max_grad_norm=0.3,
+                   epochs=1.0),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings (validated at construction)."""
+
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.001
+    max_grad_norm: float = 0.3
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    seq_len: int = 256
+    packing: bool = False
+    full_loss: bool = False
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 1
+    seed: int = 0
+    eval_batches: int | None = None  # cap on eval batches (None: all)
+
+    def __post_init__(self) -> None:
+        for k in ("batch_size", "grad_accum", "seq_len"):
+            if getattr(self, k) < 1:
+                raise UserError(f"{k} must be >= 1, got {getattr(self, k)}", f"pass --{k.replace('_', '-')} 1 or more")
+        if not self.lr > 0:
+            raise UserError(f"learning rate must be > 0, got {self.lr}", "pass --lr 2e-4")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}", "pass --warmup-ratio 0.03")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise UserError("weight decay and max grad norm must be >= 0", "pass --weight-decay 0.001 --max-grad-norm 0.3")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be >= 1, got {self.max_steps}", "pass --max-steps 10")
+        if not self.epochs > 0:
+            raise UserError(f"--epochs must be > 0, got {self.epochs}", "pass --epochs 1")
+
+
+@dataclass
+class TrainState:
+    """What a run produced: its metrics and where it stopped."""
+
+    step: int = 0
+    total_steps: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """The schedule's multiplier of ``lr`` at optimizer step ``step`` (0-based)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress_))
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The model body (hidden states out) and the output head of a causal LM (also inside a PeftModel)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(inner, inner.base_model_prefix)
+    return body, inner.get_output_embeddings()
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of the token losses, number of predicted tokens) of one batch; the head runs on labelled positions."""
+    body, head = _decoder_and_head(model)
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    hidden = body(**kw, use_cache=False).last_hidden_state  # (B, T, H)
+    target = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at t
+    keep = target != IGNORE
+    logits = head(hidden[:, :-1][keep])  # (N, V)
+    return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, rows: list[Row], cfg: TrainConfig, pad_id: int) -> float | None:
+    """Mean token loss of ``rows`` (eval mode: no dropout)."""
+    if not rows:
+        return None
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    batches = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    for b in batches[: cfg.eval_batches]:
+        s, k = loss_sum(model, collate(b, pad_id, cfg.packing))
+        total, n = total + float(s), n + k
+    model.train(was)
+    return total / max(1, n)
+
+
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def batch_order(n_rows: int, cfg: TrainConfig, epoch: int) -> list[int]:
+    """The row order of ``epoch``: a permutation seeded by (seed, epoch) only."""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+
+
+def micro_batch(rows: list[Row], cfg: TrainConfig, k: int) -> list[Row]:
+    """The ``k``-th micro-batch of the whole run (epochs follow one another)."""
+    per_epoch = max(1, len(rows) // cfg.batch_size)
+    epoch, i = divmod(k, per_epoch)
+    order = batch_order(len(rows), cfg, epoch)
+    return [rows[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+
+
+def total_steps(n_rows: int, cfg: TrainConfig) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = max(1, n_rows // cfg.batch_size)
+    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint must match to resume: the trainable tensors' names and shapes, and the model config."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = inner.config.to_dict()
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "n_embd", "n_layer")
+    return {"config": {k: cfg[k] for k in keys if k in cfg},
+            "trainable": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}}
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: TrainState,
+                    cfg: TrainConfig, extra: dict[str, Any]) -> None:
+    """``path/`` (atomic): trainable.safetensors, optimizer.safetensors (AdamW moments), state.json."""
+    from safetensors.torch import save_file
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt_tensors, opt_meta = {}, []
+    for gi, g in enumerate(opt.param_groups):
+        for p in g["params"]:
+            n = names[id(p)]
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                opt_tensors[f"{n}::{k}"] = v.detach().clone().contiguous().reshape(v.shape)
+            opt_meta.append([gi, n])
+    rng = torch.get_rng_state()
+    with atomic_dir(path) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file({**opt_tensors, "__rng__": rng}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({
+            "step": state.step, "total_steps": state.total_steps, "tokens": state.tokens, "seconds": state.seconds,
+            "metrics": state.metrics, "config": asdict(cfg), "fingerprint": fingerprint(model), **extra,
+        }, indent=1))
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a checkpoint, else its newest ``checkpoints/step-N``."""
+    p = Path(path)
+    if (p / "state.json").exists():
+        return p
+    found = sorted((p / "checkpoints").glob("step-*"), key=lambda q: int(q.name.split("-")[1])) if p.is_dir() else []
+    if not found:
+        raise UserError(f"--resume {path} holds no checkpoint", "pass a finetune --out folder or its checkpoints/step-N")
+    return found[-1]
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> TrainState:
+    """Restore weights, optimizer and RNG from ``path``; a checkpoint of another model is refused."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    if meta.get("fingerprint") != json.loads(json.dumps(fingerprint(model))):
+        raise UserError(f"checkpoint {path} was made for another model or method",
+                        "resume with the same --model, --method and LoRA settings, or start a new --out")
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    saved = load_file(str(path / "optimizer.safetensors"))
+    torch.set_rng_state(saved.pop("__rng__"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            st = {k.split("::", 1)[1]: v for k, v in saved.items() if k.split("::", 1)[0] == n}
+            if st:
+                opt.state[p] = st
+    return TrainState(step=meta["step"], total_steps=meta["total_steps"], metrics=meta["metrics"],
+                      seconds=meta["seconds"], tokens=meta["tokens"])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: TrainConfig, pad_id: int,
+          out_dir: str | Path | None = None, resume: str | Path | None = None,
+          extra_meta: dict[str, Any] | None = None, show_progress: bool = True) -> TrainState:
+    """Train the parameters of ``model`` that require grad; checkpoints go to ``out_dir/checkpoints``."""
+    if not train_rows:
+        raise UserError("the training set is empty after tokenization", "check --data and --seq-len")
+    rank, world = _world()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(params, cfg)
+    total = total_steps(len(train_rows), cfg)
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    state = TrainState(total_steps=total)
+    if resume is not None:
+        state = load_checkpoint(latest_checkpoint(resume), model, opt)
+        state.total_steps = total
+    out = Path(out_dir) if out_dir is not None else None
+    model.train()
+    bar = progress(total=total, initial=state.step, desc="finetune", unit="step") if show_progress else None
+    while state.step < total:
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * cosine_lr(state.step, total, warmup)
+        micro = [micro_batch(train_rows, cfg, state.step * cfg.grad_accum + a) for a in range(cfg.grad_accum)]
+        batches = [collate(m[rank::world], pad_id, cfg.packing) for m in micro if m[rank::world]]
+        n_pred = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        n_tok = sum(count_tokens(m) for m in micro)
+        if world > 1:
+            c = torch.tensor([n_pred], dtype=torch.long)
+            torch.distributed.all_reduce(c)
+            n_pred = int(c)
+        step_loss = 0.0
+        for b in batches:
+            s, _ = loss_sum(model, b)
+            (s / max(1, n_pred)).backward()
+            step_loss += float(s.detach()) / max(1, n_pred)
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+            lt = torch.tensor([step_loss])
+            torch.distributed.all_reduce(lt)
+            step_loss = float(lt)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        state.step += 1
+        state.seconds += dt
+        state.tokens += n_tok
+        row: dict[str, Any] = {"step": state.step, "loss": step_loss, "lr": opt.param_groups[0]["lr"],
+                               "grad_norm": float(norm), "tokens": n_tok, "tokens_per_s": n_tok / dt}
+        last = state.step == total
+        if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
+            row["eval_loss"] = eval_loss(model, eval_rows, cfg, pad_id)
+        state.metrics.append(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{n_tok / dt:.0f}")
+        if out is not None and rank == 0:
+            write_metrics(out / "metrics.jsonl", state.metrics)
+            if (cfg.save_every and state.step % cfg.save_every == 0) or last:
+                save_checkpoint(out / "checkpoints" / f"step-{state.step}", model, opt, state, cfg, extra_meta or {})
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return state
+
+
+def write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
+    with atomic_file(path, "w") as f:
+        for m in metrics:
+            f.write(json.dumps(m) + "\n")
+
+
+def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str = "fine-tuning loss") -> None:
+    """Training loss per step and eval loss where measured, as a PNG."""
+    from llmcourse.core.report import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train loss", lw=1.2)
+    ev = [m for m in metrics if m.get("eval_loss") is not None]
+    if ev:
+        ax.plot([m["step"] for m in ev], [m["eval_loss"] for m in ev], "o-", label="eval loss (held out)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / response token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
