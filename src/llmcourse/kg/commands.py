@@ -12,11 +12,18 @@ from llmcourse.kg.builder import SOURCES, build
 from llmcourse.kg.qa import MODES, Asker, model_llm
 from llmcourse.kg.store import open_graph, read_meta
 
+CYPHER_TOKENS = 64
 
-def _llm(args: argparse.Namespace, **kw: Any) -> Any:
+
+def _lm(args: argparse.Namespace) -> Any:
     from llmcourse.core.models import load_model
 
-    return model_llm(load_model(args.model, **model_kwargs(args)), **kw)
+    return load_model(args.model, **model_kwargs(args))
+
+
+def _asker(store: Any, args: argparse.Namespace, **kw: Any) -> Asker:
+    lm = _lm(args)
+    return Asker(store, model_llm(lm), cypher_llm=model_llm(lm, CYPHER_TOKENS, ()), **kw)
 
 
 def cmd_build(args: argparse.Namespace) -> Result:
@@ -26,7 +33,7 @@ def cmd_build(args: argparse.Namespace) -> Result:
                         "pass --source countries, --source triples FILE or --source text FILE")
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}", f"use one of {', '.join(SOURCES)}")
-    llm = _llm(args, max_new_tokens=80, stop=("Sentence:",)) if source == "text" else None
+    llm = model_llm(_lm(args), max_new_tokens=80, stop=("Sentence:",)) if source == "text" else None
     info = build(source, args.out, file, llm)
     text = f"wrote {args.out}: {info['entities']} entities, {info['edges']} edges from {source}"
     if "rejected_lines" in info:
@@ -37,7 +44,7 @@ def cmd_build(args: argparse.Namespace) -> Result:
 def cmd_ask(args: argparse.Namespace) -> Result:
     store = open_graph(args.db)
     try:
-        asker = Asker(store, _llm(args), max_facts=args.max_facts)
+        asker = _asker(store, args, max_facts=args.max_facts)
         a = asker.ask(args.question, mode=args.mode, hops=args.hops)
     finally:
         store.close()
@@ -61,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> Result:
         if not qs:
             raise UserError(f"{args.db} has no country edges to make questions from",
                             "build it with --source countries")
-        asker = Asker(store, _llm(args))
+        asker = _asker(store, args)
         modes = tuple(args.modes.split(","))
         for m in modes:
             if m not in MODES:
@@ -139,7 +146,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--mode", default="facts", choices=MODES,
                    help="facts (graph retrieval), vector (FAISS over fact sentences), none (no context) or "
                    "cypher (the model writes a read-only query)")
-    p.add_argument("--max-facts", type=positive_int, default=6, help="facts in the prompt at most")
+    p.add_argument("--max-facts", type=positive_int, default=5, help="facts in the prompt at most")
     add_model_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_ask)

@@ -10,10 +10,13 @@ A Graph RAG Approach", and Pan et al. 2024, "Unifying LLMs and KGs", for the pat
 2. **retrieve** (:func:`llmcourse.kg.store.neighbourhood`): every edge within ``hops`` of the linked
    entities, in both directions, multi-edges kept, through parameterised queries.
 3. **rank** (:func:`rank_facts`): a path score. A linked entity has reach 3; an edge reached at hop
-   ``h`` through node ``v`` scores ``reach(v) + 3 * [its relation is named in the question] - (h - 1)``,
-   plus 2 if it joins two linked entities and 0.1 per question word it repeats; its far end gets
-   reach ``score - 3``. So "currency of the country whose capital is Lima" ranks Lima-capital-Peru,
-   then Peru-currency-Sol. The top facts that fit ``max_facts`` and a token budget go in the prompt.
+   ``h`` through node ``v`` scores ``reach(v) + 3 * [its relation is named in the question]``, plus 1
+   if it continues a path of named relations with a different one and the question links one entity
+   (else minus ``h - 1``), plus 2 if
+   it joins two linked entities and 0.1 per question word it repeats; its far end gets reach
+   ``score - 3``. So "continent of the country whose capital is Lima" ranks Peru-continent-South
+   America, then Lima-capital-Peru, and "continent of Peru" does not pull in every other country of
+   South America. The top facts that fit ``max_facts`` and a token budget go in the prompt.
 4. **answer**: the facts as sentences, then the question; the result lists the facts shown and
    marks those the answer repeats (``used``).
 
@@ -107,20 +110,31 @@ def rank_facts(found: list[tuple[Triple, int]], linked: list[str], question: str
     """Score each retrieved edge by its path from the linked entities (see the module docstring)."""
     qwords = {_stem(w) for w in words(question) if w not in STOPWORDS}
     reach = {e: 3.0 for e in linked}
+    came_by: dict[str, str] = {}  # node -> the question-named relation of the edge that reached it
     linked_set = set(linked)
     facts = []
     for t, hop in found:  # neighbourhood returns edges hop by hop, so reach is set before it is read
         s, o = normalize(t.subject), normalize(t.object)
-        via = max(reach.get(s, float("-inf")), reach.get(o, float("-inf")))
-        if via == float("-inf"):
-            via = 0.0
-        score = via + 3.0 * relation_named(t.relation, qwords) - (hop - 1)
+        via_node = s if reach.get(s, float("-inf")) >= reach.get(o, float("-inf")) else o
+        via = reach.get(via_node, 0.0)
+        named = relation_named(t.relation, qwords)
+        # a path that repeats its relation (France -continent-> Europe <-continent- Spain) does not
+        # answer a second part of the question; one that changes relation (Lima -capital- Peru
+        # -currency-> Sol) does
+        if named and came_by.get(via_node) == t.relation:
+            named = False
+        # a bridge only when one entity is linked: with several, the facts between them come first
+        chained = named and via_node in came_by and len(linked_set) == 1
+        score = via + 3.0 * named + (1.0 if chained else -(hop - 1))
         if s in linked_set and o in linked_set:
             score += 2.0
         text = sentence(t)
         score += 0.1 * len({_stem(w) for w in words(text) if w not in STOPWORDS} & qwords)
-        for end in (s, o):
-            reach[end] = max(reach.get(end, float("-inf")), score - 3.0)
+        far = o if via_node == s else s
+        if far not in linked_set and score - 3.0 > reach.get(far, float("-inf")):
+            reach[far] = score - 3.0
+            if named:
+                came_by[far] = t.relation
         facts.append(Fact(t.subject, t.relation, t.object, text, hop, round(score, 3)))
     facts.sort(key=lambda f: (-f.score, f.hop))
     return facts
@@ -153,9 +167,12 @@ def extract_cypher(text: str) -> str:
 class Asker:
     """Answers questions from one graph with one LLM; the entity index and vector index are built once."""
 
-    def __init__(self, store: GraphStore, llm: LLM, embedder: Any = None, max_facts: int = 6,
-                 fact_tokens: int = 200, link_threshold: float = 0.75, vector_k: int = 5) -> None:
+    def __init__(self, store: GraphStore, llm: LLM, embedder: Any = None, max_facts: int = 5,
+                 fact_tokens: int = 200, link_threshold: float = 0.75, vector_k: int = 5,
+                 cypher_llm: LLM | None = None, fuzzy: bool = True) -> None:
         self.store, self.llm, self._embedder = store, llm, embedder
+        self.cypher_llm = cypher_llm or llm  # writing a query takes more tokens than an answer
+        self.fuzzy = fuzzy  # embedding similarity when no name matches exactly
         self.max_facts, self.fact_tokens, self.link_threshold, self.vector_k = (
             max_facts, fact_tokens, link_threshold, vector_k)
         self.entities: dict[str, Entity] = {e.id: e for e in store.entities()}
@@ -179,7 +196,7 @@ class Asker:
         return self._embedder
 
     # -- 1. entity linking --------------------------------------------------------------------------
-    def link(self, question: str, fuzzy: bool = True) -> list[str]:
+    def link(self, question: str) -> list[str]:
         """Entity ids named in ``question``, longest match first, left to right."""
         toks = words(question)
         raw = re.findall(r"[\w'-]+", question)
@@ -195,7 +212,7 @@ class Asker:
                 i += 1
         found += [self.codes[w] for w in raw if w.isupper() and w in self.codes]
         found = list(dict.fromkeys(found))
-        if not found and fuzzy and self.entities:
+        if not found and self.fuzzy and self.entities:
             found = self._link_by_embedding(toks)
         return found
 
@@ -209,8 +226,8 @@ class Asker:
         grams = [" ".join(toks[i:i + n]) for n in (1, 2, 3) for i in range(len(toks) - n + 1)
                  if not all(w in STOPWORDS for w in toks[i:i + n])]
         best: tuple[float, str] | None = None
-        for g in grams:
-            for name, score in index.search(g, 1):
+        for hits in index.search_many(grams, 1):
+            for name, score in hits:
                 if score >= self.link_threshold and (best is None or score > best[0]):
                     best = (score, normalize(name))
         return [best[1]] if best and best[1] in self.entities else []
@@ -265,7 +282,7 @@ class Asker:
 
     def _cypher_facts(self, question: str, out: Answer) -> None:
         relations = sorted({t.relation for t in self.store.triples()})[:30]
-        reply = self.llm(CYPHER_PROMPT.format(schema=CYPHER_SCHEMA, relations=", ".join(relations), question=question))
+        reply = self.cypher_llm(CYPHER_PROMPT.format(schema=CYPHER_SCHEMA, relations=", ".join(relations), question=question))
         out.cypher = extract_cypher(reply)
         try:
             rows = self.store.read_query(check_read_query(out.cypher))
@@ -277,7 +294,8 @@ class Asker:
 
 def model_llm(lm: Any, max_new_tokens: int = 24, stop: tuple[str, ...] = ("\n",)) -> LLM:
     """A loaded chat model (``load_model(...)``) as an :data:`LLM`: chat template, greedy decoding
-    through the decoding lab's ``generate``."""
+    through the decoding lab's ``generate``. Answers stop at the first newline; for Cypher use
+    ``model_llm(lm, 64, ())`` (a query may sit in a fenced block)."""
     from llmcourse.decoding import GenerationConfig, chat_prompt_ids, generate
 
     cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, stop=stop)

@@ -72,7 +72,12 @@ class VectorIndex:
         self.index.add(vecs)
 
     def search(self, query: str, k: int = 5) -> list[tuple[str, float]]:
-        if not self.texts:
-            return []
-        scores, ids = self.index.search(self.embedder.encode([query]), min(k, len(self.texts)))
-        return [(self.texts[i], float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        return self.search_many([query], k)[0]
+
+    def search_many(self, queries: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
+        """The top-k (text, cosine) of each query, embedded in one batch."""
+        if not self.texts or not queries:
+            return [[] for _ in queries]
+        scores, ids = self.index.search(self.embedder.encode(queries), min(k, len(self.texts)))
+        return [[(self.texts[i], float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0]
+                for row_ids, row_scores in zip(ids, scores, strict=True)]
