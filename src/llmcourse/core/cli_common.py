@@ -95,6 +95,20 @@ def _field_type(f: Any) -> Any:
     return str
 
 
+def _as_argparse_type(fn: Any) -> Any:
+    """A parse function whose UserError becomes argparse's one-line error (exit 2)."""
+    from llmcourse.core.errors import UserError
+
+    def parse(text: str) -> Any:
+        try:
+            return fn(text)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = getattr(fn, "__name__", "value")
+    return parse
+
+
 def add_config_args(p: Any, cls: type, defaults: dict[str, Any] | None = None,
                     exclude: tuple[str, ...] = ()) -> None:
     """Add one option per field of dataclass ``cls`` that carries ``help`` metadata (see :func:`option`).
@@ -116,7 +130,7 @@ def add_config_args(p: Any, cls: type, defaults: dict[str, Any] | None = None,
         elif isinstance(default, bool) and "type" not in meta:
             kw.update(action="store_true" if not default else "store_false", default=default)
         else:
-            kw.update(type=meta.pop("type", _field_type(f)), default=default)
+            kw.update(type=_as_argparse_type(meta.pop("type", _field_type(f))), default=default)
         kw.update(meta)
         p.add_argument(flag, **kw)
 

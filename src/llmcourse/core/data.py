@@ -73,60 +73,125 @@ def load_text(spec: str = "default", split: str = "eval", field: str | None = No
     return JOINER.join(load_texts(spec, split, field))
 
 
-def _read_file(path: Path, field: str) -> list[str]:
+MAX_FILE_BYTES = 2 * 2**30  # a data file larger than this is refused (read in bounded memory)
+MAX_DOCUMENT_CHARS = 4_000_000  # ~1M tokens: one longer line or document is refused (split it first)
+
+
+def _open_regular(path: Path) -> Path:
+    """``path`` resolved (symlinks followed) and checked to be a regular, readable file of bounded size."""
+    import stat
+
     if not path.exists():
         raise UserError(f"data file {path} does not exist", "check the path, or use --data default")
-    if path.is_dir():
+    real = path.resolve()
+    if real.is_dir():
         raise UserError(f"--data {path} is a folder", "pass a .txt, .jsonl, .csv or .parquet file")
+    mode = real.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise UserError(f"--data {path} is not a regular file (a device, FIFO or socket)",
+                        "pass a .txt, .jsonl, .csv or .parquet file")
+    size = real.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise UserError(f"--data {path} is {size / 2**30:.1f} GiB, over the {MAX_FILE_BYTES / 2**30:.0f} GiB limit",
+                        "pass a smaller file (a sample of it is enough for evaluation and calibration)")
+    return real
+
+
+def _too_long(path: Path, where: str, n: int) -> UserError:
+    return UserError(f"{path} {where} holds {n:,} characters, over the {MAX_DOCUMENT_CHARS:,} limit for one document",
+                     "split it into shorter documents (blank lines in .txt, one object per line in .jsonl)")
+
+
+def _read_file(path: Path, field: str) -> list[str]:
     suffix = path.suffix.lower()
+    known = (".txt", ".md", ".text", ".jsonl", ".ndjson", ".csv", ".parquet")
+    if suffix not in known:
+        if not path.exists():
+            raise UserError(f"data file {path} does not exist", "check the path, or use --data default")
+        raise UserError(f"unknown data format {suffix or '(no extension)'!r} for {path}",
+                        "use a .txt, .jsonl, .csv or .parquet file")
+    path = _open_regular(path)
     if suffix in (".txt", ".md", ".text"):
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text", "convert it to UTF-8") from None
-        return [p.strip() for p in raw.split("\n\n")]
+        return _read_txt(path)
     if suffix in (".jsonl", ".ndjson"):
         return _read_jsonl(path, field)
     if suffix == ".csv":
         try:
+            csv.field_size_limit(MAX_DOCUMENT_CHARS)
             with open(path, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None or field not in reader.fieldnames:
                     raise UserError(f"{path} has no column {field!r} (columns: {reader.fieldnames})",
                                     "pass --field with the text column")
                 return [row[field] or "" for row in reader]
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise UserError(f"{path} is not a readable CSV file ({e})", "check the file") from None
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.start} of a row)", "convert it to UTF-8") from None
+        except csv.Error as e:
+            raise UserError(f"{path} is not a readable CSV file ({e})", "check the file (or split long fields)") from None
+    import pyarrow.parquet as pq
 
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError family
-            raise UserError(f"{path} is not a readable Parquet file ({type(e).__name__})", "check the file") from None
-        if field not in table.column_names:
-            raise UserError(f"{path} has no column {field!r} (columns: {table.column_names})",
-                            "pass --field with the text column")
-        return [str(x) if x is not None else "" for x in table.column(field).to_pylist()]
-    raise UserError(f"unknown data format {suffix or '(no extension)'!r} for {path}",
-                    "use a .txt, .jsonl, .csv or .parquet file")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError family
+        raise UserError(f"{path} is not a readable Parquet file ({type(e).__name__})", "check the file") from None
+    if field not in table.column_names:
+        raise UserError(f"{path} has no column {field!r} (columns: {table.column_names})",
+                        "pass --field with the text column")
+    return [str(x) if x is not None else "" for x in table.column(field).to_pylist()]
+
+
+def _lines(path: Path):
+    """(line number, text) of a UTF-8 file, each line read with a bounded length."""
+    with open(path, "rb") as f:
+        n = 0
+        while True:
+            raw = f.readline(MAX_DOCUMENT_CHARS * 4 + 1)
+            if not raw:
+                return
+            n += 1
+            if len(raw) > MAX_DOCUMENT_CHARS * 4 and not raw.endswith(b"\n"):
+                raise _too_long(path, f"line {n}", len(raw))
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {n} is not UTF-8 (byte {e.start} of the line)",
+                                "convert the file to UTF-8") from None
+
+
+def _read_txt(path: Path) -> list[str]:
+    docs, cur, size = [], [], 0
+    for n, line in _lines(path):
+        if line.strip():
+            cur.append(line)
+            size += len(line)
+            if size > MAX_DOCUMENT_CHARS:
+                raise _too_long(path, f"the document ending at line {n}", size)
+        elif cur:
+            docs.append("".join(cur).strip())
+            cur, size = [], 0
+    if cur:
+        docs.append("".join(cur).strip())
+    return docs
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n} is not valid JSON ({e.msg})", "fix or remove that line") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise UserError(f"{path} line {n} has no field {field!r}", "pass --field with the key holding the text")
-            if not isinstance(obj[field], str):
-                raise UserError(f"{path} line {n}: field {field!r} is not a string", "fix that line")
-            texts.append(obj[field])
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        if len(line) > MAX_DOCUMENT_CHARS:
+            raise _too_long(path, f"line {n}", len(line))
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n} is not valid JSON ({e.msg})", "fix or remove that line") from None
+        except RecursionError:
+            raise UserError(f"{path} line {n} is nested too deeply", "flatten that line's JSON") from None
+        if not isinstance(obj, dict) or field not in obj:
+            raise UserError(f"{path} line {n} has no field {field!r}", "pass --field with the key holding the text")
+        if not isinstance(obj[field], str):
+            raise UserError(f"{path} line {n}: field {field!r} is not a string", "fix that line")
+        texts.append(obj[field])
     return texts
 
 

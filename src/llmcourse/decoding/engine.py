@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -44,6 +45,8 @@ from llmcourse.decoding.fast_llama import DecodeSession, FastLlama, auto_matvec,
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("greedy", "beam", "sample")
+MAX_NEW_TOKENS = 1_000_000  # further bounded by the model's context at generation time
+MAX_ROWS = 64  # beams or returned sequences
 BACKENDS = ("auto", "fast", "hf")
 
 
@@ -101,14 +104,17 @@ class GenerationConfig(samplers.SamplerSettings):
         finite = math.isfinite
         checks = [
             ("--strategy", self.strategy, self.strategy in STRATEGIES, "greedy|beam|sample"),
-            ("--max-new-tokens", self.max_new_tokens, isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-             ">= 1"),
-            ("--num-beams", self.num_beams, isinstance(self.num_beams, int) and self.num_beams >= 1, ">= 1"),
-            ("--length-penalty", self.length_penalty, finite(self.length_penalty), "as a finite number"),
+            ("--max-new-tokens", self.max_new_tokens, isinstance(self.max_new_tokens, int)
+             and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"between 1 and {MAX_NEW_TOKENS:,}"),
+            ("--num-beams", self.num_beams, isinstance(self.num_beams, int) and 1 <= self.num_beams <= MAX_ROWS,
+             f"between 1 and {MAX_ROWS}"),
+            ("--length-penalty", self.length_penalty, finite(self.length_penalty) and abs(self.length_penalty) <= 100,
+             "between -100 and 100"),
             ("--num-return-sequences", self.num_return_sequences,
-             isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1, ">= 1"),
-            ("--temperature", self.temperature, finite(self.temperature) and self.temperature > 0,
-             "> 0 (for deterministic output use --strategy greedy)"),
+             isinstance(self.num_return_sequences, int) and 1 <= self.num_return_sequences <= MAX_ROWS,
+             f"between 1 and {MAX_ROWS}"),
+            ("--temperature", self.temperature, finite(self.temperature) and 1e-3 <= self.temperature <= 1e3,
+             "between 0.001 and 1000 (for deterministic output use --strategy greedy)"),
             ("--top-k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, ">= 0 (0 turns it off)"),
             ("--top-p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("--min-p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
@@ -116,9 +122,12 @@ class GenerationConfig(samplers.SamplerSettings):
             ("--epsilon", self.epsilon, 0.0 <= self.epsilon < 1.0, "in [0, 1)"),
             ("--eta", self.eta, 0.0 <= self.eta < 1.0, "in [0, 1)"),
             ("--repetition-penalty", self.repetition_penalty,
-             finite(self.repetition_penalty) and self.repetition_penalty > 0, "> 0 (1 turns it off)"),
-            ("--frequency-penalty", self.frequency_penalty, finite(self.frequency_penalty), "as a finite number"),
-            ("--presence-penalty", self.presence_penalty, finite(self.presence_penalty), "as a finite number"),
+             finite(self.repetition_penalty) and 1e-3 <= self.repetition_penalty <= 1e3,
+             "between 0.001 and 1000 (1 turns it off)"),
+            ("--frequency-penalty", self.frequency_penalty,
+             finite(self.frequency_penalty) and abs(self.frequency_penalty) <= 100, "between -100 and 100"),
+            ("--presence-penalty", self.presence_penalty,
+             finite(self.presence_penalty) and abs(self.presence_penalty) <= 100, "between -100 and 100"),
             ("--penalty-last-n", self.penalty_last_n, isinstance(self.penalty_last_n, int) and self.penalty_last_n >= 0,
              ">= 0 (0: the whole context)"),
             ("--no-repeat-ngram-size", self.no_repeat_ngram_size,
@@ -351,6 +360,11 @@ class TextStream:
 def encode_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
     """Token ids of ``prompt`` (a string is tokenized with the tokenizer's special tokens)."""
     if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("the prompt is not valid text (it holds a lone surrogate character)",
+                            "pass the prompt as UTF-8 text") from None
         ids = tokenizer(prompt).input_ids
     else:
         ids = [int(t) for t in prompt]
@@ -381,6 +395,44 @@ def model_eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def check_fits(model: Any, prompt_ids: list[int], cfg: GenerationConfig) -> None:
+    """Refuse a generation the model cannot hold: token ids outside the vocabulary, prompt plus new
+    tokens beyond its context, or a KV cache larger than the memory there is."""
+    mcfg = getattr(model, "config", None)
+    vocab = getattr(mcfg, "vocab_size", None)
+    if vocab and any(not 0 <= t < vocab for t in prompt_ids):
+        raise UserError(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})", "pass valid token ids")
+    ctx = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
+    total = len(prompt_ids) + cfg.max_new_tokens
+    if ctx and len(prompt_ids) >= ctx:
+        raise UserError(f"the prompt has {len(prompt_ids)} tokens, as many as the model's context of {ctx}",
+                        f"shorten the prompt to under {ctx} tokens")
+    if ctx and total > ctx:
+        raise UserError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {cfg.max_new_tokens} exceeds "
+                        f"the model's context of {ctx} tokens",
+                        f"pass --max-new-tokens {max(1, ctx - len(prompt_ids))} or less, or a shorter prompt")
+    if mcfg is None:
+        return
+    rows = cfg.num_beams if cfg.strategy == "beam" else 1
+    layers = getattr(mcfg, "num_hidden_layers", None) or getattr(mcfg, "n_layer", 0) or 0
+    heads = getattr(mcfg, "num_attention_heads", None) or getattr(mcfg, "n_head", 1) or 1
+    kv = getattr(mcfg, "num_key_value_heads", None) or heads
+    hidden = getattr(mcfg, "hidden_size", None) or getattr(mcfg, "n_embd", 0) or 0
+    head_dim = getattr(mcfg, "head_dim", None) or hidden // heads
+    need = 2 * layers * rows * kv * head_dim * total * 4 + rows * (vocab or 0) * 4 * 4
+    avail = _available_memory()
+    if avail is not None and need > avail:
+        raise UserError(f"this generation needs about {need / 2**30:.1f} GiB for its cache, more than the "
+                        f"{avail / 2**30:.1f} GiB available", "lower --max-new-tokens or --num-beams")
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -442,6 +494,7 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[int], config: Genera
     """
     cfg = config or GenerationConfig()
     prompt_ids = encode_prompt(tokenizer, prompt)
+    check_fits(model, prompt_ids, cfg)
     eos_list = list(cfg.eos_token_ids) if cfg.eos_token_ids is not None else model_eos_ids(model, tokenizer)
     rows = cfg.num_beams if cfg.strategy == "beam" else 1
     # builds FastLlama once per model, outside the timing
