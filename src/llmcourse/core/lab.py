@@ -26,8 +26,9 @@ class Lab:
     one-line help; ``commands_module`` has ``register(sub, groups)`` that builds their parsers (it is
     imported only when one of them is used). ``tour`` is ``"module:function"`` of the tour section,
     ``formats`` maps a ``llmcourse.json`` format name to ``"module:function"`` of its loader
-    ``(path, dtype) -> LoadedModel``, and ``requires`` maps the optional packages (import names) the
-    lab needs to the command that installs them.
+    ``(path, dtype) -> LoadedModel``, ``file_formats`` maps the first bytes of a model file (its magic,
+    e.g. ``b"GGUF"``: the file's own metadata, not its name) to a loader of the same signature, and
+    ``requires`` maps the optional packages (import names) the lab needs to the command that installs them.
     """
 
     name: str
@@ -37,6 +38,8 @@ class Lab:
     tour: str | None = None
     formats: dict[str, str] = field(default_factory=dict)
     requires: dict[str, str] = field(default_factory=dict)
+    file_formats: dict[bytes, str] = field(default_factory=dict)  # a file's magic bytes -> "module:loader"
+    docs: str | None = None  # the lab's page, e.g. "docs/decoding.md" (the tour links to it)
 
 
 def resolve(ref: str) -> Any:
@@ -65,10 +68,24 @@ def import_lab_module(lab: Lab, module: str) -> Any:
 _FORMATS: dict[str, tuple[Lab, str]] = {}  # llmcourse.json format -> (lab, "module:function")
 
 
+_FILE_FORMATS: dict[bytes, tuple[Lab, str]] = {}  # magic bytes -> (lab, "module:function")
+
+
 def register_formats(lab: Lab) -> None:
-    """Make ``lab``'s folder formats loadable by :func:`folder_loader` (done by the lab table)."""
+    """Make ``lab``'s folder and file formats loadable (done by the lab table)."""
     for fmt, ref in lab.formats.items():
         _FORMATS[fmt] = (lab, ref)
+    for magic, ref in lab.file_formats.items():
+        _FILE_FORMATS[magic] = (lab, ref)
+
+
+def file_loader(head: bytes) -> Callable[..., Any] | None:
+    """The loader a lab registered for a model file starting with ``head``, or None."""
+    for magic, (lab, ref) in _FILE_FORMATS.items():
+        if head.startswith(magic):
+            mod_name, _, fn = ref.partition(":")
+            return getattr(import_lab_module(lab, mod_name), fn)
+    return None
 
 
 def folder_loader(fmt: str) -> Callable[..., Any]:

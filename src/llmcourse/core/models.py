@@ -34,7 +34,7 @@ import torch
 from llmcourse.core.errors import UserError
 from llmcourse.core.formats import check_gguf, check_safetensors
 from llmcourse.core.io import atomic_dir, llmcourse_home
-from llmcourse.core.lab import folder_loader
+from llmcourse.core.lab import file_loader, folder_loader
 from llmcourse.core.progress import status
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,9 @@ def _load(spec: str, dtype: str, torch_dtype: torch.dtype, trust_pickle: bool, t
                     lm = _load_lab_folder(path, dtype, spec)
                 else:
                     lm = _load_hf_folder(path, torch_dtype, trust_pickle, trust_remote_code, spec)
+            elif (loader := _file_loader(path)) is not None:  # a lab reads this file format itself
+                lm = loader(path, dtype=dtype)
+                lm.spec = spec
             elif path.suffix.lower() == ".gguf" or _is_gguf(path):
                 model, tok = _load_gguf(path, torch_dtype)
                 lm = LoadedModel(model, tok, spec, path, kind="gguf")
@@ -207,6 +210,14 @@ def _load(spec: str, dtype: str, torch_dtype: torch.dtype, trust_pickle: bool, t
         else:
             lm = _load_hub(spec, torch_dtype, trust_remote_code)
     return lm
+
+
+def _file_loader(path: Path) -> Any:
+    """The loader a lab registered for this file's magic bytes (read from the file, not its name)."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        return file_loader(f.read(8))
 
 
 def _is_gguf(path: Path) -> bool:
