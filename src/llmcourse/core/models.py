@@ -148,6 +148,9 @@ def _check_hf_folder(path: Path, trust_pickle: bool) -> bool:
     """Validate an HF folder's weights; return whether safetensors are used."""
     if not (path / "config.json").exists():
         raise UserError(f"{path} has no config.json", "pass a Hugging Face model folder, a .gguf file or 'default'")
+    for f in [path / "config.json", *path.glob("*.safetensors"), *path.glob("tokenizer*.json")]:
+        if not f.is_file():  # a folder, a dangling symlink, a FIFO (which would hang the reader), a device
+            raise UserError(f"{f} is not a regular file", "replace it with the real file (re-export the model)")
     st = sorted(path.glob("*.safetensors"))
     if st:
         for f in st:
@@ -194,6 +197,9 @@ def _load(spec: str, dtype: str, torch_dtype: torch.dtype, trust_pickle: bool, t
                     lm = _load_lab_folder(path, dtype, spec)
                 else:
                     lm = _load_hf_folder(path, torch_dtype, trust_pickle, trust_remote_code, spec)
+            elif not path.is_file():
+                raise UserError(f"{path} is not a regular file (a device, FIFO or socket)",
+                                "pass a Hugging Face folder, a .gguf file or 'default'")
             elif (loader := _file_loader(path)) is not None:  # a lab reads this file format itself
                 lm = loader(path, dtype=dtype)
                 lm.spec = spec
