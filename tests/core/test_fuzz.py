@@ -125,7 +125,7 @@ def test_fuzz_safetensors(tiny_files, tmp_path):
         except Exception as e:  # noqa: BLE001
             pytest.fail(f"safetensors case {i} ({label}) raised {type(e).__name__}: {e}")
     assert outcomes["error"] >= N_CASES // 2
-    assert outcomes["loaded"] >= 1  # some corruptions only touch weights
+    # corrupted key names used to "load" with random weights; since issue 17 they are refused, so none need load
 
 
 def _run_st(case_dir):
