@@ -75,13 +75,18 @@ def cmd_convert_hf(args: argparse.Namespace) -> Result:
     t0 = time.perf_counter()
     lm = load_model(args.model, **model_kwargs(args))
     # a lab's quantized model (its modules are not nn.Linear) offers a plain de-quantized copy
-    model = lm.info["dequantize"]() if callable(lm.info.get("dequantize")) else lm.model
+    dequantized = callable(lm.info.get("dequantize"))
+    model = lm.info["dequantize"]() if dequantized else lm.model
     with atomic_dir(out) as tmp:
         save_hf(model, lm.tokenizer, tmp)
     n_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    files = sorted(f.name for f in out.iterdir() if f.is_file() and not f.name.startswith("."))
     data = {"model": args.model, "out": str(out), "dtype": args.dtype, "bytes": n_bytes,
+            "dequantized_from": lm.kind if dequantized else None, "files": files,
             "seconds": time.perf_counter() - t0}
-    return Result(data, f"wrote {out} ({n_bytes / 1e6:.1f} MB, {args.dtype}) in {data['seconds']:.1f} s")
+    how = f", de-quantized from {lm.kind}" if dequantized else ""
+    return Result(data, f"wrote {out} ({n_bytes / 1e6:.1f} MB, {args.dtype}{how}) in {data['seconds']:.1f} s: "
+                  + ", ".join(files))
 
 
 EXAMPLES = {

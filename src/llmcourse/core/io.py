@@ -90,12 +90,44 @@ def check_not_input(out: str | Path, inputs: list[str | Path | None]) -> None:
         raise UserError(f"--out {out} is not a regular file", "choose a regular file path")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(path: Path) -> None:
+    """Remove what a killed run left beside ``path``: hidden ``.NAME.PID.*.part`` temporaries (and
+    ``.NAME.old-PID`` folders) of processes that no longer run."""
+    for p in path.parent.glob(f".{glob_escape(path.name)}.*"):
+        rest = p.name[len(path.name) + 2:]
+        pid_text = rest.split(".", 1)[0] if rest.endswith(".part") else rest[4:] if rest.startswith("old-") else ""
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    _clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -118,7 +150,8 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     if path.exists() and not overwrite and any(path.iterdir()):
         raise UserError(f"--out {path} is not empty", "pass an empty or new folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    _clean_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent))
     try:
         yield tmp
         (tmp / MARKER).write_text("written by llmcourse; `--overwrite` may replace this folder\n")
