@@ -68,6 +68,8 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str
 
 OURS = """
 import sys, time, torch
+from llmcourse.core.threads import apply_threads, choose_threads
+apply_threads(choose_threads(None))  # as the CLI: the cores idle at start
 from llmcourse.core.models import load_model
 from llmcourse.quant.gptq import GPTQConfig, quantize_model, save_quantized
 windows = torch.load(sys.argv[1])
@@ -96,7 +98,7 @@ GPTQMODEL_LOAD = """
 import json, sys, time, torch
 from gptqmodel import BACKEND, GPTQModel
 ids = torch.load(sys.argv[2])
-model = GPTQModel.load(sys.argv[1], backend=BACKEND.TORCH, device="cpu", dtype=torch.float32)
+model = GPTQModel.load(sys.argv[1], backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)  # its CPU kernel: fp16|bf16
 with torch.inference_mode():
     logits = model.model(input_ids=ids).logits[0].float()
 torch.save(logits, sys.argv[3])

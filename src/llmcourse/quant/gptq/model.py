@@ -21,6 +21,7 @@ GPTQ and of round-to-nearest on the same inputs (from the Hessian: ``ΔW H ΔW�
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -167,6 +168,30 @@ def sequential_stages(block: nn.Module, layers: dict[str, nn.Module], inp: Block
     return stages + ([rest] if rest else [])
 
 
+class _StageDone(Exception):
+    """Raised by the last hooked layer of a stage: the rest of the block's forward is not needed
+    (the same device as core.modules.block_inputs, which stops the model at the first block)."""
+
+
+def collect_hessians(block: nn.Module, layers: dict[str, nn.Module], hessians: dict[str, GPTQ],
+                     inputs: list[BlockInput]) -> None:
+    """Run ``block`` on every input and add each hooked layer's inputs to its Hessian; each forward
+    stops as soon as all of ``layers`` have run."""
+    seen: set[str] = set()
+
+    def add(name: str, x: torch.Tensor) -> None:
+        hessians[name].add_batch(x)
+        seen.add(name)
+        if len(seen) == len(layers):
+            raise _StageDone
+
+    with input_hooks(layers, add):
+        for inp in inputs:
+            seen.clear()
+            with contextlib.suppress(_StageDone):
+                run_block(block, inp)
+
+
 def _set_weight(m: nn.Module, W: torch.Tensor) -> None:
     """Write an (out, in) weight into an ``nn.Linear`` or a ``Conv1D`` (stored transposed)."""
     target = m.weight.data
@@ -223,9 +248,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: GPTQConf
         for stage in stages:
             hessians = {n: GPTQ(linear_weight(layers[n]).shape[1]) for n in stage} if inputs is not None else {}
             if inputs is not None:
-                with input_hooks({n: layers[n] for n in stage}, lambda n, x, h=hessians: h[n].add_batch(x)):
-                    for inp in inputs:
-                        run_block(block, inp)
+                collect_hessians(block, {n: layers[n] for n in stage}, hessians, inputs)
             for n in stage:
                 ql, row = _quantize_layer(layers[n], cfg, hessians.pop(n, None))
                 _set_weight(layers[n], ql.dequantize())  # later stages and blocks see the quantized layer
