@@ -42,7 +42,7 @@ LABELLED = [
 
 
 def extraction_bench(lm) -> dict:
-    llm = model_llm(lm, max_new_tokens=40, stop=("Sentence:",))
+    llm = model_llm(lm, max_new_tokens=40, stop=("\n\n",))
     rows, preds, golds = [], [], []
     for sent, gold in LABELLED:
         ex = extract(sent, llm)
@@ -60,10 +60,15 @@ def main() -> None:
     ap.add_argument("--two-hop", type=int, default=20)
     ap.add_argument("--modes", default="none,vector,facts,cypher")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    ap.add_argument("--extraction-only", action="store_true", help="only the extraction precision")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kg.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("default")
+    if args.extraction_only:
+        ext = extraction_bench(lm)
+        print(json.dumps(ext, indent=1))
+        return
     with tempfile.TemporaryDirectory() as d:
         build("countries", Path(d) / "countries")
         build("triples", Path(d) / "apple", APPLE_FACTS)

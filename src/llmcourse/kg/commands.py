@@ -33,7 +33,7 @@ def cmd_build(args: argparse.Namespace) -> Result:
                         "pass --source countries, --source triples FILE or --source text FILE")
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}", f"use one of {', '.join(SOURCES)}")
-    llm = model_llm(_lm(args), max_new_tokens=80, stop=("Sentence:",)) if source == "text" else None
+    llm = model_llm(_lm(args), max_new_tokens=80, stop=("\n\n",)) if source == "text" else None
     info = build(source, args.out, file, llm)
     text = f"wrote {args.out}: {info['entities']} entities, {info['edges']} edges from {source}"
     if "rejected_lines" in info:

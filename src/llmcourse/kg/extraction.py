@@ -1,7 +1,7 @@
 """Triples from text: a few-shot prompt, the model's reply, and the strict parser (:func:`parse_extraction`).
 
 As in the notebook (LangChain's knowledge-triple prompt), the model is shown examples of sentences and
-their ``subject | relation | object`` lines and asked for the next sentence's. Whatever it writes,
+their ``subject | relation | object`` lines (as earlier chat turns) and asked for the next sentence's. Whatever it writes,
 :func:`llmcourse.kg.triples.parse_extraction` keeps the well-formed lines and counts the rest:
 bad model output never crashes a build. :func:`precision` scores an extraction against gold triples.
 """
@@ -14,16 +14,22 @@ from dataclasses import dataclass, field
 from llmcourse.kg.qa import LLM
 from llmcourse.kg.triples import Triple, normalize, normalize_relation, parse_extraction
 
-FEW_SHOT = """Extract facts from the sentence as lines "subject | relation | object".
-Sentence: Paris is the capital of France.
-France | capital | Paris
-Sentence: Google was founded by Larry Page in 1998.
-Google | founded_by | Larry Page
-Google | founded_in | 1998
-Sentence: Sony released the PlayStation in 1994.
-Sony | released | PlayStation
-PlayStation | released_in | 1994
-Sentence: {sentence}"""
+INSTRUCTION = "Extract the facts of the sentence as lines: subject | relation | object"
+# worked examples, given as earlier chat turns: a 135M chat model follows turns far better than
+# examples pasted into one message (it then copies the examples' entities)
+SHOTS = [
+    ("Paris is the capital of France.", "France | capital | Paris"),
+    ("Google was founded by Larry Page in 1998.", "Google | founded_by | Larry Page\nGoogle | founded_in | 1998"),
+    ("Sony released the PlayStation in 1994.", "Sony | released | PlayStation\nPlayStation | released_in | 1994"),
+]
+
+
+def few_shot_messages(sentence: str) -> list[dict[str, str]]:
+    """The chat messages that ask for ``sentence``'s triples after three worked examples."""
+    msgs = [{"role": "system", "content": INSTRUCTION}]
+    for q, a in SHOTS:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return [*msgs, {"role": "user", "content": sentence}]
 
 
 @dataclass
@@ -44,7 +50,7 @@ def extract(text: str, llm: LLM) -> TextExtraction:
     """Ask ``llm`` for the triples of each sentence of ``text``; parse each reply strictly."""
     out = TextExtraction()
     for s in sentences(text):
-        reply = llm(FEW_SHOT.format(sentence=s))
+        reply = llm(few_shot_messages(s))
         ex = parse_extraction(reply, source="llm")
         out.triples += ex.triples
         out.rejected += ex.rejected

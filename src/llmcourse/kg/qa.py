@@ -38,7 +38,7 @@ from llmcourse.core.errors import UserError
 from llmcourse.kg.store import CYPHER_SCHEMA, GraphStore, check_read_query, neighbourhood
 from llmcourse.kg.triples import Entity, Triple, normalize
 
-LLM = Callable[[str], str]  # a user message -> the model's reply
+LLM = Callable[[str | list[dict[str, str]]], str]  # a user message (or chat messages) -> the model's reply
 MODES = ("facts", "vector", "none", "cypher")
 
 TEMPLATES = {
@@ -300,8 +300,9 @@ def model_llm(lm: Any, max_new_tokens: int = 24, stop: tuple[str, ...] = ("\n",)
 
     cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, stop=stop)
 
-    def llm(prompt: str) -> str:
-        ids = chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": prompt}])
+    def llm(prompt: str | list[dict[str, str]]) -> str:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = chat_prompt_ids(lm.tokenizer, messages)
         return generate(lm.model, lm.tokenizer, ids, cfg).sequences[0].text
 
     return llm

@@ -63,7 +63,7 @@ def section(ctx: Any) -> Any:
         a = Asker(store, llm).ask(APPLE_QUESTION)
         plot_graph(store, ctx.out_dir / "kg_apple.png", question=APPLE_QUESTION)
         store.close()
-        ex = extract(APPLE_SENTENCE, model_llm(lm, max_new_tokens=40, stop=("Sentence:",)))
+        ex = extract(APPLE_SENTENCE, model_llm(lm, max_new_tokens=40, stop=("\n\n",)))
         gold = [t for t in read_triples(APPLE_FACTS) if t.subject in ("Apple", "Vision Pro") and "Vision" in
                 (t.subject + t.object)]
         prec = precision(ex.triples, gold)
