@@ -28,9 +28,11 @@ LAB = Lab(
     },
     commands_module="llmcourse.decoding.commands",
     tour="llmcourse.decoding.tour:section",
+    docs="docs/decoding.md",
 )
 
 _PUBLIC = {
+    "batch": ("BatchSession", "BatchRequest", "BatchEvent", "ContinuousBatcher", "QueueFull"),
     "beam": ("BeamRecorder", "BeamResult", "beam_search"),
     "engine": ("GeneratedSequence", "GenerationConfig", "GenerationOutput", "StepRecord", "chat_prompt_ids",
                "generate", "make_decoder", "prepare"),

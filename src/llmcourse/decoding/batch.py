@@ -1,0 +1,548 @@
+"""Continuous batching: requests join and leave one running batch at step boundaries.
+
+Iteration-level scheduling (Yu et al. 2022, "Orca: A Distributed Serving System for
+Transformer-Based Generative Models"): instead of batching whole requests, the scheduler
+decides again before every decode step which sequences run. A sequence owns one *slot* of a
+fixed-size KV cache (``max_batch`` slots x ``ctx`` positions); every slot has its own position
+``p_b``, so one step computes, for each active slot ``b`` and new token ``x_b``,
+
+    q_b, k_b, v_b = W_q n(x_b), W_k n(x_b), W_v n(x_b)          rotated at position p_b (RoPE)
+    K[b, :, p_b], V[b, :, p_b] = k_b, v_b                        (per-slot cache write)
+    attn_b = softmax(q_b K[b]^T / sqrt(d) + M[b]) V[b],   M[b, j] = 0 if j <= p_b else -inf
+
+with every weight read once per step for all slots together (decoding is bound by reading the
+weights: B rows cost little more than one). Prompts are prefilled one chunk at a time between
+decode steps (chunked prefill, as in Sarathi, Agrawal et al. 2023), so a long prompt stalls the
+running streams for one chunk at most.
+
+:class:`BatchSession` is the state (cache, positions) and the forward on a shared
+:class:`~llmcourse.decoding.fast_llama.FastLlama`; :class:`ContinuousBatcher` is the scheduler
+(a thread) that samples each sequence with its own sampler chain and ``torch.Generator``.
+A sequence's greedy tokens are those of :func:`~llmcourse.decoding.engine.generate` for its
+prompt alone (tested on the eager path, where each row's products and attention are the
+single-row operations; the compiled path sums in another order, within 1e-4 of it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmcourse.decoding import samplers
+from llmcourse.decoding.engine import GenerationConfig, TextStream, model_eos_ids, prepare
+from llmcourse.decoding.fast_llama import FastLlama, compiled, project, rms_norm
+
+log = logging.getLogger(__name__)
+
+CAPACITY_STEP = 64  # cache sizes are rounded up to this (one compilation per size)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(-x2, x1)`` for ``x = (x1, x2)`` along the last dimension (RoPE's rotation)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def batch_layer(x: torch.Tensor, wts: tuple, kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor,
+                pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, *, n_heads: int,
+                n_kv: int, head_dim: int, eps: float) -> torch.Tensor:
+    """One decoder layer, one new token for each of B slots at its own position.
+
+    ``x`` (B, H); ``kc``/``vc`` the whole cache (S, n_kv, C, hd), written in place at
+    ``[rows[b], :, pos[b]]``; ``cos``/``sin`` (B, hd) the rows of each position; ``mask`` (B, C).
+    """
+    n1, q_proj, k_proj, v_proj, o_proj, n2, gate_proj, up_proj, down_proj = wts
+    b = x.shape[0]
+    h = rms_norm(x, n1, eps)
+    q = project(q_proj, h).view(b, n_heads, head_dim)
+    k = project(k_proj, h).view(b, n_kv, head_dim)
+    v = project(v_proj, h).view(b, n_kv, head_dim)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, hd)
+    q = q * c + rotate_half(q) * s
+    k = k * c + rotate_half(k) * s
+    index = (rows.view(b, 1), torch.arange(n_kv).view(1, n_kv), pos.view(b, 1))  # (B, n_kv) each
+    kc.index_put_(index, k)
+    vc.index_put_(index, v)
+    keys, values = kc[rows], vc[rows]  # (B, n_kv, C, hd): gathered inside the attention loops
+    qg = q.view(b, n_kv, n_heads // n_kv, 1, head_dim)
+    sc = (qg * keys.unsqueeze(2)).sum(-1) * head_dim ** -0.5 + mask.view(b, 1, 1, -1)  # (B, n_kv, g, C)
+    att = torch.softmax(sc, dim=-1)
+    y = (att.unsqueeze(-1) * values.unsqueeze(2)).sum(-2).reshape(b, n_heads * head_dim)
+    x = x + project(o_proj, y)
+    h = rms_norm(x, n2, eps)
+    return x + project(down_proj, F.silu(project(gate_proj, h)) * project(up_proj, h))
+
+
+_COMPILED_LAYER: list[Any] = []
+
+
+def compiled_batch_layer() -> Any:
+    """The ``torch.compile``'d :func:`batch_layer` (one specialisation per bucket of rows and cache size)."""
+    if not _COMPILED_LAYER:
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        _COMPILED_LAYER.append(torch.compile(batch_layer, dynamic=False, fullgraph=True))
+    return _COMPILED_LAYER[0]
+
+
+class BatchSession:
+    """A KV cache of ``max_batch`` slots x ``capacity`` positions, each slot at its own position.
+
+    ``slot = s.acquire()``; ``s.prefill(slot, ids)`` (in chunks, any number of calls);
+    ``s.step(slots, tokens)`` one token for each listed slot; ``s.release(slot)``.
+    The compiled step pads the rows to a bucket (1, 2, 4, ... max_batch) with a scratch slot, so
+    it compiles once per bucket; it falls back to the eager step if compiling fails.
+    """
+
+    def __init__(self, fast: FastLlama, max_batch: int, capacity: int) -> None:
+        if max_batch < 1 or capacity < 2:
+            raise ValueError("max_batch must be >= 1 and capacity >= 2")
+        self.fast = fast
+        self.max_batch = max_batch
+        self.capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP if fast.matvec == "compiled" else capacity
+        self.compiled = fast.matvec == "compiled"
+        shape = (max_batch + 1, fast.n_kv, self.capacity, fast.head_dim)  # the last slot is scratch (padding)
+        with torch.inference_mode():
+            self.k_cache = [torch.zeros(shape, dtype=fast.dtype) for _ in fast.layers]
+            self.v_cache = [torch.zeros(shape, dtype=fast.dtype) for _ in fast.layers]
+        fast._rope_tables(self.capacity)
+        self.pos = [0] * (max_batch + 1)  # tokens cached per slot
+        self.free = list(range(max_batch))
+        self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self._warm: set[int] = set()
+
+    # --- slots -----------------------------------------------------------------------------------
+    def acquire(self) -> int:
+        """A free slot (empty: position 0). Raises IndexError when all are taken."""
+        slot = self.free.pop(0)
+        self.pos[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self.free or not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is not in use")
+        self.free.append(slot)
+        self.free.sort()
+
+    @torch.inference_mode()
+    def copy(self, src: int, dst: int) -> None:
+        """Make slot ``dst`` a copy of ``src`` (``n`` > 1 choices share one prefilled prompt)."""
+        p = self.pos[src]
+        for kc, vc in zip(self.k_cache, self.v_cache, strict=True):
+            kc[dst, :, :p] = kc[src, :, :p]
+            vc[dst, :, :p] = vc[src, :, :p]
+        self.pos[dst] = p
+
+    # --- forward ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Run ``ids`` (a chunk of the prompt) at ``slot``'s next positions -> last logits (1, V) fp32.
+
+        The same operations as :meth:`FastLlama.forward` on one row (so one chunk from position 0
+        gives its very logits); later chunks attend causally to the cached positions too.
+        """
+        f = self.fast
+        t, p0 = len(ids), self.pos[slot]
+        if p0 + t > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, asked for {p0 + t}")
+        if t == 1:
+            return self._eager_step([slot], torch.tensor(ids))
+        cos, sin = f.cos[p0:p0 + t], f.sin[p0:p0 + t]  # (T, hd)
+        nh, nkv, hd = f.n_heads, f.n_kv, f.head_dim
+        mask = None if p0 == 0 else torch.ones(t, p0 + t, dtype=torch.bool).tril(p0)  # key j <= p0 + i
+        x = f.embed(torch.tensor([ids]))  # (1, T, H)
+        for li, layer in enumerate(f.layers):
+            h = rms_norm(x, layer.n1, f.eps)
+            q, k, v = layer.qkv(h)
+            q = q.view(1, t, nh, hd).transpose(1, 2)  # (1, nh, T, hd)
+            k = k.view(1, t, nkv, hd).transpose(1, 2)
+            v = v.view(1, t, nkv, hd).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            kc, vc = self.k_cache[li][slot:slot + 1], self.v_cache[li][slot:slot + 1]
+            kc[:, :, p0:p0 + t] = k
+            vc[:, :, p0:p0 + t] = v
+            y = F.scaled_dot_product_attention(q, kc[:, :, :p0 + t], vc[:, :, :p0 + t], attn_mask=mask,
+                                               is_causal=p0 == 0, scale=f.scale, enable_gqa=nh != nkv)
+            x = x + layer.o(y.transpose(1, 2).reshape(1, t, nh * hd))
+            h = rms_norm(x, layer.n2, f.eps)
+            gate, up = layer.gate_up(h)
+            x = x + layer.down(F.silu(gate) * up)
+        self.pos[slot] = p0 + t
+        return f.lm_head(rms_norm(x[:, -1], f.norm, f.eps)).float()
+
+    @torch.inference_mode()
+    def step(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """One new token per listed slot, ``tokens`` (B,) -> logits (B, V) fp32, all in one pass over the weights."""
+        for s in slots:
+            if self.pos[s] >= self.capacity:
+                raise ValueError(f"slot {s} is full ({self.capacity} positions)")
+        if not self.compiled:
+            return self._eager_step(slots, tokens)
+        b = len(slots)
+        bucket = next(n for n in self.buckets if n >= b)
+        if bucket in self._warm:
+            return self._compiled_step(slots, tokens, bucket)
+        try:
+            logits = self._compiled_step(slots, tokens, bucket)
+        except Exception as exc:  # no working compiler or an Inductor failure: stay correct, run eagerly
+            if self._warm:
+                raise
+            log.warning("torch.compile failed (%s: %s); batched decoding runs eagerly, which is slower",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.compiled = False
+            return self._eager_step(slots, tokens)
+        self._warm.add(bucket)
+        return logits
+
+    def warmup(self) -> None:
+        """Compile every bucket now (a no-op on the eager path), on the scratch slot only."""
+        scratch = self.max_batch
+        for bucket in self.buckets:
+            if not self.compiled:
+                return
+            self.pos[scratch] = 0
+            self.step([scratch] * bucket, torch.zeros(bucket, dtype=torch.long))
+        self.pos[scratch] = 0
+
+    def _compiled_step(self, slots: list[int], tokens: torch.Tensor, bucket: int) -> torch.Tensor:
+        f = self.fast
+        b = len(slots)
+        scratch = self.max_batch
+        rows = torch.tensor(slots + [scratch] * (bucket - b))
+        pos = torch.tensor([self.pos[s] for s in slots] + [0] * (bucket - b))
+        tok = torch.cat((tokens.view(-1), torch.zeros(bucket - b, dtype=torch.long)))
+        mask = torch.zeros(bucket, self.capacity, dtype=f.dtype).masked_fill_(
+            torch.arange(self.capacity).view(1, -1) > pos.view(-1, 1), float("-inf"))
+        cos, sin = f.cos[pos], f.sin[pos]  # (B, hd)
+        layer, head = compiled_batch_layer(), compiled("head")
+        x = f.embed(tok)  # (B, H)
+        for li, wts in enumerate(f.step_weights):
+            x = layer(x, wts, self.k_cache[li], self.v_cache[li], rows, pos, cos, sin, mask, n_heads=f.n_heads,
+                      n_kv=f.n_kv, head_dim=f.head_dim, eps=f.eps)
+        logits = head(x, f.norm, f.head_parts, f.eps)[:b]
+        for s in set(slots):
+            self.pos[s] += 1
+        return logits
+
+    def _eager_step(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Each row's products (one-row products for up to 8 rows) and attention as one session's step."""
+        f = self.fast
+        b = len(slots)
+        nh, nkv, hd = f.n_heads, f.n_kv, f.head_dim
+        pos = [self.pos[s] for s in slots]
+        cos = f.cos[pos].view(b, 1, 1, hd)
+        sin = f.sin[pos].view(b, 1, 1, hd)
+        x = f.embed(tokens.view(-1))  # (B, H)
+        for li, layer in enumerate(f.layers):
+            h = rms_norm(x, layer.n1, f.eps)
+            q, k, v = layer.qkv(h)
+            q = q.view(b, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
+            k = k.view(b, 1, nkv, hd).transpose(1, 2)
+            v = v.view(b, 1, nkv, hd).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            ys = []
+            for i, (s, p) in enumerate(zip(slots, pos, strict=True)):
+                kc, vc = self.k_cache[li][s:s + 1], self.v_cache[li][s:s + 1]
+                kc[:, :, p:p + 1] = k[i:i + 1]
+                vc[:, :, p:p + 1] = v[i:i + 1]
+                keys, values = kc[:, :, :p + 1], vc[:, :, :p + 1]  # (1, nkv, P, hd)
+                qg = q[i:i + 1].view(1, nkv, nh // nkv, 1, hd)
+                sc = (qg * keys.unsqueeze(2)).sum(-1) * f.scale  # (1, nkv, g, P)
+                e = (sc - sc.amax(-1, keepdim=True)).exp()
+                att = e / e.sum(-1, keepdim=True)
+                ys.append((att.unsqueeze(-1) * values.unsqueeze(2)).sum(-2).reshape(1, nh * hd))
+            x = x + layer.o(torch.cat(ys))
+            h = rms_norm(x, layer.n2, f.eps)
+            gate, up = layer.gate_up(h)
+            x = x + layer.down(F.silu(gate) * up)
+        for s in slots:
+            self.pos[s] += 1
+        return f.lm_head(rms_norm(x, f.norm, f.eps)).float()
+
+
+# --- the scheduler --------------------------------------------------------------------------------
+
+@dataclass
+class BatchEvent:
+    """What the scheduler reports for a request (called from its thread).
+
+    ``kind``: ``"token"`` (``text`` is the newly final text of choice ``index``, maybe empty),
+    ``"done"`` (choice ``index`` finished with ``finish_reason`` "stop" | "length"), ``"end"``
+    (every choice finished: ``prompt_tokens``/``completion_tokens`` are the usage) or ``"error"``
+    (``text`` says why; nothing more follows).
+    """
+
+    kind: str
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # "done": the choice's generated tokens
+
+
+@dataclass
+class BatchRequest:
+    """One request: its prompt, its settings (``config.max_new_tokens``, the sampler fields, ``seed``,
+    ``stop``), ``n`` choices, and ``on_event`` which receives :class:`BatchEvent` objects."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    on_event: Callable[[BatchEvent], None]
+    n: int = 1
+    deadline: float | None = None  # time.monotonic() after which it is ended with an error
+    id: int = field(default_factory=itertools.count().__next__)
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None  # when its first token was sampled
+    cancelled: bool = False
+
+
+@dataclass
+class _Choice:
+    request: BatchRequest
+    index: int
+    slot: int
+    ids: torch.Tensor  # (1, T) prompt and generated tokens (the penalties' context)
+    stream: TextStream
+    generator: torch.Generator | None
+    tokens: int = 0
+    next_token: int | None = None
+    done: bool = False
+
+
+@dataclass
+class _Job:
+    """A request in flight: its choices' slots, and how much of the prompt is prefilled."""
+
+    request: BatchRequest
+    slots: list[int]
+    prefilled: int = 0
+    choices: list[_Choice] = field(default_factory=list)
+    completion_tokens: int = 0
+
+
+class QueueFull(Exception):
+    """The scheduler's queue is full (the server answers 429)."""
+
+
+class ContinuousBatcher:
+    """A thread that runs requests through one :class:`BatchSession` with continuous batching.
+
+    Each loop: admit waiting requests into free slots, prefill one chunk of one admitted prompt,
+    then one decode step of every running sequence. ``submit`` raises :class:`QueueFull` beyond
+    ``max_queue`` waiting requests; ``cancel`` frees a request's slots at the next step boundary.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, ctx: int = 2048, max_queue: int = 64,
+                 prefill_chunk: int = 128, matvec: str = "auto", eos_token_ids: list[int] | None = None) -> None:
+        self.fast = model if isinstance(model, FastLlama) else prepare(model, matvec)
+        self.tokenizer = tokenizer
+        self.session = BatchSession(self.fast, max_batch, ctx)
+        self.ctx = ctx
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        if eos_token_ids is None:
+            eos_token_ids = [] if isinstance(model, FastLlama) else model_eos_ids(model, tokenizer)
+        self.eos = set(eos_token_ids)
+        self.waiting: deque[BatchRequest] = deque()
+        self.prefilling: list[_Job] = []
+        self.running: list[_Choice] = []
+        self.jobs: dict[int, _Job] = {}
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.stats = {"steps": 0, "prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+
+    # --- the public side (any thread) ------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self.session.free)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="llmcourse-batcher", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is admitted or queued, then end the thread."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def submit(self, request: BatchRequest) -> None:
+        """Queue ``request``; raises :class:`QueueFull` when ``max_queue`` requests already wait,
+        ValueError when it cannot fit (prompt too long, ``n`` above the slots)."""
+        if request.n > self.session.max_batch:
+            raise ValueError(f"n={request.n} is more than the server's {self.session.max_batch} batch slots")
+        if len(request.prompt_ids) >= self.session.capacity:
+            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.ctx}")
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            busy = bool(self.waiting) or self.free_slots < request.n
+            if busy and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting")
+            self.waiting.append(request)
+            self.cond.notify_all()
+
+    def cancel(self, request: BatchRequest) -> None:
+        """Stop ``request`` (a client went away): its slots are freed at the next step boundary."""
+        with self.cond:
+            request.cancelled = True
+            self.cond.notify_all()
+
+    # --- the scheduler thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.waiting or self.prefilling or self.running or self.stopping):
+                    self.cond.wait()
+                if self.stopping and not (self.waiting or self.prefilling or self.running):
+                    return
+                self._admit()
+            try:
+                self._drop_finished()
+                if self.prefilling:
+                    self._prefill_chunk(self.prefilling[0])
+                if self.running:
+                    self._decode_step()
+            except Exception as exc:  # a bug or an out-of-memory: fail the requests in flight, keep serving
+                log.exception("batch step failed")
+                for job in list(self.jobs.values()):
+                    self._end(job, error=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _admit(self) -> None:
+        while self.waiting:
+            req = self.waiting[0]
+            if req.cancelled:
+                self.waiting.popleft()
+                continue
+            if self.free_slots < req.n:
+                return
+            self.waiting.popleft()
+            job = _Job(req, [self.session.acquire() for _ in range(req.n)])
+            self.jobs[req.id] = job
+            self.prefilling.append(job)
+
+    def _drop_finished(self) -> None:
+        now = time.monotonic()
+        for job in list(self.jobs.values()):
+            req = job.request
+            if req.cancelled:
+                self._end(job, error=None)
+            elif req.deadline is not None and now > req.deadline:
+                self._end(job, error="the request timed out")
+
+    def _prefill_chunk(self, job: _Job) -> None:
+        req = job.request
+        ids = req.prompt_ids[job.prefilled:job.prefilled + self.prefill_chunk]
+        logits = self.session.prefill(job.slots[0], ids)
+        job.prefilled += len(ids)
+        if job.prefilled < len(req.prompt_ids):
+            return
+        self.prefilling.remove(job)
+        self.stats["prompt_tokens"] += len(req.prompt_ids)
+        prompt = torch.tensor([req.prompt_ids], dtype=torch.long)
+        for i, slot in enumerate(job.slots):
+            if i:
+                self.session.copy(job.slots[0], slot)
+            seed = req.config.seed
+            gen = torch.Generator().manual_seed(seed + i) if seed is not None else None
+            choice = _Choice(req, i, slot, prompt, TextStream(self.tokenizer, req.config.stop), gen)
+            job.choices.append(choice)
+            self._accept(job, choice, logits)
+        if req.first_token is None:
+            req.first_token = time.monotonic()
+        self._after_tokens(job)
+
+    def _decode_step(self) -> None:
+        live = [c for c in self.running if not c.done]
+        if not live:
+            self.running = []
+            return
+        tokens = torch.tensor([c.next_token for c in live])
+        logits = self.session.step([c.slot for c in live], tokens)
+        self.stats["steps"] += 1
+        touched: dict[int, _Job] = {}
+        for row, c in enumerate(live):
+            job = self.jobs[c.request.id]
+            self._accept(job, c, logits[row:row + 1])
+            touched[c.request.id] = job
+        for job in touched.values():
+            self._after_tokens(job)
+
+    def _accept(self, job: _Job, c: _Choice, logits: torch.Tensor) -> None:
+        """Sample choice ``c``'s next token from ``logits`` (1, V); report its text; finish it if due."""
+        cfg = c.request.config
+        sampling = cfg.strategy == "sample"
+        processed = samplers.apply_chain(logits, c.ids, cfg, samplers.CHAINS[cfg.chain], sampling=sampling)
+        if sampling:
+            tok = int(samplers.sample(torch.softmax(processed, dim=-1), c.generator)[0])
+        else:
+            tok = int(torch.argmax(processed, dim=-1)[0])
+        c.tokens += 1
+        job.completion_tokens += 1
+        self.stats["completion_tokens"] += 1
+        c.ids = torch.cat((c.ids, torch.tensor([[tok]])), dim=1)
+        reason = None
+        if tok in self.eos:
+            reason = "stop"
+            piece = c.stream.flush()
+        else:
+            piece = c.stream.push(tok)
+            if c.stream.stopped:
+                reason = "stop"
+            elif c.tokens >= cfg.max_new_tokens or self.session.pos[c.slot] >= self.session.capacity:
+                reason = "length"
+                piece += c.stream.flush()
+        if piece:
+            c.request.on_event(BatchEvent("token", c.index, piece))
+        if reason is not None:
+            c.done = True
+            c.request.on_event(BatchEvent("done", c.index, finish_reason=reason,
+                                          token_ids=c.ids[0, len(c.request.prompt_ids):].tolist()))
+        else:
+            c.next_token = tok
+            if c not in self.running:
+                self.running.append(c)
+
+    def _after_tokens(self, job: _Job) -> None:
+        if all(c.done for c in job.choices):
+            self._end(job, error=None, finished=True)
+
+    def _end(self, job: _Job, error: str | None, finished: bool = False) -> None:
+        """Free ``job``'s slots; report its end (usage) or ``error`` (a cancelled request hears nothing)."""
+        req = job.request
+        self.jobs.pop(req.id, None)
+        if job in self.prefilling:
+            self.prefilling.remove(job)
+        self.running = [c for c in self.running if c.request is not req]
+        for slot in job.slots:
+            self.session.release(slot)
+        self.stats["requests"] += 1
+        if error is not None:
+            req.on_event(BatchEvent("error", text=error))
+        elif finished:
+            req.on_event(BatchEvent("end", prompt_tokens=len(req.prompt_ids),
+                                    completion_tokens=job.completion_tokens))
