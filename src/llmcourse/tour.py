@@ -49,6 +49,15 @@ img {{ max-width: 100%; }} pre {{ background: #f6f6f6; padding: 0.7em; overflow-
 """
 
 
+def _docs_link(rel: str) -> str:
+    """A link to a lab's docs page (the repository's copy when there is one)."""
+    import llmcourse
+
+    page = Path(llmcourse.__file__).resolve().parents[2] / rel
+    href = page.as_uri() if page.exists() else rel
+    return f'<p class="muted">Method, formulas and commands: <a href="{html.escape(href)}">{html.escape(rel)}</a></p>'
+
+
 def run_tour(out: str | Path, quick: bool = False, model: str = "default",
              sections: list[str] | None = None) -> dict[str, Any]:
     """Run the sections (default: every lab's, in the table's order) into ``out`` (written
@@ -89,9 +98,13 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
                 body = f'<p class="err">This section failed: {html.escape(repr(e))}</p><pre>{html.escape(traceback.format_exc())}</pre>'
                 summary["sections"][title] = {"error": repr(e)}
                 summary["failed"].append(lab.name)
+            if lab.docs:
+                body += _docs_link(lab.docs)
             anchor = f"s{i}"
             nav.append(f'<a href="#{anchor}">{html.escape(title)}</a>')
             parts.append(f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>')
+        if ctx._reference is not None:
+            summary["reference"] = {"perplexity": ctx._reference["perplexity"], "span": ctx.span.caption}
         summary["seconds"] = round(time.perf_counter() - t_start, 2)
         page = PAGE.format(model=html.escape(model if model != "default" else "SmolLM2-135M-Instruct"),
                            version=__version__, seconds=summary["seconds"],

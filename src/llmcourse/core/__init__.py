@@ -17,4 +17,5 @@ LAB = Lab(
     },
     commands_module="llmcourse.core.commands",
     tour="llmcourse.core.tour_section:section",
+    docs="docs/evaluation.md",
 )

@@ -14,6 +14,20 @@ from typing import Any
 
 
 @dataclass
+class EvalSpan:
+    """Token ids (1, n) of the eval split and the window / stride they are scored with."""
+
+    ids: Any
+    max_length: int
+    stride: int
+
+    @property
+    def caption(self) -> str:
+        return (f"the first {self.ids.shape[1]:,} tokens of the eval split, window {self.max_length:,}, "
+                f"stride {self.stride:,}")
+
+
+@dataclass
 class TourContext:
     """What every section gets: where to write files, the shared default model, the mode."""
 
@@ -31,6 +45,34 @@ class TourContext:
             self._lm = load_model(self.model_spec)
         return self._lm
 
+    _span: Any = None
+    _reference: Any = None
+
+    @property
+    def span(self) -> EvalSpan:
+        """The one evaluation span every section scores perplexity on, so that all fp32 figures agree."""
+        if self._span is None:
+            from llmcourse.core.data import load_text, tokenize_stream
+
+            n, window, stride = (256, 128, 64) if self.quick else (2048, 1024, 512)
+            ids = tokenize_stream(self.lm.tokenizer, load_text("default", "eval"))[:, :n]
+            self._span = EvalSpan(ids, window, stride)
+        return self._span
+
+    def perplexity(self, model: Any) -> dict[str, Any]:
+        """Perplexity of ``model`` on :attr:`span` (the Hugging Face recipe)."""
+        from llmcourse.core.evaluate import perplexity
+
+        sp = self.span
+        return perplexity(model, sp.ids, max_length=sp.max_length, stride=sp.stride)
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        """The fp32 model's perplexity on :attr:`span`, computed once: the reference of every table."""
+        if self._reference is None:
+            self._reference = self.perplexity(self.lm.model)
+        return self._reference
+
 
 @dataclass
 class TourSection:
@@ -45,11 +87,6 @@ def html_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> 
     if not rows:
         return ""
     columns = columns or list(rows[0])
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
@@ -71,6 +108,22 @@ def save_figure(fig: Any, out_dir: Path, name: str, alt: str = "", dpi: int = 11
     fig.savefig(Path(out_dir) / name, dpi=dpi, bbox_inches="tight")
     pyplot().close(fig)
     return img(name, alt)
+
+
+def fmt(value: Any, unit: str = "") -> str:
+    """A number as people read it: thousands separators, 4 significant digits, bytes in MB/GB."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if unit == "bytes":
+        v = float(value)
+        return f"{v / 2**30:.2f} GiB" if v >= 2**30 else f"{v / 2**20:.1f} MiB"
+    if isinstance(value, int):
+        text = f"{value:,}"
+    elif isinstance(value, float):
+        text = f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    else:
+        return html.escape(str(value))
+    return f"{text} {unit}".strip()
 
 
 def img(name: str, alt: str = "") -> str:

@@ -19,4 +19,5 @@ LAB = Lab(
     },
     commands_module="llmcourse.quant.gguf.commands",
     tour="llmcourse.quant.gguf.tour:section",
+    docs="docs/gguf.md",
 )

@@ -28,6 +28,7 @@ LAB = Lab(
     commands_module="llmcourse.quant.int8.commands",
     tour="llmcourse.quant.int8.tour:section",
     formats={"int8": "llmcourse.quant.int8.model:load_quantized"},
+    docs="docs/quantization-8bit.md",
 )
 
 _PUBLIC = {

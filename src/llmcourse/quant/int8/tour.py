@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from llmcourse.core.data import load_text, tokenize_stream
 from llmcourse.core.evaluate import compare, perplexity
 from llmcourse.core.modules import linear_layers, linear_weight
 from llmcourse.core.report import TourContext, TourSection, html_table, pyplot, save_figure
@@ -62,7 +61,8 @@ def disk_bytes(model: Any, cfg: Int8Config, report: dict[str, Any]) -> int:
 
 
 def measure(lm: Any, cfg: Int8Config | None, ids: torch.Tensor, ppl_tokens: int, cmp_tokens: int,
-            decode_tokens: int, write: bool = True) -> tuple[dict[str, Any], Any]:
+            decode_tokens: int, write: bool = True,
+            window: tuple[int, int] | None = None) -> tuple[dict[str, Any], Any]:
     """One table row for ``cfg`` (None: the fp32 reference); returns the row and the model.
 
     ``write=False`` skips writing the folder and reports the bytes of its tensors instead."""
@@ -77,8 +77,8 @@ def measure(lm: Any, cfg: Int8Config | None, ids: torch.Tensor, ppl_tokens: int,
         name = cfg.name
         disk = disk_bytes(model, cfg, report) if write else model_bytes(model)
         ratio = report["int8_bytes"] / report["fp32_bytes"]
-    ppl = perplexity(model, ids, max_length=min(1024, ppl_tokens), stride=min(512, ppl_tokens // 2),
-                     max_tokens=ppl_tokens)
+    max_length, stride = window or (min(1024, ppl_tokens), min(512, ppl_tokens // 2))
+    ppl = perplexity(model, ids, max_length=max_length, stride=stride, max_tokens=ppl_tokens)
     row: dict[str, Any] = {
         "method": name, "bytes_on_disk": disk, "bytes_in_memory": model_bytes(model),
         "weights_vs_fp32": ratio, "perplexity": ppl["perplexity"],
@@ -161,17 +161,19 @@ def section(ctx: TourContext) -> TourSection:
     """The 8-bit section of the tour (full mode about 90 s on 2 cores; quick mode < 20 s)."""
     lm = ctx.lm
     quick = ctx.quick
-    ids = tokenize_stream(lm.tokenizer, load_text("default", "eval"))
+    span = ctx.span  # the tour's one evaluation span: the fp32 row equals the reference of every section
+    ids, window = span.ids, (span.max_length, span.stride)
     # 64 decode tokens: long enough for the decoding lab's compiled step, for fp32 and int8 alike
-    ppl_tokens, cmp_tokens, decode_tokens = (64, 64, 0) if quick else (1024, 512, 64)
+    ppl_tokens, cmp_tokens, decode_tokens = (ids.shape[1], 64, 0) if quick else (ids.shape[1], 512, 64)
     methods = QUICK_METHODS if quick else FULL_METHODS
     rows, llm_model = [], None
-    ref_row, _ = measure(lm, None, ids, ppl_tokens, cmp_tokens, decode_tokens, write=not quick)
+    ref_row, _ = measure(lm, None, ids, ppl_tokens, cmp_tokens, decode_tokens, write=not quick, window=window)
     rows.append(ref_row)
     for cfg in methods:
         # decode speed only for the weight-only int8 kernels this lab makes fast (and fp32)
         fast = cfg.method != "llm.int8" and cfg.granularity != "group"
-        row, model = measure(lm, cfg, ids, ppl_tokens, cmp_tokens, decode_tokens if fast else 0, write=not quick)
+        row, model = measure(lm, cfg, ids, ppl_tokens, cmp_tokens, decode_tokens if fast else 0, write=not quick,
+                             window=window)
         rows.append(row)
         if cfg.method == "llm.int8":
             llm_model = model
@@ -199,8 +201,8 @@ def section(ctx: TourContext) -> TourSection:
         "fp32 scales; <code>llmcourse quantize int8</code> writes them as safetensors and the folder reloads with "
         "<code>--model DIR</code>.</p>",
         html_table(shown),
-        f"<p class=\"muted\">Perplexity on the first {ppl_tokens} tokens of the eval split (capped to fit the "
-        f"tour's time budget: run <code>llmcourse eval perplexity --model DIR</code> for all ~13.6k); KL(P_fp32 || P) "
+        f"<p class=\"muted\">Perplexity on {span.caption}, as every section of the tour (run "
+        f"<code>llmcourse eval perplexity --model DIR</code> for all ~13.6k tokens); KL(P_fp32 || P) "
         f"and top-1 agreement on the first {cmp_tokens} tokens; decode: greedy, {decode_tokens or 'no'} tokens through "
         "the decoding lab's engine, one run (noisy on a shared CPU; see bench/int8.py for medians). "
         + ("Quick mode: 'disk MB' is the bytes of the tensors (no folder written). " if quick else "")
