@@ -400,8 +400,9 @@ class ContinuousBatcher:
         with self.cond:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
-            busy = bool(self.waiting) or self.free_slots < request.n
-            if busy and len(self.waiting) >= self.max_queue:
+            # rows asked for beyond the free slots: those requests wait (the queue)
+            rows = sum(r.n for r in self.waiting) + request.n
+            if rows > self.free_slots and len(self.waiting) - self.free_slots >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting")
             self.waiting.append(request)
             self.cond.notify_all()

@@ -1,0 +1,39 @@
+"""Serving lab: an OpenAI-compatible HTTP server on our decoding engine, with continuous batching.
+
+``llmcourse serve --model M`` answers ``/v1/chat/completions``, ``/v1/completions`` (streaming
+SSE or not), ``/v1/models``, ``/health``, ``/metrics`` and a chat page at ``/``. Concurrent
+requests share one decode step (:class:`llmcourse.decoding.ContinuousBatcher`). FastAPI and
+uvicorn are imported only by the command (``pip install 'llmcourse[serve]'``).
+
+Public API (lazy)::
+
+    from llmcourse.serve import create_app
+    app = create_app(lm, max_batch=8)      # a FastAPI app; run it with uvicorn
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from llmcourse.core.lab import Lab
+
+LAB = Lab(
+    name="serve",
+    title="Serving (OpenAI-compatible API)",
+    commands={"serve": "serve a model over an OpenAI-compatible HTTP API, batching concurrent requests"},
+    commands_module="llmcourse.serve.commands",
+    requires={"fastapi": "pip install 'llmcourse[serve]'", "uvicorn": "pip install 'llmcourse[serve]'"},
+)
+
+_PUBLIC = {"app": ("create_app", "ServeSettings")}
+_WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["LAB", *_WHERE]
