@@ -49,6 +49,15 @@ img {{ max-width: 100%; }} pre {{ background: #f6f6f6; padding: 0.7em; overflow-
 """
 
 
+def _model_signature(ctx: TourContext) -> tuple | None:
+    """What a section must not change in the shared model: its modules, parameter tensors and shapes."""
+    lm = ctx._lm
+    if lm is None:
+        return None
+    return tuple((n, type(m).__name__, *((p.data_ptr(), tuple(p.shape)) for p in m.parameters(recurse=False)))
+                 for n, m in lm.model.named_modules())
+
+
 def _docs_link(rel: str) -> str:
     """A link to a lab's docs page (the repository's copy when there is one)."""
     import llmcourse
@@ -78,9 +87,13 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
         for i, (lab, ref) in enumerate(chosen):
             mod_name, _, fn_name = ref.partition(":")
             t0 = time.perf_counter()
+            before = _model_signature(ctx)
             try:
                 fn = getattr(import_lab_module(lab, mod_name), fn_name)
                 sec = fn(ctx)
+                if before is not None and _model_signature(ctx) != before:  # the shared model must come out as it went in
+                    ctx._lm = ctx._span = ctx._reference = None  # the next section gets a fresh copy
+                    raise RuntimeError("this section modified the tour's shared model (ctx.lm); it must work on a copy")
                 sec.seconds = time.perf_counter() - t0
                 body = sec.html
                 summary["sections"][sec.title] = {**sec.summary, "seconds": round(sec.seconds, 2)}

@@ -23,9 +23,11 @@ from llmcourse.quant.gptq.model import GPTQConfig, checkpoint_state, quantize_mo
 def _first_blocks(model: Any, n: int) -> Any:
     """A copy of ``model`` that keeps only its first ``n`` decoder blocks (for the quick tour)."""
     small = copy.copy(model)
+    small._modules = dict(small._modules)  # a shallow copy shares the submodule table: never edit the original's
     prefix, blocks = decoder_blocks(model)
     parent = small.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else small
     parent = copy.copy(parent)
+    parent._modules = dict(parent._modules)
     setattr(parent, prefix.rpartition(".")[2], torch.nn.ModuleList([copy.deepcopy(b) for b in blocks[:n]]))
     if "." in prefix:
         setattr(small, prefix.partition(".")[0], parent)
