@@ -15,7 +15,8 @@ so the figures differ only by the quantizer. Then:
 GPTQModel lives in its own virtual environment (``bench/venvs/gptqmodel``, git-ignored), made by
 ``--setup`` as shared/MACHINE.md says: torch 2.13.0 (CPU), setuptools, wheel, then
 ``BUILD_CUDA_EXT=0 pip install --no-build-isolation gptqmodel==7.6.0``; it runs with
-``GPTQMODEL_CPU_WORKERS=2``. It is never a dependency of the package.
+``GPTQMODEL_CPU_WORKERS=2``; ``optimum==2.3.0`` is added so that transformers' own GPTQ loader
+(``AutoModelForCausalLM.from_pretrained``) opens our folder too. It is never a dependency of the package.
 
 Run: ``.venv/bin/python bench/gptq.py --setup`` once (minutes), then ``.venv/bin/python bench/gptq.py``
 (writes bench/results/gptq.md). ``--ours-only`` skips GPTQModel.
@@ -38,6 +39,7 @@ VENV = HERE / "venvs" / "gptqmodel"
 PY = VENV / "bin" / "python"
 TORCH_PIN = "torch==2.13.0"
 GPTQMODEL_PIN = "gptqmodel==7.6.0"
+OPTIMUM_PIN = "optimum==2.3.0"  # transformers' GPTQ loader needs it (and gptqmodel)
 
 
 def setup() -> None:
@@ -51,6 +53,7 @@ def setup() -> None:
     subprocess.run([*pip, "setuptools", "wheel"], check=True)
     subprocess.run([*pip, "--no-build-isolation", GPTQMODEL_PIN], check=True,
                    env={**os.environ, "BUILD_CUDA_EXT": "0"})
+    subprocess.run([*pip, OPTIMUM_PIN], check=True)
 
 
 def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
@@ -107,6 +110,16 @@ t0 = time.perf_counter()
 out = model.generate(input_ids=prompt, max_new_tokens=int(sys.argv[4]), min_new_tokens=int(sys.argv[4]), do_sample=False)
 dt = time.perf_counter() - t0
 print(json.dumps({"decode_tok_s": (out.shape[1] - prompt.shape[1]) / dt}))
+"""
+
+
+TRANSFORMERS_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+ids = torch.load(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu", dtype=torch.float16)
+with torch.inference_mode():
+    torch.save(model(input_ids=ids).logits[0].float(), sys.argv[3])
 """
 
 
@@ -195,6 +208,20 @@ def main() -> None:
                          f"on 64 tokens, top-1 agreement {agree:.3f}.")
         else:
             notes.append(f"GPTQModel could not load our folder: {p.stderr.strip().splitlines()[-1][:300]}")
+        tfile = work / "tf_logits.pt"
+        p = subprocess.run([str(PY), _script(TRANSFORMERS_LOAD, work, "tfl.py"),
+                            str(work / f"ours-{args.calib.split(',')[0]}"), str(pfile), str(tfile)],
+                           capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+        if p.returncode == 0:
+            tf_logits = torch.load(tfile)
+            with torch.inference_mode():
+                our_logits = ours.model(input_ids=probe).logits[0].float()
+            diff = (tf_logits - our_logits).abs().max().item()
+            agree = (tf_logits.argmax(-1) == our_logits.argmax(-1)).float().mean().item()
+            notes.append(f"transformers 5.24 (AutoModelForCausalLM.from_pretrained, optimum 2.3.0 + GPTQModel kernels, "
+                         f"fp16) loaded our folder: max |logit difference| {diff:.2e}, top-1 agreement {agree:.3f}.")
+        else:
+            notes.append(f"transformers could not load our folder: {p.stderr.strip().splitlines()[-1][:300]}")
     table = ["| calibration | quantizer | wall s | peak RSS MB | perplexity | vs fp32 | KL | top-1 |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

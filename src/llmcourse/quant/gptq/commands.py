@@ -112,7 +112,7 @@ def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True,
                      help="symmetric grid, zero = 2^(bits-1) (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (min/max per group)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid, min and max per group (default: symmetric)")
     p.add_argument("--mse", action="store_true", help="search each group's clipping range (grid 100, norm 2.4)")
     if not rtn:
         p.add_argument("--desc-act", action="store_true",
