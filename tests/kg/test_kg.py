@@ -50,8 +50,8 @@ def first_fact_object(prompt: str) -> str:
     if not m:
         return "unknown"
     fact = m.group(1).rstrip(".")
-    for pat in (r"The capital of .+ is (.+)", r"The currency of .+ is the (.+)", r".+ is in (.+)",
-                r"(.+) is spoken in .+"):
+    for pat in (r"The capital of .+ is (.+)", r"The currency of .+ is the (.+)", r"The continent of .+ is (.+)",
+                r"A language of .+ is (.+)"):
         if mm := re.fullmatch(pat, fact):
             return mm.group(1)
     return fact.split()[-1]
@@ -189,7 +189,7 @@ def test_ask_ranks_the_path_and_lists_facts(countries_db):
     assert [f.text for f in a.facts[:2]] == ["The currency of Peru is the Sol.", "The capital of Peru is Lima."]
     assert a.answer == "Sol" and a.facts[0].used and not a.facts[1].used
     c = asker.ask("On which continent is Switzerland?")  # not every other European country
-    assert c.facts[0].text == "Switzerland is in Europe." and all("Switzerland" in f.text for f in c.facts)
+    assert [f.text for f in c.facts] == ["The continent of Switzerland is Europe."]  # not every European country
     b = asker.ask("What is the capital of France?")
     assert b.answer == "Paris" and b.facts[0].used and b.facts[0].object == "Paris"
     assert json.loads(json.dumps(b.to_json()))["facts"][0]["object"] == "Paris"

@@ -16,7 +16,8 @@ A Graph RAG Approach", and Pan et al. 2024, "Unifying LLMs and KGs", for the pat
    it joins two linked entities and 0.1 per question word it repeats; its far end gets reach
    ``score - 3``. So "continent of the country whose capital is Lima" ranks Peru-continent-South
    America, then Lima-capital-Peru, and "continent of Peru" does not pull in every other country of
-   South America. The top facts that fit ``max_facts`` and a token budget go in the prompt.
+   South America. The top facts that score within ``margin`` of the best and fit ``max_facts`` and a
+   token budget go in the prompt (a 135M model is distracted by every extra fact).
 4. **answer**: the facts as sentences, then the question; the result lists the facts shown and
    marks those the answer repeats (``used``).
 
@@ -43,9 +44,9 @@ MODES = ("facts", "vector", "none", "cypher")
 
 TEMPLATES = {
     "capital": "The capital of {s} is {o}.",
-    "continent": "{s} is in {o}.",
+    "continent": "The continent of {s} is {o}.",
     "currency": "The currency of {s} is the {o}.",
-    "language": "{o} is spoken in {s}.",
+    "language": "A language of {s} is {o}.",
     "neighbour": "{s} borders {o}.",
 }
 # words in a question that name a relation besides the relation's own words
@@ -169,10 +170,11 @@ class Asker:
 
     def __init__(self, store: GraphStore, llm: LLM, embedder: Any = None, max_facts: int = 5,
                  fact_tokens: int = 200, link_threshold: float = 0.75, vector_k: int = 5,
-                 cypher_llm: LLM | None = None, fuzzy: bool = True) -> None:
+                 cypher_llm: LLM | None = None, fuzzy: bool = True, margin: float = 2.5) -> None:
         self.store, self.llm, self._embedder = store, llm, embedder
         self.cypher_llm = cypher_llm or llm  # writing a query takes more tokens than an answer
         self.fuzzy = fuzzy  # embedding similarity when no name matches exactly
+        self.margin = margin  # facts scoring more than this below the best are left out
         self.max_facts, self.fact_tokens, self.link_threshold, self.vector_k = (
             max_facts, fact_tokens, link_threshold, vector_k)
         self.entities: dict[str, Entity] = {e.id: e for e in store.entities()}
@@ -238,7 +240,8 @@ class Asker:
         linked = self.link(question)
         facts = rank_facts(neighbourhood(self.store, linked, hops), linked, question)
         kept, budget = [], self.fact_tokens
-        for f in facts[:self.max_facts]:
+        best = facts[0].score if facts else 0.0
+        for f in [f for f in facts if f.score >= best - self.margin][:self.max_facts]:
             cost = len(f.text) // 4 + 2  # about 4 characters a token, plus the list marker
             if cost > budget:
                 break
