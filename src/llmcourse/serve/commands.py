@@ -77,6 +77,9 @@ class DrainingServer:
             def handle_exit(self, sig: int, frame: Any) -> None:
                 app_state["draining"] = True
                 super().handle_exit(sig, frame)
+                # uvicorn re-raises the signal after its graceful shutdown (the process then dies of
+                # it); a drained server exits 0 instead
+                self._captured_signals.clear()
 
         self.server = _Server(config)
 
