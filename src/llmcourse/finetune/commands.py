@@ -77,6 +77,8 @@ def cmd_finetune(args: argparse.Namespace) -> Result:
     cfg = train_config(args)
     r = finetune(args.model, args.data, args.method, lora, cfg, args.out, resume=args.resume, dtype=args.dtype)
     s = r.summary
+    if int(os.environ.get("RANK", "0")) > 0:  # one report per run: rank 0's
+        return Result(s, "")
     text = (f"{args.method} fine-tuning of {args.model}: {s['steps']} steps, {s['trainable_parameters']:,} trainable "
             f"of {s['parameters']:,} parameters; loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}"
             + (f", held-out eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else "")

@@ -139,11 +139,13 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
         "model_bytes": nf4_bytes(model), "model_bytes_fp32": bytes_fp32,
         "config": asdict(cfg), "lora": meta["lora"],
     }
-    if outp is not None and export:
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                 and torch.distributed.get_rank() > 0)
+    if outp is not None and export and rank0:
         plot_loss(state.metrics, outp / "loss.png", f"{method} fine-tuning of {model_spec}")
         summary.update(export_model(model, lm, method, outp))
     summary["seconds"] = time.perf_counter() - t0
-    if outp is not None:
+    if outp is not None and rank0:
         write_json(outp / "summary.json", summary)
     return FinetuneResult(state, model, summary)
 
