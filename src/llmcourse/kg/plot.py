@@ -22,7 +22,7 @@ def draw(triples: list[Triple], highlight: set[tuple[str, str, str]] | None = No
     g = nx.MultiDiGraph()
     for t in triples:
         g.add_edge(t.subject, t.object, key=t.relation)
-    pos = nx.spring_layout(g, seed=0, k=2.5 / max(1, len(g)) ** 0.5, iterations=200)
+    pos = nx.spring_layout(g, seed=0, k=3.0 / max(1, len(g)) ** 0.5, iterations=300)
     fig, ax = plt.subplots(figsize=(11, 8))
     nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#cfe3f7", node_size=900, edgecolors="#4a7bb7")
     nx.draw_networkx_labels(g, pos, ax=ax, font_size=8)
