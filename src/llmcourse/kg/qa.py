@@ -276,10 +276,10 @@ class Asker:
         elif mode == "cypher":
             self._cypher_facts(question, out)
         out.answer = self.llm(answer_prompt(question, [f.text for f in out.facts])).strip()
-        said = normalize(out.answer)
-        for f in out.facts:
-            f.used = bool(said) and any(normalize(x) in said for x in (f.object, f.subject)
-                                        if normalize(x) not in normalize(question))
+        said, asked = normalize(out.answer), normalize(question)
+        for f in out.facts:  # the end the question does not name (the object first) must be in the answer
+            end = next((x for x in (f.object, f.subject) if x and normalize(x) not in asked), "")
+            f.used = bool(said and end) and normalize(end) in said
         out.seconds = time.perf_counter() - t0
         return out
 
