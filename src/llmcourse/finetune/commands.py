@@ -82,7 +82,11 @@ def cmd_finetune(args: argparse.Namespace) -> Result:
     text = (f"{args.method} fine-tuning of {args.model}: {s['steps']} steps, {s['trainable_parameters']:,} trainable "
             f"of {s['parameters']:,} parameters; loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}"
             + (f", held-out eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else "")
-            + f"; {s['tokens_per_s']:.0f} tokens/s.\nwrote {args.out}: "
+            + f"; {s['tokens_per_s']:.0f} tokens/s."
+            + (f"\nheld-out capitals: {s['held_out_accuracy']['before']:.1%} before, "
+               f"{s['held_out_accuracy']['after']:.1%} after ({s['held_out_accuracy']['questions']} countries)"
+               if "held_out_accuracy" in s else "")
+            + "\nwrote {args.out}: "
             + ", ".join(k for k in ("adapter", "merged") if k in s) + ", metrics.jsonl, loss.png, checkpoints/"
             + f"\nnext: llmcourse chat --model {s.get('merged', args.out)}"
             + f"  |  llmcourse convert gguf --model {s.get('merged', args.out)} --out model.gguf")

@@ -98,9 +98,11 @@ def pad_id(tokenizer: Any) -> int:
 
 def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: TrainConfig,
              out: str | Path | None, resume: str | Path | None = None, dtype: str = "fp32",
-             lm: LoadedModel | None = None, export: bool = True, show_progress: bool = True) -> FinetuneResult:
+             lm: LoadedModel | None = None, export: bool = True, show_progress: bool = True,
+             score_default: bool = True) -> FinetuneResult:
     """Fine-tune ``model_spec`` on ``data`` and write ``out`` (see module docstring). Every input is checked
-    before anything is written."""
+    before anything is written. With the default data, the held-out capital accuracy is measured before and
+    after (``score_default``)."""
     t0 = time.perf_counter()
     if out is not None:
         check_not_input(out, [model_spec if model_spec != "default" else None, data if data != "default" else None])
@@ -114,6 +116,8 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
     if not train_rows:
         raise UserError(f"no example of --data {data} has a response token within --seq-len {cfg.seq_len}",
                         "raise --seq-len or check the data")
+    score = data == "default" and score_default
+    before = capital_accuracy(lm.model, lm.tokenizer) if score else None
     torch.manual_seed(cfg.seed)  # LoRA's A initialisation and dropout
     model = prepare(lm, method, lora)
     if resume is not None:
@@ -139,6 +143,10 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
         "model_bytes": nf4_bytes(model), "model_bytes_fp32": bytes_fp32,
         "config": asdict(cfg), "lora": meta["lora"],
     }
+    if before is not None:
+        after = capital_accuracy(model, lm.tokenizer)
+        summary["held_out_accuracy"] = {"before": before["accuracy"], "after": after["accuracy"],
+                                        "questions": after["questions"], "rows_after": after["rows"]}
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                  and torch.distributed.get_rank() > 0)
     if outp is not None and export and rank0:
