@@ -35,7 +35,8 @@ function add(role, text) {
   log.appendChild(div);
   return div;
 }
-document.getElementById("form").addEventListener("submit", async (e) => {
+const form = document.getElementById("form");
+form.addEventListener("submit", async (e) => {
   e.preventDefault();
   const input = document.getElementById("input");
   const text = input.value.trim();
@@ -72,6 +73,9 @@ document.getElementById("form").addEventListener("submit", async (e) => {
   out.dataset.done = "1";
   messages.push({role: "assistant", content: reply});
 });
+// ?q=TEXT types TEXT and sends it (a link that opens a conversation; used by the headless test)
+const q = new URLSearchParams(location.search).get("q");
+if (q) { document.getElementById("input").value = q; form.requestSubmit(); }
 </script>
 </body>
 </html>
