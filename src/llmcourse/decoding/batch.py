@@ -340,8 +340,8 @@ class QueueFull(Exception):
 class ContinuousBatcher:
     """A thread that runs requests through one :class:`BatchSession` with continuous batching.
 
-    Each loop: admit waiting requests into free slots, prefill one chunk of one admitted prompt,
-    then one decode step of every running sequence. ``submit`` raises :class:`QueueFull` beyond
+    Each loop: admit waiting requests into free slots, prefill up to ``prefill_chunk`` prompt
+    tokens (of one or several admitted prompts), then one decode step of every running sequence. ``submit`` raises :class:`QueueFull` beyond
     ``max_queue`` waiting requests; ``cancel`` frees a request's slots at the next step boundary.
     """
 
@@ -424,8 +424,9 @@ class ContinuousBatcher:
                 self._admit()
             try:
                 self._drop_finished()
-                if self.prefilling:
-                    self._prefill_chunk(self.prefilling[0])
+                budget = self.prefill_chunk  # prompt tokens per loop, over one or several prompts
+                while self.prefilling and budget > 0:
+                    budget -= self._prefill_chunk(self.prefilling[0], budget)
                 if self.running:
                     self._decode_step()
             except Exception as exc:  # a bug or an out-of-memory: fail the requests in flight, keep serving
@@ -455,13 +456,15 @@ class ContinuousBatcher:
             elif req.deadline is not None and now > req.deadline:
                 self._end(job, error="the request timed out")
 
-    def _prefill_chunk(self, job: _Job) -> None:
+    def _prefill_chunk(self, job: _Job, budget: int) -> int:
+        """Prefill up to ``budget`` more prompt tokens of ``job``; once all are in, sample its first tokens.
+        Returns the tokens prefilled."""
         req = job.request
-        ids = req.prompt_ids[job.prefilled:job.prefilled + self.prefill_chunk]
+        ids = req.prompt_ids[job.prefilled:job.prefilled + budget]
         logits = self.session.prefill(job.slots[0], ids)
         job.prefilled += len(ids)
         if job.prefilled < len(req.prompt_ids):
-            return
+            return len(ids)
         self.prefilling.remove(job)
         self.stats["prompt_tokens"] += len(req.prompt_ids)
         prompt = torch.tensor([req.prompt_ids], dtype=torch.long)
@@ -476,6 +479,7 @@ class ContinuousBatcher:
         if req.first_token is None:
             req.first_token = time.monotonic()
         self._after_tokens(job)
+        return len(ids)
 
     def _decode_step(self) -> None:
         live = [c for c in self.running if not c.done]

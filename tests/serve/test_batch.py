@@ -1,0 +1,115 @@
+"""The batching engine itself (llmcourse.decoding.ContinuousBatcher / BatchSession), without HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from serve_helpers import byte_tokenizer, tiny_model
+
+from llmcourse.decoding import (
+    BatchRequest,
+    ContinuousBatcher,
+    FastLlama,
+    GenerationConfig,
+    QueueFull,
+    generate,
+)
+
+PROMPTS = ["hello there", "the cat sat on", "a", "in the beginning was the word and", "xyz", "tttt", "he said",
+           "one two three four five six seven eight nine ten eleven twelve"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", vocab_size=263, max_position_embeddings=512), byte_tokenizer()
+
+
+def run_all(batcher: ContinuousBatcher, reqs: list[tuple[list[int], GenerationConfig, int]],
+            gaps: float = 0.0) -> list[list[list[int]]]:
+    """Submit each (prompt, config, n), ``gaps`` seconds apart; the generated tokens of each choice."""
+    out: list[dict[int, list[int]]] = [{} for _ in reqs]
+    ended = threading.Semaphore(0)
+
+    def sink(i: int):
+        def on(ev):
+            if ev.kind == "done":
+                out[i][ev.index] = ev.token_ids
+            elif ev.kind in ("end", "error"):
+                ended.release()
+        return on
+
+    batcher.start()
+    try:
+        for i, (ids, cfg, n) in enumerate(reqs):
+            batcher.submit(BatchRequest(ids, cfg, sink(i), n=n))
+            time.sleep(gaps)
+        for _ in reqs:
+            assert ended.acquire(timeout=120)
+    finally:
+        batcher.stop(30)
+    return [[o[k] for k in sorted(o)] for o in out]
+
+
+def reference(model, tok, prompt: str, n_new: int) -> list[int]:
+    return generate(model, tok, prompt, GenerationConfig(max_new_tokens=n_new, eos_token_ids=())).sequences[0].token_ids
+
+
+@pytest.mark.parametrize("chunk", [128, 3])
+def test_eight_at_once_equal_generate_alone(lm, chunk):
+    model, tok = lm
+    b = ContinuousBatcher(model, tok, max_batch=8, ctx=128, prefill_chunk=chunk, matvec="mm", eos_token_ids=[])
+    got = run_all(b, [(tok(p).input_ids, GenerationConfig(max_new_tokens=16), 1) for p in PROMPTS])
+    assert [g[0] for g in got] == [reference(model, tok, p, 16) for p in PROMPTS]
+
+
+def test_join_and_leave_at_step_boundaries(lm):
+    """Different lengths, staggered arrivals, fewer slots than requests: every answer is the lone answer."""
+    model, tok = lm
+    lengths = [3, 20, 7, 12, 1, 9, 15, 5]
+    b = ContinuousBatcher(model, tok, max_batch=3, ctx=128, prefill_chunk=5, matvec="mm", eos_token_ids=[])
+    got = run_all(b, [(tok(p).input_ids, GenerationConfig(max_new_tokens=n), 1) for p, n in zip(PROMPTS, lengths, strict=True)],
+                  gaps=0.002)
+    assert [g[0] for g in got] == [reference(model, tok, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    assert b.free_slots == 3 and b.stats["requests"] == 8
+
+
+def test_n_choices_share_the_prompt_and_seeded_sampling_repeats(lm):
+    model, tok = lm
+    ids = tok("the cat").input_ids
+    b = ContinuousBatcher(model, tok, max_batch=4, ctx=64, matvec="mm", eos_token_ids=[])
+    greedy, s1 = run_all(b, [(ids, GenerationConfig(max_new_tokens=8), 2),
+                             (ids, GenerationConfig(strategy="sample", seed=3, max_new_tokens=8), 2)])
+    assert greedy == [reference(model, tok, "the cat", 8)] * 2
+    b = ContinuousBatcher(model, tok, max_batch=4, ctx=64, matvec="mm", eos_token_ids=[])
+    (s2,) = run_all(b, [(ids, GenerationConfig(strategy="sample", seed=3, max_new_tokens=8), 2)])
+    assert s1 == s2 and s1[0] != s1[1]
+
+
+@pytest.mark.slow  # compiling takes 10-40 s on a cold Inductor cache; the default-model tests compile too
+def test_compiled_step_equals_eager(lm):
+    from llmcourse.decoding.fast_llama import can_compile
+
+    if not can_compile():
+        pytest.skip("no C++ compiler for torch.compile")
+    model, tok = lm
+    reqs = [(tok(p).input_ids, GenerationConfig(max_new_tokens=10), 1) for p in PROMPTS[:3]]
+    eager = run_all(ContinuousBatcher(model, tok, max_batch=2, ctx=64, matvec="mm", eos_token_ids=[]), reqs)
+    b = ContinuousBatcher(FastLlama(model, matvec="compiled"), tok, max_batch=2, ctx=64, eos_token_ids=[])
+    assert b.session.compiled
+    assert run_all(b, reqs) == eager
+
+
+def test_queue_bound_and_bad_requests(lm):
+    model, tok = lm
+    b = ContinuousBatcher(model, tok, max_batch=1, ctx=64, max_queue=1, matvec="mm")  # not started: nothing runs
+    cfg = GenerationConfig(max_new_tokens=2)
+    b.submit(BatchRequest([5], cfg, lambda ev: None))  # takes the free slot
+    b.submit(BatchRequest([5], cfg, lambda ev: None))  # waits
+    with pytest.raises(QueueFull):
+        b.submit(BatchRequest([5], cfg, lambda ev: None))
+    with pytest.raises(ValueError, match="context"):
+        b.submit(BatchRequest([5] * 64, cfg, lambda ev: None))
+    with pytest.raises(ValueError, match="slots"):
+        b.submit(BatchRequest([5], cfg, lambda ev: None, n=2))
