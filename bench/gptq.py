@@ -71,6 +71,7 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str
 
 OURS = """
 import sys, time, torch
+from pathlib import Path
 from llmcourse.core.threads import apply_threads, choose_threads
 apply_threads(choose_threads(None))  # as the CLI: the cores idle at start
 from llmcourse.core.models import load_model
@@ -80,6 +81,7 @@ t0 = time.perf_counter()
 lm = load_model("default")
 cfg = GPTQConfig(bits=4, group_size=128, sym=True, damp=0.01)
 report = quantize_model(lm.model, windows, cfg)
+Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
 save_quantized(lm.model, lm.tokenizer, sys.argv[2], cfg, report, source="default")
 print(time.perf_counter() - t0)
 """
