@@ -119,7 +119,8 @@ class BatchSession:
         self.pos = [0] * (max_batch + 1)  # tokens cached per slot
         self.free = list(range(max_batch))
         self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
-        self._warm: set[int] = set()
+        self._warm: set[int] = set()  # buckets (rows) the compiled step has run
+        self._failed: set[int] = set()  # buckets whose compilation failed (they run eagerly)
 
     # --- slots -----------------------------------------------------------------------------------
     def acquire(self) -> int:
@@ -193,14 +194,21 @@ class BatchSession:
         bucket = next(n for n in self.buckets if n >= b)
         if bucket in self._warm:
             return self._compiled_step(slots, tokens, bucket)
+        if bucket in self._failed:
+            return self._eager_step(slots, tokens)
+        import torch._inductor.config as inductor_config
+
         try:
-            logits = self._compiled_step(slots, tokens, bucket)
+            # compile in this thread: Inductor's worker pool may already be shut down when the
+            # first step runs in a server's thread ("cannot schedule new futures after shutdown")
+            with inductor_config.patch(compile_threads=1):
+                logits = self._compiled_step(slots, tokens, bucket)
         except Exception as exc:  # no working compiler or an Inductor failure: stay correct, run eagerly
-            if self._warm:
-                raise
-            log.warning("torch.compile failed (%s: %s); batched decoding runs eagerly, which is slower",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            self.compiled = False
+            log.warning("torch.compile failed for %d rows (%s: %s); those steps run eagerly, which is slower",
+                        bucket, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self._failed.add(bucket)
+            if not self._warm:
+                self.compiled = False
             return self._eager_step(slots, tokens)
         self._warm.add(bucket)
         return logits
