@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import json
 import os
 import shutil
@@ -65,6 +66,13 @@ def check_not_input(out: str | Path, inputs: list[str | Path | None]) -> None:
       then a folder is replaced only if llmcourse wrote it (its ``.llmcourse-output`` marker).
     """
     out_p = Path(out).expanduser()
+    with _writable(out_p):
+        _check_out(out, out_p, inputs)
+
+
+def _check_out(out: str | Path, out_p: Path, inputs: list[str | Path | None]) -> None:
+    if any(len(part) > 255 for part in out_p.parts):
+        raise UserError(f"--out {out} has a name over 255 characters", "choose a shorter name")
     out_r = out_p.resolve()
     guarded = [(str(inp), Path(inp).expanduser().resolve()) for inp in inputs
                if inp is not None and str(inp) != "default" and Path(inp).expanduser().exists()]
@@ -88,6 +96,28 @@ def check_not_input(out: str | Path, inputs: list[str | Path | None]) -> None:
                         "choose a new or empty folder")
     if not out_p.is_dir() and not out_p.is_file():
         raise UserError(f"--out {out} is not a regular file", "choose a regular file path")
+
+
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG,
+                 errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV, errno.EINVAL,
+                 errno.EFBIG}
+
+
+def _write_error(path: Path, e: OSError) -> UserError:
+    why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or type(e).__name__
+    return UserError(f"cannot write --out {path} ({why})",
+                     "choose a writable folder with free space (and a name under 255 characters)")
+
+
+@contextlib.contextmanager
+def _writable(path: Path) -> Iterator[None]:
+    """OSErrors of creating or renaming an output become the one-line error naming the path."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _WRITE_ERRNOS:
+            raise _write_error(path, e) from e
+        raise
 
 
 def _pid_alive(pid: int) -> bool:
@@ -124,34 +154,41 @@ def glob_escape(name: str) -> str:
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside ``path``; rename it onto ``path`` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder, where a file is due", "pass a file path")
+    with _writable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
+        with _writable(path):
+            os.replace(tmp, path)
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            raise _write_error(path, e) from e
         raise
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only on success."""
-    path = Path(path)
+    path = Path(os.path.abspath(Path(path).expanduser()))
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} exists and is not a folder", "pass a folder path")
     if path.exists() and not overwrite and any(path.iterdir()):
         raise UserError(f"--out {path} is not empty", "pass an empty or new folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent))
+    with _writable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent))
     try:
         yield tmp
         (tmp / MARKER).write_text("written by llmcourse; `--overwrite` may replace this folder\n")
@@ -163,8 +200,10 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            raise _write_error(path, e) from e
         raise
 
 
