@@ -1,0 +1,45 @@
+"""Lab: loss landscapes — 1-D lines and 2-D planes of a language model's loss (Li et al. 2018), and the
+path between two or three real models.
+
+* ``directions`` — random Gaussian directions with filter / layer / no normalisation, ``ignore='biasbn'``,
+  and directions towards other models (``d = θ_B − θ_A``);
+* ``surface`` — the exact sweep: each point sets ``w = w0 + a·d1 + b·d2`` from a kept copy, restores the
+  weights bit for bit on exit, resumes a partial grid; the loss of one batched forward per point;
+* ``plots`` — matplotlib contour / surface / line PNGs and a self-contained plotly HTML when plotly is present;
+* ``commands`` (``llmcourse landscape``) and ``tour`` (the tour section).
+
+Public API (imported lazily)::
+
+    from llmcourse.landscape import random_direction, direction_to, sweep_grid, sweep_line
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from llmcourse.core.lab import Lab
+
+LAB = Lab(
+    name="landscape",
+    title="Loss landscapes",
+    commands={"landscape": "loss along a line or over a plane of weight space (random or towards other models)"},
+    commands_module="llmcourse.landscape.commands",
+    tour="llmcourse.landscape.tour:section",
+    docs="docs/landscape.md",
+)
+
+_PUBLIC = {
+    "directions": ("perturbed_parameters", "random_direction", "direction_to", "NORMS"),
+    "surface": ("LossFn", "batched_loss", "Perturbation", "sweep_grid", "sweep_line", "flatness"),
+}
+_WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["LAB", *_WHERE]

@@ -1,0 +1,198 @@
+"""Exact loss surfaces: ``L(a, b) = L(θ0 + a·d1 + b·d2)`` on a line or a grid (Li et al. 2018).
+
+Each point sets every perturbed parameter from a kept copy, ``w ← w0 + a·d1 + b·d2``
+(``torch.add(w0, d1, alpha=a, out=w)``, then ``w += b·d2``), so nothing drifts: the notebook adds and
+subtracts the step in place and ends 2.4e-6 away from where it started. At ``a = b = 0`` the weights are
+``w0`` itself, so the centre equals the unperturbed loss exactly. :class:`Perturbation` copies ``w0``
+back on exit — after an error or Ctrl-C too — so the weights are bit-identical to before a sweep, and no
+model is copied per point. Parameters whose directions are all zero (``ignore='biasbn'``) are never
+touched. The loss is the mean next-token cross-entropy over eval windows, one batched forward of all
+windows (B, T) per point::
+
+    L = −1/(B(T−1)) Σ_b Σ_{t<T} log p(x_{b,t+1} | x_{b,≤t})
+
+A sweep can save its partial results (NaN where not done) to a state file as it goes; a rerun with
+the same settings key skips the points already done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcourse.core.errors import UserError
+from llmcourse.core.io import atomic_file
+from llmcourse.core.progress import progress
+from llmcourse.landscape.directions import Direction, perturbed_parameters
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module], float]
+
+
+@torch.inference_mode()
+def batched_loss(model: nn.Module, ids: torch.Tensor) -> float:
+    """Mean next-token cross-entropy of ``model`` over the windows ``ids`` (B, T), one forward."""
+    ids = ids.reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids.reshape(1, -1)
+    if ids.shape[1] < 2:
+        raise UserError("the text has fewer than 2 tokens", "pass a longer text")
+    logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)))
+
+
+def loss_on(ids: torch.Tensor) -> LossFn:
+    """The loss function of a sweep: :func:`batched_loss` on fixed windows."""
+    return lambda model: batched_loss(model, ids)
+
+
+class Perturbation:
+    """Sets ``w = w0 + Σ_k c_k·d_k`` from a kept copy of the weights; restores them bit for bit on exit.
+
+    Use as ``with Perturbation(model, [d1, d2]) as p: p.set((a, b)); loss(model)``.
+    """
+
+    def __init__(self, model: nn.Module, directions: Sequence[Direction]) -> None:
+        self.params = perturbed_parameters(model)
+        for d in directions:
+            if set(d) != set(self.params):
+                raise ValueError("a direction must have one tensor per parameter of the model")
+        # only tensors that some direction moves: ignored ones (all-zero directions) stay untouched
+        self.moving = [n for n in self.params if any(bool(d[n].any()) for d in directions)]
+        self.directions = [{n: d[n] for n in self.moving} for d in directions]
+        self.w0: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> Perturbation:
+        self.w0 = {n: self.params[n].detach().clone() for n in self.moving}
+        return self
+
+    @torch.no_grad()
+    def set(self, coeffs: Sequence[float]) -> None:
+        """Weights to ``w0 + Σ c_k d_k`` (exactly ``w0`` where every ``c_k`` is 0)."""
+        if len(coeffs) != len(self.directions):
+            raise ValueError(f"{len(coeffs)} coefficients for {len(self.directions)} directions")
+        terms = [(float(c), d) for c, d in zip(coeffs, self.directions, strict=True) if c != 0]
+        for n in self.moving:
+            w = self.params[n].data
+            if not terms:
+                w.copy_(self.w0[n])
+                continue
+            c, d = terms[0]
+            torch.add(self.w0[n], d[n], alpha=c, out=w)
+            for c, d in terms[1:]:
+                w.add_(d[n], alpha=c)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for n in self.moving:
+            self.params[n].data.copy_(self.w0[n])
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+        self.w0 = {}
+
+
+def _load_state(path: Path | None, key: str, n: int) -> np.ndarray:
+    losses = np.full(n, np.nan)
+    if path is None or not path.exists():
+        return losses
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) == key and z["losses"].shape == (n,):
+                return z["losses"].astype(np.float64)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("ignoring the unreadable partial state %s: %s", path, e)
+        return losses
+    log.info("the partial state %s has other settings; starting afresh", path)
+    return losses
+
+
+def _save_state(path: Path | None, key: str, losses: np.ndarray, seconds: np.ndarray) -> None:
+    if path is None:
+        return
+    with atomic_file(path) as f:
+        np.savez(f, key=np.array(key), losses=losses, seconds=seconds)
+
+
+def sweep(model: nn.Module, loss_fn: LossFn, directions: Sequence[Direction], coeffs: np.ndarray,
+          state: str | Path | None = None, key: str = "", desc: str = "landscape",
+          save_every: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Loss at each row of ``coeffs`` (N, k): ``L(θ0 + Σ_j coeffs[i, j]·d_j)``; returns (losses, seconds).
+
+    With ``state``, the partial results are saved there every ``save_every`` seconds and on any exit
+    (also Ctrl-C); a rerun with the same ``key`` resumes. The weights are restored on exit either way.
+    """
+    coeffs = np.asarray(coeffs, dtype=np.float64).reshape(len(coeffs), -1)
+    path = Path(state) if state is not None else None
+    losses = _load_state(path, key, len(coeffs))
+    seconds = np.zeros(len(coeffs))
+    todo = [i for i in range(len(coeffs)) if np.isnan(losses[i])]
+    last_save = time.perf_counter()
+    bar = progress(total=len(coeffs), initial=len(coeffs) - len(todo), desc=desc, unit="pt")
+    try:
+        with Perturbation(model, directions) as p:
+            for i in todo:
+                t0 = time.perf_counter()
+                p.set(coeffs[i].tolist())
+                losses[i] = loss_fn(model)
+                seconds[i] = time.perf_counter() - t0
+                bar.update(1)
+                if path is not None and time.perf_counter() - last_save > save_every:
+                    _save_state(path, key, losses, seconds)
+                    last_save = time.perf_counter()
+    finally:
+        bar.close()
+        if path is not None and todo:
+            _save_state(path, key, losses, seconds)
+    return losses, seconds
+
+
+def grid_coeffs(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """(len(ys)·len(xs), 2) coefficients, row-major: point (i, j) is (xs[j], ys[i])."""
+    a, b = np.meshgrid(xs, ys)
+    return np.stack([a.ravel(), b.ravel()], axis=1)
+
+
+def sweep_grid(model: nn.Module, loss_fn: LossFn, d1: Direction, d2: Direction, xs: np.ndarray, ys: np.ndarray,
+               **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Losses (len(ys), len(xs)) over the plane ``θ0 + x·d1 + y·d2``, and seconds per point."""
+    losses, secs = sweep(model, loss_fn, [d1, d2], grid_coeffs(xs, ys), **kw)
+    return losses.reshape(len(ys), len(xs)), secs.reshape(len(ys), len(xs))
+
+
+def sweep_line(model: nn.Module, loss_fn: LossFn, d: Direction, xs: np.ndarray,
+               **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Losses along ``θ0 + x·d`` at each ``x`` of ``xs``, and seconds per point."""
+    return sweep(model, loss_fn, [d], np.asarray(xs).reshape(-1, 1), **kw)
+
+
+def _bilinear(xs: np.ndarray, ys: np.ndarray, z: np.ndarray, x: float, y: float) -> float:
+    j = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+    i = int(np.clip(np.searchsorted(ys, y) - 1, 0, len(ys) - 2))
+    tx = (x - xs[j]) / (xs[j + 1] - xs[j])
+    ty = (y - ys[i]) / (ys[i + 1] - ys[i])
+    return float((1 - ty) * ((1 - tx) * z[i, j] + tx * z[i, j + 1]) + ty * ((1 - tx) * z[i + 1, j] + tx * z[i + 1, j + 1]))
+
+
+def flatness(xs: np.ndarray, ys: np.ndarray | None, z: np.ndarray, base: float, radius: float,
+             n_angles: int = 16) -> float | None:
+    """Mean loss rise ``L − L0`` at distance ``radius`` from the centre, averaged over directions: the two
+    ends of a line, or ``n_angles`` directions of the plane (bilinear interpolation); None off the range."""
+    xs = np.asarray(xs, dtype=np.float64)
+    if ys is None:
+        if not (xs[0] <= -radius and radius <= xs[-1]):
+            return None
+        return float(np.mean([np.interp(-radius, xs, z), np.interp(radius, xs, z)]) - base)
+    ys = np.asarray(ys, dtype=np.float64)
+    if not (xs[0] <= -radius and radius <= xs[-1] and ys[0] <= -radius and radius <= ys[-1]):
+        return None
+    angles = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)
+    vals = [_bilinear(xs, ys, z, radius * np.cos(t), radius * np.sin(t)) for t in angles]
+    return float(np.mean(vals) - base)

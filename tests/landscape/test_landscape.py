@@ -1,0 +1,158 @@
+"""Loss-landscape lab on tiny random models: directions, exact sweeps, restore, resume, interpolation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmcourse.core.modules import linear_weight
+from llmcourse.landscape.directions import direction_to, perturbed_parameters, random_direction
+from llmcourse.landscape.surface import batched_loss, loss_on, sweep, sweep_grid, sweep_line
+from tests.conftest import tiny_model
+
+
+def _ids(n: int = 2, t: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _identical(model, snap) -> bool:
+    return all(torch.equal(p.detach(), snap[n]) and p.detach().view(torch.int32).equal(snap[n].view(torch.int32))
+               for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_filter_rows_have_weight_row_norms(arch):
+    model = tiny_model(arch)
+    d = random_direction(model, seed=1, norm="filter", ignore="biasbn")
+    for name, m in model.named_modules():
+        if type(m).__name__ in ("Linear", "Conv1D") and f"{name}.weight" in d:  # a tied head is listed once
+            w, dw = linear_weight(m), d[f"{name}.weight"]
+            dv = dw if isinstance(m, torch.nn.Linear) else dw.t()
+            torch.testing.assert_close(dv.norm(dim=1), w.norm(dim=1), rtol=1e-5, atol=0)
+
+
+def test_layer_norm_and_ignored_and_seeded():
+    model = tiny_model("llama")
+    d = random_direction(model, seed=3, norm="layer", ignore="biasbn")
+    params = perturbed_parameters(model)
+    for n, p in params.items():
+        if p.dim() <= 1:
+            assert not d[n].any(), n
+        else:
+            torch.testing.assert_close(d[n].norm(), p.detach().norm(), rtol=1e-5, atol=0)
+    again = random_direction(model, seed=3, norm="layer")
+    assert all(torch.equal(d[n], again[n]) for n in d)
+    other = random_direction(model, seed=4, norm="layer")
+    assert not torch.equal(d["model.layers.0.mlp.up_proj.weight"], other["model.layers.0.mlp.up_proj.weight"])
+    kept = random_direction(model, seed=3, norm="none", ignore="none")
+    assert all(kept[n].any() for n in kept)
+
+
+def test_tied_weights_perturbed_once():
+    model = tiny_model("llama")  # tie_word_embeddings=True
+    d = random_direction(model, seed=0)
+    assert "lm_head.weight" not in d and "model.embed_tokens.weight" in d
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_centre_equals_base_and_weights_bit_identical():
+    model = tiny_model("llama")
+    ids = _ids()
+    base = batched_loss(model, ids)
+    snap = _snapshot(model)
+    d1, d2 = random_direction(model, 1), random_direction(model, 2)
+    xs = np.linspace(-1, 1, 5)
+    z, secs = sweep_grid(model, loss_on(ids), d1, d2, xs, xs)
+    assert z[2, 2] == base
+    assert np.all(np.isfinite(z)) and z.max() > base and secs.shape == (5, 5)
+    assert _identical(model, snap)
+    assert batched_loss(model, ids) == base
+
+
+def test_no_drift_points_independent_of_order():
+    model = tiny_model("llama")
+    ids = _ids()
+    d = random_direction(model, 1)
+    xs = np.array([0.5, -0.3, 0.5, 0.0, 0.5])
+    z, _ = sweep_line(model, loss_on(ids), d, xs)
+    assert z[0] == z[2] == z[4]
+    assert z[3] == batched_loss(model, ids)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_weights_restored_after_error(exc):
+    model = tiny_model("qwen2")
+    ids = _ids()
+    snap = _snapshot(model)
+    d1, d2 = random_direction(model, 1), random_direction(model, 2)
+    calls = []
+
+    def failing(m):
+        calls.append(1)
+        if len(calls) == 4:
+            raise exc("stop")
+        return batched_loss(m, ids)
+
+    with pytest.raises(exc):
+        sweep_grid(model, failing, d1, d2, np.linspace(-1, 1, 3), np.linspace(-1, 1, 3))
+    assert _identical(model, snap)
+
+
+def test_resumed_grid_equals_uninterrupted(tmp_path):
+    model = tiny_model("llama")
+    ids = _ids()
+    d1, d2 = random_direction(model, 1), random_direction(model, 2)
+    xs = np.linspace(-1, 1, 4)
+    full, _ = sweep_grid(model, loss_on(ids), d1, d2, xs, xs)
+    state = tmp_path / "partial.npz"
+    calls = []
+
+    def interrupted(m):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return batched_loss(m, ids)
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep_grid(model, interrupted, d1, d2, xs, xs, state=state, key="k")
+    with np.load(state) as z:
+        assert int(np.isfinite(z["losses"]).sum()) == 6
+    counted = []
+
+    def counting(m):
+        counted.append(1)
+        return batched_loss(m, ids)
+
+    resumed, _ = sweep_grid(model, counting, d1, d2, xs, xs, state=state, key="k")
+    assert len(counted) == 16 - 6
+    np.testing.assert_array_equal(resumed, full)
+    # another key: starts afresh
+    counted.clear()
+    sweep_grid(model, counting, d1, d2, xs, xs, state=state, key="other")
+    assert len(counted) == 16
+
+
+def test_interpolation_endpoints_and_plane_of_three_models():
+    a, b, c = tiny_model("llama", seed=0), tiny_model("llama", seed=1), tiny_model("llama", seed=2)
+    ids = _ids()
+    la, lb, lc = (batched_loss(m, ids) for m in (a, b, c))
+    d = direction_to(a, b)
+    z, _ = sweep_line(a, loss_on(ids), d, np.array([0.0, 0.5, 1.0]))
+    assert z[0] == la
+    assert z[2] == pytest.approx(lb, abs=1e-5)
+    z2, _ = sweep(a, loss_on(ids), [direction_to(a, b), direction_to(a, c)], np.array([[1.0, 0.0], [0.0, 1.0]]))
+    assert z2[0] == pytest.approx(lb, abs=1e-5) and z2[1] == pytest.approx(lc, abs=1e-5)
+
+
+def test_direction_to_rejects_other_shapes():
+    from llmcourse.core.errors import UserError
+
+    with pytest.raises(UserError, match="shape"):
+        direction_to(tiny_model("llama"), tiny_model("llama", intermediate_size=96))
+    with pytest.raises(UserError, match="different parameters"):
+        direction_to(tiny_model("llama"), tiny_model("qwen2"))
