@@ -53,12 +53,10 @@ def eval_windows(tokenizer: Any, text: str | None, data: str = "default", split:
 
 
 def plain_model(lm: LoadedModel) -> Any:
-    """The model as plain floating-point parameters (an int8 folder is de-quantized)."""
-    if lm.kind == "int8":
-        from llmcourse.quant.int8 import dequantize_model
-
-        return dequantize_model(lm.model)
-    return lm.model
+    """The model as plain floating-point parameters (a quantized folder is de-quantized through the
+    ``info["dequantize"]`` its lab's loader provides)."""
+    deq = lm.info.get("dequantize")
+    return deq() if callable(deq) else lm.model
 
 
 def _axis(rng: list[float] | None, default: tuple[float, float], n: int, flag: str) -> np.ndarray:
