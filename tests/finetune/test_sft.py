@@ -192,3 +192,14 @@ def test_bad_input(tmp_path, tok, base_dir, capsys):  # noqa: F811
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1
         assert not out.exists()
+
+
+def test_merge_bad_input(tmp_path, base_dir, capsys, monkeypatch):  # noqa: F811
+    out, empty = tmp_path / "m", tmp_path / "empty"
+    empty.mkdir()
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(empty), "--out", str(out)]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(empty), "--out", str(out),
+                 "--push-to-hub", "me/model"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err and not out.exists()

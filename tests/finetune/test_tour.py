@@ -1,0 +1,21 @@
+"""The fine-tuning tour section in quick mode on the default model."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.slow
+def test_tour_section_quick(tmp_path, default_lm):
+    from llmcourse.core.report import TourContext
+    from llmcourse.finetune.tour import section
+
+    ctx = TourContext(out_dir=tmp_path, quick=True)
+    ctx._lm = default_lm
+    before = {n: p.detach().clone() for n, p in list(default_lm.model.named_parameters())[:3]}
+    s = section(ctx)
+    assert (tmp_path / "finetune_loss.png").exists() and "finetune_loss.png" in s.html
+    assert 0 <= s.summary["accuracy_before"] <= 1 and 0 <= s.summary["accuracy_after"] <= 1
+    assert s.summary["nf4_base_bytes"] < 0.5 * s.summary["fp32_base_bytes"]
+    for n, p in list(default_lm.model.named_parameters())[:3]:  # the shared model is untouched
+        assert p.equal(before[n])
