@@ -87,3 +87,17 @@ def test_grouped_parts_dequantize_inside_the_product() -> None:
     w = (q.float().view(o, g, i // g) - zero[..., None]) * scale[..., None]
     ref = x @ w.view(o, i).T
     torch.testing.assert_close(fl.project((q, scale, zero, None), x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prompt_in_two_chunks_equals_one() -> None:
+    """A multi-token forward after cached positions is causal inside the chunk too."""
+    model = tiny_model("llama", seed=14)
+    fast = prepare(model, "mm")
+    ids = torch.tensor([[4, 9, 17, 3, 22, 8, 5]])
+    with torch.inference_mode():
+        s = fast.session(1, 16)
+        s.prefill(ids[:, :3])
+        got = s.forward(ids[:, 3:])
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)

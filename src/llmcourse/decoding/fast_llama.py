@@ -440,8 +440,10 @@ class FastLlama:
                 att = e / e.sum(-1, keepdim=True)
                 y = (att.unsqueeze(-1) * values.unsqueeze(2)).sum(-2).reshape(b, nh * hd)  # (B, nh*hd)
             else:
-                y = F.scaled_dot_product_attention(q, keys, values, is_causal=p0 == 0, scale=self.scale,
-                                                   enable_gqa=nh != nkv)  # (B, nh, T, hd)
+                # a chunk after cached positions: each new token sees the cache and the chunk up to itself
+                mask = None if p0 == 0 else torch.ones(t, p0 + t, dtype=torch.bool).tril(p0)
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=p0 == 0,
+                                                   scale=self.scale, enable_gqa=nh != nkv)  # (B, nh, T, hd)
                 y = y.transpose(1, 2).reshape(b, t, nh * hd)
             x = x + layer.o(y)
             h = rms_norm(x, layer.n2, self.eps)
