@@ -97,7 +97,8 @@ def test_a_prompt_in_two_chunks_equals_one() -> None:
     with torch.inference_mode():
         s = fast.session(1, 16)
         s.prefill(ids[:, :3])
-        got = s.forward(ids[:, 3:])
+        s.forward(ids[:, 3:6])  # positions 3..5 must not see position 4.. from 3, etc.
+        got = s.step(ids[:, 6])  # reads the chunk's cached keys and values
     with torch.no_grad():
         ref = model(ids).logits[:, -1]
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
