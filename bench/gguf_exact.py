@@ -59,7 +59,7 @@ def main() -> None:
             rows = rows_for(sd[name], bs)
             if rows is None:
                 continue
-            gname = im.gguf_tensor_name(name.removesuffix(".weight"))
+            gname = im.module_tensor_name(name.removesuffix(".weight"))
             qw = mat.weights(gname) if gname else None
             if qw is None or qw.shape[0] != rows.shape[1]:
                 qw = (rng.gamma(0.5, 1.0, rows.shape[1]) ** 2).astype(np.float32)

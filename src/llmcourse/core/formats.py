@@ -12,14 +12,8 @@ import json
 import struct
 from pathlib import Path
 
-from gguf.constants import GGML_QUANT_SIZES
-
 from llmcourse.core.errors import UserError
-
-GGUF_MAGIC = b"GGUF"
-# GGUF metadata value types (gguf spec): size in bytes for fixed-size scalars.
-_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
+from llmcourse.core.gguf_container import check_tensor_data, read_gguf_header
 
 
 def _corrupt(path: Path, what: str, kind: str) -> UserError:
@@ -74,91 +68,15 @@ def check_safetensors(path: str | Path) -> dict:
 def check_gguf(path: str | Path) -> tuple[int, int]:
     """Validate a GGUF header (magic, version, metadata, tensor infos) against the file size.
 
-    Returns ``(n_tensors, n_kv)``. Only lengths and offsets are checked; the tensor data
-    itself is checked by the reader that maps it.
+    Returns ``(n_tensors, n_kv)``. Parsed by the project's one GGUF header parser
+    (:func:`llmcourse.core.gguf_container.read_gguf_header`), which checks every length it reads;
+    then every tensor's data must lie inside the file. The tensor data itself is checked by the
+    reader that maps it.
     """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        buf = f.read(min(size, 64 * 1024 * 1024))
-    pos = 0
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        if n < 0 or pos + n > len(buf):
-            raise _corrupt(path, "header runs past the end of the file", "GGUF")
-        b = buf[pos:pos + n]
-        pos += n
-        return b
-
-    def u32() -> int:
-        return struct.unpack("<I", take(4))[0]
-
-    def u64() -> int:
-        return struct.unpack("<Q", take(8))[0]
-
-    def string() -> None:
-        n = u64()
-        take(n)
-
-    if take(4) != GGUF_MAGIC:
-        raise _corrupt(path, "no GGUF magic", "GGUF")
-    version = u32()
-    if version not in (2, 3):
-        raise _corrupt(path, f"unsupported version {version}", "GGUF")
-    n_tensors, n_kv = u64(), u64()
-    if n_tensors > size // 24 or n_kv > size // 12:
-        raise _corrupt(path, f"{n_tensors} tensors / {n_kv} keys cannot fit in {size} bytes", "GGUF")
-
-    def value(t: int, depth: int = 0) -> None:
-        if t in _GGUF_SCALAR:
-            take(_GGUF_SCALAR[t])
-        elif t == _GGUF_STRING:
-            string()
-        elif t == _GGUF_ARRAY and depth == 0:
-            et, n = u32(), u64()
-            if et in _GGUF_SCALAR:
-                take(_GGUF_SCALAR[et] * n)
-            elif et in (_GGUF_STRING, _GGUF_ARRAY):
-                if n > size:
-                    raise _corrupt(path, "array longer than the file", "GGUF")
-                for _ in range(n):
-                    value(et, depth + 1)
-            else:
-                raise _corrupt(path, f"unknown array type {et}", "GGUF")
-        else:
-            raise _corrupt(path, f"unknown metadata type {t}", "GGUF")
-
-    alignment = 32
-    for _ in range(n_kv):
-        key_len = u64()
-        key = take(key_len)
-        t = u32()
-        if key == b"general.alignment" and t == 4:  # uint32
-            alignment = struct.unpack("<I", buf[pos:pos + 4])[0] if pos + 4 <= len(buf) else 0
-            if alignment == 0 or alignment & (alignment - 1):
-                raise _corrupt(path, f"alignment {alignment} is not a power of two", "GGUF")
-        value(t)
-    infos = []
-    for _ in range(n_tensors):
-        string()
-        n_dims = u32()
-        if not 1 <= n_dims <= 4:
-            raise _corrupt(path, f"tensor with {n_dims} dimensions", "GGUF")
-        dims = [u64() for _ in range(n_dims)]
-        if any(d > 2**40 for d in dims):
-            raise _corrupt(path, "tensor dimension too large", "GGUF")
-        infos.append((dims, u32(), u64()))
-    data_start = -(-pos // alignment) * alignment
-    for dims, qtype, offset in infos:
-        if qtype not in GGML_QUANT_SIZES:
-            raise _corrupt(path, f"unknown tensor type {qtype}", "GGUF")
-        block, type_size = GGML_QUANT_SIZES[qtype]
-        numel = 1
-        for d in dims:
-            numel *= d
-        if dims[0] % block:
-            raise _corrupt(path, f"row of {dims[0]} is not a multiple of the block size {block}", "GGUF")
-        if data_start + offset + numel // block * type_size > size:
-            raise _corrupt(path, "tensor data runs past the end of the file", "GGUF")
-    return n_tensors, n_kv
+    try:
+        kvs, infos = read_gguf_header(path)
+        check_tensor_data(infos, path.stat().st_size)
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise _corrupt(path, str(e)[:160] or type(e).__name__, "GGUF") from None
+    return len(infos), len(kvs)

@@ -21,13 +21,9 @@ from gguf_helpers import (
     tensor_table,
 )
 
-from llmcourse.quant.gguf.convert import (
-    convert,
-    from_hf,
-    permute_rope,
-    read_gguf_header,
-    unpermute_rope,
-)
+from llmcourse.core.gguf_container import read_gguf_header
+from llmcourse.quant.gguf.convert import convert, from_hf
+from llmcourse.quant.gguf.names import permute_rope, unpermute_rope
 
 TINY = dict(vocab_size=264, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, bos_token_id=1, eos_token_id=2, initializer_range=0.2)

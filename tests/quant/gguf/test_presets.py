@@ -13,7 +13,8 @@ from conftest import tiny_model
 from gguf import GGMLQuantizationType as QT
 from gguf_helpers import byte_tokenizer, llama_logits, llama_quantize, tensor_table
 
-from llmcourse.quant.gguf.convert import convert, read_gguf_header
+from llmcourse.core.gguf_container import read_gguf_header
+from llmcourse.quant.gguf.convert import convert
 from llmcourse.quant.gguf.presets import (
     COURSE_PRESETS,
     ModelShape,
@@ -106,8 +107,8 @@ def test_llama_cpp_runs_and_core_reads_our_files(f32_files, tmp_path):
     """llama.cpp runs the files; transformers' GGUF reader (core) de-quantizes every tensor to our values."""
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
     from llmcourse.core.models import load_model
-    from llmcourse.quant.gguf.convert import gguf_tensor_name, permute_rope
-    from llmcourse.quant.gguf.presets import read_gguf, to_float32
+    from llmcourse.quant.gguf.load import read_gguf, to_float32
+    from llmcourse.quant.gguf.names import gguf_tensor_name, permute_rope
 
     tok = byte_tokenizer()
     ids = tok("the cat sat in the hat").input_ids

@@ -1,10 +1,19 @@
 """Lab 7: GGUF — llama.cpp's file format and quantization types in numpy, bit-exact with ggml.
 
-``quantize.py`` is the public entry point (``quantize``, ``dequantize``, ``QUANT_TYPES``);
-``blocks.py`` holds the byte layout of every block type, ``searches.py`` ggml's float32
-primitives and scale searches, ``legacy.py`` the 32-wide types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0),
-``kquants.py`` the 256-wide k-quants (Q2_K ... Q6_K) and ``imatrix.py`` the importance matrix
-(computing it with forward hooks, and llama.cpp's GGUF and legacy .dat files).
+Split by concern, imports in one direction (kernels -> quantize -> names/convert -> load -> presets
+-> commands, tour):
+
+* the container (read/write, the one header parser) is ``llmcourse.core.gguf_container``, shared with
+  ``core.formats``' checks;
+* ``names.py``: HF <-> GGUF tensor names, GPT-2's Conv1D transpose, Llama's q/k permutation;
+* ``convert.py``: Hugging Face model -> GGUF file, as llama.cpp's ``convert_hf_to_gguf.py``;
+* ``load.py``: GGUF -> fp32 tensors -> a Hugging Face model;
+* ``presets.py``: llama.cpp's per-tensor type rules and the quantized file (``quantize_gguf``);
+* kernels: ``blocks.py`` (byte layout of every block type), ``searches.py`` (ggml's float32
+  primitives and scale searches), ``legacy.py`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), ``kquants.py``
+  (Q2_K ... Q6_K), ``quantize.py`` (the public entry: ``quantize``, ``dequantize``, ``QUANT_TYPES``);
+* ``imatrix.py``: the importance matrix (collected through ``core.modules``; llama.cpp's GGUF and
+  legacy .dat files).
 """
 
 from llmcourse.core.lab import Lab

@@ -173,9 +173,8 @@ EXAMPLES = {
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
-    from llmcourse.quant.gguf.presets import PRESETS
-
     from llmcourse.quant.gguf import LAB
+    from llmcourse.quant.gguf.presets import PRESETS
 
     pc = add_parser(
         sub, groups, LAB, "convert gguf", epilog=EXAMPLES["convert gguf"],

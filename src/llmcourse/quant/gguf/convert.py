@@ -4,27 +4,15 @@ Source: ggml-org/llama.cpp ``convert_hf_to_gguf.py`` (``conversion/base.py``, ``
 ``gpt2.py``) and ``gguf-py/gguf/vocab.py`` (``SpecialVocab``), read and re-written here for the Llama
 family, Qwen2 and GPT-2.
 
-A GGUF file (version 3, little endian) is::
-
-    "GGUF" | version u32 | n_tensors u64 | n_kv u64
-    n_kv x (key: string, type: u32, value)            string = u64 length + UTF-8 bytes
-    n_tensors x (name: string, n_dims: u32, ne[0..n_dims) u64, type: u32, offset: u64)
-    zero padding to ``general.alignment`` (32)
-    tensor data, each tensor starting at a multiple of the alignment
-
-``ne[0]`` is the fastest-varying dimension, so a torch weight of shape ``(out, in)`` is stored as
-``ne = [in, out]``: rows of ``n_per_row = in`` values, which is what the quantizers work on.
+The file itself (header, metadata, tensor infos, aligned data) is written by
+:mod:`llmcourse.core.gguf_container`; HF <-> GGUF names and the q/k permutation are in :mod:`.names`.
 
 What the converter does to the weights:
 
-* names: ``model.layers.{i}.self_attn.q_proj.weight`` -> ``blk.{i}.attn_q.weight`` and so on
-  (:data:`TENSOR_NAMES`, :data:`GPT2_NAMES`); ``lm_head.weight`` -> ``output.weight``, left out when the
-  embeddings are tied; GPT-2's Conv1D weights, stored (in, out), are transposed to (out, in);
-* Llama's q/k permutation: Hugging Face's rotary embedding rotates the two *halves* of each head
-  (``rotate_half``), ggml's ``rope`` (normal mode) rotates *adjacent pairs*. Within each head the rows
-  ``[x_0 .. x_{d/2-1}, y_0 .. y_{d/2-1}]`` are reordered to ``[x_0, y_0, x_1, y_1, ...]`` (for k, with
-  the number of key/value heads), so the same rotation is applied to the same pairs. Qwen2 keeps the
-  halves layout (llama.cpp runs it with NEOX rope), so it is not permuted;
+* names and layout (:mod:`.names`): ``model.layers.{i}.self_attn.q_proj.weight`` -> ``blk.{i}.attn_q.weight``
+  and so on; ``lm_head.weight`` -> ``output.weight``, left out when the embeddings are tied; GPT-2's
+  Conv1D weights transposed to (out, in); Llama's q/k rows permuted from HF's rotate-halves order to
+  ggml's adjacent pairs (Qwen2 keeps the halves layout: llama.cpp runs it with NEOX rope);
 * dtype: 1-D tensors, norms and position embeddings stay F32; the other weights become the output type
   (F32, F16 or BF16, round to nearest even).
 
@@ -40,323 +28,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 from gguf import LlamaFileType, TokenType
 
 from llmcourse.core.errors import UserError
-from llmcourse.core.io import atomic_file
+from llmcourse.core.gguf_container import KV, QUANTIZATION_VERSION, Tensor, save_gguf, to_stored
+from llmcourse.quant.gguf.names import architecture, gguf_tensor_name, head_counts, to_gguf_layout
 
 log = logging.getLogger(__name__)
-
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSION = 3
-ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
-QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 
 OUT_TYPES = {"f32": (QT.F32, LlamaFileType.ALL_F32), "f16": (QT.F16, LlamaFileType.MOSTLY_F16),
              "bf16": (QT.BF16, LlamaFileType.MOSTLY_BF16)}
 
-# Hugging Face architecture -> GGUF architecture name
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                 "GPT2LMHeadModel": "gpt2"}
-
-# per-layer Hugging Face module -> GGUF tensor (llama and qwen2 share these)
-TENSOR_NAMES = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
-                "transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm"}
-# GPT-2 (transformer.h.{i}.*): its Conv1D layers store (in, out) weights, transposed on the way
-GPT2_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-              "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-# ---------------------------------------------------------------------------------------------
-# The file: key/value pairs, tensor infos, aligned data
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class KV:
-    """One metadata entry: ``value`` is a Python scalar/str, or a list for ``VT.ARRAY`` of ``sub_type``."""
-
-    key: str
-    value: Any
-    vtype: VT
-    sub_type: VT | None = None
-
-
-@dataclass
-class Tensor:
-    """One tensor to write: ``shape`` in torch order (rows ..., n_per_row); ``data()`` gives its bytes."""
-
-    name: str
-    shape: tuple[int, ...]
-    qtype: QT
-    data: Callable[[], np.ndarray]  # lazily computed, so a file streams one tensor at a time
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.shape, self.qtype)
-
-
-def tensor_nbytes(shape: tuple[int, ...], qtype: QT) -> int:
-    """Bytes of a tensor of ``shape`` (torch order) in ``qtype``: rows * row_bytes."""
-    from gguf.constants import GGML_QUANT_SIZES
-
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    n_per_row = shape[-1]
-    if n_per_row % block:
-        raise ValueError(f"row of {n_per_row} is not a multiple of {qtype.name}'s block {block}")
-    return int(np.prod(shape[:-1], dtype=np.int64)) * (n_per_row // block) * type_size
-
-
-_SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
-           VT.FLOAT32: "<f", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d", VT.BOOL: "<?"}
-
-
-_U64 = struct.Struct("<Q")
-
-
-def _pack_str(s: str) -> bytes:
-    b = s.encode("utf-8", errors="surrogateescape")
-    return struct.pack("<Q", len(b)) + b
-
-
-def _pack_value(value: Any, vtype: VT, sub_type: VT | None) -> bytes:
-    if vtype == VT.STRING:
-        return _pack_str(value)
-    if vtype == VT.ARRAY:
-        assert sub_type is not None
-        out = [struct.pack("<IQ", sub_type, len(value))]
-        if sub_type == VT.STRING:
-            pack = _U64.pack
-            for v in value:
-                b = v.encode("utf-8", errors="surrogateescape")
-                out += (pack(len(b)), b)
-        else:
-            out.append(np.asarray(value, dtype=np.dtype(_SCALAR[sub_type][1:]).newbyteorder("<")).tobytes())
-        return b"".join(out)
-    return struct.pack(_SCALAR[vtype], value)
-
-
-def _pad(n: int, align: int) -> int:
-    return (n + align - 1) // align * align
-
-
-def write_gguf(f: BinaryIO, kvs: list[KV], tensors: list[Tensor],
-               progress: Callable[[Tensor], None] | None = None) -> int:
-    """Write a whole GGUF file to the open binary file ``f``; return its size in bytes.
-
-    Tensor data are produced one at a time (``Tensor.data()``), so memory stays at one tensor.
-    """
-    align = next((int(kv.value) for kv in kvs if kv.key == "general.alignment"), ALIGNMENT)
-    head = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kvs))]
-    for kv in kvs:
-        head += [_pack_str(kv.key), struct.pack("<I", kv.vtype), _pack_value(kv.value, kv.vtype, kv.sub_type)]
-    offset = 0
-    for t in tensors:
-        ne = list(reversed(t.shape))
-        head += [_pack_str(t.name), struct.pack("<I", len(ne)), struct.pack(f"<{len(ne)}Q", *ne),
-                 struct.pack("<IQ", t.qtype, offset)]
-        offset += _pad(t.nbytes, align)
-    meta = b"".join(head)
-    f.write(meta + b"\0" * (_pad(len(meta), align) - len(meta)))
-    size = _pad(len(meta), align)
-    for t in tensors:
-        raw = np.ascontiguousarray(t.data())
-        if raw.nbytes != t.nbytes:
-            raise AssertionError(f"{t.name}: {raw.nbytes} bytes, expected {t.nbytes}")
-        f.write(memoryview(raw.reshape(-1)).cast("B"))  # no copy of the tensor's bytes
-        pad = _pad(raw.nbytes, align) - raw.nbytes
-        f.write(b"\0" * pad)
-        size += raw.nbytes + pad
-        if progress is not None:
-            progress(t)
-    return size
-
-
-def save_gguf(path: str | Path, kvs: list[KV], tensors: list[Tensor],
-              progress: Callable[[Tensor], None] | None = None) -> int:
-    """:func:`write_gguf` into ``path`` atomically (a temporary file renamed on success)."""
-    with atomic_file(path) as f:
-        return write_gguf(f, kvs, tensors, progress)
-
-
-@dataclass
-class TensorInfo:
-    """A tensor of a GGUF file being read: ``shape`` in torch order, ``offset`` from the file's start."""
-
-    name: str
-    shape: tuple[int, ...]
-    qtype: QT
-    offset: int
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.shape, self.qtype)
-
-
-class _Cursor:
-    """Little-endian reads from a buffer (the inverse of the packing above)."""
-
-    def __init__(self, buf: Any) -> None:
-        self.buf, self.pos = buf, 0
-
-    def take(self, fmt: str) -> Any:
-        v = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return v[0] if len(v) == 1 else v
-
-    def string(self) -> str:
-        n = self.take("<Q")
-        if self.pos + n > len(self.buf):
-            raise ValueError("a string runs past the end of the file")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="surrogateescape")
-        self.pos += n
-        return s
-
-    def _strings(self, n: int) -> list[str]:
-        # the tokenizer's arrays hold ~50k strings each: a tight loop, no method calls per string
-        buf, pos, end, unpack = self.buf, self.pos, len(self.buf), _U64.unpack_from
-        out = []
-        for _ in range(n):
-            (size,) = unpack(buf, pos)
-            pos += 8
-            if pos + size > end:
-                raise ValueError("a string runs past the end of the file")
-            out.append(buf[pos:pos + size].decode("utf-8", errors="surrogateescape"))
-            pos += size
-        self.pos = pos
-        return out
-
-    def value(self, vtype: VT) -> tuple[Any, VT | None]:
-        if vtype == VT.STRING:
-            return self.string(), None
-        if vtype == VT.ARRAY:
-            sub, n = self.take("<I"), self.take("<Q")
-            sub = VT(sub)
-            if sub == VT.STRING:
-                return self._strings(n), sub
-            if sub == VT.ARRAY:
-                raise ValueError("nested arrays are not supported")
-            dt = np.dtype(_SCALAR[sub][1:]).newbyteorder("<")
-            arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos)
-            self.pos += n * dt.itemsize
-            return arr.tolist(), sub
-        return self.take(_SCALAR[vtype]), None
-
-
-def read_gguf_header(path: str | Path) -> tuple[list[KV], list[TensorInfo]]:
-    """Metadata and tensor infos of a GGUF file (tensor offsets made absolute).
-
-    A plain ``struct`` parser: ``gguf.GGUFReader`` builds a numpy view per token and takes seconds
-    on a 49k-token vocabulary.
-    """
-    import mmap
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        c = _Cursor(mm)
-        if bytes(mm[:4]) != GGUF_MAGIC:
-            raise ValueError("not a GGUF file")
-        c.pos = 4
-        version, n_tensors, n_kv = c.take("<IQQ")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} is not supported")
-        if n_kv > len(mm) or n_tensors > len(mm):
-            raise ValueError("implausible key or tensor count")
-        kvs = []
-        for _ in range(n_kv):
-            key = c.string()
-            vtype = VT(c.take("<I"))
-            value, sub = c.value(vtype)
-            kvs.append(KV(key, value, vtype, sub))
-        infos = []
-        for _ in range(n_tensors):
-            name = c.string()
-            n_dims = c.take("<I")
-            if not 1 <= n_dims <= 4:
-                raise ValueError(f"tensor {name} has {n_dims} dimensions")
-            ne = struct.unpack_from(f"<{n_dims}Q", mm, c.pos)
-            c.pos += 8 * n_dims
-            qtype, offset = c.take("<IQ")
-            infos.append(TensorInfo(name, tuple(int(x) for x in reversed(ne)), QT(qtype), offset))
-        align = next((int(kv.value) for kv in kvs if kv.key == "general.alignment"), ALIGNMENT)
-        start = _pad(c.pos, align)
-    for t in infos:
-        t.offset += start
-    return kvs, infos
-
-
 # ---------------------------------------------------------------------------------------------
 # Weights
 # ---------------------------------------------------------------------------------------------
-
-def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Reorder each head's rows from HF's halves ``[x.., y..]`` to ggml's pairs ``[x0, y0, x1, y1, ...]``.
-
-    ``w`` is (n_head * head_dim, ...) (a q/k weight or bias). For each head, row ``j`` of the first
-    half and row ``j`` of the second half become rows ``2j`` and ``2j + 1``.
-    """
-    head_dim = w.shape[0] // n_head
-    heads = w.reshape(n_head, 2, head_dim // 2, *w.shape[1:])  # (n_head, half, head_dim/2, ...)
-    return heads.transpose(1, 2).reshape(w.shape)  # (n_head, head_dim/2, half, ...) flattened
-
-
-def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Inverse of :func:`permute_rope` (GGUF -> Hugging Face)."""
-    head_dim = w.shape[0] // n_head
-    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """The GGUF name of a Hugging Face parameter of a Llama/Qwen2 model (None: not written)."""
-    stem, _, suffix = hf_name.rpartition(".")
-    if stem in GLOBAL_NAMES:
-        return f"{GLOBAL_NAMES[stem]}.{suffix}"
-    parts = stem.split(".")
-    if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdecimal():
-        module = ".".join(parts[3:])
-        if module in TENSOR_NAMES:
-            return f"blk.{int(parts[2])}.{TENSOR_NAMES[module]}.{suffix}"
-    if len(parts) >= 4 and parts[0] == "transformer" and parts[1] == "h" and parts[2].isdecimal():
-        module = ".".join(parts[3:])
-        if module in GPT2_NAMES:
-            return f"blk.{int(parts[2])}.{GPT2_NAMES[module]}.{suffix}"
-        if module in ("attn", "attn.masked") or hf_name.endswith((".attn.bias", ".attn.masked_bias")):
-            return None  # GPT-2's causal-mask buffers
-    if stem.endswith("rotary_emb"):
-        return None
-    raise UserError(f"cannot map the tensor {hf_name!r} to a GGUF name",
-                    "only Llama-family, Qwen2 and GPT-2 models are supported by `convert gguf`")
-
-
-def architecture(model: Any) -> str:
-    """The GGUF architecture (``llama``/``qwen2``) of a Hugging Face model."""
-    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
-    hf_arch = archs[0]
-    if hf_arch not in ARCHITECTURES:
-        raise UserError(f"{hf_arch} cannot be converted to GGUF here",
-                        f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[hf_arch]
-
 
 def _is_tied(model: Any) -> bool:
     head = model.get_output_embeddings()
@@ -372,9 +65,7 @@ def hf_weights(model: Any) -> list[tuple[str, torch.Tensor]]:
     sorted Hugging Face names (``model.layers.10`` before ``model.layers.2``).
     """
     arch = architecture(model)
-    cfg = model.config
-    n_head = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    n_head, n_kv = head_counts(model)
     tied = _is_tied(model)
     out = []
     for hf_name, t in sorted(model.state_dict().items()):
@@ -383,15 +74,7 @@ def hf_weights(model: Any) -> list[tuple[str, torch.Tensor]]:
         name = gguf_tensor_name(hf_name)
         if name is None:
             continue
-        t = t.detach().to(torch.float32)
-        if arch == "gpt2" and hf_name.endswith(GPT2_CONV1D):
-            t = t.t().contiguous()  # Conv1D (in, out) -> (out, in)
-        if arch == "llama":
-            if ".attn_q." in name:
-                t = permute_rope(t, n_head)
-            elif ".attn_k." in name:
-                t = permute_rope(t, n_kv)
-        out.append((name, t))
+        out.append((name, to_gguf_layout(arch, hf_name, name, t.detach().to(torch.float32), n_head, n_kv)))
     return out
 
 
@@ -401,17 +84,6 @@ def stored_type(name: str, n_dims: int, outtype: QT) -> QT:
             or name in ("position_embd.weight", "token_types.weight")):
         return QT.F32
     return outtype
-
-
-def to_stored(t: torch.Tensor, qtype: QT) -> np.ndarray:
-    """fp32 torch tensor -> the numpy array GGUF stores for ``qtype`` (F32, F16 or BF16 bits)."""
-    if qtype == QT.F32:
-        return t.contiguous().numpy()
-    if qtype == QT.F16:
-        return t.to(torch.float16).contiguous().numpy()
-    if qtype == QT.BF16:  # round to nearest even, as gguf-py and ggml's fp32 -> bf16
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-    raise ValueError(f"not a float type: {qtype.name}")
 
 
 # ---------------------------------------------------------------------------------------------

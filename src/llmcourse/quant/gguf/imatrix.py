@@ -18,25 +18,29 @@ chunk count and the dataset name; the loader divides by ``ncall``. Both are read
 
 Collection. llama.cpp hooks every matrix multiplication whose weight is named ``blk.*`` (and
 ``output.weight`` only with ``--process-output``) on its own forward; we register forward hooks
-on the ``nn.Linear`` (and GPT-2 ``Conv1D``) modules of a transformers model and name them with
-llama.cpp's GGUF tensor names, over calibration windows of ``chunk_size`` tokens.
+on the ``nn.Linear`` (and GPT-2 ``Conv1D``) modules of a transformers model (``core.modules``'
+``linear_layers`` / ``input_hooks``) and name them with the converter's GGUF tensor names, over
+calibration windows of ``chunk_size`` tokens.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType as VT
 
 from llmcourse.core.errors import UserError
+from llmcourse.core.gguf_container import KV, Tensor, check_tensor_data, read_gguf_header, save_gguf
 from llmcourse.core.io import atomic_file
+from llmcourse.core.modules import input_hooks, linear_layers
+from llmcourse.quant.gguf.names import mapped_name
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +48,10 @@ KV_DATASETS = "imatrix.datasets"
 KV_CHUNK_COUNT = "imatrix.chunk_count"
 KV_CHUNK_SIZE = "imatrix.chunk_size"
 
-# transformers module name -> llama.cpp GGUF tensor name (without ".weight")
-_GGUF_NAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), n) for p, n in (
-    # Llama, Qwen2, Mistral ... (model.layers.N.*)
-    (r"^model\.layers\.(\d+)\.self_attn\.q_proj$", "blk.{}.attn_q"),
-    (r"^model\.layers\.(\d+)\.self_attn\.k_proj$", "blk.{}.attn_k"),
-    (r"^model\.layers\.(\d+)\.self_attn\.v_proj$", "blk.{}.attn_v"),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj$", "blk.{}.attn_output"),
-    (r"^model\.layers\.(\d+)\.mlp\.gate_proj$", "blk.{}.ffn_gate"),
-    (r"^model\.layers\.(\d+)\.mlp\.up_proj$", "blk.{}.ffn_up"),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj$", "blk.{}.ffn_down"),
-    # GPT-2 (transformer.h.N.*, Conv1D)
-    (r"^transformer\.h\.(\d+)\.attn\.c_attn$", "blk.{}.attn_qkv"),
-    (r"^transformer\.h\.(\d+)\.attn\.c_proj$", "blk.{}.attn_output"),
-    (r"^transformer\.h\.(\d+)\.mlp\.c_fc$", "blk.{}.ffn_up"),
-    (r"^transformer\.h\.(\d+)\.mlp\.c_proj$", "blk.{}.ffn_down"),
-    (r"^lm_head$", "output"),
-))
-
-
-def gguf_tensor_name(module_name: str) -> str | None:
+def module_tensor_name(module_name: str) -> str | None:
     """llama.cpp's name of the weight of a transformers linear module (``blk.3.ffn_down.weight``),
-    or None for modules llama.cpp's converter does not map here."""
-    for pat, fmt in _GGUF_NAMES:
-        m = pat.match(module_name)
-        if m:
-            return fmt.format(*m.groups()) + ".weight"
-    return None
+    or None for modules llama.cpp's converter does not map (the converter's table, :mod:`.names`)."""
+    return mapped_name(f"{module_name}.weight")
 
 
 @dataclass
@@ -111,15 +92,14 @@ class Imatrix:
 
 # ----------------------------------------------------------------------------- collection
 
-def _linear_modules(model: torch.nn.Module, process_output: bool) -> dict[str, tuple[str, torch.nn.Module]]:
+def _linear_modules(model: torch.nn.Module, process_output: bool) -> dict[str, torch.nn.Module]:
+    """GGUF tensor name -> linear module (``core.modules.linear_layers``) for every layer llama.cpp hooks."""
     out = {}
-    for mname, mod in model.named_modules():
-        if not (isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"):
-            continue
-        gname = gguf_tensor_name(mname)
+    for mname, mod in linear_layers(model):
+        gname = module_tensor_name(mname)
         if gname is None or (gname == "output.weight" and not process_output):
             continue
-        out[mname] = (gname, mod)
+        out[gname] = mod
     return out
 
 
@@ -140,26 +120,20 @@ def collect(model: torch.nn.Module, windows: torch.Tensor | Iterable[torch.Tenso
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(gname: str):
-        def fn(_mod, inputs, _out):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            s = (x * x).sum(dim=0)
-            sums[gname] = sums[gname] + s if gname in sums else s
-            counts[gname] = counts.get(gname, 0) + x.shape[0]
-        return fn
+    def accumulate(gname: str, x: torch.Tensor) -> None:  # x: (tokens, n_in)
+        x = x.to(torch.float64)
+        s = (x * x).sum(dim=0)
+        sums[gname] = sums[gname] + s if gname in sums else s
+        counts[gname] = counts.get(gname, 0) + x.shape[0]
 
-    handles = [mod.register_forward_hook(hook(g)) for g, mod in mods.values()]
     n_chunks, chunk_size = 0, 0
-    try:
+    with input_hooks(mods, accumulate):
         it = windows if progress is None else progress(windows)
         for w in it:
             ids = torch.as_tensor(w).reshape(1, -1).to(next(model.parameters()).device)
             chunk_size = max(chunk_size, ids.shape[1])
             model(input_ids=ids)
             n_chunks += 1
-    finally:
-        for h in handles:
-            h.remove()
     entries = {g: ImatrixEntry(sums[g].to(torch.float32).numpy()[None, :].copy(),
                                np.array([counts[g]], dtype=np.int64)) for g in sorted(sums)}
     log.info("imatrix: %d entries from %d chunks of %d tokens", len(entries), n_chunks, chunk_size)
@@ -170,32 +144,25 @@ def collect(model: torch.nn.Module, windows: torch.Tensor | Iterable[torch.Tenso
 
 def save(imatrix: Imatrix, path: str | Path, legacy: bool = False) -> None:
     """Write ``imatrix`` as llama.cpp's GGUF imatrix (default) or legacy ``.dat`` file, atomically."""
-    data = _dat_bytes(imatrix) if legacy else _gguf_bytes(imatrix)
-    with atomic_file(path) as f:
-        f.write(data)
-
-
-def _gguf_bytes(imatrix: Imatrix) -> bytes:
-    import gguf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "imatrix.gguf"
-        w = gguf.GGUFWriter(p, arch="")
-        w.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes no architecture
-        w.add_type("imatrix")
-        w.add_array(KV_DATASETS, list(imatrix.datasets))
-        w.add_uint32(KV_CHUNK_COUNT, int(imatrix.chunk_count))
-        w.add_uint32(KV_CHUNK_SIZE, int(imatrix.chunk_size))
-        for name in sorted(imatrix.entries):
-            e = imatrix.entries[name]
-            s = np.ascontiguousarray(e.in_sum2, dtype=np.float32).reshape(len(e.counts), -1)
-            w.add_tensor(f"{name}.in_sum2", s)
-            w.add_tensor(f"{name}.counts", np.asarray(e.counts, dtype=np.float32).reshape(-1, 1))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return p.read_bytes()
+    if legacy:
+        data = _dat_bytes(imatrix)
+        with atomic_file(path) as f:
+            f.write(data)
+        return
+    kvs = [KV("general.type", "imatrix", VT.STRING)]  # llama-imatrix writes no architecture
+    if imatrix.datasets:  # gguf-py's writer leaves an empty array out
+        kvs.append(KV(KV_DATASETS, list(imatrix.datasets), VT.ARRAY, VT.STRING))
+    kvs += [KV(KV_CHUNK_COUNT, int(imatrix.chunk_count), VT.UINT32),
+            KV(KV_CHUNK_SIZE, int(imatrix.chunk_size), VT.UINT32)]
+    tensors = []
+    for name in sorted(imatrix.entries):
+        e = imatrix.entries[name]
+        n_mat = len(e.counts)
+        s = np.ascontiguousarray(e.in_sum2, dtype=np.float32).reshape(n_mat, -1)
+        c = np.asarray(e.counts, dtype=np.float32).reshape(n_mat, 1)
+        tensors += [Tensor(f"{name}.in_sum2", s.shape, QT.F32, lambda s=s: s),
+                    Tensor(f"{name}.counts", c.shape, QT.F32, lambda c=c: c)]
+    save_gguf(path, kvs, tensors)
 
 
 def _dat_bytes(imatrix: Imatrix) -> bytes:
@@ -231,27 +198,23 @@ def load(path: str | Path) -> Imatrix:
 
 
 def _load_gguf(p: Path) -> Imatrix:
-    import gguf
-
-    r = gguf.GGUFReader(p)
-    im = Imatrix()
-    f = r.get_field(KV_DATASETS)
-    if f is not None:
-        im.datasets = [str(bytes(f.parts[i]), "utf-8") for i in f.data]
-    for key, attr in ((KV_CHUNK_COUNT, "chunk_count"), (KV_CHUNK_SIZE, "chunk_size")):
-        f = r.get_field(key)
-        if f is not None:
-            setattr(im, attr, int(f.parts[f.data[0]][0]))
+    kvs, infos = read_gguf_header(p)
+    check_tensor_data(infos, p.stat().st_size)
+    meta = {kv.key: kv.value for kv in kvs}
+    im = Imatrix(datasets=[str(d) for d in meta.get(KV_DATASETS, [])],
+                 chunk_count=int(meta.get(KV_CHUNK_COUNT, 0)), chunk_size=int(meta.get(KV_CHUNK_SIZE, 0)))
     sums: dict[str, np.ndarray] = {}
     cnts: dict[str, np.ndarray] = {}
-    for t in r.tensors:
-        if t.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise ValueError(f"tensor {t.name} is not F32")
-        a = np.asarray(t.data, dtype=np.float32).reshape(int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1, -1)
-        if t.name.endswith(".in_sum2"):
-            sums[t.name[: -len(".in_sum2")]] = a
-        elif t.name.endswith(".counts"):
-            cnts[t.name[: -len(".counts")]] = np.floor(a.reshape(-1) + 0.5).astype(np.int64)  # std::lround
+    with open(p, "rb") as f:
+        for t in infos:
+            if t.qtype != QT.F32:
+                raise ValueError(f"tensor {t.name} is not F32")
+            f.seek(t.offset)
+            a = np.fromfile(f, dtype="<f4", count=t.nbytes // 4).reshape(-1, t.shape[-1])  # (n_mat, n)
+            if t.name.endswith(".in_sum2"):
+                sums[t.name[: -len(".in_sum2")]] = a
+            elif t.name.endswith(".counts"):
+                cnts[t.name[: -len(".counts")]] = np.floor(a.reshape(-1) + 0.5).astype(np.int64)  # std::lround
     if set(sums) != set(cnts):
         raise ValueError("mismatched in_sum2 and counts tensors")
     for name in sorted(sums):

@@ -35,15 +35,16 @@ from gguf import GGMLQuantizationType as T
 
 from llmcourse.quant.gguf.blocks import QK_K, BlockQuant, join_fields, split_fields
 from llmcourse.quant.gguf.searches import (
-    _NI_MAGIC,
     F32,
     first_absmax,
     fp16,
+    imatrix_weights,
     make_q3_quants,
     make_qkx_quants,
     make_qp_quants,
     make_qx_quants,
     nearest_int,
+    nearest_int_,
     seq_sum,
 )
 
@@ -118,11 +119,7 @@ def _requantize_cols(xs: np.ndarray, L: np.ndarray, d: np.ndarray, lo: F32, hi: 
     columns with d == 0 keep L."""
     with np.errstate(divide="ignore", invalid="ignore"):
         v = np.divide(xs, d)
-    v += _NI_MAGIC
-    b = v.view(np.int32)
-    b &= 0x007FFFFF  # nearest_int + 2^22 ...
-    b |= 0x4B000000  # ... as the float 2^23 + that
-    v -= _NI_MAGIC
+    nearest_int_(v)
     np.clip(v, lo, hi, out=v)
     v += off
     zero = d == 0
@@ -206,11 +203,6 @@ def _sigma2(x: np.ndarray, factor: int) -> np.ndarray:
     return F32(factor) * seq_sum(x * x) / F32(QK_K)
 
 
-def _imatrix_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
-    """w = qw * sqrtf(sigma2 + x*x), (256, N)."""
-    return qw * np.sqrt(sigma2[None, :] + x * x)
-
-
 # ----------------------------------------------------------------------------- the types
 
 class Q2_K(BlockQuant, qtype=T.Q2_K):
@@ -232,7 +224,7 @@ class Q2_K(BlockQuant, qtype=T.Q2_K):
             d = fp16(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
             dmin = fp16(np.where(max_min > 0, max_min / F32(15), F32(0)))
         else:
-            w = _imatrix_weights(x, _columns(qw), _sigma2(x, 1))
+            w = imatrix_weights(x, _columns(qw), _sigma2(x, 1))
             ws = _sub(w, 16)
             sw = seq_sum(ws).reshape(16, N)
             scales, mins, L = make_qkx_quants(xs, ws, 3, -0.9, 0.05, 36, use_mad=False)
@@ -280,7 +272,7 @@ class Q3_K(BlockQuant, qtype=T.Q3_K):
             return join_fields(cls.layout, out, hmask=hmask, qs=qs, scales=packed, d=d)
         x = _columns(blocks)
         xs = _sub(x, 16)
-        w = _imatrix_weights(x, _columns(qw), _sigma2(x, 2))
+        w = imatrix_weights(x, _columns(qw), _sigma2(x, 2))
         ws = _sub(w, 16)
         sw = seq_sum(ws).reshape(16, N)
         scales, L = make_qx_quants(xs, 4, ws)
@@ -322,7 +314,7 @@ def _q45_quantize(cls, blocks, qw, nmax: int, ref_search: tuple[float, float, in
         lm = np.minimum(63, nearest_int(inv_min * mins) & 0xFF)
         d, dmin = fp16(max_scale / F32(63)), fp16(max_min / F32(63))
     else:
-        w = _imatrix_weights(x, _columns(qw), _sigma2(x, 2))
+        w = imatrix_weights(x, _columns(qw), _sigma2(x, 2))
         ws = _sub(w, 32)
         sw = seq_sum(ws).reshape(8, N)
         scales, mins, L = make_qkx_quants(xs, ws, nmax, -0.9, 0.05, 36, use_mad=False)

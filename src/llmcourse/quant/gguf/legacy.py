@@ -28,7 +28,14 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from llmcourse.quant.gguf.blocks import QK, BlockQuant, join_fields, split_fields
-from llmcourse.quant.gguf.searches import F32, fp16, make_qkx_quants, make_qx_quants
+from llmcourse.quant.gguf.searches import (
+    F32,
+    first_absmax,
+    fp16,
+    imatrix_weights,
+    make_qkx_quants,
+    make_qx_quants,
+)
 
 
 def _nibbles(q: np.ndarray) -> np.ndarray:
@@ -63,32 +70,15 @@ def _times_rows(x: np.ndarray, s: np.ndarray) -> np.ndarray:
     return (torch.from_numpy(x) * torch.from_numpy(s)[:, None]).numpy()
 
 
-def _signed_absmax(x: np.ndarray) -> np.ndarray:
-    """Per block (N, 32): the first value of largest magnitude, with its sign (C's strict-> scan)."""
-    lo, hi = _min_max(x)
-    m = np.where(hi > -lo, hi, lo)
-    tie = (hi == -lo) & (hi != 0)
-    if tie.any():  # +a and -a both present: the one that comes first wins
-        rows = np.nonzero(tie)[0]
-        idx = np.argmax(np.abs(x[rows]), axis=1)
-        m[rows] = x[rows, idx]
-    return m
-
-
-def _weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
-    """w = qw * sqrtf(sigma2 + x*x), element-major (32, N)."""
-    return qw * np.sqrt(sigma2[None, :] + x * x)
-
-
 def _symmetric(blocks: np.ndarray, qw: np.ndarray | None, sigma2: np.ndarray | None,
                half: int) -> tuple[np.ndarray, np.ndarray]:
     """Q4_0 / Q5_0: (fp16 d, quants 0..2*half-1 as (N, 32))."""
     if qw is not None:
         assert sigma2 is not None
         x = np.ascontiguousarray(blocks.T)  # (32, N) for the search
-        d, L = make_qx_quants(x, half, _weights(x, np.ascontiguousarray(qw.T), sigma2))
+        d, L = make_qx_quants(x, half, imatrix_weights(x, np.ascontiguousarray(qw.T), sigma2))
         return fp16(d), L.T.astype(np.uint8)
-    d = _signed_absmax(blocks) / F32(-half)
+    d = first_absmax(blocks, axis=1, min_max=_min_max(blocks)) / F32(-half)
     with np.errstate(divide="ignore"):
         id_ = np.where(d != 0, F32(1) / d, F32(0))
     v = _times_rows(blocks, id_)
@@ -104,7 +94,7 @@ def _affine(blocks: np.ndarray, qw: np.ndarray | None, sigma2: np.ndarray | None
     if qw is not None:
         assert sigma2 is not None
         x = np.ascontiguousarray(blocks.T)
-        w = _weights(x, np.ascontiguousarray(qw.T), sigma2)
+        w = imatrix_weights(x, np.ascontiguousarray(qw.T), sigma2)
         d, the_min, L = make_qkx_quants(x, w, nmax, -0.9, 0.05, 36, use_mad=False)
         return fp16(d), fp16(-the_min), L.T.astype(np.uint8)
     lo, hi = _min_max(blocks)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import re
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,15 +41,10 @@ from gguf import LlamaFileType as FT
 from gguf.constants import GGML_QUANT_SIZES
 
 from llmcourse.core.errors import UserError
-from llmcourse.quant.gguf.convert import (
-    KV,
-    QUANTIZATION_VERSION,
-    GGUFModel,
-    Tensor,
-    read_gguf_header,
-    save_gguf,
-    to_stored,
-)
+from llmcourse.core.gguf_container import FLOAT_TYPES, KV, QUANTIZATION_VERSION, Tensor, save_gguf, to_stored
+from llmcourse.quant.gguf.convert import GGUFModel
+from llmcourse.quant.gguf.load import SourceTensor, from_model, is_quantized, read_gguf, to_float32
+from llmcourse.quant.gguf.quantize import quantize
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +87,6 @@ COURSE_PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S"
 
 # a row that does not fill whole blocks of the type falls back to a 32-wide type (tensor_type_fallback)
 FALLBACK = {QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
-FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 
 
 def get_preset(name: str, pure: bool = False) -> Preset:
@@ -109,11 +102,6 @@ def get_preset(name: str, pure: bool = False) -> Preset:
 def block_size(qtype: QT) -> int:
     """Values per block of ``qtype`` (1 for float types, 32 or 256 for the quantized ones)."""
     return GGML_QUANT_SIZES[qtype][0]
-
-
-def is_quantized(qtype: QT) -> bool:
-    """Whether ``qtype`` is a block-quantized type (not F32/F16/BF16 or an integer type)."""
-    return qtype not in (*FLOAT_TYPES, QT.F64, QT.I8, QT.I16, QT.I32, QT.I64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,54 +267,6 @@ def layer_order_key(name: str) -> tuple[int, str]:
     return (int(m.group(1)) if m else -1, name)
 
 
-@dataclass
-class SourceTensor:
-    """A tensor of the input: its stored type and a way to read it (raw bytes, or fp32)."""
-
-    name: str
-    shape: tuple[int, ...]  # torch order (rows..., n_per_row)
-    qtype: QT
-    raw: Callable[[], np.ndarray]  # the stored array (float array, or uint8 blocks)
-
-
-def _read_at(path: Path, offset: int, dtype: Any, count: int) -> np.ndarray:
-    """``count`` values of ``dtype`` at ``offset`` of ``path``, read into a fresh (writable) array."""
-    arr = np.empty(count, dtype=dtype)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
-            raise UserError(f"GGUF {path} is truncated", "re-create the file")
-    return arr
-
-
-def read_gguf(path: str | Path) -> tuple[list[KV], list[SourceTensor]]:
-    """Metadata and tensors of a GGUF file (tensors read on demand, one at a time)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"GGUF file {path} does not exist", "check the path")
-    try:
-        kvs, infos = read_gguf_header(path)
-    except (ValueError, KeyError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
-        raise UserError(f"cannot read GGUF {path} ({type(e).__name__}: {str(e)[:120]})",
-                        "check that it is a complete GGUF file") from e
-    size = path.stat().st_size
-    tensors = []
-    for t in infos:
-        if t.offset + t.nbytes > size:
-            raise UserError(f"GGUF {path} is truncated (tensor {t.name})", "re-create the file")
-        dtype = {QT.F32: np.float32, QT.F16: np.float16, QT.BF16: np.uint16}.get(t.qtype, np.uint8)
-        count = t.nbytes // np.dtype(dtype).itemsize
-        tensors.append(SourceTensor(t.name, t.shape, t.qtype,
-                                    lambda p=path, o=t.offset, d=dtype, n=count: _read_at(p, o, d, n)))
-    return kvs, tensors
-
-
-def from_model(g: GGUFModel) -> tuple[list[KV], list[SourceTensor]]:
-    """The tensors of a converted Hugging Face model as an F32 source (as if read from its F32 GGUF)."""
-    src = [SourceTensor(name, tuple(t.shape), QT.F32, lambda t=t: to_stored(t, QT.F32)) for name, t in g.weights]
-    return list(g.kvs), src
-
-
 def model_shape(kvs: list[KV]) -> ModelShape:
     """Layers, heads and experts from a GGUF's ``{arch}.*`` keys."""
     d = {kv.key: kv.value for kv in kvs}
@@ -340,28 +280,10 @@ def model_shape(kvs: list[KV]) -> ModelShape:
     return ModelShape(arch, int(d[f"{arch}.block_count"]), n_head, n_kv, int(d.get(f"{arch}.expert_count", 0)))
 
 
-def to_float32(src: SourceTensor) -> np.ndarray:
-    """The tensor as fp32 rows (dequantized when it is stored quantized)."""
-    raw = src.raw()
-    if src.qtype == QT.F32:
-        return np.asarray(raw, dtype=np.float32).reshape(-1, src.shape[-1])
-    if src.qtype == QT.F16:
-        return np.asarray(raw).view(np.float16).astype(np.float32).reshape(-1, src.shape[-1])
-    if src.qtype == QT.BF16:
-        bits = np.asarray(raw).view(np.uint16).astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(-1, src.shape[-1])
-    from llmcourse.quant.gguf.quantize import dequantize
-
-    n_rows = int(np.prod(src.shape[:-1], dtype=np.int64))
-    return np.asarray(dequantize(np.asarray(raw).reshape(n_rows, -1), src.qtype), dtype=np.float32)
-
-
 def quantize_rows(data: np.ndarray, qtype: QT, imatrix: np.ndarray | None) -> np.ndarray:
     """fp32 rows -> the bytes of ``qtype`` (float types converted, quantized types through our kernels)."""
     if qtype in FLOAT_TYPES:
         return to_stored(torch.from_numpy(data), qtype)
-    from llmcourse.quant.gguf.quantize import quantize
-
     return quantize(data, qtype, imatrix=imatrix)
 
 
@@ -417,37 +339,3 @@ def quantize_gguf(src: str | Path | GGUFModel, out: str | Path, preset: str | Pr
     size = save_gguf(out, out_kvs, tensors, progress)
     info.update(out=str(out), bytes=size, seconds=time.perf_counter() - t0, requantized_from=requant or None)
     return info
-
-
-def load_weights(model: Any, path: str | Path) -> dict[str, Any]:
-    """Copy a GGUF's (de-quantized) weights into a Llama/Qwen2/GPT-2 ``model`` of the same shape; return a summary.
-
-    The inverse of the converter's tensor mapping: GGUF names back to Hugging Face names, q/k rows
-    back from ggml's adjacent pairs to the halves layout. Faster than a full ``load_model`` of the file
-    when a model of the right architecture is already in memory.
-    """
-    from llmcourse.quant.gguf.convert import GPT2_CONV1D, architecture, gguf_tensor_name, unpermute_rope
-
-    arch = architecture(model)
-    cfg = model.config
-    n_head = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
-    by_name = {t.name: t for t in read_gguf(path)[1]}
-    state = model.state_dict()
-    copied = 0
-    with torch.no_grad():
-        for hf_name, param in state.items():
-            g = gguf_tensor_name(hf_name)
-            if g is None or g not in by_name:
-                if g == "output.weight" and "token_embd.weight" in by_name:
-                    continue  # tied to the embeddings
-                raise UserError(f"{path} has no tensor {g} for {hf_name}", "use the GGUF of this model")
-            w = torch.from_numpy(to_float32(by_name[g]))
-            if arch == "gpt2" and hf_name.endswith(GPT2_CONV1D):
-                w = w.reshape(param.shape[::-1]).t()
-            w = w.reshape(param.shape)
-            if arch == "llama" and (".attn_q." in g or ".attn_k." in g):
-                w = unpermute_rope(w, n_head if ".attn_q." in g else n_kv)
-            param.copy_(w.to(param.dtype))
-            copied += 1
-    return {"tensors": copied}

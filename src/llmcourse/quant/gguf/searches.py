@@ -43,13 +43,22 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
 
     Equals round-half-to-even for |v| <= 2^22 and wraps like the C code beyond (int32 result).
     """
-    bits = (np.asarray(v, dtype=F32) + F32(12582912.0)).view(np.int32)
-    return (bits & 0x007FFFFF) - 0x00400000
+    bits = (np.asarray(v, dtype=F32) + _NI_MAGIC).view(np.int32)
+    return (bits & 0x007FFFFF) - _NI_BIAS
 
 
-def rint(v: np.ndarray) -> np.ndarray:
-    """``nearest_int`` as float32, for arguments known to satisfy |v| < 2^22 (faster)."""
-    return np.rint(v)
+def nearest_int_(v: np.ndarray) -> np.ndarray:
+    """:func:`nearest_int` in place on a float32 array, as float32 (for any argument, like the C code).
+
+    The same trick without leaving float32: keep the low 23 bits of ``v + 1.5 * 2^23`` as the
+    mantissa of ``2^23 + that``, then subtract 1.5 * 2^23 again. Returns ``v``.
+    """
+    v += _NI_MAGIC
+    b = v.view(np.int32)
+    b &= 0x007FFFFF  # nearest_int(.) + 2^22 ...
+    b |= 0x4B000000  # ... as the float 2^23 + that
+    v -= _NI_MAGIC  # exactly nearest_int(.)
+    return v
 
 
 def roundf(v: np.ndarray) -> np.ndarray:
@@ -80,17 +89,28 @@ def seq_sum(t: np.ndarray, from_zero: bool = True) -> np.ndarray:
     return s
 
 
-def first_absmax(x: np.ndarray) -> np.ndarray:
-    """The signed value of largest magnitude of each column (the first one on ties), like
-    ``if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }``."""
-    hi, lo = x.max(axis=0), x.min(axis=0)
+def first_absmax(x: np.ndarray, axis: int = 0,
+                 min_max: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The signed value of largest magnitude along ``axis`` of a 2-D ``x`` (the first one on ties), like
+    ``if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }``.
+
+    ``min_max``: the (min, max) along ``axis`` when the caller has them already (exact in any order).
+    """
+    lo, hi = min_max if min_max is not None else (x.min(axis=axis), x.max(axis=axis))
     m = np.where(hi > -lo, hi, lo)
     tie = (hi == -lo) & (hi != 0)  # +a and -a both present: the one that comes first wins
     if tie.any():
-        cols = np.nonzero(tie)[0]
-        sub = x[:, cols]
-        m[cols] = sub[np.argmax(np.abs(sub), axis=0), np.arange(cols.size)]
+        idx = np.nonzero(tie)[0]
+        sub = x[:, idx] if axis == 0 else x[idx]
+        first = np.argmax(np.abs(sub), axis=axis)
+        m[idx] = sub[first, np.arange(idx.size)] if axis == 0 else sub[np.arange(idx.size), first]
     return m
+
+
+def imatrix_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """ggml's weights with an importance matrix: ``w = qw * sqrtf(sigma2 + x*x)``, x and qw
+    value-major (block, N), sigma2 (N,)."""
+    return qw * np.sqrt(sigma2[None, :] + x * x)
 
 
 # ----------------------------------------------------------------------------- searches
@@ -255,11 +275,7 @@ def _q3_new_l(x: np.ndarray, slx: np.ndarray, sl2: np.ndarray, lo: F32, hi: F32)
     """MAX(-nmax, MIN(nmax-1, nearest_int(x * sl2 / slx))) as float32, for any quotient."""
     v = np.multiply(x, sl2)
     v /= slx
-    v += _NI_MAGIC
-    b = v.view(np.int32)
-    b &= 0x007FFFFF  # nearest_int(.) + 2^22 ...
-    b |= 0x4B000000  # ... as the float 2^23 + that
-    v -= _NI_MAGIC  # exactly nearest_int(.)
+    nearest_int_(v)
     return np.clip(v, lo, hi, out=v)
 
 

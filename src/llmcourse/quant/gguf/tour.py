@@ -2,8 +2,9 @@
 
 The default model is converted to F32 GGUF in memory and quantized with several presets; each file's
 weights are de-quantized back into a copy of the model, which is scored on the same window of text, from
-one forward pass: perplexity ``exp(mean NLL)`` (what ``core.evaluate.perplexity`` gives with
-``max_length = stride = n``), KL(P_fp32 || P_quant) per token and top-1 agreement with the fp32 model.
+non-overlapping windows: perplexity ``exp(mean NLL)`` (``core.evaluate.perplexity`` with
+``max_length = stride``), KL(P_fp32 || P_quant) per token and top-1 agreement with the fp32 model
+(``core.evaluate.compare``).
 Full mode runs 7 presets on 2,048 tokens (four 512-token windows); quick mode one preset on 64 tokens.
 Both caps are stated on the page.
 """
@@ -16,6 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from llmcourse.core.data import load_text, tokenize_stream
+from llmcourse.core.evaluate import compare, perplexity
+from llmcourse.core.report import TourSection, html_table
+from llmcourse.quant.gguf.convert import from_hf
+from llmcourse.quant.gguf.load import load_weights
+from llmcourse.quant.gguf.presets import quantize_gguf
 
 FULL_PRESETS = ["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 QUICK_PRESETS = ["Q4_0"]
@@ -42,37 +50,19 @@ def _chart(rows: list[dict[str, Any]], fp32: dict[str, Any], path: Path) -> None
     plt.close(fig)
 
 
-def _logits(model: Any, ids: Any) -> list[Any]:
-    """fp32 logits of each non-overlapping window of ``ids``: a list of (window, vocab) tensors."""
-    import torch
-
-    with torch.inference_mode():
-        return [model(input_ids=ids[:, i:i + WINDOW], use_cache=False).logits[0].float()
-                for i in range(0, ids.shape[1], WINDOW)]
-
-
-def _scores(logits: list[Any], ref: list[Any], ids: Any) -> dict[str, float]:
-    """Perplexity over the windows, and KL(P_ref || P) / top-1 agreement against the reference logits."""
-    import math
-
-    import torch
-    import torch.nn.functional as F
-
-    nll = torch.cat([F.cross_entropy(lg[:-1], ids[0, i * WINDOW + 1:i * WINDOW + lg.shape[0]], reduction="none")
-                     for i, lg in enumerate(logits)]).mean().item()
-    logits, ref = torch.cat(logits), torch.cat(ref)
-    lp, lq = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
-    return {"perplexity": math.exp(nll), "KL vs fp32": (lq.exp() * (lq - lp)).sum(-1).mean().item(),
-            "top-1 agreement": (lp.argmax(-1) == lq.argmax(-1)).float().mean().item()}
+def _scores(model: Any, reference: Any, ids: Any) -> dict[str, float]:
+    """Perplexity (``core.evaluate.perplexity`` on non-overlapping windows) and KL(P_ref || P) / top-1
+    agreement against the reference model (``core.evaluate.compare``), on the same windows."""
+    window = min(WINDOW, ids.shape[1])
+    ppl = perplexity(model, ids, max_length=window, stride=window, weighting="exact")["perplexity"]
+    if model is reference:
+        return {"perplexity": ppl, "KL vs fp32": 0.0, "top-1 agreement": 1.0}
+    c = compare(model, reference, ids, max_length=window, max_tokens=None)
+    return {"perplexity": ppl, "KL vs fp32": c["kl_divergence"], "top-1 agreement": c["top1_agreement"]}
 
 
-def section(ctx: Any) -> Any:
+def section(ctx: Any) -> TourSection:
     """Per-preset file size, bits/weight, perplexity, KL vs fp32 and quantize time, with a chart."""
-    from llmcourse.core.data import load_text, tokenize_stream
-    from llmcourse.quant.gguf.convert import from_hf
-    from llmcourse.quant.gguf.presets import load_weights, quantize_gguf
-    from llmcourse.core.report import TourSection, html_table
-
     lm = ctx.lm
     presets = QUICK_PRESETS if ctx.quick else FULL_PRESETS
     n_tokens = 64 if ctx.quick else 4 * WINDOW
@@ -81,8 +71,7 @@ def section(ctx: Any) -> Any:
     g = from_hf(lm.model, lm.tokenizer, "f32", folder=lm.path if lm.path and Path(lm.path).is_dir() else None)
     convert_s = time.perf_counter() - t0
     n_weights = sum(t.numel() for _, t in g.weights)
-    ref = _logits(lm.model, ids)
-    fp32_ppl = _scores(ref, ref, ids)["perplexity"]
+    fp32_ppl = _scores(lm.model, lm.model, ids)["perplexity"]
     fp32 = {"MB": 4 * n_weights / 1e6, "perplexity": fp32_ppl}
     work = copy.deepcopy(lm.model)
     rows = []
@@ -92,7 +81,7 @@ def section(ctx: Any) -> Any:
             info = quantize_gguf(g, path, name)
             load_weights(work, path)
             rows.append({"preset": name, "MB": info["bytes"] / 1e6, "bits/weight": info["bits_per_weight"],
-                         **_scores(_logits(work, ids), ref, ids), "quantize s": info["seconds"]})
+                         **_scores(work, lm.model, ids), "quantize s": info["seconds"]})
             path.unlink()
     chart = "gguf_size_perplexity.png"
     _chart(rows, fp32, Path(ctx.out_dir) / chart)
