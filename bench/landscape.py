@@ -1,0 +1,184 @@
+"""Loss-landscape sweeps: ours vs the course notebook's approach vs the `loss-landscapes` package.
+
+Same model, eval tokens and points, same run. Two workloads: the notebook's short prompt ("I have a
+dream", where perturbing the weights dominates) and one 128-token eval window (where the forward
+dominates). Reported per workload: seconds per grid point of
+
+* ``forward`` — one plain forward + loss, no perturbation (the floor);
+* ``ours`` — :func:`llmcourse.landscape.sweep_grid` (w = w0 + a·d1 + b·d2 from a kept copy);
+* ``notebook`` — in place ``w += a·d1 + b·d2``, forward, ``w -= a·d1 + b·d2`` per point (notebook 2);
+* ``loss-landscapes`` — ``linear_interpolation`` from the model to θ0 + d1 (its only mode that takes
+  given directions), on the same line as ours.
+
+Alignment with loss-landscapes: it steps ``θ += (θ_end − θ0)/steps`` and evaluates after each step, so its
+point i is α = (i+1)/steps (the start is never evaluated) and it leaves the model at θ_end; we evaluate
+ours at the same α along the same d1 = θ_end − θ0 and report the largest loss difference (its incremental
+steps drift, so the two agree to float rounding, not bit for bit). Also reported: the weight drift each
+approach leaves (max |w − w0| after the sweep) and whether the centre equals the unperturbed loss.
+
+loss-landscapes 3.0.6 goes into bench/venvs/loss-landscapes (``pip install --no-deps --target``, pure
+Python, using this venv's torch and numpy), never into .venv.
+
+    .venv/bin/python bench/landscape.py [--grid 3] [--steps 4] [--model default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine  # noqa: E402
+
+from llmcourse.core.data import load_text, tokenize_stream  # noqa: E402
+from llmcourse.core.models import load_model  # noqa: E402
+from llmcourse.landscape.directions import random_direction  # noqa: E402
+from llmcourse.landscape.surface import batched_loss, loss_on, sweep_grid, sweep_line  # noqa: E402
+
+VENV = Path(__file__).parent / "venvs" / "loss-landscapes"
+PIN = "loss-landscapes==3.0.6"
+
+
+def ensure_loss_landscapes() -> bool:
+    if not (VENV / "loss_landscapes").is_dir():
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(VENV), PIN],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"loss-landscapes not installed: {r.stderr.strip()[-300:]}", file=sys.stderr)
+            return False
+    sys.path.insert(0, str(VENV))
+    return True
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def drift(model, snap) -> float:
+    return max(float((p.detach() - snap[n]).abs().max()) for n, p in model.named_parameters())
+
+
+@torch.no_grad()
+def notebook_grid(model, ids, d1, d2, xs, ys) -> np.ndarray:
+    """Notebook 2: add the step in place, evaluate, subtract it again (one temporary per tensor)."""
+    params = dict(model.named_parameters())
+    z = np.zeros((len(ys), len(xs)))
+    for i, b in enumerate(ys):
+        for j, a in enumerate(xs):
+            steps = {n: a * d1[n] + b * d2[n] for n in params}
+            for n, p in params.items():
+                p.data.add_(steps[n])
+            z[i, j] = batched_loss(model, ids)
+            for n, p in params.items():
+                p.data.sub_(steps[n])
+    return z
+
+
+class Logits(torch.nn.Module):
+    """What loss-landscapes' Loss metric calls: logits of every position but the last, flattened."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        logits = self.model(input_ids=ids, use_cache=False).logits
+        return logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+
+
+def workload(lm, ids, name: str, grid: int, steps: int, have_ll: bool) -> dict:
+    model = lm.model
+    snap = snapshot(model)
+    base = batched_loss(model, ids)
+    n_fwd = 3
+    t0 = time.perf_counter()
+    for _ in range(n_fwd):
+        batched_loss(model, ids)
+    fwd = (time.perf_counter() - t0) / n_fwd
+    d1, d2 = random_direction(model, 0, "layer", "none"), random_direction(model, 1, "layer", "none")
+    xs = np.linspace(-1, 1, grid)
+    t0 = time.perf_counter()
+    ours, _ = sweep_grid(model, loss_on(ids), d1, d2, xs, xs)
+    ours_s = (time.perf_counter() - t0) / ours.size
+    ours_drift = drift(model, snap)
+    t0 = time.perf_counter()
+    nb = notebook_grid(model, ids, d1, d2, xs, xs)
+    nb_s = (time.perf_counter() - t0) / nb.size
+    nb_drift = drift(model, snap)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(snap[n])
+    row = {
+        "workload": name, "tokens": list(ids.shape), "grid": f"{grid}x{grid}", "base_loss": base,
+        "forward_s": fwd, "ours_s_per_point": ours_s, "notebook_s_per_point": nb_s,
+        "notebook_over_ours": nb_s / ours_s, "ours_over_forward": ours_s / fwd,
+        "ours_centre_equals_base": bool(ours[grid // 2, grid // 2] == base) if grid % 2 else None,
+        "notebook_centre_minus_base": float(nb[grid // 2, grid // 2] - base) if grid % 2 else None,
+        "max_abs_loss_diff_ours_vs_notebook": float(np.abs(ours - nb).max()),
+        "ours_weight_drift": ours_drift, "notebook_weight_drift": nb_drift,
+    }
+    if have_ll:
+        import loss_landscapes
+        import loss_landscapes.metrics
+
+        start = copy.deepcopy(model)
+        end = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in end.named_parameters():
+                p.add_(d1[n])
+        metric = loss_landscapes.metrics.Loss(F.cross_entropy, ids, ids[:, 1:].reshape(-1))
+        t0 = time.perf_counter()
+        ll = loss_landscapes.linear_interpolation(Logits(start), Logits(end), metric, steps=steps)
+        ll_s = (time.perf_counter() - t0) / steps
+        alphas = np.arange(1, steps + 1) / steps
+        t0 = time.perf_counter()
+        ours_line, _ = sweep_line(model, loss_on(ids), d1, alphas)
+        line_s = (time.perf_counter() - t0) / steps
+        ll_left = max(float((p.detach() - snap[n]).abs().max()) for n, p in start.named_parameters())
+        row.update({
+            "loss_landscapes_s_per_point": ll_s, "ours_line_s_per_point": line_s,
+            "loss_landscapes_over_ours": ll_s / line_s,
+            "max_abs_loss_diff_ours_vs_loss_landscapes": float(np.abs(np.asarray(ll) - ours_line).max()),
+            "loss_landscapes_leaves_model_moved_by": ll_left,
+            "loss_landscapes_evaluates_centre": False,
+        })
+        del start, end
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--grid", type=int, default=3, help="points per axis of the grid (default 3)")
+    ap.add_argument("--steps", type=int, default=4, help="points of the loss-landscapes line (default 4)")
+    ap.add_argument("--window", type=int, default=128, help="tokens of the eval window (default 128)")
+    ap.add_argument("--out", default=str(RESULTS / "landscape.json"))
+    args = ap.parse_args()
+    have_ll = ensure_loss_landscapes()
+    lm = load_model(args.model)
+    prompt = tokenize_stream(lm.tokenizer, "I have a dream")
+    window = tokenize_stream(lm.tokenizer, load_text("default", "eval"))[:, : args.window]
+    rows = [workload(lm, prompt, "notebook prompt 'I have a dream'", args.grid, args.steps, have_ll),
+            workload(lm, window, f"{args.window}-token eval window", args.grid, args.steps, have_ll)]
+    result = {"machine": machine(), "model": args.model, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    for r in rows:
+        print(f"\n{r['workload']} {r['tokens']}, grid {r['grid']}:")
+        for k, v in r.items():
+            if k not in ("workload", "tokens", "grid"):
+                print(f"  {k:45s} {v:.4g}" if isinstance(v, float) else f"  {k:45s} {v}")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
