@@ -156,3 +156,14 @@ def test_direction_to_rejects_other_shapes():
         direction_to(tiny_model("llama"), tiny_model("llama", intermediate_size=96))
     with pytest.raises(UserError, match="different parameters"):
         direction_to(tiny_model("llama"), tiny_model("qwen2"))
+
+
+def test_plane_points_independent_of_history():
+    model = tiny_model("llama")
+    ids = _ids()
+    d1, d2 = random_direction(model, 1), random_direction(model, 2)
+    pts = np.array([[0.5, 0.5], [0.2, -0.5], [0.0, 0.0], [0.5, 0.5], [0.0, 0.5]])
+    z, _ = sweep(model, loss_on(ids), [d1, d2], pts)
+    assert z[0] == z[3] and z[2] == batched_loss(model, ids)
+    z_alone, _ = sweep(model, loss_on(ids), [d1, d2], pts[4:])
+    assert z_alone[0] == z[4]

@@ -1,7 +1,8 @@
 """Exact loss surfaces: ``L(a, b) = L(θ0 + a·d1 + b·d2)`` on a line or a grid (Li et al. 2018).
 
-Each point sets every perturbed parameter from a kept copy, ``w ← w0 + a·d1 + b·d2``
-(``torch.add(w0, d1, alpha=a, out=w)``, then ``w += b·d2``), so nothing drifts: the notebook adds and
+Each point sets every perturbed parameter from a kept copy, ``w ← (w0 + b·d2) + a·d1``
+(``torch.add(r_b, d1, alpha=a, out=w)``, the row's ``r_b = w0 + b·d2`` kept while ``b`` stays), so nothing
+drifts and a point costs two reads and one write per weight: the notebook adds and
 subtracts the step in place and ends 2.4e-6 away from where it started. At ``a = b = 0`` the weights are
 ``w0`` itself, so the centre equals the unperturbed loss exactly. :class:`Perturbation` copies ``w0``
 back on exit — after an error or Ctrl-C too — so the weights are bit-identical to before a sweep, and no
@@ -68,6 +69,8 @@ class Perturbation:
         self.moving = [n for n in self.params if any(bool(d[n].any()) for d in directions)]
         self.directions = [{n: d[n] for n in self.moving} for d in directions]
         self.w0: dict[str, torch.Tensor] = {}
+        self._rest: dict[str, torch.Tensor] = {}  # w0 + Σ_{k≥1} c_k d_k for the current row
+        self._rest_key: tuple[float, ...] | None = None
 
     def __enter__(self) -> Perturbation:
         self.w0 = {n: self.params[n].detach().clone() for n in self.moving}
@@ -75,19 +78,32 @@ class Perturbation:
 
     @torch.no_grad()
     def set(self, coeffs: Sequence[float]) -> None:
-        """Weights to ``w0 + Σ c_k d_k`` (exactly ``w0`` where every ``c_k`` is 0)."""
+        """Weights to ``(w0 + Σ_{k≥1} c_k d_k) + c_0 d_0`` (exactly ``w0`` where every ``c_k`` is 0).
+
+        The bracket is kept while ``c_1..`` stay the same (a row of a grid), so a point of the row reads
+        two tensors and writes one, whatever came before it."""
         if len(coeffs) != len(self.directions):
             raise ValueError(f"{len(coeffs)} coefficients for {len(self.directions)} directions")
-        terms = [(float(c), d) for c, d in zip(coeffs, self.directions, strict=True) if c != 0]
+        c0, rest = float(coeffs[0]), tuple(float(c) for c in coeffs[1:])
+        src = self.w0
+        if any(rest):
+            if rest != self._rest_key:
+                self._rest_key = None
+                terms = [(c, d) for c, d in zip(rest, self.directions[1:], strict=True) if c != 0]
+                for n in self.moving:
+                    r = self._rest.setdefault(n, torch.empty_like(self.w0[n]))
+                    torch.add(self.w0[n], terms[0][1][n], alpha=terms[0][0], out=r)
+                    for c, d in terms[1:]:
+                        r.add_(d[n], alpha=c)
+                self._rest_key = rest
+            src = self._rest
+        d0 = self.directions[0]
         for n in self.moving:
             w = self.params[n].data
-            if not terms:
-                w.copy_(self.w0[n])
-                continue
-            c, d = terms[0]
-            torch.add(self.w0[n], d[n], alpha=c, out=w)
-            for c, d in terms[1:]:
-                w.add_(d[n], alpha=c)
+            if c0 == 0:
+                w.copy_(src[n])
+            else:
+                torch.add(src[n], d0[n], alpha=c0, out=w)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -96,7 +112,7 @@ class Perturbation:
 
     def __exit__(self, *exc: Any) -> None:
         self.restore()
-        self.w0 = {}
+        self.w0, self._rest, self._rest_key = {}, {}, None
 
 
 def _load_state(path: Path | None, key: str, n: int) -> np.ndarray:
