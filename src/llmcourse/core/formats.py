@@ -9,11 +9,14 @@ size, and raise a one-line :class:`UserError` naming the file and the fix.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
+from gguf import GGUFValueType as VT
+
 from llmcourse.core.errors import UserError
-from llmcourse.core.gguf_container import check_tensor_data, read_gguf_header
+from llmcourse.core.gguf_container import KV, TensorInfo, alignment, check_tensor_data, read_gguf_header
 
 
 def _corrupt(path: Path, what: str, kind: str) -> UserError:
@@ -65,18 +68,111 @@ def check_safetensors(path: str | Path) -> dict:
     return header
 
 
-def check_gguf(path: str | Path) -> tuple[int, int]:
-    """Validate a GGUF header (magic, version, metadata, tensor infos) against the file size.
+# GGUF metadata, checked for what it says (issue 16): bounds a real model stays far inside
+MAX_BLOCKS = 4096
+MAX_WIDTH = 1 << 20  # embedding / feed-forward length
+MAX_HEADS = 4096
+MAX_CONTEXT = 1 << 27
+MAX_VOCAB = 1 << 24
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "sep_token_id")
 
-    Returns ``(n_tensors, n_kv)``. Parsed by the project's one GGUF header parser
-    (:func:`llmcourse.core.gguf_container.read_gguf_header`), which checks every length it reads;
-    then every tensor's data must lie inside the file. The tensor data itself is checked by the
-    reader that maps it.
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_gguf_meta(kvs: list[KV], infos: list[TensorInfo]) -> None:
+    """Check that a GGUF model's metadata can describe a working model; raise ValueError naming the first problem.
+
+    Alignment a power of two; no NaN/infinite float; at least one tensor and no name twice;
+    ``{arch}.block_count``, head counts, embedding and context lengths positive integers, bounded and
+    consistent with each other and with the tensors present (``blk.{i}`` for exactly ``i < block_count``,
+    ``token_embd.weight`` of ``embedding_length`` columns); special token ids inside the vocabulary.
     """
+    alignment(kvs)
+    meta = {kv.key: kv.value for kv in kvs}
+    if len(meta) != len(kvs):
+        raise ValueError("a metadata key appears twice")
+    for kv in kvs:
+        vals = kv.value if isinstance(kv.value, list) else [kv.value]
+        if (kv.vtype in (VT.FLOAT32, VT.FLOAT64) or kv.sub_type in (VT.FLOAT32, VT.FLOAT64)) and \
+                not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"{kv.key} holds a NaN or infinite value")
+    if not infos:
+        raise ValueError("it holds no tensors")
+    names = {t.name for t in infos}
+    if len(names) != len(infos):
+        raise ValueError("a tensor name appears twice")
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise ValueError("general.architecture is missing")
+
+    def count(key: str, lo: int, hi: int, required: bool = True) -> int | None:
+        v = meta.get(f"{arch}.{key}")
+        if v is None and not required:
+            return None
+        if not _is_int(v) or not lo <= v <= hi:
+            raise ValueError(f"{arch}.{key} is {v!r}, not an integer in [{lo}, {hi}]")
+        return v
+
+    n_block = count("block_count", 1, MAX_BLOCKS)
+    n_embd = count("embedding_length", 1, MAX_WIDTH)
+    count("feed_forward_length", 1, MAX_WIDTH, required=False)
+    count("context_length", 1, MAX_CONTEXT, required=False)
+    n_head = count("attention.head_count", 1, MAX_HEADS, required=False)
+    n_kv = count("attention.head_count_kv", 1, MAX_HEADS, required=False)
+    head_dim = count("rope.dimension_count", 1, MAX_WIDTH, required=False)
+    if n_head is not None:
+        if n_kv is not None and n_head % n_kv:
+            raise ValueError(f"{n_head} attention heads are not a multiple of {n_kv} key/value heads")
+        if head_dim is None and n_embd % n_head:
+            raise ValueError(f"embedding length {n_embd} is not a multiple of {n_head} heads")
+    blocks = {int(n.split(".")[1]) for n in names if n.startswith("blk.") and n.split(".")[1].isdecimal()}
+    if blocks != set(range(n_block)):
+        raise ValueError(f"block_count is {n_block} but the tensors hold blocks "
+                         f"{min(blocks, default=-1)}..{max(blocks, default=-1)} ({len(blocks)} of them)")
+    emb = next((t for t in infos if t.name == "token_embd.weight"), None)
+    if emb is None:
+        raise ValueError("it has no token_embd.weight")
+    if len(emb.shape) != 2 or emb.shape[1] != n_embd:
+        raise ValueError(f"token_embd.weight is {emb.shape}, not (vocabulary, {n_embd})")
+    n_vocab = emb.shape[0]
+    if not 1 <= n_vocab <= MAX_VOCAB:
+        raise ValueError(f"a vocabulary of {n_vocab} tokens")
+    declared = meta.get(f"{arch}.vocab_size")
+    if declared is not None and declared != n_vocab:
+        raise ValueError(f"{arch}.vocab_size is {declared!r} but token_embd.weight has {n_vocab} rows")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and (not isinstance(tokens, list) or len(tokens) > n_vocab):
+        raise ValueError(f"the tokenizer has {len(tokens) if isinstance(tokens, list) else tokens!r} tokens "
+                         f"for {n_vocab} embedding rows")
+    for key in _TOKEN_IDS:
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is not None and (not _is_int(v) or not 0 <= v < n_vocab):
+            raise ValueError(f"tokenizer.ggml.{key} is {v!r}, outside the vocabulary of {n_vocab}")
+
+
+def read_gguf_model(path: str | Path) -> tuple[list[KV], list[TensorInfo]]:
+    """Header of a GGUF model file, checked structurally and semantically (else a one-line UserError)."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file", "pass a .gguf file")
     try:
         kvs, infos = read_gguf_header(path)
         check_tensor_data(infos, path.stat().st_size)
-    except (ValueError, KeyError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        check_gguf_meta(kvs, infos)
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise _corrupt(path, str(e)[:160] or type(e).__name__, "GGUF") from None
+    return kvs, infos
+
+
+def check_gguf(path: str | Path) -> tuple[int, int]:
+    """Validate a GGUF model file: its header (magic, version, metadata, tensor infos) against the file size,
+    then what the metadata says (:func:`check_gguf_meta`). Returns ``(n_tensors, n_kv)``.
+
+    Parsed by the project's one GGUF header parser (:func:`llmcourse.core.gguf_container.read_gguf_header`),
+    which checks every length it reads; every tensor's data must lie inside the file. The tensor data
+    itself is checked by the reader that maps it.
+    """
+    kvs, infos = read_gguf_model(path)
     return len(infos), len(kvs)

@@ -29,4 +29,5 @@ LAB = Lab(
     commands_module="llmcourse.quant.gguf.commands",
     tour="llmcourse.quant.gguf.tour:section",
     docs="docs/gguf.md",
+    file_formats={b"GGUF": "llmcourse.quant.gguf.load:load_model"},
 )

@@ -8,6 +8,7 @@ inverts the converter's names and q/k permutation (:mod:`.names`).
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,10 +20,13 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from llmcourse.core.errors import UserError
-from llmcourse.core.gguf_container import KV, read_gguf_header, to_stored
+from llmcourse.core.formats import read_gguf_model
+from llmcourse.core.gguf_container import KV, TensorInfo, read_gguf_header, to_stored
+from llmcourse.core.models import LoadedModel
+from llmcourse.quant.gguf.blocks import KERNELS
 from llmcourse.quant.gguf.convert import GGUFModel
 from llmcourse.quant.gguf.names import architecture, from_gguf_layout, gguf_tensor_name, head_counts
-from llmcourse.quant.gguf.quantize import dequantize
+from llmcourse.quant.gguf.quantize import dequantize, row_bytes
 
 
 def is_quantized(qtype: QT) -> bool:
@@ -115,3 +119,147 @@ def load_weights(model: Any, path: str | Path) -> dict[str, Any]:
             param.copy_(from_gguf_layout(arch, hf_name, g, w, param.shape, n_head, n_kv).to(param.dtype))
             copied += 1
     return {"tensors": copied}
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast loader registered for files that start with b"GGUF" (``Lab.file_formats``)
+# ---------------------------------------------------------------------------------------------
+
+def hf_config_dict(kvs: list[KV], infos: list[TensorInfo]) -> dict[str, Any]:
+    """The config dict transformers derives from a GGUF's metadata (``load_gguf_checkpoint``, llama/qwen2/gpt2).
+
+    Same rename table (``GGUF_TO_TRANSFORMERS_MAPPING["config"]``), same special cases: a llama file
+    named ``mistral`` is Mistral, the head is tied when there is no ``output.weight``, the vocabulary
+    size falls back to the token list's length.
+    """
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    meta = {kv.key: kv.value for kv in kvs}
+    arch = meta["general.architecture"]
+    if arch not in LOADABLE:
+        raise UserError(f"GGUF architecture {arch!r} cannot be loaded here", f"supported: {', '.join(LOADABLE)}")
+    name = meta.get("general.name")
+    hf_arch = "mistral" if arch == "llama" and name == "mistral" else arch
+    renames = GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    cfg: dict[str, Any] = {"tie_word_embeddings": all(t.name != "output.weight" for t in infos)}
+    for key, value in meta.items():
+        prefix, _, rest = key.replace(arch, hf_arch, 1).partition(".")
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, str) and arch in value:
+            value = value.replace(arch, hf_arch)
+        target = renames.get(prefix, {}).get(rest)
+        if target not in (None, -1):
+            cfg[target] = value
+    if "vocab_size" not in cfg and isinstance(meta.get("tokenizer.ggml.tokens"), list):
+        cfg["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    return cfg
+
+
+LOADABLE = ("llama", "qwen2", "gpt2")
+
+
+def gguf_tokenizer(kvs: list[KV]) -> Any:
+    """The tokenizer transformers builds from a GGUF (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``),
+    from the metadata already parsed (transformers' own reader takes ~5 s on a 49k vocabulary)."""
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    meta = {kv.key: kv.value for kv in kvs}
+    grouped = {group: {n: meta[f"tokenizer.{k}"] for k, n in renames.items() if f"tokenizer.{k}" in meta}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if "tokens" not in tokenizer:
+        raise UserError("the GGUF has no tokenizer (tokenizer.ggml.tokens)", "convert the model with its tokenizer")
+    if tokenizer.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
+    return TokenizersBackend(tokenizer_object=backend, **config, **extra)
+
+
+def _tensor_fp32(mm: np.ndarray, t: TensorInfo) -> torch.Tensor:
+    """One tensor of the mapped file as fp32 (rows, n_per_row): F32 read in place, the rest de-quantized."""
+    raw = mm[t.offset:t.offset + t.nbytes]
+    n = t.shape[-1]
+    if t.qtype == QT.F32:
+        arr = raw.view(np.float32).reshape(-1, n)
+    elif t.qtype == QT.F16:
+        arr = raw.view(np.float16).astype(np.float32).reshape(-1, n)
+    elif t.qtype == QT.BF16:
+        arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(-1, n)
+    elif t.qtype in KERNELS:
+        arr = dequantize(raw.reshape(-1, row_bytes(t.qtype, n)), t.qtype)
+    else:  # a type we have no kernel for: gguf-py's numpy de-quantizer
+        from gguf.quants import dequantize as gguf_dequantize
+
+        arr = gguf_dequantize(np.asarray(raw).reshape(-1, t.nbytes // max(1, math.prod(t.shape[:-1]))), t.qtype)
+    return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1, n))
+
+
+def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
+    """A GGUF file as a Hugging Face model, identical to transformers' GGUF path, in about a second.
+
+    The header is parsed once (:func:`llmcourse.core.formats.read_gguf_model`, which checks it
+    structurally and semantically), the data memory-mapped, every tensor the architecture needs
+    de-quantized with our kernels and copied in under its Hugging Face name (q/k un-permuted). A
+    tensor missing, left over, or of another shape is a one-line error, never random weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    kvs, infos = read_gguf_model(path)
+    cfg_dict = hf_config_dict(kvs, infos)
+    try:
+        cfg = AutoConfig.for_model(**cfg_dict)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    except Exception as e:  # untrusted metadata through transformers' validators: any failure is bad input
+        raise UserError(f"GGUF {path} describes no buildable model ({type(e).__name__}: {str(e)[:150]})",
+                        "re-convert the model") from e
+    tok = gguf_tokenizer(kvs)
+    arch = architecture(model)
+    n_head, n_kv = head_counts(model)
+    by_name = {t.name: t for t in infos}
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    state: dict[str, torch.Tensor] = {}
+    used = set()
+    mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: F32 tensors are used in place
+    for hf_name, param in model.state_dict().items():
+        g = gguf_tensor_name(hf_name)
+        if g is None:
+            continue
+        if g not in by_name:
+            if g == "output.weight" and cfg.tie_word_embeddings:
+                continue
+            raise UserError(f"GGUF {path} has no tensor {g} (for {hf_name})", "re-convert the model")
+        t = by_name[g]
+        if math.prod(t.shape) != param.numel():
+            raise UserError(f"GGUF {path}: tensor {g} is {t.shape}, the metadata implies {tuple(param.shape)}",
+                            "re-convert the model")
+        w = from_gguf_layout(arch, hf_name, g, _tensor_fp32(mm, t), param.shape, n_head, n_kv)
+        state[hf_name] = w.to(torch_dtype) if torch_dtype != torch.float32 else w
+        used.add(g)
+    extra = sorted(set(by_name) - used)
+    if extra:
+        raise UserError(f"GGUF {path} holds {len(extra)} tensors its architecture does not use (e.g. {extra[0]})",
+                        "re-convert the model")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    _rebuild_meta_buffers(model)
+    return LoadedModel(model.eval(), tok, str(path), path, kind="gguf")
+
+
+def _rebuild_meta_buffers(model: Any) -> None:
+    """Rebuild on the CPU the modules whose non-persistent buffers (rotary ``inv_freq``) are still on meta."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, type(module)(config=module.config))
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise AssertionError("a tensor was left on the meta device")
