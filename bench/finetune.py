@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -73,7 +74,7 @@ def run_trl(steps: int) -> dict:
     peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                           target_modules=list(DEFAULT_TARGETS), bias="none", task_type="CAUSAL_LM")
     args = SFTConfig(output_dir="/tmp/bench-trl", max_steps=steps, per_device_train_batch_size=TRAIN["batch_size"],
-                     learning_rate=TRAIN["lr"], lr_scheduler_type="cosine", warmup_ratio=TRAIN["warmup_ratio"],
+                     learning_rate=TRAIN["lr"], lr_scheduler_type="cosine", warmup_steps=math.ceil(TRAIN["warmup_ratio"] * steps),
                      weight_decay=TRAIN["weight_decay"], max_grad_norm=TRAIN["max_grad_norm"],
                      max_length=TRAIN["seq_len"], packing=False, bf16=False, fp16=False,
                      gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no",
