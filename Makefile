@@ -54,6 +54,7 @@ test: setup-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup-test
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/run.py
 
 lint: setup-test

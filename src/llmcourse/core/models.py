@@ -63,11 +63,16 @@ class LoadedModel:
     @property
     def n_params(self) -> int:
         """Weights of the model: its parameters plus the quantized weights that modules keep as buffers
-        (a module lists them in its ``weight_buffers`` attribute, e.g. the 8-bit lab's int8 codes),
+        (a module lists them in its ``weight_buffers`` attribute, e.g. the 8-bit lab's int8 codes, or
+        says how many it holds with ``weight_count()``, e.g. GPTQ's packed 4-bit words),
         each shared tensor counted once."""
         seen: set[int] = set()
         quantized = 0
         for m in self.model.modules():
+            count = getattr(m, "weight_count", None)
+            if callable(count):  # packed codes (several weights per stored word) say how many they hold
+                quantized += int(count())
+                continue
             for name in getattr(m, "weight_buffers", ()):
                 b = getattr(m, name, None)
                 if isinstance(b, torch.Tensor) and b.data_ptr() not in seen:
