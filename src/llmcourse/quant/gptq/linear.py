@@ -19,7 +19,9 @@ from llmcourse.quant.gptq.pack import unpack
 class GPTQLinear(nn.Module):
     """A ``bits``-bit GPTQ linear layer (packed ``qweight``, ``qzeros``, fp16 ``scales``, ``g_idx``)."""
 
-    weight_buffers = ("qweight",)  # counted as the model's weights by core.models.LoadedModel
+    def weight_count(self) -> int:
+        """Weights this layer holds (``qweight`` packs 32 / bits of them per int32 word)."""
+        return self.in_features * self.out_features
 
     def __init__(self, in_features: int, out_features: int, bits: int, tensors: dict[str, torch.Tensor],
                  dtype: torch.dtype = torch.float32, cache_codes: bool = True) -> None:
