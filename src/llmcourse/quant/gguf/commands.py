@@ -32,6 +32,14 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, "fp32", trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code)
 
 
+def _plain(lm: Any) -> tuple[Any, str]:
+    """The model to write out: a lab's quantized model de-quantized first (its loader says how), and a note."""
+    dequantize = lm.info.get("dequantize")
+    if dequantize is None:
+        return lm.model, ""
+    return dequantize(), f"; de-quantized the {lm.kind} model to fp32 first"
+
+
 def _folder(lm: Any) -> Path | None:
     return lm.path if lm.path is not None and Path(lm.path).is_dir() else None
 
@@ -47,13 +55,15 @@ def cmd_convert_gguf(args: argparse.Namespace) -> Result:
         raise UserError(f"--out {out} is a folder", "pass a file path ending in .gguf")
     t0 = time.perf_counter()
     lm = _load(args)
+    model, note = _plain(lm)
     bar = progress(total=None, desc="convert", unit="tensor")
-    info = convert(lm.model, lm.tokenizer, out, args.outtype, args.name, _folder(lm), args.tokenizer_pre,
+    info = convert(model, lm.tokenizer, out, args.outtype, args.name, _folder(lm), args.tokenizer_pre,
                    lambda _t: bar.update(1))
     bar.close()
     info.update(model=args.model, seconds=time.perf_counter() - t0)
     text = (f"wrote {out} ({info['bytes'] / 1e6:.1f} MB, {info['architecture']}, {args.outtype}, "
-            f"{info['tensors']} tensors) in {info['seconds']:.1f} s")
+            f"{info['tensors']} tensors) in {info['seconds']:.1f} s{note}")
+    info["dequantized"] = bool(note)
     return Result(info, text)
 
 
@@ -93,7 +103,8 @@ def cmd_quantize_gguf(args: argparse.Namespace) -> Result:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file", "pass a folder (one .gguf per type is written into it)")
     src_path = Path(args.model).expanduser()
-    check_not_input(out_dir, [args.model if args.model != "default" else None])
+    inputs = [args.model if args.model != "default" else None, args.imatrix]
+    check_not_input(out_dir, inputs)
     if args.push_to_hub:
         _check_hub(args.push_to_hub)
     imatrix = None
@@ -110,12 +121,12 @@ def cmd_quantize_gguf(args: argparse.Namespace) -> Result:
                 stem = stem.removesuffix(sep + suffix)
     else:
         lm = _load(args)
-        source = from_hf(lm.model, lm.tokenizer, "f32", None, _folder(lm), args.tokenizer_pre)
+        source = from_hf(_plain(lm)[0], lm.tokenizer, "f32", None, _folder(lm), args.tokenizer_pre)
         stem = _folder(lm).name if _folder(lm) is not None else "model"
     rows, files = [], []
     for p in presets:
         out = out_dir / f"{stem}-{p.name}.gguf"
-        check_not_input(out, [src_path if src_path.exists() else None])
+        check_not_input(out, [src_path if src_path.exists() else None, args.imatrix])
         bar = progress(total=None, desc=f"quantize {p.name}", unit="tensor")
         t1 = time.perf_counter()
         info = quantize_gguf(source, out, p, imatrix=imatrix, progress=lambda _t, bar=bar: bar.update(1))

@@ -9,7 +9,6 @@ inverts the converter's names and q/k permutation (:mod:`.names`).
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from gguf import GGMLQuantizationType as QT
 
 from llmcourse.core.errors import UserError
 from llmcourse.core.formats import read_gguf_model
-from llmcourse.core.gguf_container import KV, TensorInfo, read_gguf_header, to_stored
+from llmcourse.core.gguf_container import KV, TensorInfo, to_stored
 from llmcourse.core.models import LoadedModel
 from llmcourse.quant.gguf.blocks import KERNELS
 from llmcourse.quant.gguf.convert import GGUFModel
