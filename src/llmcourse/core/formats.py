@@ -26,9 +26,32 @@ def _corrupt(path: Path, what: str, kind: str) -> UserError:
     )
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# bytes per element of every dtype safetensors writes, spelled exactly as in its headers
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"the key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
+
+
 def check_safetensors(path: str | Path) -> dict:
-    """Validate a .safetensors header against the file size; return the header dict."""
+    """Validate a .safetensors header completely; return the header dict.
+
+    The header is JSON with no key twice; every tensor has a known dtype (exact spelling), a shape of
+    non-negative integers and ``[start, end)`` offsets with ``end - start = prod(shape) x itemsize``;
+    the tensors tile the data section exactly (sorted by offset: no overlap, no gap, no trailing bytes).
+    """
     path = Path(path)
+    if not path.is_file():
+        raise _corrupt(path, "not a regular file", "safetensors")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -39,32 +62,40 @@ def check_safetensors(path: str | Path) -> dict:
             raise _corrupt(path, f"header length {n} does not fit in {size} bytes", "safetensors")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _corrupt(path, "header is not JSON", "safetensors") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _corrupt(path, f"header is not JSON without duplicate keys: {str(e)[:80]}", "safetensors") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object", "safetensors")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _corrupt(path, "__metadata__ is not a map of strings", "safetensors")
     data_len = size - 8 - n
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-             "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            start, end = info["data_offsets"]
-            shape = info["shape"]
-            dtype = info["dtype"]
-            numel = 1
-            for d in shape:
-                if not isinstance(d, int) or d < 0:
-                    raise ValueError
-                numel *= d
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt(path, f"bad entry for tensor {name!r}", "safetensors") from None
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise _corrupt(path, f"bad entry for tensor {name!r}", "safetensors")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise _corrupt(path, f"tensor {name!r} has the unknown dtype {dtype!r}", "safetensors")
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**40 for d in shape):
+            raise _corrupt(path, f"tensor {name!r} has the bad shape {shape!r}"[:160], "safetensors")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_len):
             raise _corrupt(path, f"tensor {name!r} lies outside the file", "safetensors")
-        if dtype in sizes and numel * sizes[dtype] != end - start:
+        if math.prod(shape) * SAFETENSORS_DTYPES[dtype] != offsets[1] - offsets[0]:
             raise _corrupt(path, f"tensor {name!r} size does not match its shape", "safetensors")
+        spans.append((offsets[0], offsets[1], name))
+    pos = 0
+    for start, end, name in sorted(spans):
+        if start != pos:
+            what = "overlaps the previous one" if start < pos else "leaves a gap before it"
+            raise _corrupt(path, f"tensor {name!r} {what}", "safetensors")
+        pos = end
+    if pos != data_len:
+        raise _corrupt(path, f"{data_len - pos} bytes after the last tensor", "safetensors")
     return header
 
 
@@ -75,10 +106,6 @@ MAX_HEADS = 4096
 MAX_CONTEXT = 1 << 27
 MAX_VOCAB = 1 << 24
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "sep_token_id")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_gguf_meta(kvs: list[KV], infos: list[TensorInfo]) -> None:
