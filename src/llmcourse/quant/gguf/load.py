@@ -172,8 +172,12 @@ def gguf_tokenizer(kvs: list[KV]) -> Any:
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
         token_id = meta.get(f"tokenizer.ggml.{key}")
         config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
-    backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
-    return TokenizersBackend(tokenizer_object=backend, **config, **extra)
+    try:
+        backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
+        return TokenizersBackend(tokenizer_object=backend, **config, **extra)
+    except Exception as e:  # untrusted vocabulary through a third-party builder: any failure is bad input
+        raise UserError(f"the GGUF's tokenizer cannot be built ({type(e).__name__}: {str(e)[:150]})",
+                        "re-convert the model with its tokenizer") from e
 
 
 def _tensor_fp32(mm: np.ndarray, t: TensorInfo) -> torch.Tensor:
