@@ -72,7 +72,8 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
     """Run the sections (default: every lab's, in the table's order) into ``out`` (written
     atomically); return the summary, whose ``failed`` lists the sections that raised.
 
-    ``sections`` restricts the run to the labs of these names (``["core", "decoding"]``).
+    ``sections`` restricts the run to the labs of these names (``["core", "decoding"]``) or these
+    section references (``"llmcourse.decoding.tour:section"``).
     """
     from llmcourse import __version__
 
@@ -82,7 +83,8 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
     check_not_input(out, [model])
     with atomic_dir(out) as tmp:
         ctx = TourContext(out_dir=tmp, quick=quick, model_spec=model)
-        chosen = [(lab, ref) for lab, ref in tour_sections() if sections is None or lab.name in sections]
+        chosen = [(lab, ref) for lab, ref in tour_sections() if sections is None or lab.name in sections
+                  or ref in sections]
         summary["failed"] = []
         for i, (lab, ref) in enumerate(chosen):
             mod_name, _, fn_name = ref.partition(":")
