@@ -27,8 +27,8 @@ from llmcourse import __version__
 from llmcourse.core.cli_common import Result
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import dumps, overwriting
-from llmcourse.core.threads import apply_threads, choose_threads
 from llmcourse.core.lab import HelpFormatter, Lab, import_lab_module
+from llmcourse.core.threads import apply_threads, choose_threads
 from llmcourse.labs import GROUPS, labs
 from llmcourse.tour import TOUR
 

@@ -16,8 +16,8 @@ from llmcourse.core.models import load_model
 
 @pytest.fixture()
 def hf_dir(tmp_path: Path) -> Path:
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     d = tmp_path / "model"
     tiny_model("llama", seed=1).save_pretrained(d, safe_serialization=True)

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2 as httpx
 import openai
 import pytest
+from serve_helpers import server, tiny_folder, tiny_lm  # noqa: F401  (fixtures)
 
 from llmcourse.decoding import GenerationConfig, generate
 

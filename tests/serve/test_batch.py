@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from serve_helpers import byte_tokenizer, tiny_model
+from serve_helpers import byte_tokenizer, server, tiny_folder, tiny_lm, tiny_model  # noqa: F401  (fixtures)
 
 from llmcourse.decoding import (
     BatchRequest,

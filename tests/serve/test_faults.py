@@ -12,7 +12,7 @@ import time
 import httpx2 as httpx
 import openai
 import pytest
-from serve_helpers import Running, free_port
+from serve_helpers import Running, free_port, server, tiny_folder, tiny_lm  # noqa: F401  (fixtures)
 
 MSG = [{"role": "user", "content": "hi"}]
 

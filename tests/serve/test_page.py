@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+from serve_helpers import server, tiny_folder, tiny_lm  # noqa: F401  (fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

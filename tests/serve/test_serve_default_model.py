@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serve_helpers import Running
+from serve_helpers import Running, server, tiny_folder, tiny_lm  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 

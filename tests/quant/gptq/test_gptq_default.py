@@ -12,7 +12,7 @@ from llmcourse.quant.gptq.model import GPTQConfig, quantize_model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("bits", [4])  # 3 bits: see docs/gptq.md (kept out of the suite for time)
 def test_gptq_beats_rtn_on_the_default_model(default_lm, bits):
     """Every layer's output error with GPTQ <= with RTN, and GPTQ's perplexity < RTN's, at g128."""
     windows = calibration_windows(default_lm.tokenizer, 16, 256, seed=0)
