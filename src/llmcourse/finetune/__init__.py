@@ -22,6 +22,7 @@ LAB = Lab(
     commands_module="llmcourse.finetune.commands",
     tour="llmcourse.finetune.tour:section",
     requires={"peft": "pip install 'llmcourse[finetune]'"},
+    docs="docs/finetune.md",
 )
 
 _PUBLIC = {

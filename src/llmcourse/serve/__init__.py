@@ -24,6 +24,7 @@ LAB = Lab(
     commands={"serve": "serve a model over an OpenAI-compatible HTTP API, batching concurrent requests"},
     commands_module="llmcourse.serve.commands",
     requires={"fastapi": "pip install 'llmcourse[serve]'", "uvicorn": "pip install 'llmcourse[serve]'"},
+    docs="docs/serve.md",
 )
 
 _PUBLIC = {"app": ("create_app", "ServeSettings")}

@@ -22,6 +22,7 @@ LAB = Lab(
     commands_module="llmcourse.quant.gptq.commands",
     tour="llmcourse.quant.gptq.tour:section",
     formats={"gptq": "llmcourse.quant.gptq.model:load_quantized"},
+    docs="docs/gptq.md",
 )
 
 _PUBLIC = {
