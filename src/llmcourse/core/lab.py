@@ -129,3 +129,21 @@ class HelpFormatter(argparse.HelpFormatter):
             else:
                 out.append(super()._fill_text(para, width, indent))
         return "\n\n".join(out)
+
+
+def lazy_exports(package: str, public: dict[str, tuple[str, ...]]) -> tuple[Callable[[str], Any], list[str]]:
+    """A lab package's public names, imported on first use (PEP 562), so declaring the lab stays cheap.
+
+    ``public`` maps a submodule to the names it provides; returns the package's ``__getattr__`` and
+    the names for ``__all__``::
+
+        __getattr__, _names = lazy_exports(__name__, {"engine": ("generate", "GenerationConfig")})
+    """
+    where = {name: mod for mod, names in public.items() for name in names}
+
+    def __getattr__(name: str) -> Any:
+        if name in where:
+            return getattr(importlib.import_module(f"{package}.{where[name]}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__, list(where)

@@ -14,10 +14,7 @@ modules swapped for another lab's modules that implement :class:`DecodePlugin`) 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from llmcourse.core.lab import Lab
+from llmcourse.core.lab import Lab, lazy_exports
 
 LAB = Lab(
     name="decoding",
@@ -39,13 +36,5 @@ _PUBLIC = {
     "fast_llama": ("FastLlama", "DecodeSession", "DecodePlugin"),
     "samplers": ("CHAINS", "SamplerSettings", "apply_chain"),
 }
-_WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["LAB", *_WHERE]
+__getattr__, _names = lazy_exports(__name__, _PUBLIC)
+__all__ = ["LAB", *_names]

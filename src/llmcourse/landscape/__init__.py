@@ -15,10 +15,7 @@ Public API (imported lazily)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from llmcourse.core.lab import Lab
+from llmcourse.core.lab import Lab, lazy_exports
 
 LAB = Lab(
     name="landscape",
@@ -33,13 +30,5 @@ _PUBLIC = {
     "directions": ("perturbed_parameters", "random_direction", "direction_to", "NORMS"),
     "surface": ("LossFn", "batched_loss", "Perturbation", "sweep_grid", "sweep_line", "flatness"),
 }
-_WHERE = {name: mod for mod, names in _PUBLIC.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["LAB", *_WHERE]
+__getattr__, _names = lazy_exports(__name__, _PUBLIC)
+__all__ = ["LAB", *_names]
