@@ -39,17 +39,16 @@ import torch.nn.functional as F
 
 from llmcourse.decoding import samplers
 from llmcourse.decoding.engine import GenerationConfig, TextStream, model_eos_ids, prepare
-from llmcourse.decoding.fast_llama import FastLlama, compiled, project, rms_norm
+from llmcourse.decoding.fast_llama import (
+    CAPACITY_STEP,  # cache sizes are rounded up to this (one compilation per size)
+    FastLlama,
+    compiled,
+    project,
+    rms_norm,
+    rotate_half,
+)
 
 log = logging.getLogger(__name__)
-
-CAPACITY_STEP = 64  # cache sizes are rounded up to this (one compilation per size)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``(-x2, x1)`` for ``x = (x1, x2)`` along the last dimension (RoPE's rotation)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def batch_layer(x: torch.Tensor, wts: tuple, kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor,

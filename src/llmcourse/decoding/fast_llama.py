@@ -182,8 +182,8 @@ def decode_layer(x: torch.Tensor, wts: tuple, kc: torch.Tensor, vc: torch.Tensor
     q = project(q_proj, h).view(b, n_heads, head_dim)
     k = project(k_proj, h).view(b, n_kv, head_dim)
     v = project(v_proj, h).view(b, n_kv, head_dim)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
     kc.index_copy_(2, pos, k.unsqueeze(2))  # (B, n_kv, C, hd)
     vc.index_copy_(2, pos, v.unsqueeze(2))
     qg = q.view(b, n_kv, n_heads // n_kv, 1, head_dim)  # grouped-query: g query heads per K/V head
@@ -237,7 +237,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xf.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(-x2, x1)`` for ``x = (x1, x2)`` along the last dimension (RoPE's rotation)."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -423,8 +424,8 @@ class FastLlama:
             q = q.view(b, t, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
             k = k.view(b, t, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
             v = v.view(b, t, nkv, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             kc, vc = state.k_cache[li], state.v_cache[li]
             kc[:, :, p0:p0 + t] = k
             vc[:, :, p0:p0 + t] = v
