@@ -27,7 +27,7 @@ from llmcourse import __version__
 from llmcourse.core.cli_common import Result
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import dumps, overwriting
-from llmcourse.core.lab import HelpFormatter, Lab, import_lab_module
+from llmcourse.core.lab import HelpFormatter, import_lab_module
 from llmcourse.core.threads import apply_threads, choose_threads
 from llmcourse.labs import GROUPS, labs
 from llmcourse.tour import TOUR
@@ -40,7 +40,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _chosen(argv: Sequence[str], table: list[Lab]) -> str | None:
+def _chosen(argv: Sequence[str]) -> str | None:
     """The command named on the command line ("generate", "quantize int8"), if any."""
     words = [a for a in argv if not a.startswith("-")]
     if not words:
@@ -56,7 +56,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     ``argv=None`` builds every lab's parsers (imports every lab; for tests and docs).
     """
     table = [*labs(), TOUR]
-    chosen = _chosen(argv, table) if argv is not None else None
+    chosen = _chosen(argv) if argv is not None else None
     parser = Parser(
         prog="llmcourse", formatter_class=HelpFormatter,
         description="The Large Language Model Course as a CPU library and CLI. "

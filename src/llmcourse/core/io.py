@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import glob
 import json
 import os
 import shutil
@@ -133,7 +134,7 @@ def _pid_alive(pid: int) -> bool:
 def _clean_stale(path: Path) -> None:
     """Remove what a killed run left beside ``path``: hidden ``.NAME.PID.*.part`` temporaries (and
     ``.NAME.old-PID`` folders) of processes that no longer run."""
-    for p in path.parent.glob(f".{glob_escape(path.name)}.*"):
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
         rest = p.name[len(path.name) + 2:]
         pid_text = rest.split(".", 1)[0] if rest.endswith(".part") else rest[4:] if rest.startswith("old-") else ""
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
@@ -143,12 +144,6 @@ def _clean_stale(path: Path) -> None:
         else:
             with contextlib.suppress(OSError):
                 p.unlink()
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 @contextlib.contextmanager

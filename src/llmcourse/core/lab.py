@@ -42,12 +42,6 @@ class Lab:
     docs: str | None = None  # the lab's page, e.g. "docs/decoding.md" (the tour links to it)
 
 
-def resolve(ref: str) -> Any:
-    """``"module:attribute"`` -> the attribute (importing the module)."""
-    mod_name, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(mod_name), attr)
-
-
 def missing_dependency(lab: Lab, exc: ModuleNotFoundError) -> UserError:
     """The one-line error for a lab whose optional package is not installed."""
     name = (exc.name or "").split(".")[0]

@@ -268,9 +268,8 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, trust_pickle: bool, trust_re
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     use_st = _check_hf_folder(path, trust_pickle)
-    if use_st and not trust_remote_code:
-        check_weights_match(path)
-    model = _fast_load_safetensors(path, dtype) if use_st and not trust_remote_code else None
+    meta = check_weights_match(path) if use_st and not trust_remote_code else None
+    model = _fast_load_safetensors(path, dtype, meta) if meta is not None else None
     try:
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(
@@ -304,8 +303,9 @@ def _meta_model(path: Path) -> Any:
             from e
 
 
-def check_weights_match(path: Path) -> None:
-    """Refuse a folder whose safetensors do not hold exactly the tensors its config implies.
+def check_weights_match(path: Path) -> Any | None:
+    """Refuse a folder whose safetensors do not hold exactly the tensors its config implies; return
+    the architecture built on the meta device (None for transformers' own quantized formats).
 
     Every tensor the architecture needs must be there with the shape the config gives it, and none
     may be left over (transformers would initialise the missing ones at random and only warn).
@@ -315,7 +315,7 @@ def check_weights_match(path: Path) -> None:
 
     meta = _meta_model(path)
     if meta is None:
-        return
+        return None
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     found: dict[str, tuple[int, ...]] = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -342,29 +342,22 @@ def check_weights_match(path: Path) -> None:
     if problems:
         raise UserError(f"{path} does not match its config.json: {'; '.join(problems)}",
                         "re-export the model, or fix config.json (model_type, layer count, sizes) to match its weights")
+    return meta
 
 
-def _fast_load_safetensors(path: Path, dtype: torch.dtype) -> Any | None:
-    """Build the model on the meta device and assign the tensors of a single safetensors file.
+def _fast_load_safetensors(path: Path, dtype: torch.dtype, meta: Any) -> Any | None:
+    """Assign the tensors of a single safetensors file to ``meta`` (the architecture on the meta device).
 
     About 10x faster than ``from_pretrained`` for a folder like the cached default model. Returns
     None (the caller falls back to ``from_pretrained``) unless the file's keys are exactly the
     model's, tied output head aside.
     """
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     files = list(path.glob("*.safetensors"))
     if len(files) != 1:
         return None
-    try:
-        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-        if getattr(cfg, "quantization_config", None) is not None:
-            return None
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    except (ValueError, KeyError, OSError):
-        return None
+    model, cfg = meta.to(dtype), meta.config
     state = load_file(str(files[0]))
     expected = set(model.state_dict())
     tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
