@@ -116,7 +116,7 @@ def check_model(model: nn.Module, cfg: GPTQConfig) -> None:
 
     A group size that does not divide a layer's width leaves a shorter last group (``ceil(I / g)``
     groups, as AutoGPTQ and GPTQModel do: the default model's 576-wide layers at g128 have 4.5)."""
-    if any(hasattr(m, "weight_buffers") for m in model.modules()):
+    if any(hasattr(m, "weight_buffers") or hasattr(m, "weight_count") for m in model.modules()):
         raise UserError("the model is already quantized", "quantize the original (floating-point) model instead")
     try:
         prefix, blocks = decoder_blocks(model)
