@@ -203,3 +203,37 @@ def test_merge_bad_input(tmp_path, base_dir, capsys, monkeypatch):  # noqa: F811
     assert main(["merge", "--model", str(base_dir), "--adapter", str(empty), "--out", str(out),
                  "--push-to-hub", "me/model"]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err and not out.exists()
+
+
+def test_merge_writes_a_gguf_that_loads_back(tok, base_dir, tmp_path, capsys):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    from llmcourse.core.models import load_model
+
+    pm = add_lora(small_model(), LoraSettings(r=4, alpha=8, dropout=0.0))  # the weights of base_dir
+    torch.manual_seed(5)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # a non-zero update, so the merge changes the weights
+    pm.peft_config["default"].base_model_name_or_path = str(base_dir)
+    pm.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
+                 "--gguf", "f32", "--json"]) == 0
+    gguf = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gguf"]
+    assert gguf == str(tmp_path / "merged-f32.gguf")
+    back = load_model(gguf).model.eval()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([tok("The capital of Peru is Lima.")["input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        ref, got = merged(input_ids=ids).logits, back(input_ids=ids).logits
+        assert (ref - base(input_ids=ids).logits).abs().max() > 1e-3  # the merge did change the model
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    # a type the GGUF lab does not know: one line, and neither the folder nor a GGUF is left behind
+    bad = tmp_path / "bad"
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(bad),
+                 "--gguf", "Q9_X"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "GGUF export" in err and len(err.splitlines()) == 1
+    assert not bad.exists() and not (tmp_path / "bad-gguf").exists()

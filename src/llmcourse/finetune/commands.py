@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from llmcourse.cli import main as cli_main
 from llmcourse.core.cli_common import Result, add_common_args, positive_int
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input
@@ -93,9 +98,38 @@ def cmd_finetune(args: argparse.Namespace) -> Result:
     return Result(s, text)
 
 
+def gguf_path(out: Path, gguf_type: str) -> Path:
+    """Where ``merge --gguf TYPE`` writes: ``OUT-f16.gguf`` beside ``OUT`` for float types, else a folder
+    ``OUT-gguf/`` holding ``OUT-TYPE.gguf`` (the quantize command's layout)."""
+    if gguf_type in GGUF_CONVERT_TYPES:
+        return out.parent / f"{out.name}-{gguf_type}.gguf"
+    return out.parent / f"{out.name}-gguf"
+
+
+def export_gguf(folder: Path, gguf_type: str, dest: Path, overwrite: bool) -> dict:
+    """Write ``folder`` (a merged HF folder) as GGUF through the GGUF lab's own commands (its public
+    interface): ``convert gguf`` for f32/f16/bf16, ``quantize gguf`` for a llama.cpp type such as Q8_0.
+    Run in this process; the command's one-line error becomes ours."""
+    sub = (["convert", "gguf", "--model", str(folder), "--outtype", gguf_type, "--name", folder.name,
+            "--out", str(dest)] if gguf_type in GGUF_CONVERT_TYPES else
+           ["quantize", "gguf", "--model", str(folder), "--type", gguf_type, "--out", str(dest)])
+    sub += ["--json"] + (["--overwrite"] if overwrite else [])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(sub)
+    if rc:
+        msg = (err.getvalue().strip().splitlines() or [f"exit {rc}"])[-1].removeprefix("llmcourse: error: ")
+        raise UserError(f"GGUF export of {folder} failed: {msg}", f"check --gguf {gguf_type} (f32, f16, bf16, Q8_0, "
+                        "Q4_K_M...), or run `llmcourse " + " ".join(sub[:2]) + "` on the merged folder")
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
 def cmd_merge(args: argparse.Namespace) -> Result:
     out = Path(args.out)
     check_not_input(out, [args.model if args.model != "default" else None, args.adapter])
+    gguf = gguf_path(out, args.gguf) if args.gguf else None
+    if gguf is not None:
+        check_not_input(gguf, [args.model if args.model != "default" else None, args.adapter])
     if args.push_to_hub:
         _check_hub(args.push_to_hub)
     merged, tok = merge_adapter(args.model, args.adapter)
@@ -103,18 +137,15 @@ def cmd_merge(args: argparse.Namespace) -> Result:
         save_hf(merged, tok, tmp)
     data = {"model": args.model, "adapter": args.adapter, "out": str(out)}
     text = f"wrote {out} (adapter {args.adapter} merged into {args.model})"
-    if args.gguf:
-        gguf = out.with_suffix("").parent / f"{out.name}-{args.gguf}.gguf" if args.gguf in GGUF_CONVERT_TYPES \
-            else out.parent / f"{out.name}-gguf"
-        # the GGUF lab's own command (its public interface): convert for float types, quantize for the rest
-        sub = (["convert", "gguf", "--model", str(out), "--outtype", args.gguf, "--out", str(gguf)]
-               if args.gguf in GGUF_CONVERT_TYPES else
-               ["quantize", "gguf", "--model", str(out), "--type", args.gguf, "--out", str(gguf)])
-        rc = subprocess.call([sys.executable, "-m", "llmcourse", *sub])
-        if rc:
-            raise UserError(f"GGUF export of {out} failed (exit {rc})", f"run `llmcourse {' '.join(sub)}` to see why")
-        data["gguf"] = str(gguf)
-        text += f"; GGUF {gguf}"
+    if gguf is not None:
+        try:
+            info = export_gguf(out, args.gguf, gguf, getattr(args, "overwrite", False))
+        except UserError:
+            shutil.rmtree(out, ignore_errors=True)  # no partial output: the merged folder goes too
+            raise
+        files = [f["out"] for f in info["files"]] if "files" in info else [info["out"]]
+        data["gguf"] = files[0] if len(files) == 1 else files
+        text += "; GGUF " + ", ".join(files)
     if args.push_to_hub:
         from huggingface_hub import HfApi
 
