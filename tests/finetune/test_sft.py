@@ -116,13 +116,28 @@ def test_only_lora_trains_and_the_base_is_unchanged(tok):  # noqa: F811
     assert any(not torch.equal(p, lora_before[n]) for n, p in pm.named_parameters() if p.requires_grad)
 
 
+def _check_tensorboard(log_dir, metrics):
+    """The event log holds the metrics.jsonl curve: loss, learning rate, tokens/s per step, eval loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(log_dir)).Reload()
+    for tag, key in (("train/loss", "loss"), ("train/learning_rate", "lr"), ("train/tokens_per_s", "tokens_per_s")):
+        got = [(e.step, e.value) for e in ev.Scalars(tag)]
+        assert [s for s, _ in got] == [m["step"] for m in metrics], tag
+        assert all(abs(v - m[key]) <= 1e-5 * max(1.0, abs(m[key])) for (_, v), m in zip(got, metrics, strict=True))
+    assert [e.step for e in ev.Scalars("eval/loss")] == [m["step"] for m in metrics if m.get("eval_loss") is not None]
+
+
 def test_merge_adapter_roundtrip_and_resume(tok, base_dir, chat_jsonl, tmp_path):  # noqa: F811
     out = tmp_path / "ft"
     cfg = _cfg(save_every=2, max_steps=4, batch_size=3)
     lora = LoraSettings(r=4, alpha=8, dropout=0.1)
-    r = finetune(str(base_dir), str(chat_jsonl), "lora", lora, cfg, out, show_progress=False)
+    r = finetune(str(base_dir), str(chat_jsonl), "lora", lora, cfg, out, show_progress=False,
+                 tensorboard=out / "tb")
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "loss.png").exists()
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4
+    _check_tensorboard(out / "tb", metrics)
     # the adapter loads with PEFT on the base its config names
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

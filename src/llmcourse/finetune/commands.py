@@ -80,7 +80,10 @@ def cmd_finetune(args: argparse.Namespace) -> Result:
                         dropout=args.lora_dropout, targets=[t.strip() for t in targets if t.strip()],
                         rslora=args.rslora, dora=args.dora)
     cfg = train_config(args)
-    r = finetune(args.model, args.data, args.method, lora, cfg, args.out, resume=args.resume, dtype=args.dtype)
+    tb = (Path(args.out) / "tensorboard" if args.tensorboard == "" else args.tensorboard) if args.tensorboard is not None \
+        else None
+    r = finetune(args.model, args.data, args.method, lora, cfg, args.out, resume=args.resume, dtype=args.dtype,
+                 tensorboard=tb)
     s = r.summary
     if int(os.environ.get("RANK", "0")) > 0:  # one report per run: rank 0's
         return Result(s, "")
@@ -91,8 +94,9 @@ def cmd_finetune(args: argparse.Namespace) -> Result:
             + (f"\nheld-out capitals: {s['held_out_accuracy']['before']:.1%} before, "
                f"{s['held_out_accuracy']['after']:.1%} after ({s['held_out_accuracy']['questions']} countries)"
                if "held_out_accuracy" in s else "")
-            + "\nwrote {args.out}: "
+            + f"\nwrote {args.out}: "
             + ", ".join(k for k in ("adapter", "merged") if k in s) + ", metrics.jsonl, loss.png, checkpoints/"
+            + (f", TensorBoard logs in {tb} (tensorboard --logdir {tb})" if tb is not None else "")
             + f"\nnext: llmcourse chat --model {s.get('merged', args.out)}"
             + f"  |  llmcourse convert gguf --model {s.get('merged', args.out)} --out model.gguf")
     return Result(s, text)
@@ -173,6 +177,7 @@ FT_EXAMPLES = ("examples:\n  llmcourse finetune --model default --data default -
                "  llmcourse finetune --method qlora --preset course --lora-r 64 --lora-alpha 16 --out out/qlora\n"
                "  llmcourse finetune --data chats.jsonl --packing --dora --targets q_proj,v_proj --out out/ft2\n"
                "  llmcourse finetune --resume out/ft --max-steps 100 --out out/ft\n"
+               "  llmcourse finetune --max-steps 60 --tensorboard --out out/ft && tensorboard --logdir out/ft/tensorboard\n"
                "  llmcourse finetune --processes 2 --max-steps 20 --out out/ddp")
 MERGE_EXAMPLES = ("examples:\n  llmcourse merge --model default --adapter out/ft/adapter --out out/merged\n"
                   "  llmcourse merge --adapter out/ft/adapter --out out/merged --gguf f16")
@@ -222,6 +227,9 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
                    help="checkpoint every N steps; 0 = at the end (default: 0)")
     p.add_argument("--resume", default=None, help="a finetune --out folder or its checkpoints/step-N (default: none)")
     p.add_argument("--seed", type=_int, default=0, help="data order, LoRA init and dropout (default: 0)")
+    p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="write TensorBoard event logs (loss, learning rate, tokens/s, grad norm, eval loss) to DIR; "
+                   "without DIR: OUT/tensorboard. Default: off")
     p.add_argument("--processes", type=positive_int, default=1,
                    help="CPU processes (DDP over gloo through torchrun; the global batch is kept). Default: 1")
     add_common_args(p)

@@ -6,7 +6,8 @@ Outputs of :func:`finetune` in ``out``:
   ``base_model_name_or_path`` is the base model's folder (LoRA / QLoRA);
 * ``merged/``: a plain Hugging Face folder with the adapter merged into the fp32 base (all methods), which
   ``load_model``, ``AutoModelForCausalLM.from_pretrained`` and ``llmcourse convert gguf`` read;
-* ``metrics.jsonl`` (one line per step), ``loss.png``, ``summary.json``, ``checkpoints/step-N/``.
+* ``metrics.jsonl`` (one line per step), ``loss.png``, ``summary.json``, ``checkpoints/step-N/``;
+* with ``tensorboard``: TensorBoard event files there (``--tensorboard``: ``out/tensorboard``).
 
 The held-out score :func:`capital_accuracy`: for each held-out country, the chat prompt "What is the
 capital of X?" followed by the start of the answer "The capital of X is"; correct when greedy decoding
@@ -50,6 +51,7 @@ from llmcourse.finetune.sft_data import (
 from llmcourse.finetune.trainer import (
     TrainConfig,
     TrainState,
+    check_tensorboard,
     fingerprint,
     latest_checkpoint,
     plot_loss,
@@ -99,13 +101,16 @@ def pad_id(tokenizer: Any) -> int:
 def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: TrainConfig,
              out: str | Path | None, resume: str | Path | None = None, dtype: str = "fp32",
              lm: LoadedModel | None = None, export: bool = True, show_progress: bool = True,
-             score_default: bool = True) -> FinetuneResult:
+             score_default: bool = True, tensorboard: str | Path | None = None) -> FinetuneResult:
     """Fine-tune ``model_spec`` on ``data`` and write ``out`` (see module docstring). Every input is checked
     before anything is written. With the default data, the held-out capital accuracy is measured before and
-    after (``score_default``)."""
+    after (``score_default``). ``tensorboard``: a folder for TensorBoard event logs (loss, learning rate,
+    tokens/s)."""
     t0 = time.perf_counter()
     if out is not None:
         check_not_input(out, [model_spec if model_spec != "default" else None, data if data != "default" else None])
+    if tensorboard is not None:
+        check_tensorboard()  # before any work
     train_ex, eval_ex = load_sft_data(data, seed=cfg.seed)
     if not train_ex:
         raise UserError(f"--data {data} has no training examples", "add examples")
@@ -131,7 +136,8 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
     outp = Path(out) if out is not None else None
     if outp is not None:
         outp.mkdir(parents=True, exist_ok=True)
-    state = train(model, train_rows, eval_rows, cfg, pad_id(lm.tokenizer), outp, resume, meta, show_progress)
+    state = train(model, train_rows, eval_rows, cfg, pad_id(lm.tokenizer), outp, resume, meta, show_progress,
+                  tensorboard)
     summary: dict[str, Any] = {
         "model": model_spec, "method": method, "data": data, "train_examples": len(train_ex),
         "eval_examples": len(eval_ex), "rows": len(train_rows), "steps": state.step,
@@ -143,6 +149,8 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
         "model_bytes": nf4_bytes(model), "model_bytes_fp32": bytes_fp32,
         "config": asdict(cfg), "lora": meta["lora"],
     }
+    if tensorboard is not None:
+        summary["tensorboard"] = str(tensorboard)
     if before is not None:
         after = capital_accuracy(model, lm.tokenizer)
         summary["held_out_accuracy"] = {"before": before["accuracy"], "after": after["accuracy"],

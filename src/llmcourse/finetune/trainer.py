@@ -15,6 +15,10 @@ response tokens, not on every position.
 Batch order is a function of (seed, epoch) only, and the checkpoint stores the trainable weights, AdamW's
 moments, the step and the RNG state (dropout), so ``--resume`` continues the same curve bit for bit.
 
+With a TensorBoard log folder, rank 0 also writes an event file (``torch.utils.tensorboard``): per step
+``train/loss``, ``train/learning_rate``, ``train/tokens_per_s``, ``train/grad_norm``, and ``eval/loss``
+where measured; a resumed run continues the same curve (``purge_step`` drops events past the checkpoint).
+
 Multi-process (``torchrun`` / ``accelerate launch``, gloo on CPUs): each process takes every
 ``world``-th row of each batch, the token count is summed over processes and gradients are all-reduced
 (summed), so the update equals the single-process one with the same global batch.
@@ -253,8 +257,10 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
 
 def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: TrainConfig, pad_id: int,
           out_dir: str | Path | None = None, resume: str | Path | None = None,
-          extra_meta: dict[str, Any] | None = None, show_progress: bool = True) -> TrainState:
-    """Train the parameters of ``model`` that require grad; checkpoints go to ``out_dir/checkpoints``."""
+          extra_meta: dict[str, Any] | None = None, show_progress: bool = True,
+          tensorboard: str | Path | None = None) -> TrainState:
+    """Train the parameters of ``model`` that require grad; checkpoints go to ``out_dir/checkpoints``, a
+    TensorBoard event log to ``tensorboard`` (a folder) when given."""
     if not train_rows:
         raise UserError("the training set is empty after tokenization", "check --data and --seq-len")
     rank, world = _world()
@@ -269,6 +275,7 @@ def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: Tr
     out = Path(out_dir) if out_dir is not None else None
     model.train()
     bar = progress(total=total, initial=state.step, desc="finetune", unit="step") if show_progress else None
+    tb = tensorboard_writer(tensorboard, state.step) if tensorboard is not None and rank == 0 else None
     while state.step < total:
         t0 = time.perf_counter()
         for g in opt.param_groups:
@@ -307,6 +314,8 @@ def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: Tr
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
             row["eval_loss"] = eval_loss(model, eval_rows, cfg, pad_id)
         state.metrics.append(row)
+        if tb is not None:
+            log_tensorboard(tb, row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{n_tok / dt:.0f}")
@@ -316,8 +325,37 @@ def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: Tr
                 save_checkpoint(out / "checkpoints" / f"step-{state.step}", model, opt, state, cfg, extra_meta or {})
     if bar is not None:
         bar.close()
+    if tb is not None:
+        tb.close()
     model.eval()
     return state
+
+
+def check_tensorboard() -> Any:
+    """torch's ``SummaryWriter`` class; a clear error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's writer needs the tensorboard package
+        raise UserError("--tensorboard needs the tensorboard package",
+                        "pip install 'llmcourse[finetune]' (or tensorboard==2.21.0)") from None
+    return SummaryWriter
+
+
+def tensorboard_writer(log_dir: str | Path, start_step: int = 0) -> Any:
+    """A ``SummaryWriter`` on ``log_dir`` (events after ``start_step`` from an earlier run are dropped)."""
+    return check_tensorboard()(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
+
+
+def log_tensorboard(writer: Any, row: dict[str, Any]) -> None:
+    """One step's scalars (the metrics.jsonl row) as TensorBoard events."""
+    step = row["step"]
+    writer.add_scalar("train/loss", row["loss"], step)
+    writer.add_scalar("train/learning_rate", row["lr"], step)
+    writer.add_scalar("train/tokens_per_s", row["tokens_per_s"], step)
+    writer.add_scalar("train/grad_norm", row["grad_norm"], step)
+    if row.get("eval_loss") is not None:
+        writer.add_scalar("eval/loss", row["eval_loss"], step)
+    writer.flush()
 
 
 def write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
