@@ -2,8 +2,11 @@
 
 For each calibration size (--calib, default ``32x256,128x512``) both quantizers get the *same*
 token windows (``core.data.calibration_windows``, seed 0, calibration split) and the same settings
-(4-bit, group 128, symmetric, damp 0.01, no act-order, true-sequential); each runs in its own
-process, whose wall time and peak RSS are measured. Both folders are then evaluated by *our*
+(4-bit, group 128, symmetric, damp 0.01, no act-order, true-sequential), once for each column order
+of --orders (default ``gar,plain``): ``gar`` is group-aware reordering (GPTQModel's default when
+act-order is off: ``act_group_aware=True``; ours ``--act-group-aware``), ``plain`` the paper's natural
+order (``act_group_aware=False`` on both sides); each runs in its own process, whose wall time and
+peak RSS are measured. Both folders are then evaluated by *our*
 loader and core ``perplexity`` (window 512, stride 512, the first --ppl-tokens of the eval split),
 so the figures differ only by the quantizer. Then:
 
@@ -79,7 +82,7 @@ from llmcourse.quant.gptq import GPTQConfig, quantize_model, save_quantized
 windows = torch.load(sys.argv[1])
 t0 = time.perf_counter()
 lm = load_model("default")
-cfg = GPTQConfig(bits=4, group_size=128, sym=True, damp=0.01)
+cfg = GPTQConfig(bits=4, group_size=128, sym=True, damp=0.01, act_group_aware=sys.argv[3] == "gar")
 report = quantize_model(lm.model, windows, cfg)
 Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
 save_quantized(lm.model, lm.tokenizer, sys.argv[2], cfg, report, source="default")
@@ -91,7 +94,8 @@ import sys, time, torch
 from gptqmodel import GPTQModel, QuantizeConfig
 windows = torch.load(sys.argv[1])
 t0 = time.perf_counter()
-cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01, true_sequential=True)
+cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01, true_sequential=True,
+                     act_group_aware=sys.argv[4] == "gar")
 model = GPTQModel.load(sys.argv[3], cfg)
 calib = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
 model.quantize(calib, batch_size=1)
@@ -143,6 +147,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setup", action="store_true", help="create GPTQModel's venv and exit")
     ap.add_argument("--calib", default="32x256,128x512", help="calibration sizes NxT, comma-separated")
+    ap.add_argument("--orders", default="gar,plain",
+                    help="column orders, comma-separated: gar (group-aware reordering), plain (default gar,plain)")
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="eval tokens for perplexity (default 4096)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens for decode speed (default 64)")
     ap.add_argument("--ours-only", action="store_true", help="skip GPTQModel")
@@ -168,35 +174,41 @@ def main() -> None:
     work = Path(args.out or tempfile.mkdtemp(prefix="gptq-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     rows, notes = [], []
+    orders = args.orders.split(",")
+    if not set(orders) <= {"gar", "plain"}:
+        raise SystemExit(f"--orders: use gar and/or plain, not {args.orders!r}")
     for spec in args.calib.split(","):
         n, t = (int(x) for x in spec.lower().split("x"))
         windows = calibration_windows(fp.tokenizer, n, t, seed=0)
         wfile = work / f"windows-{n}x{t}.pt"
         torch.save(windows, wfile)
-        runs = [("llmcourse", [sys.executable, _script(OURS, work, "ours.py"), str(wfile), str(work / f"ours-{spec}")],
-                 {"LLMCOURSE_PROGRESS": "0"})]
-        if use_gptqmodel:
-            runs.append(("GPTQModel 7.6.0", [str(PY), _script(GPTQMODEL_QUANTIZE, work, "gm.py"), str(wfile),
-                                             str(work / f"gptqmodel-{spec}"), str(default_model_dir())],
-                         {"GPTQMODEL_CPU_WORKERS": "2"}))
-        for name, cmd, env in runs:
-            wall, rss, _ = measured(cmd, env)
-            folder = Path(cmd[3])
-            q = load_quantized(folder)
-            ppl = perplexity(q.model, ids, max_length=512, stride=512, max_tokens=args.ppl_tokens)["perplexity"]
-            c = compare(q.model, fp.model, ids, max_length=512, max_tokens=1024)
-            rows.append({"calibration": spec, "quantizer": name, "wall_s": wall, "peak_rss_mb": rss,
-                         "perplexity": ppl, "vs_fp32": ppl / ppl_fp - 1, "kl": c["kl_divergence"],
-                         "top1": c["top1_agreement"]})
-            print(rows[-1], flush=True)
-    ours = load_quantized(work / f"ours-{args.calib.split(',')[0]}")
+        for order in orders:
+            runs = [("llmcourse", work / f"ours-{spec}-{order}",
+                     [sys.executable, _script(OURS, work, "ours.py"), str(wfile), str(work / f"ours-{spec}-{order}"),
+                      order], {"LLMCOURSE_PROGRESS": "0"})]
+            if use_gptqmodel:
+                runs.append(("GPTQModel 7.6.0", work / f"gptqmodel-{spec}-{order}",
+                             [str(PY), _script(GPTQMODEL_QUANTIZE, work, "gm.py"), str(wfile),
+                              str(work / f"gptqmodel-{spec}-{order}"), str(default_model_dir()), order],
+                             {"GPTQMODEL_CPU_WORKERS": "2"}))
+            for name, folder, cmd, env in runs:
+                wall, rss, _ = measured(cmd, env)
+                q = load_quantized(folder)
+                ppl = perplexity(q.model, ids, max_length=512, stride=512, max_tokens=args.ppl_tokens)["perplexity"]
+                c = compare(q.model, fp.model, ids, max_length=512, max_tokens=1024)
+                rows.append({"calibration": spec, "order": order, "quantizer": name, "wall_s": wall,
+                             "peak_rss_mb": rss, "perplexity": ppl, "vs_fp32": ppl / ppl_fp - 1,
+                             "kl": c["kl_divergence"], "top1": c["top1_agreement"]})
+                print(rows[-1], flush=True)
+    first = work / f"ours-{args.calib.split(',')[0]}-{orders[0]}"
+    ours = load_quantized(first)
     speed = {"fp32": decode_tok_s(fp.model, fp.tokenizer, args.decode_tokens),
              "ours 4-bit": decode_tok_s(ours.model, ours.tokenizer, args.decode_tokens)}
     if use_gptqmodel:
         probe = ids[:, :64]
         pfile, lfile = work / "probe.pt", work / "gm_logits.pt"
         torch.save(probe, pfile)
-        p = subprocess.run([str(PY), _script(GPTQMODEL_LOAD, work, "gml.py"), str(work / f"ours-{args.calib.split(',')[0]}"),
+        p = subprocess.run([str(PY), _script(GPTQMODEL_LOAD, work, "gml.py"), str(first),
                             str(pfile), str(lfile), str(args.decode_tokens)], capture_output=True, text=True,
                            env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
         if p.returncode == 0:
@@ -212,7 +224,7 @@ def main() -> None:
             notes.append(f"GPTQModel could not load our folder: {p.stderr.strip().splitlines()[-1][:300]}")
         tfile = work / "tf_logits.pt"
         p = subprocess.run([str(PY), _script(TRANSFORMERS_LOAD, work, "tfl.py"),
-                            str(work / f"ours-{args.calib.split(',')[0]}"), str(pfile), str(tfile)],
+                            str(first), str(pfile), str(tfile)],
                            capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
         if p.returncode == 0:
             tf_logits = torch.load(tfile)
@@ -224,15 +236,17 @@ def main() -> None:
                          f"fp16) loaded our folder: max |logit difference| {diff:.2e}, top-1 agreement {agree:.3f}.")
         else:
             notes.append(f"transformers could not load our folder: {p.stderr.strip().splitlines()[-1][:300]}")
-    table = ["| calibration | quantizer | wall s | peak RSS MB | perplexity | vs fp32 | KL | top-1 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    table = ["| calibration | order | quantizer | wall s | peak RSS MB | perplexity | vs fp32 | KL | top-1 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        table.append(f"| {r['calibration']} | {r['quantizer']} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+        table.append(f"| {r['calibration']} | {r['order']} | {r['quantizer']} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['perplexity']:.3f} | {100 * r['vs_fp32']:+.2f}% | {r['kl']:.4f} | {r['top1']:.3f} |")
     table += ["", "| model | greedy decode tok/s |", "|---|---:|"]
     table += [f"| {k} | {v:.1f} |" for k, v in speed.items()]
     notes.insert(0, f"fp32 perplexity {ppl_fp:.3f} on the first {args.ppl_tokens} eval tokens (window 512, stride "
-                 "512). Both quantizers: 4-bit, g128, sym, damp 0.01, no act-order, true-sequential, the same windows.")
+                 "512). Both quantizers: 4-bit, g128, sym, damp 0.01, no act-order, true-sequential, the same windows; "
+                 "order gar: group-aware reordering on both sides (GPTQModel's default), plain: natural order on "
+                 "both (GPTQModel act_group_aware=False).")
     write_result("gptq", "GPTQ: llmcourse vs GPTQModel 7.6.0 (default model)", "\n".join(table), "\n\n".join(notes))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmcourse.core.errors import UserError
-from llmcourse.quant.gptq.gptq import GPTQ, find_params, quantize, rtn
+from llmcourse.quant.gptq.gptq import GPTQ, find_params, group_aware_order, quantize, rtn
 from llmcourse.quant.gptq.linear import GPTQLinear
 from llmcourse.quant.gptq.model import GPTQConfig, quantize_model, sequential_stages
 from tests.conftest import tiny_model
@@ -71,10 +71,37 @@ def test_matches_plain_reference(bits, group_size, sym, desc_act, blocksize):
     assert rel < 1e-3
 
 
+def test_group_aware_order():
+    """GAR: full groups by decreasing largest diag, columns inside each by decreasing diag, the short tail last."""
+    diag = torch.tensor([1., 5, 2, 9, 3, 4, 0.5, 8, 7, 6])  # g = 4: groups [0:4] max 9, [4:8] max 8, tail [8:10]
+    assert group_aware_order(diag, 4).tolist() == [3, 1, 2, 0, 7, 5, 4, 6, 8, 9]
+    diag = torch.tensor([1., 2, 3, 4, 9, 0, 0, 0])
+    assert group_aware_order(diag, 4).tolist() == [4, 5, 6, 7, 3, 2, 1, 0]
+
+
+def test_group_aware_is_gptq_on_the_reordered_layer():
+    """GAR = plain GPTQ on the columns in GAR's order, put back; g_idx natural, error no worse than plain."""
+    W, h = _layer(columns=112)  # g 32: three full groups and a 16-wide tail
+    ql = h.quantize(W, 4, 32, True, damp=0.01, blocksize=16, act_group_aware=True)
+    assert ql.g_idx.tolist() == [i // 32 for i in range(112)]
+    perm = group_aware_order(torch.diag(h.H), 32)
+    assert perm.tolist() != list(range(112))
+    ref = reference_gptq(W[:, perm], h.H[perm][:, perm], 4, 32, True, 0.01)[:, torch.argsort(perm)]
+    ours = ql.dequantize()
+    assert ((ref - ours).abs() > 1e-4).float().mean() < 0.03
+    rel = abs(h.output_error(W - ours) - h.output_error(W - ref)) / h.output_error(W - ref)
+    assert rel < 1e-3
+    plain = h.quantize(W, 4, 32, True, damp=0.01).dequantize()
+    assert h.output_error(W - ours) < h.output_error(W - plain)
+    with pytest.raises(UserError, match="act-group-aware"):
+        GPTQConfig(desc_act=True, act_group_aware=True)
+
+
 def test_gptq_error_below_rtn_for_every_setting():
     W, h = _layer(seed=1)
     for bits in (2, 3, 4, 8):
-        for kw in ({}, {"desc_act": True}, {"desc_act": True, "static_groups": True}, {"sym": False}):
+        for kw in ({}, {"desc_act": True}, {"desc_act": True, "static_groups": True}, {"sym": False},
+                   {"act_group_aware": True}, {"act_group_aware": True, "static_groups": True}):
             q = h.quantize(W, bits, 32, **kw).dequantize()
             r = rtn(W, bits, 32, kw.get("sym", True)).dequantize()
             assert h.output_error(W - q) < h.output_error(W - r), (bits, kw)

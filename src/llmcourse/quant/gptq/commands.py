@@ -46,6 +46,7 @@ def cmd_quantize(args: argparse.Namespace) -> Result:
     out = Path(args.out)
     check_not_input(out, [args.model if args.model != "default" else None, args.data])
     cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
+                     act_group_aware=args.act_group_aware,
                      static_groups=args.static_groups, damp=args.damp, block_size=args.block_size,
                      true_sequential=not args.no_true_sequential, mse=args.mse, method=method)
     t0 = time.perf_counter()
@@ -117,6 +118,10 @@ def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
     if not rtn:
         p.add_argument("--desc-act", action="store_true",
                        help="act-order: quantize columns by decreasing Hessian diagonal (default: natural order)")
+        p.add_argument("--act-group-aware", action="store_true",
+                       help="group-aware reordering (GAR, GPTQModel's default without act-order): groups by their "
+                       "largest Hessian diagonal, columns inside each group likewise; g_idx stays natural "
+                       "(default: natural order)")
         p.add_argument("--static-groups", action="store_true",
                        help="compute every group's grid from the original weights first (with --desc-act, keeps "
                        "g_idx in natural order)")
@@ -142,7 +147,8 @@ def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
                    help="split of the default data. Default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows. Default: %(default)s")
     add_common_args(p)
-    p.set_defaults(func=_cmd_rtn if rtn else _cmd_gptq, samples_given=False, desc_act=False, static_groups=False,
+    p.set_defaults(func=_cmd_rtn if rtn else _cmd_gptq, samples_given=False, desc_act=False, act_group_aware=False,
+                   static_groups=False,
                    damp=0.01, block_size=128, no_true_sequential=False)
 
 

@@ -11,8 +11,8 @@ Optimal Brain Quantization quantizes one weight ``w_q`` at a time and moves the 
 ones ``F`` to compensate:  ``δ_F = -(w_q - quant(w_q)) / [H_F⁻¹]_qq · (H_F⁻¹)_{:,q}``, then removes
 ``q`` from ``H_F⁻¹``. GPTQ makes three changes (:meth:`GPTQ.quantize`):
 
-1. the same, fixed column order for every row (optionally by decreasing ``diag(H)``: *act-order*),
-   so ``H_F⁻¹`` is shared by all rows;
+1. the same, fixed column order for every row (optionally by decreasing ``diag(H)``: *act-order*,
+   or *group-aware reordering*, below), so ``H_F⁻¹`` is shared by all rows;
 2. *lazy batch updates*: the update is applied inside a block of ``B = 128`` columns at once
    (``W1``, ``Err1``), and to the columns after the block with one matrix product
    ``W[:, i2:] -= Err1 · Hinv[i1:i2, i2:]``;
@@ -22,6 +22,17 @@ ones ``F`` to compensate:  ``δ_F = -(w_q - quant(w_q)) / [H_F⁻¹]_qq · (H_F�
    (raised automatically, x10, while the factorisation fails).
 
 Dead inputs (``diag(H) = 0``, never active in calibration) get ``H_ii = 1`` and ``W_:,i = 0``.
+
+*Group-aware reordering* (``act_group_aware``, GAR: Gafni, Karnieli, Hanani 2025, "Dual Precision
+Quantization for Efficient and Accurate Deep Neural Networks Inference") is act-order that keeps
+every group's columns together: inside each full group of ``g`` columns, columns by decreasing
+``diag(H)``; the groups themselves by decreasing largest ``diag(H)``; a shorter last group (a width
+that ``g`` does not divide) stays last, in natural order. Each group is still one contiguous run of
+its own columns, so ``g_idx[i] = i // g`` and the checkpoint is the plain, un-permuted one (no
+``desc_act`` for the loaders), while the most salient groups are quantized first and the error
+is pushed into the less salient ones. It is GPTQModel 7.6's default whenever ``desc_act`` is off: with the same Hessian and the same settings otherwise, its layer output error
+is about 25% below plain GPTQ's on the default model's first block (SmolLM2-135M), which is what an
+8% perplexity gap between the two quantizers came from before we had it.
 
 The quantization grid (:func:`find_params`, :func:`quantize`) is the reference's, per row over
 a group of ``g`` columns, with ``maxq = 2^bits - 1``:
@@ -151,6 +162,18 @@ def rtn(W: torch.Tensor, bits: int, group_size: int | None, sym: bool, mse: bool
     return QuantizedLayer(Q, scales_t, zeros_t, g_idx, bits)
 
 
+def group_aware_order(diag: torch.Tensor, g: int) -> torch.Tensor:
+    """GAR's column order: full groups of ``g`` by decreasing largest ``diag``, each group's columns by
+    decreasing ``diag``; a shorter last group stays last, in natural order. A permutation (columns,)."""
+    columns = diag.numel()
+    full = columns // g
+    within = torch.argsort(diag[:full * g].view(full, g), dim=1, descending=True, stable=True)
+    top = diag[:full * g].view(full, g).max(1).values
+    groups = torch.argsort(top, descending=True, stable=True)
+    perm = (within + torch.arange(full)[:, None] * g)[groups].flatten()
+    return torch.cat([perm, torch.arange(full * g, columns)])
+
+
 class GPTQ:
     """The Hessian of one linear layer's inputs, and the GPTQ quantization of its weight.
 
@@ -180,7 +203,7 @@ class GPTQ:
 
     def quantize(self, W: torch.Tensor, bits: int = 4, group_size: int | None = None, sym: bool = True,
                  desc_act: bool = False, static_groups: bool = False, damp: float = 0.01,
-                 blocksize: int = 128, mse: bool = False) -> QuantizedLayer:
+                 blocksize: int = 128, mse: bool = False, act_group_aware: bool = False) -> QuantizedLayer:
         """GPTQ on ``W`` (rows, columns) with this layer's Hessian (the reference's ``fasterquant``).
 
         Runs on one thread: the column loop is thousands of small operations, which a second thread
@@ -189,12 +212,14 @@ class GPTQ:
         torch.set_num_threads(1)
         try:
             with torch.no_grad():
-                return self._quantize(W, bits, group_size, sym, desc_act, static_groups, damp, blocksize, mse)
+                return self._quantize(W, bits, group_size, sym, desc_act, static_groups, damp, blocksize, mse,
+                                      act_group_aware)
         finally:
             torch.set_num_threads(threads)
 
     def _quantize(self, W: torch.Tensor, bits: int, group_size: int | None, sym: bool, desc_act: bool,
-                  static_groups: bool, damp: float, blocksize: int, mse: bool) -> QuantizedLayer:
+                  static_groups: bool, damp: float, blocksize: int, mse: bool,
+                  act_group_aware: bool) -> QuantizedLayer:
         W = W.detach().clone().float()
         rows, columns = W.shape
         assert columns == self.columns and self.nsamples > 0
@@ -209,7 +234,12 @@ class GPTQ:
         if static_groups:  # every group's grid from the original weights, in natural order
             static = [find_params(W[:, i:i + g], bits, sym, mse) for i in range(0, columns, g)]
 
-        perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(columns)
+        if desc_act:
+            perm = torch.argsort(torch.diag(H), descending=True)
+        elif act_group_aware and group_size:
+            perm = group_aware_order(torch.diag(H), g)
+        else:
+            perm = torch.arange(columns)
         W = W[:, perm]
         H = H[perm][:, perm]
 
@@ -262,6 +292,13 @@ class GPTQ:
             zeros_t = torch.cat([z for _, z in static], 1)
         else:
             scales_t, zeros_t = torch.cat(scales, 1), torch.cat(zeros, 1)
+            if act_group_aware and not desc_act and group_size:
+                # the k-th group quantized is the natural group of its first column: store the grids,
+                # and g_idx, in natural group order (the checkpoint stays un-permuted)
+                natural = perm[torch.arange(0, columns, g)] // g
+                order = torch.argsort(natural)
+                scales_t, zeros_t = scales_t[:, order], zeros_t[:, order]
+                group_of = natural[group_of]
         return QuantizedLayer(Q[:, invperm].to(torch.int32), scales_t, zeros_t,
                               group_of[invperm].to(torch.int32), bits, damp, float(Losses.sum()))
 

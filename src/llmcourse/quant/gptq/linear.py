@@ -5,9 +5,21 @@ the checkpoint's names, so its ``state_dict`` is the file's. ``forward`` de-quan
 per group, ``W[o, i] = scales[g_idx[i], o] · (q[i, o] - zero[g_idx[i], o])``, then runs
 ``F.linear``; the unpacked codes and zeros are kept (int8, one byte per weight) after the first
 call unless ``cache_codes=False``, so later calls only do the multiply-add of the de-quantization.
+
+Fast decoding (the decoding lab's compiled step, its :class:`DecodePlugin` protocol):
+:meth:`GPTQLinear.decode_parts` hands over the one-byte codes with scales and zeros for *equal*
+groups of consecutive inputs, which the compiled reduction de-quantizes inside its loads (one byte
+read per weight instead of four). GPTQ's groups need not be equal: a width that the group size does
+not divide ends in a shorter group (576 inputs at g128: 4 groups of 128 and one of 64). With
+``g_idx[i] = i // g`` (no act-order; also group-aware reordering) every run of ``s = gcd(g, I)``
+inputs lies in one group, so the same values, repeated, are scales for ``I / s`` equal groups of
+``s`` (576 at g128: 9 groups of 64). Under act-order ``g_idx`` is permuted and no such run exists:
+the layer then offers nothing and the step runs it through its own ``forward``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -34,6 +46,7 @@ class GPTQLinear(nn.Module):
         self.register_buffer("bias", tensors.get("bias"))
         self._codes: torch.Tensor | None = None  # (O, I) int8, unpacked on first use
         self._zeros: torch.Tensor | None = None  # (O, G) int8
+        self._decode: tuple | None = None  # decode_parts(), built once
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes (O, I) int8, scales (O, G) fp32, zeros (O, G) int8 with the v1 +1, g_idx (I,) long):
@@ -45,6 +58,32 @@ class GPTQLinear(nn.Module):
             if self.cache_codes:
                 self._codes, self._zeros = codes, zeros
         return codes, self.scales.float().t(), zeros, self.g_idx.long()
+
+    def equal_groups(self) -> int | None:
+        """The width ``s = gcd(g, I)`` of equal runs of inputs that each lie in one group when ``g_idx``
+        is natural (``g_idx[i] = i // g``); None under act-order (a permuted ``g_idx``)."""
+        g_idx = self.g_idx.long()
+        g = int((g_idx == 0).sum())
+        if g == 0 or not torch.equal(g_idx, torch.arange(self.in_features) // g):
+            return None
+        return math.gcd(g, self.in_features)
+
+    def decode_parts(self) -> tuple | None:
+        """The decoding lab's compiled-step view (``DecodePlugin``): ``(codes (O, I) int8, scale (O, G'),
+        zero (O, G'), bias)`` with ``G' = I / gcd(g, I)`` equal groups (the scales and zeros of each
+        group repeated over its runs), ``W[o, i] = (codes[o, i] - zero[o, i // (I / G')]) · scale[...]``;
+        None under act-order. Built once, from the cached codes (``cache_codes``)."""
+        if self._decode is None:
+            s = self.equal_groups()
+            if s is None:
+                return None
+            codes, scales, zeros, g_idx = self.parts()
+            run_group = g_idx[::s]  # the group of each run of s inputs
+            dtype = self.compute_dtype
+            self._decode = (codes, scales[:, run_group].to(dtype).contiguous(),
+                            zeros[:, run_group].to(dtype).contiguous(),
+                            None if self.bias is None else self.bias.to(dtype))
+        return self._decode
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) weight de-quantized per group."""

@@ -68,6 +68,7 @@ class GPTQConfig:
     group_size: int | None = 128
     sym: bool = True
     desc_act: bool = False  # act-order: columns by decreasing diag(H)
+    act_group_aware: bool = False  # GAR: act-order inside groups and of groups; g_idx stays natural
     static_groups: bool = False  # group grids from the original weights, before any update
     damp: float = 0.01  # the paper's and the notebook's; GPTQModel's default is 0.05
     block_size: int = 128  # lazy batch size
@@ -85,13 +86,16 @@ class GPTQConfig:
             raise UserError(f"--damp must be in (0, 1] (got {self.damp})", "use e.g. 0.01")
         if self.block_size < 1:
             raise UserError(f"--block-size must be >= 1 (got {self.block_size})", "use e.g. 128")
+        if self.act_group_aware and self.desc_act:
+            raise UserError("--act-group-aware and --desc-act are two column orders", "choose one of them")
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
 
     @property
     def name(self) -> str:
         g = f"g{self.group_size}" if self.group_size else "per-row"
-        flags = "".join([" act-order" if self.desc_act else "", " static" if self.static_groups else "",
+        flags = "".join([" act-order" if self.desc_act else "", " GAR" if self.act_group_aware else "",
+                         " static" if self.static_groups else "",
                          "" if self.sym else " asym", " mse" if self.mse else ""])
         return f"{self.method.upper()} {self.bits}-bit {g}{flags}"
 
@@ -102,7 +106,7 @@ class GPTQConfig:
             "group_size": self.group_size or -1, "desc_act": self.desc_act, "sym": self.sym,
             "static_groups": self.static_groups, "true_sequential": self.true_sequential,
             "damp_percent": self.damp, "mse": 2.4 if self.mse else 0.0, "lm_head": False, "pack_dtype": "int32",
-            "meta": {"quantizer": ["llmcourse"], "method": self.method},
+            "meta": {"quantizer": ["llmcourse"], "method": self.method, "act_group_aware": self.act_group_aware},
         }
 
 
@@ -205,7 +209,7 @@ def _quantize_layer(m: nn.Module, cfg: GPTQConfig, H: GPTQ | None) -> tuple[Quan
     if cfg.method == "gptq":
         assert H is not None
         ql = H.quantize(W, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups, cfg.damp,
-                        cfg.block_size, cfg.mse)
+                        cfg.block_size, cfg.mse, cfg.act_group_aware)
     else:
         ql = baseline
     ql.scales = ql.scales.half().float()  # what the checkpoint stores (fp16)

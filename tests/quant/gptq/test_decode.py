@@ -1,0 +1,51 @@
+"""GPTQLinear in the decoding lab's compiled step: equal groups from ragged ones, same greedy tokens as eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcourse.decoding import GenerationConfig, generate
+from llmcourse.decoding import fast_llama as fl
+from llmcourse.quant.gptq.linear import GPTQLinear
+from llmcourse.quant.gptq.model import GPTQConfig, quantize_model
+from llmcourse.quant.gptq.pack import pack_layer
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    """A tiny Llama at 4 bits, g48: its 64- and 128-wide layers end in a shorter group (ragged)."""
+    m = tiny_model("llama", seed=7)
+    windows = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(m, windows, GPTQConfig(bits=4, group_size=48, act_group_aware=True))
+    return m
+
+
+def test_decode_parts_are_the_same_weight_in_equal_groups(quantized):
+    layers = [x for x in quantized.modules() if isinstance(x, GPTQLinear)]
+    assert {x.equal_groups() for x in layers} == {16}  # gcd(48, 64) = gcd(48, 128) = 16
+    for x in layers:
+        codes, scale, zero, bias = x.decode_parts()
+        o, i = codes.shape
+        assert scale.shape == zero.shape == (o, i // 16) and bias is None
+        w = ((codes.float().view(o, -1, 16) - zero[..., None]) * scale[..., None]).view(o, i)
+        assert torch.equal(w, x.dequantize())
+    # act-order: a permuted g_idx has no equal runs, so the layer offers nothing (the step calls forward())
+    g_idx = torch.randperm(64, generator=torch.Generator().manual_seed(0)) // 32
+    t = pack_layer(torch.randint(0, 16, (32, 64)), torch.rand(32, 2), torch.full((32, 2), 8.0), g_idx, 4)
+    assert GPTQLinear(64, 32, 4, t).decode_parts() is None
+
+
+@pytest.mark.skipif(not fl.can_compile(), reason="no C++ compiler for TorchInductor")
+def test_compiled_greedy_equals_eager(quantized, monkeypatch):
+    monkeypatch.setenv("LLMCOURSE_COMPILE", "1")  # tiny models would run uncompiled under "auto"
+    assert fl.compilable(quantized)
+    prompt = [5, 17, 33, 9]
+    with torch.no_grad():  # transformers' loop over GPTQLinear.forward (de-quantized weight, F.linear)
+        ref = quantized.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False)[0, 4:].tolist()
+    out = generate(quantized, None, prompt, GenerationConfig(max_new_tokens=64, eos_token_ids=()))
+    from llmcourse.decoding import engine
+
+    assert out.backend == "fast" and engine._FAST[quantized]["compiled"][1].warm  # the compiled step ran
+    assert out.sequences[0].token_ids == ref
