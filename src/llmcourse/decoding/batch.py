@@ -51,6 +51,11 @@ from llmcourse.decoding.fast_llama import (
 log = logging.getLogger(__name__)
 
 
+def mark_dynamic(t: torch.Tensor, dim: int) -> None:
+    """Compile ``t``'s dimension ``dim`` as a symbol (the attention window): one kernel for every window size."""
+    torch._dynamo.mark_dynamic(t, dim)
+
+
 def batch_layer(x: torch.Tensor, wts: tuple, kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor,
                 pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, *, n_heads: int,
                 n_kv: int, head_dim: int, eps: float) -> torch.Tensor:
@@ -222,6 +227,12 @@ class BatchSession:
             self.step([scratch] * bucket, torch.zeros(bucket, dtype=torch.long))
         self.pos[scratch] = 0
 
+    def window(self, n: int) -> int:
+        """Cache positions the compiled step attends over for ``n`` used ones: ``n`` rounded up to
+        ``CAPACITY_STEP`` (at most the capacity). A window, not the whole cache: reading every
+        slot's full capacity cost more than the weights at 8 rows and 2048 positions."""
+        return min(self.capacity, -(-n // CAPACITY_STEP) * CAPACITY_STEP)
+
     def _compiled_step(self, slots: list[int], tokens: torch.Tensor, bucket: int) -> torch.Tensor:
         f = self.fast
         b = len(slots)
@@ -229,13 +240,18 @@ class BatchSession:
         rows = torch.tensor(slots + [scratch] * (bucket - b))
         pos = torch.tensor([self.pos[s] for s in slots] + [0] * (bucket - b))
         tok = torch.cat((tokens.view(-1), torch.zeros(bucket - b, dtype=torch.long)))
-        mask = torch.zeros(bucket, self.capacity, dtype=f.dtype).masked_fill_(
-            torch.arange(self.capacity).view(1, -1) > pos.view(-1, 1), float("-inf"))
+        window = self.window(max(int(pos.max()), 0) + 1)
+        mask = torch.zeros(bucket, window, dtype=f.dtype).masked_fill_(
+            torch.arange(window).view(1, -1) > pos.view(-1, 1), float("-inf"))
         cos, sin = f.cos[pos], f.sin[pos]  # (B, hd)
         layer, head = compiled_batch_layer(), compiled("head")
+        mark_dynamic(mask, 1)
         x = f.embed(tok)  # (B, H)
         for li, wts in enumerate(f.step_weights):
-            x = layer(x, wts, self.k_cache[li], self.v_cache[li], rows, pos, cos, sin, mask, n_heads=f.n_heads,
+            kc, vc = self.k_cache[li][:, :, :window], self.v_cache[li][:, :, :window]
+            mark_dynamic(kc, 2)
+            mark_dynamic(vc, 2)
+            x = layer(x, wts, kc, vc, rows, pos, cos, sin, mask, n_heads=f.n_heads,
                       n_kv=f.n_kv, head_dim=f.head_dim, eps=f.eps)
         logits = head(x, f.norm, f.head_parts, f.eps)[:b]
         for s in set(slots):
