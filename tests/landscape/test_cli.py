@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -39,6 +40,9 @@ def test_grid_outputs(folders, tmp_path, capsys):
     with np.load(out / "surface.npz") as z:
         assert z["losses"].shape == (3, 3) and z["losses"][1, 1] == data["base_loss"]
     assert json.loads((out / "landscape.json").read_text())["norm"] == "filter"
+    if importlib.util.find_spec("plotly"):
+        assert "surface.html" in data["files"]
+        assert f"{data['losses'][1][1]!r}" in (out / "surface.html").read_text(encoding="utf-8")
     assert not list(tmp_path.glob(".*partial*"))
 
 
@@ -51,6 +55,8 @@ def test_line_towards_model_b(folders, tmp_path, capsys):
     assert data["losses"][0] == data["base_loss"]
     assert data["losses"][-1] == pytest.approx(data["other_losses"]["B"], abs=1e-5)
     assert (out / "line.png").is_file()
+    if importlib.util.find_spec("plotly"):
+        assert "line.html" in data["files"] and (out / "line.html").is_file()
 
 
 @pytest.mark.parametrize("extra", [

@@ -30,7 +30,7 @@ from llmcourse.core.lab import add_parser
 from llmcourse.core.models import LoadedModel, load_model
 from llmcourse.landscape import LAB
 from llmcourse.landscape.directions import IGNORES, NORMS, direction_to, random_direction
-from llmcourse.landscape.plots import contour_png, line_png, surface_html, surface_png
+from llmcourse.landscape.plots import contour_png, line_html, line_png, surface_html, surface_png
 from llmcourse.landscape.surface import batched_loss, flatness, loss_on, sweep_grid, sweep_line
 
 
@@ -160,11 +160,13 @@ def cmd_landscape(args: argparse.Namespace) -> Result:
         if line:
             line_png(xs, z, tmp / "line.png", title, labels[0], marks_line)
             files.append("line.png")
+            if line_html(xs, z, tmp / "line.html", title, labels[0], marks_line):
+                files.append("line.html")
         else:
             contour_png(xs, ys, z, tmp / "contour.png", title, labels, marks_plane)
             surface_png(xs, ys, z, tmp / "surface.png", title)
             files += ["contour.png", "surface.png"]
-            if surface_html(xs, ys, z, tmp / "surface.html", title):
+            if surface_html(xs, ys, z, tmp / "surface.html", title, labels, marks_plane):
                 files.append("surface.html")
         data["files"] = sorted(files)
         write_json(tmp / "landscape.json", data)
@@ -204,7 +206,8 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
         sub, groups, LAB, "landscape", epilog=EXAMPLES,
         description="Evaluate the loss L(a, b) = L(θ0 + a·d1 + b·d2) on a grid (or L(θ0 + a·d1) on a line with "
         "--line) and write --out: surface.npz, surface.csv, landscape.json (settings, base_loss, the grid, seconds "
-        "per point), contour.png + surface.png (or line.png), and surface.html when plotly is installed. "
+        "per point), contour.png + surface.png (or line.png), and, when plotly is installed, surface.html (an "
+        "interactive 3-D surface beside its contour map) or line.html, which work offline. "
         "Random directions are Gaussian (seeded), normalised per filter (Li et al. 2018), per layer or not; "
         "--model-b makes d1 = θ_B − θ_A (a = 0 is A, a = 1 is B), --model-c makes d2 = θ_C − θ_A. Each point is set "
         "from a kept copy of the weights (no drift); an interrupted run resumes when rerun with the same options.")

@@ -1,5 +1,6 @@
-"""Pictures of a landscape: matplotlib contour and 3-D surface PNGs, a line plot, and an interactive
-3-D surface HTML (plotly's script embedded, so it works offline) when plotly is installed."""
+"""Pictures of a landscape: matplotlib contour and 3-D surface PNGs and a line plot, and, when plotly is
+installed, interactive HTML pages (a 3-D surface beside its contour map, or a line) with plotly's script
+embedded, so they work offline."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmcourse.core.io import write_text
 from llmcourse.core.report import pyplot
 
 
@@ -66,14 +68,47 @@ def plotly_available() -> bool:
     return importlib.util.find_spec("plotly") is not None
 
 
-def surface_html(xs: np.ndarray, ys: np.ndarray, z: np.ndarray, path: Path, title: str = "") -> bool:
-    """An interactive 3-D surface with plotly's script embedded (no CDN); False when plotly is absent."""
+def surface_html(xs: np.ndarray, ys: np.ndarray, z: np.ndarray, path: Path, title: str = "",
+                 labels: tuple[str, str] = ("α (d1)", "β (d2)"),
+                 marks: dict[str, tuple[float, float]] | None = None) -> bool:
+    """An interactive page: the 3-D surface (drag to turn it) beside its contour map, plotly's script
+    embedded (works offline), written atomically; False when plotly is absent. The grid goes in as plain
+    lists, so the page's JSON holds the losses as numbers."""
+    if not plotly_available():
+        return False
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    x, y, zz = np.asarray(xs).tolist(), np.asarray(ys).tolist(), np.asarray(z).tolist()
+    fig = make_subplots(rows=1, cols=2, specs=[[{"type": "surface"}, {"type": "xy"}]], column_widths=[0.55, 0.45],
+                        subplot_titles=("surface", "contour"))
+    fig.add_trace(go.Surface(x=x, y=y, z=zz, colorscale="Viridis", showscale=False,
+                             contours={"z": {"show": True, "usecolormap": True, "project": {"z": True}}},
+                             hovertemplate="α %{x:.3g}<br>β %{y:.3g}<br>loss %{z:.5g}<extra></extra>"), 1, 1)
+    fig.add_trace(go.Contour(x=x, y=y, z=zz, colorscale="Viridis", ncontours=30, colorbar={"title": "loss"},
+                             hovertemplate="α %{x:.3g}<br>β %{y:.3g}<br>loss %{z:.5g}<extra></extra>"), 1, 2)
+    for name, (mx, my) in (marks or {"θ0": (0.0, 0.0)}).items():
+        fig.add_trace(go.Scatter(x=[mx], y=[my], mode="markers+text", text=[name], textposition="top right",
+                                 marker={"color": "red", "symbol": "star", "size": 12}, showlegend=False), 1, 2)
+    fig.update_layout(title=title or "loss surface", height=620,
+                      scene={"xaxis_title": labels[0], "yaxis_title": labels[1], "zaxis_title": "loss"})
+    fig.update_xaxes(title_text=labels[0], row=1, col=2)
+    fig.update_yaxes(title_text=labels[1], row=1, col=2)
+    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
+    return True
+
+
+def line_html(xs: np.ndarray, losses: np.ndarray, path: Path, title: str = "", xlabel: str = "α",
+              marks: dict[str, float] | None = None) -> bool:
+    """An interactive line plot (plotly, script embedded), written atomically; False without plotly."""
     if not plotly_available():
         return False
     import plotly.graph_objects as go
 
-    fig = go.Figure(data=[go.Surface(x=xs, y=ys, z=z, colorscale="Viridis")])
-    fig.update_layout(title=title or "loss surface", scene={"xaxis_title": "α", "yaxis_title": "β",
-                                                            "zaxis_title": "loss"})
-    Path(path).write_text(fig.to_html(include_plotlyjs=True, full_html=True), encoding="utf-8")
+    fig = go.Figure(go.Scatter(x=np.asarray(xs).tolist(), y=np.asarray(losses).tolist(), mode="lines+markers",
+                               hovertemplate="α %{x:.4g}<br>loss %{y:.5g}<extra></extra>"))
+    for name, x in (marks or {"θ0": 0.0}).items():
+        fig.add_vline(x=x, line_dash="dash", line_color="red", annotation_text=name)
+    fig.update_layout(title=title or "loss along a line", xaxis_title=xlabel, yaxis_title="loss")
+    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
     return True

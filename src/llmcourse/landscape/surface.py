@@ -55,9 +55,17 @@ def loss_on(ids: torch.Tensor) -> LossFn:
 
 
 class Perturbation:
-    """Sets ``w = w0 + Σ_k c_k·d_k`` from a kept copy of the weights; restores them bit for bit on exit.
+    """Weights ``w = w0 + Σ_k c_k·d_k`` seen by the forward, set per module just before it runs; the
+    stored weights ``w0`` are never written.
 
-    Use as ``with Perturbation(model, [d1, d2]) as p: p.set((a, b)); loss(model)``.
+    Use as ``with Perturbation(model, [d1, d2]) as p: p.set((a, b)); loss(model)``. :meth:`set` only
+    records the coefficients (and, when ``c_1..`` change, the row ``r = w0 + Σ_{k≥1} c_k d_k``); a forward
+    pre-hook on each module that owns a moving parameter points the parameter at a scratch tensor
+    ``t = r + c_0·d_0`` (``torch.add(r, d0, alpha=c0, out=t)``) and the post-hook points it back at ``w0``.
+    One scratch tensor per shape serves every block, so it stays in cache and a point costs two reads of
+    ``r`` and ``d0`` (the forward then reads ``t`` from cache); an embedding only fills the rows of its
+    input ids. A parameter whose module's forward never ran (used outside its module) is set eagerly
+    in a full-size buffer instead (found after the first point, which is then evaluated again).
     """
 
     def __init__(self, model: nn.Module, directions: Sequence[Direction]) -> None:
@@ -68,20 +76,72 @@ class Perturbation:
         # only tensors that some direction moves: ignored ones (all-zero directions) stay untouched
         self.moving = [n for n in self.params if any(bool(d[n].any()) for d in directions)]
         self.directions = [{n: d[n] for n in self.moving} for d in directions]
+        by_id = {id(self.params[n]): n for n in self.moving}
+        self.owners: list[tuple[nn.Module, list[str]]] = []
+        for m in model.modules():
+            own = [by_id[id(p)] for p in m.parameters(recurse=False) if id(p) in by_id]
+            if own:
+                self.owners.append((m, own))
         self.w0: dict[str, torch.Tensor] = {}
+        self.eager: set[str] = set()  # parameters set in full before the forward (not through a hook)
+        self._seen: set[str] = set()
         self._rest: dict[str, torch.Tensor] = {}  # w0 + Σ_{k≥1} c_k d_k for the current row
         self._rest_key: tuple[float, ...] | None = None
+        self._full: dict[str, torch.Tensor] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._c0 = 0.0
+        self._src: dict[str, torch.Tensor] = {}
+        self._hooks: list[Any] = []
 
     def __enter__(self) -> Perturbation:
-        self.w0 = {n: self.params[n].detach().clone() for n in self.moving}
+        self.w0 = {n: self.params[n].data for n in self.moving}
+        self._src = self.w0
+        for m, names in self.owners:
+            self._hooks.append(m.register_forward_pre_hook(self._pre_hook(names)))
+            self._hooks.append(m.register_forward_hook(self._post_hook(names)))
         return self
+
+    def _target(self, n: str) -> torch.Tensor:
+        w = self.w0[n]
+        key = (tuple(w.shape), w.dtype, w.device)
+        t = self._scratch.get(key)
+        if t is None:
+            t = self._scratch[key] = torch.empty_like(w)
+        return t
+
+    def _value(self, n: str, out: torch.Tensor) -> torch.Tensor:
+        if self._c0 == 0:
+            return self._src[n]
+        return torch.add(self._src[n], self.directions[0][n], alpha=self._c0, out=out)
+
+    def _pre_hook(self, names: list[str]) -> Callable[..., None]:
+        @torch.no_grad()
+        def hook(m: nn.Module, args: tuple) -> None:
+            for n in names:
+                if n in self.eager:
+                    continue
+                self._seen.add(n)
+                if isinstance(m, nn.Embedding) and args and isinstance(args[0], torch.Tensor) and self._c0 != 0:
+                    rows = args[0].reshape(-1).unique()
+                    t = self._target(n)
+                    t.index_copy_(0, rows, torch.add(self._src[n][rows], self.directions[0][n][rows],
+                                                     alpha=self._c0))
+                else:
+                    t = self._value(n, self._target(n))
+                self.params[n].data = t
+        return hook
+
+    def _post_hook(self, names: list[str]) -> Callable[..., None]:
+        def hook(m: nn.Module, args: tuple, out: Any) -> None:
+            for n in names:
+                if n not in self.eager:
+                    self.params[n].data = self.w0[n]
+        return hook
 
     @torch.no_grad()
     def set(self, coeffs: Sequence[float]) -> None:
-        """Weights to ``(w0 + Σ_{k≥1} c_k d_k) + c_0 d_0`` (exactly ``w0`` where every ``c_k`` is 0).
-
-        The bracket is kept while ``c_1..`` stay the same (a row of a grid), so a point of the row reads
-        two tensors and writes one, whatever came before it."""
+        """The forward's weights to ``(w0 + Σ_{k≥1} c_k d_k) + c_0 d_0`` (exactly ``w0`` where every
+        ``c_k`` is 0). The bracket is kept while ``c_1..`` stay the same (a row of a grid)."""
         if len(coeffs) != len(self.directions):
             raise ValueError(f"{len(coeffs)} coefficients for {len(self.directions)} directions")
         c0, rest = float(coeffs[0]), tuple(float(c) for c in coeffs[1:])
@@ -97,22 +157,29 @@ class Perturbation:
                         r.add_(d[n], alpha=c)
                 self._rest_key = rest
             src = self._rest
-        d0 = self.directions[0]
-        for n in self.moving:
-            w = self.params[n].data
-            if c0 == 0:
-                w.copy_(src[n])
-            else:
-                torch.add(src[n], d0[n], alpha=c0, out=w)
+        self._c0, self._src = c0, src
+        self._seen = set()
+        for n in self.eager:
+            if n not in self._full:
+                self._full[n] = torch.empty_like(self.w0[n])
+            self.params[n].data = self._value(n, self._full[n])
 
-    @torch.no_grad()
+    def unseen(self) -> list[str]:
+        """Moving parameters no hook set since the last :meth:`set`; they become eager from now on."""
+        missed = [n for n in self.moving if n not in self.eager and n not in self._seen]
+        self.eager.update(missed)
+        return missed
+
     def restore(self) -> None:
         for n in self.moving:
-            self.params[n].data.copy_(self.w0[n])
+            self.params[n].data = self.w0[n]
 
     def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
         self.restore()
-        self.w0, self._rest, self._rest_key = {}, {}, None
+        self._hooks, self._rest, self._rest_key, self._full, self._scratch = [], {}, None, {}, {}
+        self.w0, self._src = {}, {}
 
 
 def _load_state(path: Path | None, key: str, n: int) -> np.ndarray:
@@ -154,10 +221,15 @@ def sweep(model: nn.Module, loss_fn: LossFn, directions: Sequence[Direction], co
     bar = progress(total=len(coeffs), initial=len(coeffs) - len(todo), desc=desc, unit="pt")
     try:
         with Perturbation(model, directions) as p:
-            for i in todo:
+            for k, i in enumerate(todo):
                 t0 = time.perf_counter()
                 p.set(coeffs[i].tolist())
                 losses[i] = loss_fn(model)
+                if k == 0 and (missed := p.unseen()):
+                    log.info("%d parameter(s) used outside their module's forward are set in full: %s",
+                             len(missed), ", ".join(missed[:3]))
+                    p.set(coeffs[i].tolist())
+                    losses[i] = loss_fn(model)
                 seconds[i] = time.perf_counter() - t0
                 bar.update(1)
                 if path is not None and time.perf_counter() - last_save > save_every:
