@@ -67,41 +67,51 @@ AUTO_MIN_BYTES = 32 * 2**20  # "auto" compiles the step for models with at least
 
 
 class Projection:
-    """``y = x W^T + b`` on the eager path: plain ``nn.Linear`` modules fused along the outputs, else ``module(x)``.
+    """``y = x W^T + b`` on the eager path, with the modules' own weights (no copies): plain ``nn.Linear``
+    modules through :func:`matvec`, any other module as ``module(x)``.
 
-    ``fuse=True`` stores ``Wt = W^T`` contiguous and runs ``x @ Wt`` (full bandwidth for one row,
-    a plain GEMM for several). ``fuse=False`` calls the modules themselves (``F.linear`` for an
-    ``nn.Linear``; its own kernel for a swapped module such as the 8-bit lab's ``Int8Linear``).
+    ``fuse=True`` reads the ``nn.Linear`` weights in place, in their usual (out, in) layout;
+    ``fuse=False`` calls the modules themselves (``F.linear`` for an ``nn.Linear``; its own kernel
+    for a swapped module such as the 8-bit lab's ``Int8Linear``). Several modules (q, k, v) return
+    one output each.
     """
 
     def __init__(self, modules: list[nn.Module], fuse: bool = True) -> None:
         self.fused = fuse and all(type(m) is nn.Linear for m in modules)
         self.sizes = [getattr(m, "out_features", None) for m in modules]
-        self.wt = self.bias = None
-        self.modules: list[nn.Module] = []
-        if not self.fused:
-            self.modules = modules
-            return
-        w = torch.cat([m.weight.detach() for m in modules], dim=0) if len(modules) > 1 else modules[0].weight.detach()
-        self.wt = w.t().contiguous()  # (in, out): streams at full bandwidth for one row
-        if any(m.bias is not None for m in modules):
-            self.bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=w.dtype)
-                                   for m in modules])
+        self.modules = modules
+        # references to the modules' tensors, never copies: the session holds one layout of each weight
+        self.weights = [m.weight.detach() for m in modules] if self.fused else []
+        self.biases = [None if m.bias is None else m.bias.detach() for m in modules] if self.fused else []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if not self.fused:
             outs = [m(x) for m in self.modules]
-            return outs[0] if len(outs) == 1 else outs
-        rows = x.shape[0] if x.dim() == 2 else 0
-        if 1 < rows <= SMALL_BATCH:
-            # beams: one-row products, row by row. MKL's GEMM for 2-8 rows was 1.8x slower here
-            # than 4 separate one-row passes over the weight (36 ms vs 20 ms for the 49152 x 576 head).
-            y = torch.cat([x[i:i + 1] @ self.wt for i in range(rows)])
         else:
-            y = x @ self.wt
-        if self.bias is not None:
-            y = y + self.bias
-        return y if len(self.sizes) == 1 else list(y.split(self.sizes, dim=-1))
+            outs = [matvec(w, x) if b is None else matvec(w, x) + b
+                    for w, b in zip(self.weights, self.biases, strict=True)]
+        return outs[0] if len(outs) == 1 else outs
+
+
+MATVEC_CHUNKS = 8  # a few-row product splits W's output rows into this many batches (see matvec)
+
+
+def matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` with ``W`` (O, I) in its usual layout: ``x`` (..., I) -> (..., O).
+
+    For one to :data:`SMALL_BATCH` rows, ``W`` is viewed as ``MATVEC_CHUNKS`` stacked (O/8, I) blocks
+    and multiplied by ``torch.bmm``: here that runs at the bandwidth of ``x @ W^T`` with ``W^T``
+    stored transposed (``F.linear`` for one row reads (O, I) at half that, shared/MACHINE.md), so no
+    transposed copy of the weights is needed. More rows (a prompt) take ``F.linear``'s GEMM.
+    """
+    o, i = w.shape
+    rows = x.reshape(-1, i)
+    b = rows.shape[0]
+    if b > SMALL_BATCH or o % MATVEC_CHUNKS or not w.is_contiguous():
+        return F.linear(x, w)
+    y = torch.bmm(w.view(MATVEC_CHUNKS, o // MATVEC_CHUNKS, i), rows.t().expand(MATVEC_CHUNKS, i, b))
+    y = y.reshape(o, b).t()  # (B, O)
+    return (y if b == 1 else y.contiguous()).view(*x.shape[:-1], o)
 
 
 # --- the compiled decode step ------------------------------------------------------------------

@@ -180,6 +180,19 @@ def gguf_tokenizer(kvs: list[KV]) -> Any:
                         "re-convert the model with its tokenizer") from e
 
 
+def _q8_0_fp32(raw: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks (34 bytes: an fp16 scale ``d``, then 32 int8 codes ``q``) -> fp32 ``d * q``, in one pass.
+
+    The same values as the ggml de-quantizer (``float(q) * float(d)`` in fp32), read straight from
+    the mapped bytes: one multiply writes the output, with no copy of the codes or float temporary.
+    """
+    blocks = raw.reshape(-1, 34)
+    d = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)  # (n_blocks, 1)
+    out = np.empty((blocks.shape[0], 32), dtype=np.float32)
+    np.multiply(blocks[:, 2:].view(np.int8), d, out=out, dtype=np.float32)
+    return out
+
+
 def _tensor_fp32(mm: np.ndarray, t: TensorInfo) -> torch.Tensor:
     """One tensor of the mapped file as fp32 (rows, n_per_row): F32 read in place, the rest de-quantized."""
     raw = mm[t.offset:t.offset + t.nbytes]
@@ -190,6 +203,8 @@ def _tensor_fp32(mm: np.ndarray, t: TensorInfo) -> torch.Tensor:
         arr = raw.view(np.float16).astype(np.float32).reshape(-1, n)
     elif t.qtype == QT.BF16:
         arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(-1, n)
+    elif t.qtype == QT.Q8_0:
+        arr = _q8_0_fp32(raw)
     elif t.qtype in KERNELS:
         arr = dequantize(raw.reshape(-1, row_bytes(t.qtype, n)), t.qtype)
     else:  # a type we have no kernel for: gguf-py's numpy de-quantizer
