@@ -256,8 +256,8 @@ def main() -> None:
     rss_max = max([s[1] for s in samples] + [rss_end])
     idle_ok = idle.get("queue_depth") == 0 and idle.get("batch_size") == 0 and idle.get("free_slots") == args.max_batch
     row = {"requests sent": len(results), "of": args.requests, **counts,
-           "tokens": sum(r["tokens"] for r in results), "wall s": wall,
-           "RSS after warm-up MiB": rss_warm, "RSS end MiB": rss_end, "RSS max MiB": rss_max,
+           "tokens": sum(r["tokens"] for r in results), "wall s": round(wall),
+           "RSS after warm-up MiB": round(rss_warm), "RSS end MiB": round(rss_end), "RSS max MiB": round(rss_max),
            "RSS change": f"{growth:+.1%}"}
     print(row, file=sys.stderr)
     refused = [r.get("status") for r in results if r["class"] == "refused"]
@@ -271,8 +271,8 @@ def main() -> None:
              f"{sum(s in (400, 413) for s in refused)} x 400/413 for the malformed or too-long requests.",
              f"Resident memory {rss_warm:.0f} MiB after warm-up, {rss_end:.0f} MiB at the end ({growth:+.1%}; "
              f"target within 10%), {rss_max:.0f} MiB at most.",
-             f"After the load: queue depth {idle.get('queue_depth')}, batch size {idle.get('batch_size')}, "
-             f"free slots {idle.get('free_slots')} of {args.max_batch}; server {'alive' if alive else 'DEAD'}."]
+             f"After the load: queue depth {idle.get('queue_depth', 0):.0f}, batch size {idle.get('batch_size', 0):.0f}, "
+             f"free slots {idle.get('free_slots', 0):.0f} of {args.max_batch}; server {'alive' if alive else 'DEAD'}."]
     if why:
         notes.append("Errors / broken streams: " + ", ".join(f"{k} x{v}" for k, v in sorted(why.items())))
     if args.quick:
