@@ -8,7 +8,7 @@ import torch
 
 from llmcourse.core.modules import linear_weight
 from llmcourse.landscape.directions import direction_to, perturbed_parameters, random_direction
-from llmcourse.landscape.surface import batched_loss, loss_on, sweep, sweep_grid, sweep_line
+from llmcourse.landscape.surface import Perturbation, batched_loss, loss_on, sweep, sweep_grid, sweep_line
 from tests.conftest import tiny_model
 
 
@@ -167,3 +167,47 @@ def test_plane_points_independent_of_history():
     assert z[0] == z[3] and z[2] == batched_loss(model, ids)
     z_alone, _ = sweep(model, loss_on(ids), [d1, d2], pts[4:])
     assert z_alone[0] == z[4]
+
+
+def test_kept_rows_and_summed_rows_give_the_same_bits():
+    model = tiny_model("llama")
+    ids = _ids()
+    d1, d2 = random_direction(model, 1), random_direction(model, 2)
+    pts = [(0.5, 0.25), (-0.3, 0.25), (0.0, 0.25), (0.7, -0.5), (0.0, 0.0)]
+    out = {}
+    for keep in (True, False):
+        with Perturbation(model, [d1, d2], keep_rows=keep) as p:
+            out[keep] = []
+            for c in pts:
+                p.set(c)
+                out[keep].append(batched_loss(model, ids))
+    assert out[True] == out[False]
+    assert out[True][4] == batched_loss(model, ids)
+
+
+class _Outside(torch.nn.Module):
+    """Uses its inner layer's weight outside that layer's forward (no hook sees it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.inner.weight)
+
+
+def test_parameter_used_outside_its_module_is_set_eagerly():
+    model = _Outside()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    d = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    snap = _snapshot(model)
+
+    def loss(m):
+        with torch.no_grad():
+            return float(m(x).sum())
+
+    z, _ = sweep_line(model, loss, d, np.array([1.0, 0.0, 2.0]))
+    w = snap["inner.weight"]
+    assert z[0] == pytest.approx(float(torch.nn.functional.linear(x, w + 1).sum()), rel=1e-6)
+    assert z[1] == loss(model) and z[2] == pytest.approx(float(torch.nn.functional.linear(x, w + 2).sum()), rel=1e-6)
+    assert _identical(model, snap)
