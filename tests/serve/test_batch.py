@@ -10,6 +10,7 @@ from serve_helpers import byte_tokenizer, server, tiny_folder, tiny_lm, tiny_mod
 
 from llmcourse.decoding import (
     BatchRequest,
+    BatchSession,
     ContinuousBatcher,
     FastLlama,
     GenerationConfig,
@@ -94,11 +95,19 @@ def test_compiled_step_equals_eager(lm):
     if not can_compile():
         pytest.skip("no C++ compiler for torch.compile")
     model, tok = lm
-    reqs = [(tok(p).input_ids, GenerationConfig(max_new_tokens=10), 1) for p in PROMPTS[:3]]
-    eager = run_all(ContinuousBatcher(model, tok, max_batch=2, ctx=64, matvec="mm", eos_token_ids=[]), reqs)
-    b = ContinuousBatcher(FastLlama(model, matvec="compiled"), tok, max_batch=2, ctx=64, eos_token_ids=[])
+    # the last prompt's answer crosses the attention window's first boundary (64 -> 128 positions)
+    reqs = [(tok(p).input_ids, GenerationConfig(max_new_tokens=10), 1) for p in [*PROMPTS[:3], "ab " * 29]]
+    eager = run_all(ContinuousBatcher(model, tok, max_batch=2, ctx=128, matvec="mm", eos_token_ids=[]), reqs)
+    b = ContinuousBatcher(FastLlama(model, matvec="compiled"), tok, max_batch=2, ctx=128, eos_token_ids=[])
     assert b.session.compiled
     assert run_all(b, reqs) == eager
+
+
+def test_attention_window(lm):
+    """The compiled step attends over the used positions rounded up to 64, never past the capacity."""
+    model, _ = lm
+    s = BatchSession(FastLlama(model, matvec="mm"), 2, 200)
+    assert [s.window(n) for n in (1, 64, 65, 130, 199, 200)] == [64, 64, 128, 192, 200, 200]
 
 
 def test_queue_bound_and_bad_requests(lm):
