@@ -5,9 +5,12 @@ Rows: greedy, sampling (temperature 0.8, top-k 50, top-p 0.95) and beam-4 agains
 ``generate()``; greedy against llama-cpp-python on an F32 GGUF of the same weights (written by
 the GGUF lab's converter). Medians of ``--runs`` runs; every generation is forced to 64 steps
 (EOS does not stop it) except beam search, which both sides run with identical semantics.
-Also prints the memory-bandwidth bound: weight bytes read per token / measured read bandwidth.
+Also prints the memory-bandwidth bound: weight bytes read per token / measured read bandwidth,
+and the peak memory of one greedy generation per step path (``mm``, ``compiled``), each in a fresh
+process: its peak RSS (VmHWM, which includes the Python + torch + transformers runtime), and the
+peak minus the RSS after those imports, against the weights' bytes.
 
-    .venv/bin/python bench/decoding.py [--runs 5] [--threads 2]
+    .venv/bin/python bench/decoding.py [--runs 5] [--threads 2] [--memory-only]
 
 Absolute speeds on a shared 2-core machine are noisy: read the ratios, which come from
 interleaved runs of both sides.
@@ -16,7 +19,10 @@ interleaved runs of both sides.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp row")
     ap.add_argument("--no-eager", action="store_true", help="skip the uncompiled ('mm') fast-path row")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-memory table (two processes, ~1 min)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    memory = memory_table(args.threads)
+    print(memory)
+    if args.memory_only:
+        return 0
 
     from llmcourse.core.models import load_model
     from llmcourse.decoding import FastLlama, GenerationConfig, generate, prepare
@@ -177,12 +188,60 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if note:
         lines += ["", note]
+    lines += ["", memory]
     table = "\n".join(lines)
     print(table)
     from llmcourse.core.io import write_text
 
     write_text(ROOT / "results" / "decoding.md", table + "\n")
     return 0
+
+
+MEMORY_PROBE = """
+import json, sys
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+from llmcourse.core.models import import_runtime, load_model
+import_runtime()
+import llmcourse.decoding
+after_imports = status("VmRSS")
+from llmcourse.decoding import GenerationConfig, generate
+lm = load_model("default")
+out = generate(lm.model, lm.tokenizer, "I have a dream", GenerationConfig(max_new_tokens=64, eos_token_ids=()))
+print(json.dumps({"peak": status("VmHWM"), "after_imports": after_imports, "tokens": out.steps,
+                  "weights": sum(p.numel() * p.element_size() for p in lm.model.parameters())}))
+"""
+
+
+def peak_memory(matvec: str, threads: int) -> dict:
+    """Peak RSS of a fresh process that loads the default model and generates 64 tokens on ``matvec``."""
+    env = {**os.environ, "LLMCOURSE_COMPILE": "1" if matvec == "compiled" else "0"}
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(threads)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def memory_table(threads: int) -> str:
+    rows = []
+    for matvec in ("mm", "compiled"):
+        m = peak_memory(matvec, threads)
+        above = m["peak"] - m["after_imports"]
+        rows.append(f"| {matvec} | {m['peak'] / 2**20:.0f} MiB | {m['after_imports'] / 2**20:.0f} MiB | "
+                    f"{above / 2**20:.0f} MiB | {m['weights'] / 2**20:.0f} MiB | {above / m['weights']:.2f}x |")
+        print(f"memory {matvec}: {rows[-1]}", file=sys.stderr)
+    return "\n".join([
+        f"Peak memory of one greedy generation ({N_NEW} tokens, default model fp32), a fresh process per step "
+        "path. Peak RSS includes the Python + torch + transformers runtime; 'after imports' is the RSS once "
+        "torch, transformers' model/tokenizer modules and llmcourse.decoding are imported, before the model loads.",
+        "",
+        "| step path | peak RSS | RSS after imports | peak - imports | weights | (peak - imports) / weights |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ])
 
 
 def timed_once(fn) -> list[float]:

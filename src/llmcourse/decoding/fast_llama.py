@@ -19,9 +19,10 @@ Two ways to run a decode step (one new token per row), chosen by ``matvec``:
   RoPE, the cache write and attention fuse into a few loops around it. Several rows (beams)
   share each weight tile while it is in cache. The KV cache is a static tensor; attention runs
   over all of it with a mask, so each cache size (rounded up to 64) compiles once.
-- ``mm`` (no compiler needed): eager PyTorch, ~15 operations per layer, with the weights stored
-  transposed, ``x @ Wt`` with ``Wt`` (in, out): a one-row ``x @ W.T`` in the usual layout runs
-  on one core at half the bandwidth (shared/MACHINE.md).
+- ``mm`` (no compiler needed): eager PyTorch, ~20 operations per layer, reading the model's own
+  weights in their (out, in) layout through :func:`matvec` (a chunked ``torch.bmm``): a one-row
+  ``F.linear`` runs on one core at half the bandwidth (shared/MACHINE.md), and a transposed copy
+  of every weight would double the memory.
 
 Prompts (prefill) always run eagerly: many rows make the products compute-bound, where
 ``F.linear``'s GEMM is the right tool.
@@ -315,8 +316,7 @@ class DecodeSession:
 class FastLlama:
     """Our forward of a Llama-family HF model with a static KV cache (see module docstring).
 
-    Holds the weights only (shared with, or transposed copies of, the HF model's; the HF model is
-    not modified). State lives in a :class:`DecodeSession`: ``s = fast.session(rows, capacity)``,
+    Holds the weights only (the HF model's own tensors, never copies; the HF model is not modified). State lives in a :class:`DecodeSession`: ``s = fast.session(rows, capacity)``,
     ``s.prefill(prompt)``, ``s.step(tokens)``.
     """
 
@@ -345,7 +345,7 @@ class FastLlama:
             log.info("some projections have no compiled form: FastLlama runs them eagerly (matvec 'mm')")
             matvec = "mm"
         self.matvec = matvec
-        fuse = matvec == "mm"  # the compiled step reads the modules' own weights: no copies
+        fuse = matvec == "mm"  # matvec() on the nn.Linear weights; the compiled step reads them itself
         self.layers = []
         self.step_weights: list[tuple] = []  # per layer, the tensors decode_layer reads
         for blk in inner.layers:
