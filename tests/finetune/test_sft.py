@@ -252,3 +252,59 @@ def test_merge_writes_a_gguf_that_loads_back(tok, base_dir, tmp_path, capsys):  
     err = capsys.readouterr().err.strip()
     assert "GGUF export" in err and len(err.splitlines()) == 1
     assert not bad.exists() and not (tmp_path / "bad-gguf").exists()
+
+
+def test_fused_lora_forward_and_grads_equal_peft():
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    from llmcourse.finetune.fused import FusedLoraLinear
+
+    pm = add_lora(small_model(), LoraSettings(r=4, alpha=8, dropout=0.0))
+    layers = [m for m in pm.modules() if isinstance(m, PeftLoraLinear)]
+    assert layers and all(type(m) is FusedLoraLinear for m in layers)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(0, 1000, (2, 9))
+    pm.train()
+
+    def run():
+        out = pm(input_ids=ids).logits
+        out.square().mean().backward()
+        g = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+        pm.zero_grad(set_to_none=True)
+        return out.detach(), g
+
+    fused = run()
+    for m in layers:
+        m.__class__ = PeftLoraLinear
+    ref = run()
+    torch.testing.assert_close(fused[0], ref[0], atol=1e-5, rtol=1e-5)
+    for n in ref[1]:
+        torch.testing.assert_close(fused[1][n], ref[1][n], atol=1e-6, rtol=1e-4)
+
+
+def test_padding_free_and_checkpointing_give_the_padded_loss_and_grads(tok):  # noqa: F811
+    from llmcourse.finetune.trainer import batch_tensors, set_checkpointing
+
+    pm = add_lora(small_model(), LoraSettings(r=4, alpha=8, dropout=0.0))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    rows = pad_rows(_examples(tok, 4))
+    pm.train()
+    results = []
+    for pf, ckpt in ((False, False), (True, False), (True, True)):
+        cfg = TrainConfig(padding_free=pf, gradient_checkpointing=ckpt)
+        b = batch_tensors(rows, tok.pad_token_id, cfg)
+        assert b["input_ids"].shape[0] == (1 if pf else 4)
+        set_checkpointing(pm, ckpt)
+        s, n = loss_sum(pm, b)
+        (s / n).backward()
+        results.append((float(s / n), {k: p.grad.clone() for k, p in pm.named_parameters() if p.requires_grad}))
+        pm.zero_grad(set_to_none=True)
+    set_checkpointing(pm, False)
+    for loss, grads in results[1:]:
+        assert abs(loss - results[0][0]) < 1e-5
+        for k, g in grads.items():
+            torch.testing.assert_close(g, results[0][1][k], atol=1e-6, rtol=1e-4)

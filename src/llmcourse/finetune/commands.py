@@ -48,7 +48,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             base[k] = v
     return TrainConfig(**base, max_steps=args.max_steps, seq_len=args.seq_len, packing=args.packing,
                        full_loss=args.full_loss, eval_every=args.eval_every, save_every=args.save_every,
-                       seed=args.seed)
+                       seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
 
 
 def _processes(args: argparse.Namespace) -> Result:
@@ -215,6 +215,9 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--packing", action="store_true",
                    help="pack examples into rows of --seq-len (own position ids, block-diagonal mask)")
     p.add_argument("--full-loss", action="store_true", help="loss on every token, prompt included")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder block in the backward: less memory, about one more forward "
+                   "(default: off)")
     p.add_argument("--lora-r", type=_int, default=16, help="LoRA rank r (default: 16)")
     p.add_argument("--lora-alpha", type=_float, default=None, help="LoRA alpha; scale alpha/r (default: 2 r)")
     p.add_argument("--lora-dropout", type=_float, default=0.05, help="dropout on the LoRA input (default: 0.05)")

@@ -102,9 +102,13 @@ def add_lora(model: nn.Module, settings: LoraSettings, method: str = "lora") -> 
     targets = resolve_targets(model, settings.targets)
     if method == "qlora":
         quantize_base_nf4(model)
+    from llmcourse.finetune.fused import fuse_lora
+
     for p in model.parameters():
         p.requires_grad_(False)
-    return get_peft_model(model, peft_config(settings, targets))
+    peft_model = get_peft_model(model, peft_config(settings, targets))
+    fuse_lora(peft_model)  # same function, fewer passes over the activations
+    return peft_model
 
 
 def prepare_full(model: nn.Module) -> nn.Module:

@@ -213,6 +213,17 @@ def pack_rows(examples: list[Tokenized], seq_len: int) -> list[Row]:
     return rows
 
 
+def join_rows(rows: list[Row]) -> Row:
+    """``rows`` end to end as one packed row (segments renumbered): a padding-free batch."""
+    out = Row([], [], [])
+    for r in rows:
+        base = out.segments[-1] if out.segments else 0
+        out.input_ids += r.input_ids
+        out.labels += r.labels
+        out.segments += [base + s for s in r.segments]
+    return out
+
+
 def collate(rows: list[Row], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
     """A batch: ``input_ids``, ``labels`` (B, T); padded: ``attention_mask`` (B, T); packed: ``position_ids``
     (B, T) restarting at each sample and a 4-D boolean block-causal ``attention_mask`` (B, 1, T, T)."""

@@ -19,6 +19,12 @@ With a TensorBoard log folder, rank 0 also writes an event file (``torch.utils.t
 ``train/loss``, ``train/learning_rate``, ``train/tokens_per_s``, ``train/grad_norm``, and ``eval/loss``
 where measured; a resumed run continues the same curve (``purge_step`` drops events past the checkpoint).
 
+Padding-free batches (the default without ``--packing``): the micro-batch's examples are laid end to
+end in one row, each with its own position ids and a block-diagonal causal mask (``collate`` of one packed
+row), so no pad token is computed and the loss is the one of the padded batch. Gradient checkpointing
+(``gradient_checkpointing``) keeps only each decoder block's input and recomputes the block in the backward
+(transformers' non-reentrant ``torch.utils.checkpoint``): less activation memory for one more forward.
+
 Multi-process (``torchrun`` / ``accelerate launch``, gloo on CPUs): each process takes every
 ``world``-th row of each batch, the token count is summed over processes and gradients are all-reduced
 (summed), so the update equals the single-process one with the same global batch.
@@ -41,7 +47,7 @@ from torch import nn
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, atomic_file
 from llmcourse.core.progress import progress
-from llmcourse.finetune.sft_data import IGNORE, Row, collate, count_tokens
+from llmcourse.finetune.sft_data import IGNORE, Row, collate, count_tokens, join_rows
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,8 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs
     seq_len: int = 256
     packing: bool = False
+    padding_free: bool = True  # one row per micro-batch, no pad tokens (same function as padding)
+    gradient_checkpointing: bool = False  # recompute each decoder block in the backward
     full_loss: bool = False
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
@@ -142,10 +150,28 @@ def eval_loss(model: nn.Module, rows: list[Row], cfg: TrainConfig, pad_id: int) 
     total, n = 0.0, 0
     batches = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     for b in batches[: cfg.eval_batches]:
-        s, k = loss_sum(model, collate(b, pad_id, cfg.packing))
+        s, k = loss_sum(model, batch_tensors(b, pad_id, cfg))
         total, n = total + float(s), n + k
     model.train(was)
     return total / max(1, n)
+
+
+def batch_tensors(rows: list[Row], pad_id: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The model inputs of ``rows``: packed rows, one padding-free row, or padded rows."""
+    if cfg.packing:
+        return collate(rows, pad_id, True)
+    if cfg.padding_free:
+        return collate([join_rows(rows)], pad_id, True)
+    return collate(rows, pad_id, False)
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn transformers' gradient checkpointing (non-reentrant, per decoder block) on or off."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(inner, "is_gradient_checkpointing", False):
+        inner.gradient_checkpointing_disable()
 
 
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -273,6 +299,7 @@ def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: Tr
         state = load_checkpoint(latest_checkpoint(resume), model, opt)
         state.total_steps = total
     out = Path(out_dir) if out_dir is not None else None
+    set_checkpointing(model, cfg.gradient_checkpointing)
     model.train()
     bar = progress(total=total, initial=state.step, desc="finetune", unit="step") if show_progress else None
     tb = tensorboard_writer(tensorboard, state.step) if tensorboard is not None and rank == 0 else None
@@ -281,7 +308,7 @@ def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: Tr
         for g in opt.param_groups:
             g["lr"] = cfg.lr * cosine_lr(state.step, total, warmup)
         micro = [micro_batch(train_rows, cfg, state.step * cfg.grad_accum + a) for a in range(cfg.grad_accum)]
-        batches = [collate(m[rank::world], pad_id, cfg.packing) for m in micro if m[rank::world]]
+        batches = [batch_tensors(m[rank::world], pad_id, cfg) for m in micro if m[rank::world]]
         n_pred = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         n_tok = sum(count_tokens(m) for m in micro)
         if world > 1:
@@ -327,6 +354,7 @@ def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: Tr
         bar.close()
     if tb is not None:
         tb.close()
+    set_checkpointing(model, False)
     model.eval()
     return state
 
