@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import json
 import random
-import signal
 import struct
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from fuzz_guard import Hang, MemorySpike, guarded
 from gguf import GGUFValueType as VT
 from tiny_gguf import write_tiny_llama_gguf
 
@@ -58,30 +58,20 @@ def mutations(data: bytes, rng: random.Random, header_len: int):
         yield kind, bytes(b)
 
 
-class Hang(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise Hang()
-
-
 def run_case(path):
-    """Load; success (a corruption of weights only) or UserError are fine. Anything else fails."""
-    old = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(30)
+    """Load; success (a corruption of weights only) or UserError are fine. Anything else fails.
+
+    Run under the fuzz guard: over 30 s raises Hang, over 2 GB of resident memory MemorySpike."""
     try:
-        lm = load_model(str(path))
-        lm.model(torch.tensor([[1, 2, 3]]))
+        with guarded(30):
+            lm = load_model(str(path))
+            lm.model(torch.tensor([[1, 2, 3]]))
         return "loaded"
     except UserError as e:
         msg = str(e)
         assert "\n" not in msg and len(msg) < 700, msg
         assert ":" in msg  # problem: fix
         return "error"
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def gguf_header_len(path) -> int:
@@ -101,8 +91,8 @@ def test_fuzz_gguf(tiny_files, tmp_path):
         p.write_bytes(blob)
         try:
             outcomes[run_case(p)] += 1
-        except Hang:
-            pytest.fail(f"GGUF case {i} ({label}) hung")
+        except (Hang, MemorySpike) as e:
+            pytest.fail(f"GGUF case {i} ({label}): {type(e).__name__} {e}")
         except Exception as e:  # noqa: BLE001 - the point of the test
             pytest.fail(f"GGUF case {i} ({label}) raised {type(e).__name__}: {e}")
         p.unlink()
@@ -126,8 +116,8 @@ def test_fuzz_safetensors(tiny_files, tmp_path):
         (case_dir / "model.safetensors").write_bytes(blob)
         try:
             outcomes[_run_st(case_dir)] += 1
-        except Hang:
-            pytest.fail(f"safetensors case {i} ({label}) hung")
+        except (Hang, MemorySpike) as e:
+            pytest.fail(f"safetensors case {i} ({label}): {type(e).__name__} {e}")
         except Exception as e:  # noqa: BLE001
             pytest.fail(f"safetensors case {i} ({label}) raised {type(e).__name__}: {e}")
     print(f"\nsafetensors byte mutations: {outcomes}")
@@ -309,8 +299,8 @@ def config_cases(config: dict, rng: random.Random):
 def _expect_error(label: str, run, counts: dict) -> None:
     try:
         outcome = run()
-    except Hang:
-        pytest.fail(f"{label} hung")
+    except (Hang, MemorySpike) as e:
+        pytest.fail(f"{label}: {type(e).__name__} {e}")
     except UserError:
         outcome = "error"
     except Exception as e:  # noqa: BLE001 - the point of the test

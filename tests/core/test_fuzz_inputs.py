@@ -10,34 +10,24 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from conftest import tiny_model
+from fuzz_guard import MAX_SPIKE, Hang, MemorySpike, guarded
 
 from llmcourse.core.data import load_texts
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, atomic_file, check_not_input, overwriting
 
 
-class Hang(Exception):
-    pass
-
-
 def _bounded(fn, seconds: int = 30):
-    def alarm(*_):
-        raise Hang()
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
+    with guarded(seconds):
         return fn()
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _outcome(fn) -> str:
@@ -48,6 +38,16 @@ def _outcome(fn) -> str:
         msg = str(e)
         assert "\n" not in msg and ":" in msg and len(msg) < 500, msg
         return "error"
+
+
+def test_the_guard_sees_a_memory_spike() -> None:
+    """The fuzz guard itself: 300 MB touched inside a 256 MB limit is caught; a small case passes."""
+    with guarded(max_bytes=256 << 20):
+        _ = b"x" * (1 << 20)
+    with pytest.raises(MemorySpike):
+        with guarded(max_bytes=256 << 20):
+            _ = b"x" * (300 << 20)
+            del _
 
 
 def _data_cases(rng: random.Random, d: Path):
@@ -101,8 +101,8 @@ def test_fuzz_data_files(tmp_path: Path) -> None:
     for name, path, field in _data_cases(rng, tmp_path):
         try:
             counts[_outcome(lambda p=path, f=field: load_texts(str(p), "eval", f))] += 1
-        except Hang:
-            pytest.fail(f"data case {name} ({path}) hung")
+        except (Hang, MemorySpike) as e:
+            pytest.fail(f"data case {name} ({path}): {type(e).__name__} {e}")
         n += 1
     assert n >= 220 and counts["error"] >= n // 2, counts
 
@@ -140,8 +140,8 @@ def test_fuzz_generation_parameters() -> None:
             assert all(math.isfinite(s.score) or s.score == float("-inf") for s in out.sequences), kw
         try:
             counts[_outcome(run)] += 1
-        except Hang:
-            pytest.fail(f"parameters {kw} hung")
+        except (Hang, MemorySpike) as e:
+            pytest.fail(f"parameters {kw}: {type(e).__name__} {e}")
     assert sum(counts.values()) >= 300 and counts["error"] >= 50, counts
 
 
@@ -186,6 +186,19 @@ def test_fuzz_output_targets(tmp_path: Path) -> None:
 ])
 def test_cli_sample_one_line_exit_2(args: list[str]) -> None:
     exe = str(Path(sys.executable).with_name("llmcourse"))
-    r = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2, (args, r.stderr[-500:])
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    with tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=err, text=True)
+        deadline = time.monotonic() + 30
+        while True:  # wait4 ourselves: it gives the child's peak resident memory
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                p.kill()
+                pytest.fail(f"{args} hung")
+            time.sleep(0.05)
+        err.seek(0)
+        stderr = err.read()
+    assert os.waitstatus_to_exitcode(status) == 2, (args, stderr[-500:])
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    assert usage.ru_maxrss * 1024 < MAX_SPIKE, f"{args} peaked at {usage.ru_maxrss} kB"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -29,27 +30,113 @@ def test_stale_temporaries_of_dead_runs_are_removed(tmp_path: Path) -> None:
     assert not stale.exists() and mine.exists() and (out / "a.txt").read_text() == "done"
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0, 3.5])
-def test_convert_hf_killed_at_random_moments(tmp_path: Path, delay: float) -> None:
-    src = tmp_path / "src"
-    tiny_model("llama", seed=1, hidden_size=256, intermediate_size=1024, num_hidden_layers=4).save_pretrained(src)
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+EXE = str(Path(sys.executable).with_name("llmcourse"))
 
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)} | {"[UNK]": 0}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(src)
-    out = tmp_path / "out"
-    exe = str(Path(sys.executable).with_name("llmcourse"))
-    p = subprocess.Popen([exe, "convert", "hf", "--model", str(src), "--out", str(out)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(delay)
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory) -> Path:
+    """A small Llama folder with the default model's tokenizer (so every command, GGUF included, accepts it)."""
+    import shutil
+
+    from llmcourse.core.models import default_model_dir
+
+    src = tmp_path_factory.mktemp("kill") / "src"
+    tiny_model("llama", seed=1, vocab_size=49152, hidden_size=128, intermediate_size=512,
+               num_hidden_layers=4).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (default_model_dir() / name).exists():
+            shutil.copy(default_model_dir() / name, src / name)
+    return src
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return [f for f in folder.iterdir() if f.name.startswith(".") and f.name.endswith(".part")]
+
+
+def _kill_while_writing(args: list[str], folder: Path, rng: random.Random, timeout: float = 120) -> bool:
+    """Start the command, wait until its temporary output appears beside --out, then SIGKILL it a random
+    0-0.4 s later. True if it was killed (False: it finished first)."""
+    p = subprocess.Popen([EXE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while p.poll() is None and not _temporaries(folder):
+        assert time.monotonic() < deadline, f"{args} wrote no temporary within {timeout} s"
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.4))
+    killed = p.poll() is None
     p.send_signal(signal.SIGKILL)
     p.wait()
-    if out.exists():  # whole: every file of a complete folder
-        assert {"config.json", "model.safetensors", ".llmcourse-output"} <= {f.name for f in out.iterdir()}
-    # the next run succeeds and leaves nothing hidden behind
-    r = subprocess.run([exe, "convert", "hf", "--model", str(src), "--out", str(out), "--overwrite"],
-                       capture_output=True, text=True)
+    return killed
+
+
+def _whole(out: Path, kind: str) -> bool:
+    """True if ``out`` is a complete output of its kind."""
+    if kind == "gguf":
+        from llmcourse.core.gguf_container import read_gguf_header
+
+        _, infos = read_gguf_header(out)
+        return bool(infos) and max(t.offset + t.nbytes for t in infos) <= out.stat().st_size
+    if kind == "gguf-folder":
+        files = list(out.glob("*.gguf"))
+        return (out / ".llmcourse-output").exists() and bool(files) and all(_whole(f, "gguf") for f in files)
+    names = {f.name for f in out.iterdir()}
+    need = {"index.html", "summary.json"} if kind == "tour" else {"config.json", "model.safetensors"}
+    return need | {".llmcourse-output"} <= names
+
+
+COMMANDS = {  # name: (argv without --out, output kind)
+    "convert hf": (["convert", "hf", "--model", "{src}"], "folder"),
+    "quantize int8": (["quantize", "int8", "--model", "{src}"], "folder"),
+    "convert gguf": (["convert", "gguf", "--model", "{src}", "--dtype", "f32"], "gguf"),
+    "quantize gguf": (["quantize", "gguf", "--model", "{gguf}", "--type", "Q4_K_M"], "gguf-folder"),
+}
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_commands_killed_while_writing(tiny_src: Path, tmp_path: Path, name: str) -> None:
+    """SIGKILL at two random moments of the write: --out is whole or absent; the next run cleans up."""
+    argv, kind = COMMANDS[name]
+    gguf = tiny_src.parent / "src.gguf"
+    if "{gguf}" in argv and not gguf.exists():
+        r = subprocess.run([EXE, "convert", "gguf", "--model", str(tiny_src), "--dtype", "f32", "--out", str(gguf)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    argv = [a.format(src=tiny_src, gguf=gguf) for a in argv]
+    out = tmp_path / ("out.gguf" if kind == "gguf" else "out")
+    rng = random.Random(name)
+    killed = 0
+    for _ in range(2):
+        killed += _kill_while_writing([*argv, "--out", str(out), "--overwrite"], tmp_path, rng)
+        assert not out.exists() or _whole(out, kind), f"{name}: a partial {out.name} was left"
+    assert killed, f"{name} finished before any kill: the test did not test"
+    r = subprocess.run([EXE, *argv, "--out", str(out), "--overwrite"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+    assert _whole(out, kind) and _temporaries(tmp_path) == [], "the next run left temporaries behind"
+
+
+def test_tour_killed_while_writing(tiny_src: Path, tmp_path: Path) -> None:
+    """The tour writes its page in one atomic folder: killed while writing, it leaves nothing at --out, and
+    what it left beside it is named as a dead run's temporary (removed by the next run, as tested above)."""
+    out = tmp_path / "tour"
+    killed = _kill_while_writing(["tour", "--quick", "--model", str(tiny_src), "--out", str(out)], tmp_path,
+                                 random.Random(5), timeout=300)
+    assert not out.exists() or _whole(out, "tour")
+    for t in _temporaries(tmp_path):
+        assert t.name.startswith(".tour.") and not Path(f"/proc/{t.name.split('.')[2]}").exists()
+    assert killed or _whole(out, "tour")
+
+
+def test_ctrl_c_while_writing_prints_one_line_exits_130_and_cleans_up(tiny_src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    p = subprocess.Popen([EXE, "convert", "hf", "--model", str(tiny_src), "--out", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while p.poll() is None and not _temporaries(tmp_path):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("the command finished before Ctrl-C reached it")
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "llmcourse: interrupted" and "Traceback" not in err, err
+    assert not out.exists() and _temporaries(tmp_path) == []

@@ -163,7 +163,7 @@ def test_cli_quantize_gguf(f32_files, tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert [f["preset"] for f in data["files"]] == ["Q4_K_M", "Q8_0"]
-    assert sorted(p.name for p in out.iterdir()) == ["tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf"]
+    assert sorted(p.name for p in out.glob("*.gguf")) == ["tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf"]
     # unknown type, and --push-to-hub offline: one-line errors, nothing written
     r = _cli("quantize", "gguf", "--model", str(f32_files["llama"]), "--type", "Q7_Z", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "unknown GGUF type" in r.stderr

@@ -10,7 +10,7 @@ from typing import Any
 
 from llmcourse.core.cli_common import Result, add_common_args, add_data_args
 from llmcourse.core.errors import UserError
-from llmcourse.core.io import check_not_input
+from llmcourse.core.io import atomic_dir, check_not_input
 from llmcourse.core.lab import add_parser
 from llmcourse.core.progress import progress
 
@@ -124,16 +124,17 @@ def cmd_quantize_gguf(args: argparse.Namespace) -> Result:
         source = from_hf(_plain(lm)[0], lm.tokenizer, "f32", None, _folder(lm), args.tokenizer_pre)
         stem = _folder(lm).name if _folder(lm) is not None else "model"
     rows, files = [], []
-    for p in presets:
-        out = out_dir / f"{stem}-{p.name}.gguf"
-        check_not_input(out, [src_path if src_path.exists() else None, args.imatrix])
-        bar = progress(total=None, desc=f"quantize {p.name}", unit="tensor")
-        t1 = time.perf_counter()
-        info = quantize_gguf(source, out, p, imatrix=imatrix, progress=lambda _t, bar=bar: bar.update(1))
-        bar.close()
-        info["seconds"] = time.perf_counter() - t1
-        rows.append(info)
-        files.append(out)
+    with atomic_dir(out_dir) as tmp:  # the folder appears whole, with every type, or not at all
+        for p in presets:
+            name = f"{stem}-{p.name}.gguf"
+            bar = progress(total=None, desc=f"quantize {p.name}", unit="tensor")
+            t1 = time.perf_counter()
+            info = quantize_gguf(source, tmp / name, p, imatrix=imatrix, progress=lambda _t, bar=bar: bar.update(1))
+            bar.close()
+            info["seconds"] = time.perf_counter() - t1
+            info["out"] = str(out_dir / name)
+            rows.append(info)
+            files.append(out_dir / name)
     data: dict[str, Any] = {"model": args.model, "out": str(out_dir), "files": rows,
                             "imatrix": args.imatrix, "seconds": time.perf_counter() - t0}
     lines = [f"{'type':8} {'MB':>8} {'bits/w':>7} {'s':>6}  file"]
@@ -210,7 +211,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     pq.add_argument("--type", required=True,
                     help=f"comma-separated presets or tensor types: {', '.join(PRESETS)}. Q3_K, Q4_K, Q5_K are "
                     "one type everywhere (llama-quantize --pure)")
-    pq.add_argument("--out", required=True, help="output folder; writes NAME-TYPE.gguf per type (atomically)")
+    pq.add_argument("--out", required=True, help="output folder, one NAME-TYPE.gguf per type (written atomically: all types or nothing)")
     pq.add_argument("--imatrix", default=None,
                     help="importance matrix (.gguf or legacy .dat from `llmcourse imatrix` or llama-imatrix)")
     pq.add_argument("--pure", action="store_true",
