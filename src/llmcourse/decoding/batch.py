@@ -218,13 +218,19 @@ class BatchSession:
         return logits
 
     def warmup(self) -> None:
-        """Compile every bucket now (a no-op on the eager path), on the scratch slot only."""
+        """Compile every bucket now (a no-op on the eager path), on the scratch slot only.
+
+        Each bucket runs at a small window, a middle one and the whole cache: Dynamo specialises a
+        window that is the whole (contiguous) cache apart, and that compilation, too, must not
+        stall running streams later."""
         scratch = self.max_batch
+        ends = sorted({0, min(CAPACITY_STEP, self.capacity - 1), self.capacity - 1})
         for bucket in self.buckets:
-            if not self.compiled:
-                return
-            self.pos[scratch] = 0
-            self.step([scratch] * bucket, torch.zeros(bucket, dtype=torch.long))
+            for end in ends:
+                if not self.compiled:
+                    return
+                self.pos[scratch] = end
+                self.step([scratch] * bucket, torch.zeros(bucket, dtype=torch.long))
         self.pos[scratch] = 0
 
     def window(self, n: int) -> int:
