@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,9 +240,9 @@ def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
     n_head, n_kv = head_counts(model)
     by_name = {t.name: t for t in infos}
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    state: dict[str, torch.Tensor] = {}
     used = set()
     mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: F32 tensors are used in place
+    todo: list[tuple[str, torch.Size, str, TensorInfo]] = []
     for hf_name, param in model.state_dict().items():
         g = gguf_tensor_name(hf_name)
         if g is None:
@@ -254,13 +255,21 @@ def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
         if math.prod(t.shape) != param.numel():
             raise UserError(f"GGUF {path}: tensor {g} is {t.shape}, the metadata implies {tuple(param.shape)}",
                             "re-convert the model")
-        w = from_gguf_layout(arch, hf_name, g, _tensor_fp32(mm, t), param.shape, n_head, n_kv)
-        state[hf_name] = w.to(torch_dtype) if torch_dtype != torch.float32 else w
+        todo.append((hf_name, param.shape, g, t))
         used.add(g)
     extra = sorted(set(by_name) - used)
     if extra:
         raise UserError(f"GGUF {path} holds {len(extra)} tensors its architecture does not use (e.g. {extra[0]})",
                         "re-convert the model")
+
+    def tensor(item: tuple[str, torch.Size, str, TensorInfo]) -> torch.Tensor:
+        hf_name, shape, g, t = item
+        w = from_gguf_layout(arch, hf_name, g, _tensor_fp32(mm, t), shape, n_head, n_kv)
+        return w.to(torch_dtype) if torch_dtype != torch.float32 else w
+
+    # numpy releases the GIL in its loops: de-quantize on as many threads as torch computes with
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        state = dict(zip((item[0] for item in todo), pool.map(tensor, todo), strict=True))
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.tie_weights()
