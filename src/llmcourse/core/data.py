@@ -201,6 +201,19 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
+MAX_CALIBRATION_TOKENS = 1 << 24  # 16M tokens (128 MB of ids): far beyond any calibration set
+
+
+def check_calibration(n: int, seq_len: int) -> None:
+    """A one-line error unless ``n`` windows of ``seq_len`` tokens is a calibration set one can read
+    (commands call it before loading the model, so that a typo fails at once)."""
+    if n < 1 or seq_len < 2:
+        raise UserError(f"calibration needs n >= 1 and seq_len >= 2 (got {n}, {seq_len})", "raise them")
+    if n * seq_len > MAX_CALIBRATION_TOKENS:
+        raise UserError(f"{n:,} calibration windows of {seq_len:,} tokens are {n * seq_len:,} tokens, over the "
+                        f"{MAX_CALIBRATION_TOKENS:,} this reads", "use fewer windows (e.g. 128) or shorter ones")
+
+
 def calibration_windows(
     tokenizer,
     n: int,
@@ -215,8 +228,7 @@ def calibration_windows(
     Start positions are drawn uniformly with ``torch.Generator().manual_seed(seed)``, so
     the same arguments give the same windows (as GPTQ's C4 sampler, without the Hub).
     """
-    if n < 1 or seq_len < 2:
-        raise UserError(f"calibration needs n >= 1 and seq_len >= 2 (got {n}, {seq_len})", "raise them")
+    check_calibration(n, seq_len)
     ids = tokenize_stream(tokenizer, load_text(data, split, field))[0]
     if ids.numel() <= seq_len:
         raise UserError(f"the calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}",

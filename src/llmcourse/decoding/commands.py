@@ -23,7 +23,13 @@ from llmcourse.core.cli_common import (
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import check_not_input
 from llmcourse.core.lab import add_parser
-from llmcourse.decoding.engine import GenerationConfig, GenerationOutput, chat_prompt_ids, generate
+from llmcourse.decoding.engine import (
+    GenerationConfig,
+    GenerationOutput,
+    chat_prompt_ids,
+    check_prompt_text,
+    generate,
+)
 
 
 def _add_generation_args(p: argparse.ArgumentParser, default_strategy: str, default_tokens: int) -> None:
@@ -76,6 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> Result:
     tree_path = _check_tree_path(args)
     if args.prompt is None or args.prompt == "":
         raise UserError("--prompt is empty", "pass --prompt TEXT")
+    check_prompt_text(args.prompt)  # before the model loads: a bad prompt fails at once
     lm = load_model(args.model, **model_kwargs(args))
     stream = not args.json and cfg.strategy != "beam" and cfg.num_return_sequences == 1
     out = generate(lm.model, lm.tokenizer, args.prompt, cfg, on_text=_stream_writer(stream),

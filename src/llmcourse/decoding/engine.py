@@ -358,14 +358,19 @@ class TextStream:
         return out
 
 
+def check_prompt_text(prompt: str) -> None:
+    """A one-line error for a prompt that is not text a tokenizer can read (a lone surrogate)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("the prompt is not valid text (it holds a lone surrogate character)",
+                        "pass the prompt as UTF-8 text") from None
+
+
 def encode_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
     """Token ids of ``prompt`` (a string is tokenized with the tokenizer's special tokens)."""
     if isinstance(prompt, str):
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UserError("the prompt is not valid text (it holds a lone surrogate character)",
-                            "pass the prompt as UTF-8 text") from None
+        check_prompt_text(prompt)
         ids = tokenizer(prompt).input_ids
     else:
         ids = [int(t) for t in prompt]

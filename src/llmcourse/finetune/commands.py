@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from llmcourse.cli import main as cli_main
 from llmcourse.core.cli_common import Result, add_common_args, positive_int
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input
@@ -110,22 +106,19 @@ def gguf_path(out: Path, gguf_type: str) -> Path:
     return out.parent / f"{out.name}-gguf"
 
 
-def export_gguf(folder: Path, gguf_type: str, dest: Path, overwrite: bool) -> dict:
-    """Write ``folder`` (a merged HF folder) as GGUF through the GGUF lab's own commands (its public
-    interface): ``convert gguf`` for f32/f16/bf16, ``quantize gguf`` for a llama.cpp type such as Q8_0.
-    Run in this process; the command's one-line error becomes ours."""
-    sub = (["convert", "gguf", "--model", str(folder), "--outtype", gguf_type, "--name", folder.name,
-            "--out", str(dest)] if gguf_type in GGUF_CONVERT_TYPES else
-           ["quantize", "gguf", "--model", str(folder), "--type", gguf_type, "--out", str(dest)])
-    sub += ["--json"] + (["--overwrite"] if overwrite else [])
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli_main(sub)
-    if rc:
-        msg = (err.getvalue().strip().splitlines() or [f"exit {rc}"])[-1].removeprefix("llmcourse: error: ")
-        raise UserError(f"GGUF export of {folder} failed: {msg}", f"check --gguf {gguf_type} (f32, f16, bf16, Q8_0, "
-                        "Q4_K_M...), or run `llmcourse " + " ".join(sub[:2]) + "` on the merged folder")
-    return json.loads(out.getvalue().strip().splitlines()[-1])
+def export_gguf(model, tokenizer, folder: Path, gguf_type: str, dest: Path) -> dict:
+    """Write the merged ``model`` (saved in ``folder``) as GGUF through the GGUF lab's public API:
+    ``convert_to_gguf`` for f32/f16/bf16 (one file ``dest``), ``quantize_gguf`` for a llama.cpp type such as Q8_0
+    (a folder ``dest`` holding ``NAME-TYPE.gguf``, written atomically like ``quantize gguf``'s)."""
+    from llmcourse.quant.gguf import convert_to_gguf, from_hf, get_preset, quantize_gguf
+
+    if gguf_type in GGUF_CONVERT_TYPES:
+        return convert_to_gguf(model, tokenizer, dest, gguf_type, name=folder.name, folder=folder)
+    preset = get_preset(gguf_type)  # an unknown type fails here, before any work
+    name = f"{folder.name}-{preset.name}.gguf"
+    with atomic_dir(dest) as tmp:
+        info = quantize_gguf(from_hf(model, tokenizer, "f32", folder.name, folder), tmp / name, preset)
+    return {"files": [{**info, "out": str(dest / name)}]}
 
 
 def cmd_merge(args: argparse.Namespace) -> Result:
@@ -134,6 +127,10 @@ def cmd_merge(args: argparse.Namespace) -> Result:
     gguf = gguf_path(out, args.gguf) if args.gguf else None
     if gguf is not None:
         check_not_input(gguf, [args.model if args.model != "default" else None, args.adapter])
+        if args.gguf not in GGUF_CONVERT_TYPES:
+            from llmcourse.quant.gguf import get_preset
+
+            get_preset(args.gguf)  # an unknown type: its one-line error before any work
     if args.push_to_hub:
         _check_hub(args.push_to_hub)
     merged, tok = merge_adapter(args.model, args.adapter)
@@ -143,7 +140,7 @@ def cmd_merge(args: argparse.Namespace) -> Result:
     text = f"wrote {out} (adapter {args.adapter} merged into {args.model})"
     if gguf is not None:
         try:
-            info = export_gguf(out, args.gguf, gguf, getattr(args, "overwrite", False))
+            info = export_gguf(merged, tok, out, args.gguf, gguf)
         except UserError:
             shutil.rmtree(out, ignore_errors=True)  # no partial output: the merged folder goes too
             raise

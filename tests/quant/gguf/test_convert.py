@@ -22,7 +22,8 @@ from gguf_helpers import (
 )
 
 from llmcourse.core.gguf_container import read_gguf_header
-from llmcourse.quant.gguf.convert import convert, from_hf
+from llmcourse.quant.gguf.convert import convert_to_gguf as convert
+from llmcourse.quant.gguf.convert import from_hf
 from llmcourse.quant.gguf.names import permute_rope, unpermute_rope
 
 TINY = dict(vocab_size=264, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,

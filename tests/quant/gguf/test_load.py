@@ -15,7 +15,7 @@ from gguf_helpers import byte_tokenizer
 from llmcourse.core import models as core_models
 from llmcourse.core.errors import UserError
 from llmcourse.core.gguf_container import KV, Tensor, read_gguf_header, save_gguf
-from llmcourse.quant.gguf.convert import convert
+from llmcourse.quant.gguf.convert import convert_to_gguf as convert
 from llmcourse.quant.gguf.load import load_model
 from llmcourse.quant.gguf.presets import quantize_gguf
 

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf_helpers import byte_tokenizer
 
 from llmcourse.core import models as core_models
-from llmcourse.quant.gguf.convert import convert
+from llmcourse.quant.gguf.convert import convert_to_gguf as convert
 from llmcourse.quant.gguf.load import _q8_0_fp32
 from llmcourse.quant.gguf.quantize import dequantize, quantize
 

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf_helpers import byte_tokenizer, llama_logits, llama_quantize, tensor_table
 
 from llmcourse.core.gguf_container import read_gguf_header
-from llmcourse.quant.gguf.convert import convert
+from llmcourse.quant.gguf.convert import convert_to_gguf as convert
 from llmcourse.quant.gguf.presets import (
     COURSE_PRESETS,
     ModelShape,

@@ -16,7 +16,7 @@ Split by concern, imports in one direction (kernels -> quantize -> names/convert
   legacy .dat files).
 """
 
-from llmcourse.core.lab import Lab
+from llmcourse.core.lab import Lab, lazy_exports
 
 LAB = Lab(
     name="gguf",
@@ -31,3 +31,12 @@ LAB = Lab(
     docs="docs/gguf.md",
     file_formats={b"GGUF": "llmcourse.quant.gguf.load:load_model"},
 )
+
+_PUBLIC = {
+    "convert": ("convert_to_gguf", "from_hf", "OUT_TYPES"),
+    "presets": ("quantize_gguf", "get_preset"),
+    "quantize": ("dequantize", "QUANT_TYPES"),
+    "load": ("load_model",),
+}
+__getattr__, _names = lazy_exports(__name__, _PUBLIC)
+__all__ = ["LAB", *_names]

@@ -47,7 +47,7 @@ def _folder(lm: Any) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 def cmd_convert_gguf(args: argparse.Namespace) -> Result:
-    from llmcourse.quant.gguf.convert import convert
+    from llmcourse.quant.gguf.convert import convert_to_gguf as convert
 
     out = Path(args.out)
     check_not_input(out, [args.model if args.model != "default" else None])
@@ -147,9 +147,10 @@ def cmd_quantize_gguf(args: argparse.Namespace) -> Result:
 
 
 def cmd_imatrix(args: argparse.Namespace) -> Result:
-    from llmcourse.core.data import calibration_windows
+    from llmcourse.core.data import calibration_windows, check_calibration
     from llmcourse.quant.gguf import imatrix as im
 
+    check_calibration(args.chunks, args.chunk_size)
     out = Path(args.out)
     check_not_input(out, [args.model if args.model != "default" else None, args.data if args.data != "default" else None])
     t0 = time.perf_counter()

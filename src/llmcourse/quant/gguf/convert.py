@@ -385,7 +385,7 @@ def from_hf(model: Any, tokenizer: Any, outtype: str = "f32", name: str | None =
     return GGUFModel(arch, kvs, weights, model.config)
 
 
-def convert(model: Any, tokenizer: Any, out: str | Path, outtype: str = "f32", name: str | None = None,
+def convert_to_gguf(model: Any, tokenizer: Any, out: str | Path, outtype: str = "f32", name: str | None = None,
             folder: str | Path | None = None, pre_tokenizer: str | None = None,
             progress: Callable[[Tensor], None] | None = None) -> dict[str, Any]:
     """Write ``model`` + ``tokenizer`` as a GGUF file ``out`` (f32, f16 or bf16); return a summary."""
