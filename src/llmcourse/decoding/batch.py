@@ -94,7 +94,9 @@ def compiled_batch_layer() -> Any:
     if not _COMPILED_LAYER:
         import torch._dynamo.config as dynamo_config
 
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        # one specialisation per shape is the design (buckets, windows, models in one process): a high limit
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8192)
         _COMPILED_LAYER.append(torch.compile(batch_layer, dynamic=False, fullgraph=True))
     return _COMPILED_LAYER[0]
 
@@ -197,7 +199,14 @@ class BatchSession:
         b = len(slots)
         bucket = next(n for n in self.buckets if n >= b)
         if bucket in self._warm:
-            return self._compiled_step(slots, tokens, bucket)
+            try:
+                return self._compiled_step(slots, tokens, bucket)
+            except Exception as exc:  # a new window shape that fails to compile: this bucket runs eagerly
+                log.warning("torch.compile failed for %d rows (%s); those steps run eagerly, which is slower",
+                            bucket, type(exc).__name__)
+                self._warm.discard(bucket)
+                self._failed.add(bucket)
+                return self._eager_step(slots, tokens)
         if bucket in self._failed:
             return self._eager_step(slots, tokens)
         import torch._inductor.config as inductor_config

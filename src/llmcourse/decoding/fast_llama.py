@@ -220,7 +220,9 @@ def compiled(name: str) -> Any:
         import torch._dynamo.config as dynamo_config
 
         # one specialisation per (weight shapes, rows, cache size): allow many models in one process
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        # one specialisation per shape is the design (buckets, windows, models in one process): a high limit
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8192)
         fn = {"layer": decode_layer, "head": decode_head}[name]
         _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
     return _COMPILED[name]
