@@ -64,7 +64,7 @@ def llama_cpp_runner(lm, threads: int, prompt_ids: list[int], tmp: Path):
     except ImportError:
         return None, "llama-cpp-python is not installed: llama.cpp rows skipped"
     try:
-        from llmcourse.quant.gguf.convert import convert
+        from llmcourse.quant.gguf import convert_to_gguf as convert
     except ImportError:
         return None, "the GGUF lab's converter is not available: llama.cpp rows skipped"
     gguf_path = tmp / "default-f32.gguf"

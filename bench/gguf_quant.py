@@ -61,7 +61,7 @@ def main() -> None:
     import torch
 
     from llmcourse.core.models import load_model
-    from llmcourse.quant.gguf.convert import convert
+    from llmcourse.quant.gguf import convert_to_gguf as convert
     from llmcourse.quant.gguf.presets import COURSE_PRESETS, get_preset, quantize_gguf
 
     torch.set_num_threads(1)

@@ -156,7 +156,7 @@ def main() -> None:
                     print("llama-cpp-python[server] is not installed: llama.cpp rows skipped", file=sys.stderr)
                 else:
                     from llmcourse.core.models import load_model
-                    from llmcourse.quant.gguf.convert import convert
+                    from llmcourse.quant.gguf import convert_to_gguf as convert
 
                     lm = load_model("default")
                     gguf = Path(tmp) / "default-f32.gguf"
