@@ -141,7 +141,7 @@ def classify(status: int, headers, text: str, expect_400: bool) -> dict:
         except (ValueError, KeyError, TypeError):
             return {"class": "error", "tokens": 0, "why": "a malformed 200 body"}
     if status == 429 and headers.get("retry-after"):
-        return {"class": "refused", "tokens": 0, "status": 429}
+        return {"class": "refused", "tokens": 0, "status": 429, "retry_after": headers.get("retry-after")}
     if expect_400 and status in (400, 413):
         try:
             json.loads(text)["error"]["message"]
@@ -164,7 +164,10 @@ async def run_load(url: str, reqs: list[dict], clients: int, deadline: float) ->
                 i, req = todo.pop(0)
                 t0 = time.monotonic()
                 res = await one(client, url, req)
+                wait = res.pop("retry_after", None)
                 out.append({"i": i, "seconds": time.monotonic() - t0, "stream": req["body"]["stream"], **res})
+                if wait is not None:  # a well-behaved client waits as told before its next request
+                    await asyncio.sleep(min(float(wait), 5.0))
 
     await asyncio.gather(*(client_loop() for _ in range(clients)))
     return out

@@ -241,3 +241,28 @@ def check_config(path: str | Path) -> dict:
         raise UserError(f"{path}: num_key_value_heads = {kv} does not divide num_attention_heads = "
                         f"{cfg['num_attention_heads']}", fix)
     return cfg
+
+
+LLAMA_LIKE = ("llama", "qwen2", "mistral")
+
+
+def check_shapes(cfg: dict, headers: dict[str, dict], folder: str | Path) -> None:
+    """For Llama-like configs, every projection and embedding shape in the safetensors headers must be the one
+    config.json implies (a cheap first look; the loader then compares every tensor with the built model)."""
+    if cfg.get("model_type") not in LLAMA_LIKE or not all(k in cfg for k in ("hidden_size", "num_attention_heads",
+                                                                            "intermediate_size", "vocab_size")):
+        return
+    h, n_heads, inter, vocab = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or h // n_heads
+    kv = cfg.get("num_key_value_heads") or n_heads
+    want = {"embed_tokens.weight": [vocab, h], "q_proj.weight": [n_heads * hd, h], "k_proj.weight": [kv * hd, h],
+            "v_proj.weight": [kv * hd, h], "o_proj.weight": [h, n_heads * hd], "gate_proj.weight": [inter, h],
+            "up_proj.weight": [inter, h], "down_proj.weight": [h, inter], "lm_head.weight": [vocab, h]}
+    for name, info in headers.items():
+        if name == "__metadata__" or not isinstance(info, dict):
+            continue
+        expect = want.get(".".join(name.split(".")[-2:]))
+        if expect is not None and list(info.get("shape", [])) != expect:
+            raise UserError(f"{folder} does not match its config.json: shapes that differ from config.json (e.g. "
+                            f"{name} {tuple(info['shape'])}, config.json implies {tuple(expect)})",
+                            "use the config.json that came with these weights")

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from llmcourse.core.errors import UserError
-from llmcourse.core.formats import check_config, check_gguf, check_safetensors
+from llmcourse.core.formats import check_config, check_gguf, check_safetensors, check_shapes
 from llmcourse.core.io import atomic_dir, llmcourse_home
 from llmcourse.core.lab import file_loader, folder_loader
 from llmcourse.core.progress import status
@@ -205,6 +205,20 @@ def import_runtime() -> None:
         importlib.import_module(name)
 
 
+def peek_context(spec: str) -> tuple[Path | None, int | None]:
+    """The ``tokenizer.json`` and context length of a local Hugging Face folder (or the default model),
+    read without transformers; ``(None, None)`` for anything else (GGUF, Hub ids, lab folders)."""
+    path = default_model_dir() if spec == "default" else Path(spec).expanduser()
+    tok, cfg = path / "tokenizer.json", path / "config.json"
+    if not (path.is_dir() and tok.is_file() and cfg.is_file()):
+        return None, None
+    try:
+        ctx = json.loads(cfg.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    return tok, ctx if isinstance(ctx, int) and ctx > 0 else None
+
+
 def _precheck(spec: str, trust_pickle: bool) -> None:
     """The checks that need no transformers, run before importing it, so that a missing path or a corrupt
     file fails within a second or two of the command's start (the full checks run again in the loader)."""
@@ -217,7 +231,11 @@ def _precheck(spec: str, trust_pickle: bool) -> None:
     elif path.is_dir():
         if not (path / MARKER_FILE).exists():
             _check_hf_folder(path, trust_pickle)
-            check_config(path / "config.json")
+            cfg = check_config(path / "config.json")
+            headers: dict = {}
+            for f in sorted(path.glob("*.safetensors")):
+                headers.update(check_safetensors(f))
+            check_shapes(cfg, headers, path)
     elif path.is_file() and _is_gguf(path):
         check_gguf(path)
 

@@ -75,6 +75,24 @@ def _summary_text(out: GenerationOutput, streamed: bool) -> str:
     return "\n".join(lines)
 
 
+def _check_prompt_fits(spec: str, prompt: str) -> None:
+    """A long prompt is counted with the folder's own tokenizer.json before the weights load, so one that
+    overflows the context fails at once (the engine checks again on the loaded model)."""
+    if len(prompt) < 2048:
+        return
+    from llmcourse.core.models import peek_context
+
+    tok_path, ctx = peek_context(spec)
+    if tok_path is None or ctx is None:
+        return
+    from tokenizers import Tokenizer
+
+    n = len(Tokenizer.from_file(str(tok_path)).encode(prompt).ids)
+    if n >= ctx:
+        raise UserError(f"the prompt has {n} tokens, as many as the model's context of {ctx}",
+                        f"shorten the prompt to under {ctx} tokens")
+
+
 def cmd_generate(args: argparse.Namespace) -> Result:
     from llmcourse.core.models import load_model
 
@@ -83,6 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> Result:
     if args.prompt is None or args.prompt == "":
         raise UserError("--prompt is empty", "pass --prompt TEXT")
     check_prompt_text(args.prompt)  # before the model loads: a bad prompt fails at once
+    _check_prompt_fits(args.model, args.prompt)
     lm = load_model(args.model, **model_kwargs(args))
     stream = not args.json and cfg.strategy != "beam" and cfg.num_return_sequences == 1
     out = generate(lm.model, lm.tokenizer, args.prompt, cfg, on_text=_stream_writer(stream),
