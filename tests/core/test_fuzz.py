@@ -100,6 +100,19 @@ def test_fuzz_gguf(tiny_files, tmp_path):
     assert outcomes["error"] >= N_CASES // 2
 
 
+def _case_dir(hf, tmp_path, mutated: str, link: bool = False):
+    """A copy of the folder ``hf`` (or links to its files) without ``mutated``, which each case writes."""
+    case_dir = tmp_path / "m"
+    case_dir.mkdir()
+    for f in hf.iterdir():
+        if f.name != mutated:
+            if link:
+                (case_dir / f.name).symlink_to(f)
+            else:
+                (case_dir / f.name).write_bytes(f.read_bytes())
+    return case_dir
+
+
 def test_fuzz_safetensors(tiny_files, tmp_path):
     _, hf = tiny_files
     st = hf / "model.safetensors"
@@ -107,11 +120,7 @@ def test_fuzz_safetensors(tiny_files, tmp_path):
     header_len = 8 + struct.unpack("<Q", data[:8])[0]
     rng = random.Random(99)
     outcomes = {"loaded": 0, "error": 0}
-    case_dir = tmp_path / "m"
-    case_dir.mkdir()
-    for f in hf.iterdir():
-        if f.name != "model.safetensors":
-            (case_dir / f.name).write_bytes(f.read_bytes())
+    case_dir = _case_dir(hf, tmp_path, "model.safetensors")
     for i, (label, blob) in zip(range(N_CASES), mutations(data, rng, header_len), strict=False):
         (case_dir / "model.safetensors").write_bytes(blob)
         try:
@@ -327,11 +336,7 @@ def test_fuzz_gguf_metadata(tiny_files, tmp_path):
 
 def test_fuzz_safetensors_headers(tiny_files, tmp_path):
     _, hf = tiny_files
-    case_dir = tmp_path / "m"
-    case_dir.mkdir()
-    for f in hf.iterdir():
-        if f.name != "model.safetensors":
-            (case_dir / f.name).write_bytes(f.read_bytes())
+    case_dir = _case_dir(hf, tmp_path, "model.safetensors")
     counts: dict[str, int] = {}
     for i, (label, blob) in enumerate(st_header_cases(hf / "model.safetensors", random.Random(7))):
         (case_dir / "model.safetensors").write_bytes(blob)
@@ -343,11 +348,7 @@ def test_fuzz_safetensors_headers(tiny_files, tmp_path):
 
 def test_fuzz_config_values(tiny_files, tmp_path):
     _, hf = tiny_files
-    case_dir = tmp_path / "m"
-    case_dir.mkdir()
-    for f in hf.iterdir():
-        if f.name != "config.json":
-            (case_dir / f.name).symlink_to(f)
+    case_dir = _case_dir(hf, tmp_path, "config.json", link=True)
     config = json.loads((hf / "config.json").read_text())
     counts: dict[str, int] = {}
     for i, (label, cfg) in enumerate(config_cases(config, random.Random(11))):

@@ -150,16 +150,20 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
 
 def _check_hf_folder(path: Path, trust_pickle: bool) -> bool:
-    """Validate an HF folder's weights; return whether safetensors are used."""
+    """Validate an HF folder without transformers (files, safetensors headers, config.json sizes and the
+    projection shapes it implies); return whether safetensors are used."""
     if not (path / "config.json").exists():
         raise UserError(f"{path} has no config.json", "pass a Hugging Face model folder, a .gguf file or 'default'")
     for f in [path / "config.json", *path.glob("*.safetensors"), *path.glob("tokenizer*.json")]:
         if not f.is_file():  # a folder, a dangling symlink, a FIFO (which would hang the reader), a device
             raise UserError(f"{f} is not a regular file", "replace it with the real file (re-export the model)")
+    cfg = check_config(path / "config.json")
     st = sorted(path.glob("*.safetensors"))
     if st:
+        headers: dict = {}
         for f in st:
-            check_safetensors(f)
+            headers.update(check_safetensors(f))
+        check_shapes(cfg, headers, path)
         return True
     pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")) + list(path.glob("*.pth")))
     if pickles:
@@ -231,11 +235,6 @@ def _precheck(spec: str, trust_pickle: bool) -> None:
     elif path.is_dir():
         if not (path / MARKER_FILE).exists():
             _check_hf_folder(path, trust_pickle)
-            cfg = check_config(path / "config.json")
-            headers: dict = {}
-            for f in sorted(path.glob("*.safetensors")):
-                headers.update(check_safetensors(f))
-            check_shapes(cfg, headers, path)
     elif path.is_file() and _is_gguf(path):
         check_gguf(path)
 
