@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -13,10 +14,16 @@ pexpect = pytest.importorskip("pexpect")
 pytestmark = pytest.mark.slow
 
 
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_chat_repl_edits_interrupts_and_saves(tmp_path: Path) -> None:
+    """Started as a background job is (Ctrl-C ignored by the shell), the chat still stops a reply on Ctrl-C."""
     exe = str(Path(sys.executable).with_name("llmcourse"))
     child = pexpect.spawn(exe, ["chat", "--max-new-tokens", "400", "--seed", "0", "--threads", "2"],
-                          cwd=str(tmp_path), encoding="utf-8", timeout=120, dimensions=(40, 200))
+                          cwd=str(tmp_path), encoding="utf-8", timeout=120, dimensions=(40, 200),
+                          preexec_fn=_ignore_ctrl_c)
     try:
         child.expect("/help for commands")
         child.expect("> ")

@@ -8,7 +8,9 @@ sampled text streams to stdout as it is generated. ``--tree FILE.png|svg`` draws
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -206,12 +208,23 @@ class ChatRepl:
         self.messages.append({"role": "user", "content": line})
         shown: list[str] = []
 
+        interrupted = threading.Event()
+
+        def on_interrupt(signum: int, frame: Any) -> None:
+            interrupted.set()
+            raise KeyboardInterrupt
+
         def write(piece: str) -> None:
+            # a Ctrl-C that landed inside torch (compiling a step) can be swallowed there: the next piece stops
+            if interrupted.is_set():
+                raise KeyboardInterrupt
             shown.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
 
         streaming = self.cfg.strategy != "beam"
+        # our own handler for the reply, also where the shell started us with Ctrl-C ignored
+        previous = signal.signal(signal.SIGINT, on_interrupt)
         try:
             ids = chat_prompt_ids(self.lm.tokenizer, self.messages)
             out = generate(self.lm.model, self.lm.tokenizer, ids, self.cfg, on_text=write if streaming else None)
@@ -221,6 +234,8 @@ class ChatRepl:
         except KeyboardInterrupt:  # stop this reply, keep what was said
             reply = "".join(shown)
             sys.stdout.write(" [stopped]")
+        finally:
+            signal.signal(signal.SIGINT, previous)
         sys.stdout.write("\n")
         sys.stdout.flush()
         self.messages.append({"role": "assistant", "content": reply})
