@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 from serve_helpers import byte_tokenizer, server, tiny_folder, tiny_lm, tiny_model  # noqa: F401  (fixtures)
 
 from llmcourse.decoding import (
@@ -28,8 +29,9 @@ def lm():
 
 
 def run_all(batcher: ContinuousBatcher, reqs: list[tuple[list[int], GenerationConfig, int]],
-            gaps: float = 0.0) -> list[list[list[int]]]:
-    """Submit each (prompt, config, n), ``gaps`` seconds apart; the generated tokens of each choice."""
+            gaps: float = 0.0, one_at_a_time: bool = False) -> list[list[list[int]]]:
+    """Submit each (prompt, config, n), ``gaps`` seconds apart (or each once the one before ended);
+    the generated tokens of each choice."""
     out: list[dict[int, list[int]]] = [{} for _ in reqs]
     ended = threading.Semaphore(0)
 
@@ -45,8 +47,10 @@ def run_all(batcher: ContinuousBatcher, reqs: list[tuple[list[int], GenerationCo
     try:
         for i, (ids, cfg, n) in enumerate(reqs):
             batcher.submit(BatchRequest(ids, cfg, sink(i), n=n))
+            if one_at_a_time:
+                assert ended.acquire(timeout=120)
             time.sleep(gaps)
-        for _ in reqs:
+        for _ in reqs if not one_at_a_time else ():
             assert ended.acquire(timeout=120)
     finally:
         batcher.stop(30)
@@ -101,6 +105,32 @@ def test_compiled_step_equals_eager(lm):
     b = ContinuousBatcher(FastLlama(model, matvec="compiled"), tok, max_batch=2, ctx=128, eos_token_ids=[])
     assert b.session.compiled
     assert run_all(b, reqs) == eager
+
+
+def test_prompt_prefix_reused(lm):
+    """A prompt that begins like an earlier one starts past the shared tokens (its slot kept their K/V),
+    and answers as it does alone."""
+    model, tok = lm
+    system = tok("you are a helpful assistant. ").input_ids
+    prompts = [system + tok(q).input_ids for q in PROMPTS[:3]]
+    b = ContinuousBatcher(model, tok, max_batch=2, ctx=128, matvec="mm", eos_token_ids=[])
+    got = run_all(b, [(p, GenerationConfig(max_new_tokens=8), 1) for p in prompts], one_at_a_time=True)
+    assert [g[0] for g in got] == [reference(model, tok, p, 8) for p in prompts]
+    assert b.stats["cached_prompt_tokens"] == 2 * len(system)
+
+
+def test_acquire_prefers_the_longest_cached_prefix(lm):
+    model, _ = lm
+    s = BatchSession(FastLlama(model, matvec="mm"), 3, 64)
+    a, c = s.acquire(), s.acquire()
+    s.prefill(a, [5, 6, 7, 8])
+    s.prefill(c, [5, 6, 9])
+    s.release(a)
+    s.release(c)
+    assert (s.acquire([5, 6, 7, 1]), s.pos[a]) == (a, 3)  # the longest shared beginning
+    assert s.pos[s.acquire([5, 6, 9])] == 2  # the whole prompt cached: its last token runs again for its logits
+    s.step([a], torch.tensor([4]))
+    assert s.cached[a] == [5, 6, 7]  # a decoded token is not a prompt's: never reused
 
 
 def test_attention_window(lm):

@@ -123,16 +123,32 @@ class BatchSession:
             self.v_cache = [torch.zeros(shape, dtype=fast.dtype) for _ in fast.layers]
         fast._rope_tables(self.capacity)
         self.pos = [0] * (max_batch + 1)  # tokens cached per slot
+        # per slot, the prompt tokens whose K/V a prefill wrote at positions 0, 1, ...: kept after release,
+        # so a later prompt with the same beginning (a chat's system prompt) starts past it
+        self.cached: list[list[int]] = [[] for _ in range(max_batch + 1)]
         self.free = list(range(max_batch))
         self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self._warm: set[int] = set()  # buckets (rows) the compiled step has run
         self._failed: set[int] = set()  # buckets whose compilation failed (they run eagerly)
 
     # --- slots -----------------------------------------------------------------------------------
-    def acquire(self) -> int:
-        """A free slot (empty: position 0). Raises IndexError when all are taken."""
-        slot = self.free.pop(0)
-        self.pos[slot] = 0
+    def acquire(self, prompt: list[int] | None = None) -> int:
+        """A free slot. Without ``prompt`` it is empty (position 0); with it, the free slot whose cache
+        already holds the longest beginning of ``prompt`` (prefix caching, as llama.cpp's server
+        reuses a slot's prompt), positioned past it: ``pos[slot]`` prompt tokens need no prefill
+        (at most ``len(prompt) - 1``: the last one is run for its logits). Raises IndexError when
+        all slots are taken."""
+        if not self.free:
+            raise IndexError("no free slot")
+        slot, reuse = self.free[0], 0
+        if prompt:
+            for s in self.free:
+                n = common_prefix(self.cached[s], prompt, len(prompt) - 1)
+                if n > reuse:
+                    slot, reuse = s, n
+        self.free.remove(slot)
+        del self.cached[slot][reuse:]
+        self.pos[slot] = reuse
         return slot
 
     def release(self, slot: int) -> None:
@@ -149,6 +165,7 @@ class BatchSession:
             kc[dst, :, :p] = kc[src, :, :p]
             vc[dst, :, :p] = vc[src, :, :p]
         self.pos[dst] = p
+        self.cached[dst] = self.cached[src][:p]
 
     # --- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -162,6 +179,8 @@ class BatchSession:
         t, p0 = len(ids), self.pos[slot]
         if p0 + t > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions, asked for {p0 + t}")
+        del self.cached[slot][p0:]
+        self.cached[slot] += ids
         if t == 1:
             return self._eager_step([slot], torch.tensor(ids))
         cos, sin = f.cos[p0:p0 + t], f.sin[p0:p0 + t]  # (T, hd)
@@ -194,6 +213,7 @@ class BatchSession:
         for s in slots:
             if self.pos[s] >= self.capacity:
                 raise ValueError(f"slot {s} is full ({self.capacity} positions)")
+            del self.cached[s][self.pos[s]:]  # a decoded token's K/V: not a prompt's (no reuse)
         if not self.compiled:
             return self._eager_step(slots, tokens)
         b = len(slots)
@@ -310,6 +330,15 @@ class BatchSession:
         return f.lm_head(rms_norm(x, f.norm, f.eps)).float()
 
 
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many first tokens ``a`` and ``b`` share, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return max(n, 0)
+
+
 # --- the scheduler --------------------------------------------------------------------------------
 
 @dataclass
@@ -401,7 +430,8 @@ class ContinuousBatcher:
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
-        self.stats = {"steps": 0, "prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+        self.stats = {"steps": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
+                      "requests": 0}
 
     # --- the public side (any thread) ------------------------------------------------------------
     @property
@@ -481,7 +511,10 @@ class ContinuousBatcher:
             if self.free_slots < req.n:
                 return
             self.waiting.popleft()
-            job = _Job(req, [self.session.acquire() for _ in range(req.n)])
+            first = self.session.acquire(req.prompt_ids)
+            job = _Job(req, [first] + [self.session.acquire() for _ in range(req.n - 1)],
+                       prefilled=self.session.pos[first])
+            self.stats["cached_prompt_tokens"] += job.prefilled
             self.jobs[req.id] = job
             self.prefilling.append(job)
 

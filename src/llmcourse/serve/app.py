@@ -222,7 +222,9 @@ class Metrics:
         for (ep, st), v in sorted(self.requests.items()):
             out.append(f'llmcourse_requests_total{{endpoint="{ep}",status="{st}"}} {v}')
         for name, kind, helptext, value in (
-            ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", b.stats["prompt_tokens"]),
+            ("prompt_tokens_total", "counter", "Prompt tokens of answered requests.", b.stats["prompt_tokens"]),
+            ("prompt_tokens_cached_total", "counter", "Prompt tokens found in a slot's cache (no prefill).",
+             b.stats["cached_prompt_tokens"]),
             ("completion_tokens_total", "counter", "Tokens generated.", b.stats["completion_tokens"]),
             ("decode_steps_total", "counter", "Batched decode steps.", b.stats["steps"]),
             ("queue_depth", "gauge", "Requests waiting for a slot.", b.queue_depth),
