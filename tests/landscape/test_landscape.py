@@ -8,7 +8,16 @@ import torch
 
 from llmcourse.core.modules import linear_weight
 from llmcourse.landscape.directions import direction_to, perturbed_parameters, random_direction
-from llmcourse.landscape.surface import Perturbation, batched_loss, loss_on, sweep, sweep_grid, sweep_line
+from llmcourse.landscape.surface import (
+    Perturbation,
+    PointBatch,
+    WindowLoss,
+    batched_loss,
+    loss_on,
+    sweep,
+    sweep_grid,
+    sweep_line,
+)
 from tests.conftest import tiny_model
 
 
@@ -211,3 +220,91 @@ def test_parameter_used_outside_its_module_is_set_eagerly():
     assert z[0] == pytest.approx(float(torch.nn.functional.linear(x, w + 1).sum()), rel=1e-6)
     assert z[1] == loss(model) and z[2] == pytest.approx(float(torch.nn.functional.linear(x, w + 2).sum()), rel=1e-6)
     assert _identical(model, snap)
+
+
+@pytest.mark.parametrize("arch,norm,ignore", [("llama", "filter", "biasbn"), ("qwen2", "layer", "none"),
+                                              ("gpt2", "filter", "none")])
+def test_batched_grid_equals_per_point_grid(arch, norm, ignore):
+    """A grid row per forward (PointBatch) gives the bits of one point per forward (Perturbation): the same
+    adds in the same order, each point's matmuls on its own rows; the centre is the base loss."""
+    model = tiny_model(arch)
+    ids = _ids()
+    snap = _snapshot(model)
+    d1, d2 = random_direction(model, 1, norm, ignore), random_direction(model, 2, norm, ignore)
+    xs = np.linspace(-1, 1, 5)
+    batched, _ = sweep_grid(model, loss_on(ids), d1, d2, xs, xs)
+    single, _ = sweep_grid(model, loss_on(ids), d1, d2, xs, xs, batch=1)
+    np.testing.assert_array_equal(batched, single)
+    assert batched[2, 2] == batched_loss(model, ids)
+    assert _identical(model, snap)
+
+
+def test_point_batch_in_small_chunks_matches_points():
+    """Weights walked in chunks of a few output rows (as the default model's layers are): each chunk's
+    matmul reduces over the same inputs, so the losses agree to float rounding (here: exactly or 1e-6)."""
+    model = tiny_model("llama")
+    ids = _ids()
+    d1, d2 = random_direction(model, 1), random_direction(model, 2)
+    pts = [(-0.5, 0.25), (0.0, 0.25), (0.7, 0.25)]
+    loss = loss_on(ids)
+    with Perturbation(model, [d1, d2]) as p:
+        single = []
+        for c in pts:
+            p.set(c)
+            single.append(loss(model))
+    with PointBatch(model, [d1, d2], chunk_bytes=5 * 64 * 4) as p:  # 5 rows of a 64-wide layer per chunk
+        p.set_points(pts, rows=len(ids))
+        batched = loss.points(model, len(pts))
+    np.testing.assert_allclose(batched, single, rtol=1e-6, atol=0)
+
+
+def test_batched_sweep_resumes_by_whole_rows(tmp_path):
+    model = tiny_model("llama")
+    ids = _ids()
+    snap = _snapshot(model)
+    d1, d2 = random_direction(model, 1), random_direction(model, 2)
+    xs = np.linspace(-1, 1, 4)
+    full, _ = sweep_grid(model, loss_on(ids), d1, d2, xs, xs)
+    state = tmp_path / "partial.npz"
+
+    class Interrupted(WindowLoss):
+        batches = 0
+
+        def points(self, model, k):
+            type(self).batches += 1
+            if self.batches == 3:
+                raise KeyboardInterrupt
+            return super().points(model, k)
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep_grid(model, Interrupted(ids), d1, d2, xs, xs, state=state, key="k", save_every=0.0)
+    assert _identical(model, snap)
+    with np.load(state) as z:
+        assert int(np.isfinite(z["losses"]).sum()) == 8  # two whole rows of 4
+    resumed, _ = sweep_grid(model, loss_on(ids), d1, d2, xs, xs, state=state, key="k")
+    np.testing.assert_array_equal(resumed, full)
+
+
+class _HeadOutside(torch.nn.Module):
+    """A causal LM whose head weight is used outside the head's forward (no PointBatch forward sees it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(256, 8)
+        self.head = torch.nn.Linear(8, 256, bias=False)
+
+    def forward(self, input_ids, use_cache=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.nn.functional.linear(self.embed(input_ids), self.head.weight))
+
+
+def test_batched_sweep_falls_back_to_points_for_parameters_used_outside():
+    torch.manual_seed(0)
+    model = _HeadOutside()
+    ids = _ids()
+    d = random_direction(model, 1)
+    xs = np.array([-1.0, 0.5, 1.0])
+    batched, _ = sweep_line(model, loss_on(ids), d, xs)
+    single, _ = sweep_line(model, loss_on(ids), d, xs, batch=1)
+    np.testing.assert_array_equal(batched, single)

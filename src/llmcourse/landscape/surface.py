@@ -55,9 +55,37 @@ def batched_loss(model: nn.Module, ids: torch.Tensor) -> float:
     return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)))
 
 
-def loss_on(ids: torch.Tensor) -> LossFn:
-    """The loss function of a sweep: :func:`batched_loss` on fixed windows."""
-    return lambda model: batched_loss(model, ids)
+class WindowLoss:
+    """The loss of a sweep: :func:`batched_loss` on fixed windows ``ids`` (B, T). It can also evaluate
+    ``k`` points of a :class:`PointBatch` in one forward: the windows repeated ``k`` times (k·B, T),
+    point ``j`` on rows ``j·B .. (j+1)·B``, each point's loss the same reduction as :func:`batched_loss`."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids.reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids.reshape(1, -1)
+
+    def __call__(self, model: nn.Module) -> float:
+        return batched_loss(model, self.ids)
+
+    def max_points(self, model: nn.Module, tokens: int = 4096, logit_bytes: int = 1 << 30) -> int:
+        """How many points one forward may hold: at most ``tokens`` tokens and ``logit_bytes`` of logits."""
+        b, t = self.ids.shape
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 65536)
+        return max(1, min(tokens // (b * t), logit_bytes // (b * t * vocab * 4)))
+
+    @torch.inference_mode()
+    def points(self, model: nn.Module, k: int) -> list[float]:
+        b, t = self.ids.shape
+        if t < 2:
+            raise UserError("the text has fewer than 2 tokens", "pass a longer text")
+        logits = model(input_ids=self.ids.repeat(k, 1), use_cache=False).logits  # (k·B, T, V)
+        target = self.ids[:, 1:].reshape(-1)
+        return [float(F.cross_entropy(logits[j * b:(j + 1) * b, :-1].reshape(-1, logits.shape[-1]).float(), target))
+                for j in range(k)]
+
+
+def loss_on(ids: torch.Tensor) -> WindowLoss:
+    """The loss function of a sweep: :func:`batched_loss` on fixed windows (batchable, see :class:`WindowLoss`)."""
+    return WindowLoss(ids)
 
 
 class Perturbation:
@@ -206,6 +234,162 @@ class Perturbation:
         self.w0, self._src = {}, {}
 
 
+class PointBatch(Perturbation):
+    """``k`` points of one grid row in one forward: point ``j`` sees ``w_j = (w0 + Σ_{i≥1} c_i d_i) + a_j·d_0``
+    on its rows of the batch (k·B windows), the stored weights ``w0`` never written.
+
+    Use as ``with PointBatch(model, [d1, d2]) as p: p.set_points([(a1, b), (a2, b)]); loss.points(model, 2)``.
+    While the points are set, each module that owns a moving parameter runs in place of its forward:
+
+    * a linear layer walks its weight in chunks of output rows (about ``chunk_bytes`` each): per chunk the
+      row ``r = w0 + b·d2`` is summed once into a cache-resident buffer, then for each point ``t = r + a_j d1``
+      and ``y_j[:, rows] = x_j t^T (+ bias)`` while ``r`` and ``d1`` are still in cache. ``w0``, ``d1``, ``d2`` are
+      read from memory once per batch instead of once per point, which is what a point costs beyond its
+      forward (two reads per weight); the adds are those of :class:`Perturbation`, in the same order;
+    * an embedding sums only the rows of each point's input ids;
+    * any other module (norms, GPT-2's ``Conv1D``) runs once per point on its rows, its parameters pointed at
+      that point's full weights.
+
+    A point whose coefficients are all zero runs on ``w0`` itself. With no points set the modules run as
+    usual (the stored weights). Which parameters a forward reached is kept as in :class:`Perturbation`
+    (:meth:`unseen`); a parameter used outside its module's forward cannot be batched.
+    """
+
+    def __init__(self, model: nn.Module, directions: Sequence[Direction], chunk_bytes: int = 1 << 20) -> None:
+        super().__init__(model, directions, keep_rows=False)
+        self.chunk_bytes = chunk_bytes
+        self._points: list[tuple[float, ...]] = []
+        self._per_point = 1
+        self._forwards: list[tuple[nn.Module, Any]] = []
+        self._buf: dict[tuple, torch.Tensor] = {}
+
+    def __enter__(self) -> PointBatch:
+        self.w0 = {n: self.params[n].data for n in self.moving}
+        for m, names in self.owners:
+            self._forwards.append((m, m.__dict__.get("forward")))
+            m.forward = self._forward(m, names, m.forward)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, own in self._forwards:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+        self.restore()
+        self._forwards, self._buf, self._points, self.w0 = [], {}, [], {}
+
+    def set_points(self, points: Sequence[Sequence[float]], rows: int = 1) -> None:
+        """The next forward holds ``len(points)`` points, all with the same ``c_1..`` (one grid row), each on
+        ``rows`` consecutive rows of the batch."""
+        points = [tuple(float(c) for c in pt) for pt in points]
+        if any(len(pt) != len(self.directions) for pt in points):
+            raise ValueError(f"points need {len(self.directions)} coefficients each")
+        if len({pt[1:] for pt in points}) > 1:
+            raise ValueError("the points of one batch must share c_1.. (one row of the grid)")
+        self._points, self._per_point = points, rows
+        self._seen = set()
+
+    def clear(self) -> None:
+        self._points = []
+
+    def _scratch_for(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
+        t = self._buf.get(key)
+        if t is None or t.shape != like.shape:
+            t = self._buf[key] = torch.empty_like(like)
+        return t
+
+    def _sum(self, n: str, c0: float, out: torch.Tensor, part: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``(w0 + Σ_{i≥1} c_i d_i) + c0·d0`` of ``part`` of parameter ``n`` (into ``out`` unless it is ``w0``):
+        the adds of :meth:`Perturbation._value`, in its order."""
+        rest = [(c, d) for c, d in zip(self._points[0][1:], self.directions[1:], strict=True) if c != 0]
+        if not rest and c0 == 0:
+            return part(self.w0[n])
+        (c, d), *more = rest or [(c0, self.directions[0])]
+        torch.add(part(self.w0[n]), part(d[n]), alpha=c, out=out)
+        for c, d in more:
+            out.add_(part(d[n]), alpha=c)
+        return out.add_(part(self.directions[0][n]), alpha=c0) if rest and c0 != 0 else out
+
+    def _forward(self, m: nn.Module, names: list[str], orig: Callable[..., Any]) -> Callable[..., Any]:
+        name_of = {id(self.params[n]): n for n in names}
+        weight = name_of.get(id(getattr(m, "weight", None)))
+        bias = name_of.get(id(getattr(m, "bias", None)))
+
+        @torch.no_grad()
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not self._points:
+                return orig(*args, **kwargs)
+            self._seen.update(names)
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1 and args[0].shape[0] == 1:
+                # shared by every row (GPT-2's position ids): each point's rows get their own output
+                args = (args[0].expand(len(self._points) * self._per_point, *args[0].shape[1:]), *args[1:])
+            if type(m) is nn.Linear and len(args) == 1 and not kwargs:
+                return self._linear(m, weight, bias, args[0])
+            if type(m) is nn.Embedding and weight is not None and m.max_norm is None and len(args) == 1 \
+                    and not kwargs:
+                return self._embedding(m, weight, args[0])
+            return self._each(names, orig, args, kwargs)
+        return forward
+
+    def _linear(self, m: nn.Linear, wn: str | None, bn: str | None, x: torch.Tensor) -> torch.Tensor:
+        k = len(self._points)
+        xs = x.reshape(k, -1, x.shape[-1])  # (k, n·T, in): point j's rows
+        w = self.w0[wn] if wn else m.weight
+        n_out = w.shape[0]
+        biases = [None] * k if m.bias is None else \
+            [self._sum(bn, pt[0], self._scratch_for(("bias", j, bn), m.bias), lambda t: t) if bn else m.bias
+             for j, pt in enumerate(self._points)]
+        if wn is None:
+            return torch.stack([F.linear(xs[j], w, biases[j]) for j in range(k)]).reshape(*x.shape[:-1], n_out)
+        y = x.new_empty(k, xs.shape[1], n_out)
+        step = max(1, self.chunk_bytes // (w[0].numel() * w.element_size()))
+        for r0 in range(0, n_out, step):
+            r1 = min(n_out, r0 + step)
+            rows = slice(r0, r1)
+
+            def part(t: torch.Tensor, rows: slice = rows) -> torch.Tensor:
+                return t[rows]
+            r = self._sum(wn, 0.0, self._scratch_for(("row", r1 - r0), w[rows]), part)  # w0 + b·d2, once
+            d0 = self.directions[0][wn][rows]
+            for j, pt in enumerate(self._points):
+                t = r if pt[0] == 0 else torch.add(r, d0, alpha=pt[0], out=self._scratch_for(("t", r1 - r0), r))
+                y[j, :, rows] = F.linear(xs[j], t, None if biases[j] is None else biases[j][rows])
+        return y.reshape(*x.shape[:-1], n_out)
+
+    def _embedding(self, m: nn.Embedding, wn: str, ids: torch.Tensor) -> torch.Tensor:
+        k = len(self._points)
+        out = []
+        for j, pt in enumerate(ids.reshape(k, -1, *ids.shape[1:])):
+            rows, inv = pt.reshape(-1).unique(return_inverse=True)
+
+            def part(t: torch.Tensor, rows: torch.Tensor = rows) -> torch.Tensor:
+                return t[rows]
+            vals = self._sum(wn, self._points[j][0], torch.empty_like(self.w0[wn][rows]), part)  # (U, H)
+            out.append(vals[inv].reshape(*pt.shape, -1))
+        return torch.cat(out)
+
+    def _each(self, names: list[str], orig: Callable[..., Any], args: tuple, kwargs: dict) -> torch.Tensor:
+        k = len(self._points)
+        rows = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)).shape[0] // k
+
+        def mine(a: Any, j: int) -> Any:
+            return a[j * rows:(j + 1) * rows] if isinstance(a, torch.Tensor) and a.shape[:1] == (k * rows,) else a
+        outs = []
+        try:
+            for j, pt in enumerate(self._points):
+                for i, n in enumerate(names):
+                    self.params[n].data = self._sum(n, pt[0], self._scratch_for(("each", i, *self.w0[n].shape), self.w0[n]),
+                                                    lambda t: t)
+                outs.append(orig(*(mine(a, j) for a in args), **{key: mine(a, j) for key, a in kwargs.items()}))
+        finally:
+            for n in names:
+                self.params[n].data = self.w0[n]
+        if not all(isinstance(o, torch.Tensor) for o in outs):
+            raise TypeError("a perturbed module returned no tensor; sweep with batch=1")
+        return torch.cat(outs)
+
+
 def _load_state(path: Path | None, key: str, n: int) -> np.ndarray:
     losses = np.full(n, np.nan)
     if path is None or not path.exists():
@@ -228,13 +412,31 @@ def _save_state(path: Path | None, key: str, losses: np.ndarray, seconds: np.nda
         np.savez(f, key=np.array(key), losses=losses, seconds=seconds)
 
 
+def _rows(coeffs: np.ndarray, todo: list[int], size: int) -> list[list[int]]:
+    """``todo`` cut into batches of at most ``size`` consecutive points sharing ``c_1..`` (a grid row); a
+    point whose coefficients are all zero goes alone (it runs on the stored weights, unbatched)."""
+    out: list[list[int]] = []
+    for i in todo:
+        last = out[-1] if out else None
+        zero = not coeffs[i].any()
+        if last is None or zero or not coeffs[last[0]].any() or len(last) >= size or \
+                not np.array_equal(coeffs[last[0], 1:], coeffs[i, 1:]):
+            out.append([i])
+        else:
+            last.append(i)
+    return out
+
+
 def sweep(model: nn.Module, loss_fn: LossFn, directions: Sequence[Direction], coeffs: np.ndarray,
           state: str | Path | None = None, key: str = "", desc: str = "landscape",
-          save_every: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+          save_every: float = 2.0, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Loss at each row of ``coeffs`` (N, k): ``L(θ0 + Σ_j coeffs[i, j]·d_j)``; returns (losses, seconds).
 
-    With ``state``, the partial results are saved there every ``save_every`` seconds and on any exit
-    (also Ctrl-C); a rerun with the same ``key`` resumes. The weights are restored on exit either way.
+    A :class:`WindowLoss` evaluates up to ``batch`` points of a grid row per forward (:class:`PointBatch`;
+    default: as many as :meth:`WindowLoss.max_points` allows; 1 = one point per forward through
+    :class:`Perturbation`); any other ``loss_fn(model)`` one point per call. With ``state``, the partial
+    results are saved there every ``save_every`` seconds (whole batches) and on any exit (also Ctrl-C); a
+    rerun with the same ``key`` resumes. The weights are restored on exit either way.
     """
     coeffs = np.asarray(coeffs, dtype=np.float64).reshape(len(coeffs), -1)
     path = Path(state) if state is not None else None
@@ -243,30 +445,71 @@ def sweep(model: nn.Module, loss_fn: LossFn, directions: Sequence[Direction], co
     todo = [i for i in range(len(coeffs)) if np.isnan(losses[i])]
     last_save = time.perf_counter()
     bar = progress(total=len(coeffs), initial=len(coeffs) - len(todo), desc=desc, unit="pt")
+
+    def record(idx: list[int], vals: Sequence[float], t0: float) -> None:
+        nonlocal last_save
+        losses[idx], seconds[idx] = vals, (time.perf_counter() - t0) / len(idx)
+        bar.update(len(idx))
+        if path is not None and time.perf_counter() - last_save > save_every:
+            _save_state(path, key, losses, seconds)
+            last_save = time.perf_counter()
+
     try:
-        rests = [tuple(c[1:]) for c in coeffs[todo].tolist()]
-        runs = 1 + sum(a != b for a, b in zip(rests[:-1], rests[1:], strict=True))  # rows of equal c_1.., in order
-        # keeping a row costs about two points' reads; worth it from rows of 3 points on
-        with Perturbation(model, directions, keep_rows=len(todo) >= 3 * runs) as p:
-            for k, i in enumerate(todo):
-                t0 = time.perf_counter()
-                p.set(coeffs[i].tolist())
-                losses[i] = loss_fn(model)
-                if k == 0 and (missed := p.unseen()):
-                    log.info("%d parameter(s) used outside their module's forward are set in full: %s",
-                             len(missed), ", ".join(missed[:3]))
-                    p.set(coeffs[i].tolist())
-                    losses[i] = loss_fn(model)
-                seconds[i] = time.perf_counter() - t0
-                bar.update(1)
-                if path is not None and time.perf_counter() - last_save > save_every:
-                    _save_state(path, key, losses, seconds)
-                    last_save = time.perf_counter()
+        size = batch if batch is not None else loss_fn.max_points(model) if isinstance(loss_fn, WindowLoss) else 1
+        left = todo
+        if isinstance(loss_fn, WindowLoss) and size > 1:
+            left = _sweep_batched(model, loss_fn, directions, coeffs, _rows(coeffs, todo, size), record)
+        _sweep_points(model, loss_fn, directions, coeffs, left, record)
     finally:
         bar.close()
         if path is not None and todo:
             _save_state(path, key, losses, seconds)
     return losses, seconds
+
+
+Record = Callable[[list[int], Sequence[float], float], None]
+
+
+def _sweep_batched(model: nn.Module, loss_fn: WindowLoss, directions: Sequence[Direction], coeffs: np.ndarray,
+                   batches: list[list[int]], record: Record) -> list[int]:
+    """Each batch in one forward (:class:`PointBatch`); returns the points left to evaluate one by one:
+    none, or all of them when some parameter is used outside its module (the batch cannot reach it)."""
+    with PointBatch(model, directions) as p:
+        for n, idx in enumerate(batches):
+            t0 = time.perf_counter()
+            if not coeffs[idx[0]].any():
+                p.clear()
+                vals = [loss_fn(model)]  # the centre: the stored weights, as the base loss
+            else:
+                p.set_points(coeffs[idx].tolist(), rows=len(loss_fn.ids))
+                vals = loss_fn.points(model, len(idx))
+                if missed := p.unseen():
+                    log.info("%d parameter(s) used outside their module's forward; one point per forward: %s",
+                             len(missed), ", ".join(missed[:3]))
+                    return [i for b in batches[n:] for i in b]
+            record(idx, vals, t0)
+    return []
+
+
+def _sweep_points(model: nn.Module, loss_fn: LossFn, directions: Sequence[Direction], coeffs: np.ndarray,
+                  todo: list[int], record: Record) -> None:
+    """One point per forward (:class:`Perturbation`)."""
+    if not todo:
+        return
+    rests = [tuple(c[1:]) for c in coeffs[todo].tolist()]
+    runs = 1 + sum(a != b for a, b in zip(rests[:-1], rests[1:], strict=True))  # rows of equal c_1.., in order
+    # keeping a row costs about two points' reads; worth it from rows of 3 points on
+    with Perturbation(model, directions, keep_rows=len(todo) >= 3 * runs) as p:
+        for k, i in enumerate(todo):
+            t0 = time.perf_counter()
+            p.set(coeffs[i].tolist())
+            loss = loss_fn(model)
+            if k == 0 and (missed := p.unseen()):
+                log.info("%d parameter(s) used outside their module's forward are set in full: %s",
+                         len(missed), ", ".join(missed[:3]))
+                p.set(coeffs[i].tolist())
+                loss = loss_fn(model)
+            record([i], [loss], t0)
 
 
 def grid_coeffs(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
