@@ -5,8 +5,8 @@ dream", where perturbing the weights dominates) and one 128-token eval window (w
 dominates). Reported per workload: seconds per grid point of
 
 * ``forward`` — one plain forward + loss, no perturbation (the floor);
-* ``ours`` — :func:`llmcourse.landscape.sweep_grid` (the forward sees w = w0 + a·d1 + b·d2, set per module
-  from the untouched stored weights);
+* ``ours`` — :func:`llmcourse.landscape.sweep_grid` (the forward sees w = w0 + a·d1 + b·d2 from the untouched
+  stored weights; a grid row per forward, each layer's w0, d1, d2 read once per row, chunk by chunk in cache);
 * ``notebook`` — in place ``w += a·d1 + b·d2``, forward, ``w -= a·d1 + b·d2`` per point (notebook 2);
 * ``loss-landscapes`` — ``linear_interpolation`` from the model to θ0 + d1 (its only mode that takes
   given directions), on the same line as ours.
@@ -182,8 +182,10 @@ def markdown(rows: list[dict], model: str) -> str:
         f"(**{p['notebook_over_ours']:.2f}x**, {'met' if p['notebook_over_ours'] >= 3 else 'not met'}); "
         f"ours / forward <= 1.1 on the 128-token window (**{w['ours_over_forward']:.2f}x**, "
         f"{'met' if w['ours_over_forward'] <= 1.1 else 'not met'}).",
-        "- ours: the forward sees w = (w0 + b·d2) + a·d1, set per module just before it runs in a cache-resident "
-        "scratch tensor; the stored weights are never written (drift 0, centre = base loss: "
+        "- ours: a grid row (same b) per forward, its windows repeated once per point; each linear layer walks "
+        "its weight in cache-sized chunks of output rows: r = w0 + b·d2 once, then per point t = r + a·d1 and "
+        "that point's matmul, so w0, d1, d2 are read from memory once per row, not per point; the stored weights "
+        "are never written (drift 0, centre = base loss: "
         f"{p['ours_centre_equals_base']}, {w['ours_centre_equals_base']}).",
         "- notebook: w += a·d1 + b·d2, forward, w -= a·d1 + b·d2 per point; it ends "
         f"{max(p['notebook_weight_drift'], w['notebook_weight_drift']):.2g} away from w0; largest loss "

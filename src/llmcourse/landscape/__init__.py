@@ -4,7 +4,7 @@ path between two or three real models.
 * ``directions`` — random Gaussian directions with filter / layer / no normalisation, ``ignore='biasbn'``,
   and directions towards other models (``d = θ_B − θ_A``);
 * ``surface`` — the exact sweep: each point sets ``w = w0 + a·d1 + b·d2`` from a kept copy, restores the
-  weights bit for bit on exit, resumes a partial grid; the loss of one batched forward per point;
+  weights bit for bit on exit, resumes a partial grid; a grid row per forward (the weights read once per row);
 * ``plots`` — matplotlib contour / surface / line PNGs and a self-contained plotly HTML when plotly is present;
 * ``commands`` (``llmcourse landscape``) and ``tour`` (the tour section).
 
@@ -28,7 +28,8 @@ LAB = Lab(
 
 _PUBLIC = {
     "directions": ("perturbed_parameters", "random_direction", "direction_to", "NORMS"),
-    "surface": ("LossFn", "batched_loss", "Perturbation", "sweep_grid", "sweep_line", "flatness"),
+    "surface": ("LossFn", "WindowLoss", "batched_loss", "loss_on", "Perturbation", "PointBatch", "sweep_grid",
+                "sweep_line", "flatness"),
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)
 __all__ = ["LAB", *_names]
