@@ -16,6 +16,11 @@ streams (no ``[DONE]``). A token is one content chunk (both servers send one per
     .venv/bin/python bench/serve.py [--clients 1,4,8] [--requests 8] [--max-tokens 64] [--threads 2]
     .venv/bin/python bench/serve.py --quick          # a smoke run: 1 and 2 clients, 1 request of 8 tokens
 
+Our server runs with ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``; llama.cpp's keeps its own
+defaults): with as many compute threads as cores, spinning OpenMP threads and the HTTP side (event
+loop, SSE, the load generator) fight for the cores at every token; a batched step of one row took
+250-390 ms spinning vs 69 ms passive with the cores contended (2 threads, this machine).
+
 The targets (issue 14) are checked in the notes: at the most clients >= 2x llama.cpp's aggregate
 tokens/s with a lower p95 first token; at 1 client >= 0.8x; 0 errors and 0 broken streams.
 
@@ -129,6 +134,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of each server (default: 2)")
     ap.add_argument("--time-limit", type=float, default=40, help="seconds per row at most: clients send no "
                     "new request after it (default: 40)")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
+                    help="OMP_WAIT_POLICY of our server: PASSIVE threads sleep at a barrier instead of spinning, "
+                    "so the HTTP side and the load generator get the cores between kernels ('default': leave it "
+                    "unset; llama.cpp's server always runs with its own defaults). Default: %(default)s")
     ap.add_argument("--skip-llama", action="store_true", help="only our server (default: both)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: --clients 1,2 --requests 1 --max-tokens 8 "
                     "(default: off)")
@@ -137,6 +146,8 @@ def main() -> None:
         args.clients, args.requests, args.max_tokens, args.time_limit = "1,2", 1, 8, 20
     clients = [int(c) for c in args.clients.split(",")]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env.pop("OMP_WAIT_POLICY", None)
+    ours_env = dict(env) if args.omp_wait_policy == "default" else {**env, "OMP_WAIT_POLICY": args.omp_wait_policy}
     procs: list[subprocess.Popen] = []
     servers: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +155,7 @@ def main() -> None:
             port = free_port()
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "llmcourse", "serve", "--model", "default", "--port", str(port),
-                 "--max-batch", str(max(clients)), "--ctx", "1024", "--threads", str(args.threads)], env=env,
+                 "--max-batch", str(max(clients)), "--ctx", "1024", "--threads", str(args.threads)], env=ours_env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             ours = f"http://127.0.0.1:{port}"
             wait_healthy(ours, procs[-1], 900, "/health")  # the first start compiles the step buckets
@@ -204,7 +215,8 @@ def main() -> None:
     notes.append(f"llmcourse serve: {bad} errors + broken streams (target 0)")
     write_result("serve", "Serving under load (streaming chat, greedy)", md_table(rows),
                  f"{args.requests} requests per client (a client sends none after {args.time_limit:.0f} s of its row), "
-                 f"{args.max_tokens} tokens each, {args.threads} threads per server"
+                 f"{args.max_tokens} tokens each, {args.threads} threads per server, OMP_WAIT_POLICY "
+                 f"{args.omp_wait_policy} for ours (llama.cpp: its defaults)"
                  + ("; a smoke run (--quick): the figures are not a measurement" if args.quick else "")
                  + ".\n\n" + "\n".join(f"- {n}" for n in notes))
 

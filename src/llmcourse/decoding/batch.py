@@ -13,7 +13,9 @@ fixed-size KV cache (``max_batch`` slots x ``ctx`` positions); every slot has it
 with every weight read once per step for all slots together (decoding is bound by reading the
 weights: B rows cost little more than one). Prompts are prefilled one chunk at a time between
 decode steps (chunked prefill, as in Sarathi, Agrawal et al. 2023), so a long prompt stalls the
-running streams for one chunk at most.
+running streams for one chunk at most. A slot keeps its prompt's K/V after its request ends, and a
+new prompt takes the free slot that holds its longest beginning and is prefilled from there
+(prefix caching, as llama.cpp's server reuses a slot: a chat's system prompt is computed once).
 
 :class:`BatchSession` is the state (cache, positions) and the forward on a shared
 :class:`~llmcourse.decoding.fast_llama.FastLlama`; :class:`ContinuousBatcher` is the scheduler
