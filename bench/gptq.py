@@ -30,12 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / "venvs" / "gptqmodel"
@@ -75,6 +77,7 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str
 OURS = """
 import sys, time, torch
 from pathlib import Path
+from typing import Any
 from llmcourse.core.threads import apply_threads, choose_threads
 apply_threads(choose_threads(None))  # as the CLI: the cores idle at start
 from llmcourse.core.models import load_model
@@ -135,12 +138,19 @@ def _script(text: str, d: Path, name: str) -> str:
     return str(p)
 
 
-def decode_tok_s(model, tokenizer, n: int) -> float:
+def decode_tok_s(models: dict[str, Any], n: int, runs: int = 5) -> dict[str, float]:
+    """Greedy decode tokens/s of each (model, tokenizer): median of ``runs`` interleaved runs, after one
+    warm-up run of the same length (the compiled step is built then)."""
     from llmcourse.decoding import GenerationConfig, generate
 
-    generate(model, tokenizer, "The history of", GenerationConfig(strategy="greedy", max_new_tokens=2, eos_token_ids=()))
     cfg = GenerationConfig(strategy="greedy", max_new_tokens=n, eos_token_ids=())
-    return generate(model, tokenizer, "The history of", cfg).tokens_per_second
+    for model, tok in models.values():
+        generate(model, tok, "The history of", cfg)
+    speeds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(runs):
+        for name, (model, tok) in models.items():
+            speeds[name].append(generate(model, tok, "The history of", cfg).tokens_per_second)
+    return {name: statistics.median(v) for name, v in speeds.items()}
 
 
 def main() -> None:
@@ -202,8 +212,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
     first = work / f"ours-{args.calib.split(',')[0]}-{orders[0]}"
     ours = load_quantized(first)
-    speed = {"fp32": decode_tok_s(fp.model, fp.tokenizer, args.decode_tokens),
-             "ours 4-bit": decode_tok_s(ours.model, ours.tokenizer, args.decode_tokens)}
+    speed = decode_tok_s({"fp32": (fp.model, fp.tokenizer), "ours 4-bit": (ours.model, ours.tokenizer)},
+                         args.decode_tokens)
     if use_gptqmodel:
         probe = ids[:, :64]
         pfile, lfile = work / "probe.pt", work / "gm_logits.pt"
@@ -243,6 +253,9 @@ def main() -> None:
                      f"{r['perplexity']:.3f} | {100 * r['vs_fp32']:+.2f}% | {r['kl']:.4f} | {r['top1']:.3f} |")
     table += ["", "| model | greedy decode tok/s |", "|---|---:|"]
     table += [f"| {k} | {v:.1f} |" for k, v in speed.items()]
+    table += ["", f"ours 4-bit / fp32 decode: {speed['ours 4-bit'] / speed['fp32']:.2f}x (target >= 1.5x); "
+              f"median of 5 interleaved runs of {args.decode_tokens} greedy tokens, torch {torch.get_num_threads()} "
+              "threads"]
     notes.insert(0, f"fp32 perplexity {ppl_fp:.3f} on the first {args.ppl_tokens} eval tokens (window 512, stride "
                  "512). Both quantizers: 4-bit, g128, sym, damp 0.01, no act-order, true-sequential, the same windows; "
                  "order gar: group-aware reordering on both sides (GPTQModel's default), plain: natural order on "

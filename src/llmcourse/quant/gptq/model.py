@@ -197,9 +197,57 @@ def collect_hessians(block: nn.Module, layers: dict[str, nn.Module], hessians: d
 
 
 def _set_weight(m: nn.Module, W: torch.Tensor) -> None:
-    """Write an (out, in) weight into an ``nn.Linear`` or a ``Conv1D`` (stored transposed)."""
-    target = m.weight.data
-    target.copy_((W if isinstance(m, nn.Linear) else W.t()).to(target.dtype))
+    """Give an ``nn.Linear`` or a ``Conv1D`` (stored transposed) the (out, in) weight ``W``.
+
+    The parameter gets new storage rather than being written in place: a weight mapped from a
+    safetensors file stays a clean file page, which :func:`release_file_pages` can drop."""
+    m.weight.data = (W if isinstance(m, nn.Linear) else W.t()).to(m.weight.dtype).contiguous()
+
+
+_PAGE = 4096
+MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """The private file-backed address ranges of this process (from /proc/self/maps; Linux only)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1].endswith("p") and parts[4] != "0":
+                    start, end = (int(a, 16) for a in parts[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        pass
+    return ranges
+
+
+def release_file_pages(tensors: list[torch.Tensor]) -> None:
+    """Hand back the memory of weights that were replaced, block by block, as the run goes.
+
+    A model loaded from safetensors reads its weights through one private mapping of the file:
+    every page a block's weights touched stays resident until the whole file is unmapped, so a
+    run that reads all blocks ends holding the whole fp32 model *and* its quantized copy. For
+    ``tensors`` that lie in such a mapping, the clean pages are dropped (``madvise(MADV_DONTNEED)``;
+    a later read would fetch them from the file again, unchanged). Freed heap memory (the Hessians,
+    the block's activations) is returned with ``malloc_trim``. Anything else is left alone.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return
+    maps = _file_mappings()
+    for t in tensors:  # only the pages wholly inside each tensor's own bytes
+        lo = -(-t.data_ptr() // _PAGE) * _PAGE
+        hi = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
+        if hi > lo and any(a <= lo and hi <= b for a, b in maps):
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _quantize_layer(m: nn.Module, cfg: GPTQConfig, H: GPTQ | None) -> tuple[QuantizedLayer, dict[str, Any]]:
@@ -249,12 +297,14 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: GPTQConf
         else:
             stages = [[n for s in sequential_stages(block, layers, inputs[0]) for n in s]]
         done: dict[str, QuantizedLayer] = {}
+        replaced: list[torch.Tensor] = []  # the original weights, released when the block is done
         for stage in stages:
             hessians = {n: GPTQ(linear_weight(layers[n]).shape[1]) for n in stage} if inputs is not None else {}
             if inputs is not None:
                 collect_hessians(block, {n: layers[n] for n in stage}, hessians, inputs)
             for n in stage:
                 ql, row = _quantize_layer(layers[n], cfg, hessians.pop(n, None))
+                replaced.append(linear_weight(layers[n]))
                 _set_weight(layers[n], ql.dequantize())  # later stages and blocks see the quantized layer
                 done[n] = ql
                 rows.append({"layer": f"{prefix}.{b}.{n}", **row})
@@ -267,6 +317,8 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: GPTQConf
             bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
             tensors = pack_layer(ql.codes, ql.scales, ql.zeros, ql.g_idx, cfg.bits, bias)
             set_module(block, n, GPTQLinear(in_f, out_f, cfg.bits, tensors, dtype=dtype))
+        release_file_pages(replaced)
+        del replaced
         if done_block is not None:
             done_block(b, block)
         bar.update(1)
