@@ -249,7 +249,9 @@ class PointBatch(Perturbation):
     Use as ``with PointBatch(model, [d1, d2]) as p: p.set_points([(a1, b), (a2, b)]); loss.points(model, 2)``.
     While the points are set, each module that owns a moving parameter runs in place of its forward:
 
-    * a linear layer walks its weight in chunks of output rows (about ``chunk_bytes`` each): per chunk the
+    * a linear layer walks its weight in chunks of output rows (about ``chunk_bytes`` each; the default
+      4 MiB keeps a chunk's r, d1 and t in L3 and leaves every layer of the default model whole but the
+      tied head; 1 MiB chunks cost twice as many small ops and were slower here): per chunk the
       row ``r = w0 + b·d2`` is summed once into a cache-resident buffer, then for each point ``t = r + a_j d1``
       and ``y_j[:, rows] = x_j t^T (+ bias)`` while ``r`` and ``d1`` are still in cache. ``w0``, ``d1``, ``d2`` are
       read from memory once per batch instead of once per point, which is what a point costs beyond its
