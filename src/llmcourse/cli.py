@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -131,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if argv else 0
     try:
         threads = None
+        if getattr(args, "omp_wait_policy", None):  # read by OpenMP when torch loads it, so before that
+            os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
         if hasattr(args, "threads"):  # commands that compute: choose before torch starts its pool
             threads = choose_threads(args.threads)
             apply_threads(threads)

@@ -44,7 +44,9 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
                    help="prompt tokens prefilled between two decode steps. Default: %(default)s")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the --model value)")
     add_common_args(p)
-    p.set_defaults(func=cmd_serve)
+    # OpenMP threads sleep at a barrier instead of spinning: with as many compute threads as cores,
+    # spinning threads and the HTTP side fight for the cores at every token (bench/serve.py)
+    p.set_defaults(func=cmd_serve, omp_wait_policy="PASSIVE")
 
 
 def cmd_serve(args: argparse.Namespace) -> Result:
