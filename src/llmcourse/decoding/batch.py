@@ -44,6 +44,7 @@ from llmcourse.decoding.engine import GenerationConfig, TextStream, model_eos_id
 from llmcourse.decoding.fast_llama import (
     CAPACITY_STEP,  # cache sizes are rounded up to this (one compilation per size)
     FastLlama,
+    allow_specialisations,
     compiled,
     matvec,
     project,
@@ -90,17 +91,6 @@ def batch_layer(x: torch.Tensor, wts: tuple, kc: torch.Tensor, vc: torch.Tensor,
 
 
 _COMPILED_LAYER: list[Any] = []
-
-
-def allow_specialisations() -> None:
-    """Raise Dynamo's recompile limits in the calling thread: one specialisation per shape is the design
-    (buckets, windows, models in one process). Dynamo's config is per thread, so the thread that steps
-    (a server's scheduler) must raise them too, not only the one that compiled first."""
-    import torch._dynamo.config as dynamo_config
-
-    if dynamo_config.recompile_limit < 1024:
-        dynamo_config.recompile_limit = 1024
-        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8192)
 
 
 def compiled_batch_layer() -> Any:

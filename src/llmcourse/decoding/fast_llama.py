@@ -214,15 +214,22 @@ def decode_head(x: torch.Tensor, norm: torch.Tensor, head: Parts, eps: float) ->
 _COMPILED: dict[str, Any] = {}
 
 
+def allow_specialisations() -> None:
+    """Raise Dynamo's recompile limits in the calling thread: one specialisation per shape is the design
+    (weight shapes, rows, buckets, cache windows, models in one process). Dynamo's config is per thread,
+    so every thread that runs a compiled step (a server's scheduler) must raise them, not only the one
+    that compiled first."""
+    import torch._dynamo.config as dynamo_config
+
+    if dynamo_config.recompile_limit < 1024:
+        dynamo_config.recompile_limit = 1024
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8192)
+
+
 def compiled(name: str) -> Any:
     """The ``torch.compile``'d :func:`decode_layer` or :func:`decode_head` (shape-specialised, cached on disk)."""
+    allow_specialisations()
     if name not in _COMPILED:
-        import torch._dynamo.config as dynamo_config
-
-        # one specialisation per (weight shapes, rows, cache size): allow many models in one process
-        # one specialisation per shape is the design (buckets, windows, models in one process): a high limit
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
-        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8192)
         fn = {"layer": decode_layer, "head": decode_head}[name]
         _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
     return _COMPILED[name]
