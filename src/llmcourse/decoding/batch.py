@@ -46,7 +46,6 @@ from llmcourse.decoding.fast_llama import (
     FastLlama,
     allow_specialisations,
     compiled,
-    matvec,
     project,
     rms_norm,
     rotate_half,
@@ -218,12 +217,7 @@ class BatchSession:
             gate, up = layer.gate_up(h)
             x = x + layer.down(F.silu(gate) * up)
         self.pos[slot] = p0 + t
-        h = rms_norm(x[:, -1], f.norm, f.eps)  # (1, H)
-        head = f.head_parts
-        if head is not None and head[1] is None:  # a float head: one row through matvec, ~2x F.linear's speed
-            y = matvec(head[0], h)
-            return (y if head[3] is None else y + head[3]).float()
-        return f.lm_head(h).float()
+        return f.logits(x[:, -1])  # (1, V)
 
     @torch.inference_mode()
     def step(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
@@ -307,6 +301,7 @@ class BatchSession:
             x = layer(x, wts, kc, vc, rows, pos, cos, sin, mask, n_heads=f.n_heads,
                       n_kv=f.n_kv, head_dim=f.head_dim, eps=f.eps)
         logits = head(x, f.norm, f.head_parts, f.eps)[:b]
+        f.head_compiled = True
         for s in set(slots):
             self.pos[s] += 1
         return logits

@@ -375,6 +375,7 @@ class FastLlama:
         self.rotary = inner.rotary_emb
         self.cos = self.sin = None  # (L, head_dim) tables, grown on demand (replaced, never written)
         self._warm: set[tuple[int, int]] = set()  # (rows, capacity) shapes the compiled step has run
+        self.head_compiled = False  # whether the compiled decode_head has run (a step of either session kind)
         self._lock = threading.Lock()  # compiling (first run of a shape) happens in one thread at a time
 
     @property
@@ -470,8 +471,15 @@ class FastLlama:
             gate, up = layer.gate_up(h)
             x = x + layer.down(F.silu(gate) * up)
         state.pos = p0 + t
-        last = x if t == 1 else x[:, -1]
-        return self.lm_head(rms_norm(last, self.norm, self.eps)).float()
+        return self.logits(x if t == 1 else x[:, -1])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head for a few rows, ``x`` (B, H) -> fp32 logits (B, V): the compiled
+        :func:`decode_head` once a compiled step has run (the decode step's own kernel: one pass over
+        the head, in its stored dtype), else the head's :class:`Projection`."""
+        if self.head_compiled and self.matvec == "compiled":
+            return compiled("head")(x.contiguous(), self.norm, self.head_parts, self.eps)
+        return self.lm_head(rms_norm(x, self.norm, self.eps)).float()
 
     def _compiled_step(self, state: DecodeSession, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row through the compiled :func:`decode_layer` / :func:`decode_head`."""
@@ -504,6 +512,7 @@ class FastLlama:
             x = layer(x, wts, state.k_cache[li], state.v_cache[li], pos, cos, sin, mask, n_heads=self.n_heads,
                       n_kv=self.n_kv, head_dim=self.head_dim, eps=self.eps)
         logits = head(x, self.norm, self.head_parts, self.eps)
+        self.head_compiled = True
         state.pos = p + 1
         return logits
 

@@ -9,7 +9,7 @@ from llmcourse.decoding import GenerationConfig, generate
 from llmcourse.decoding import fast_llama as fl
 from llmcourse.quant.gptq.linear import GPTQLinear
 from llmcourse.quant.gptq.model import GPTQConfig, quantize_model
-from llmcourse.quant.gptq.pack import pack_layer
+from llmcourse.quant.gptq.pack import dequantize_layer, pack_layer
 from tests.conftest import tiny_model
 
 
@@ -37,6 +37,21 @@ def test_decode_parts_are_the_same_weight_in_equal_groups(quantized):
     assert GPTQLinear(64, 32, 4, t).decode_parts() is None
 
 
+@pytest.mark.parametrize("order", ["natural", "act-order"])
+def test_dequantize_equals_the_checkpoint_formula(order):
+    """The in-place equal-group path (natural g_idx, ragged last group) and the gather path (act-order) give
+    the packed tensors' own ``scales[g] (q - zero[g])`` bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    g_idx = torch.arange(80) // 32  # groups of 32, 32, 16
+    if order == "act-order":
+        g_idx = g_idx[torch.randperm(80, generator=gen)]
+    t = pack_layer(torch.randint(0, 16, (24, 80), generator=gen), torch.rand(24, 3, generator=gen) + 0.01,
+                   torch.randint(1, 16, (24, 3), generator=gen).float(), g_idx, 4)
+    layer = GPTQLinear(80, 24, 4, t)
+    assert (layer.equal_group_parts() is None) == (order == "act-order")
+    assert torch.equal(layer.dequantize(), dequantize_layer(t, 4))
+
+
 @pytest.mark.skipif(not fl.can_compile(), reason="no C++ compiler for TorchInductor")
 def test_compiled_greedy_equals_eager(quantized, monkeypatch):
     monkeypatch.setenv("LLMCOURSE_COMPILE", "1")  # tiny models would run uncompiled under "auto"
@@ -49,3 +64,20 @@ def test_compiled_greedy_equals_eager(quantized, monkeypatch):
 
     assert out.backend == "fast" and engine._FAST[quantized]["compiled"][1].warm  # the compiled step ran
     assert out.sequences[0].token_ids == ref
+
+
+def test_half_table_is_the_fp16_checkpoint_table_for_lookup_and_tied_head():
+    """A tied fp16 embedding stays fp16: lookups and the head give what an fp32 copy of it gives."""
+    from llmcourse.decoding.fast_llama import linear_parts
+    from llmcourse.quant.gptq.linear import HEAD_SLICE, HalfHead, HalfTable
+
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(HEAD_SLICE + 100, 32, generator=gen).half()  # two slices, the last ragged
+    emb = HalfTable(table)
+    head = HalfHead(emb)
+    ids = torch.tensor([[0, 5, HEAD_SLICE + 99]])
+    assert emb(ids).dtype == torch.float32 and torch.equal(emb(ids), table.float()[ids])
+    x = torch.randn(3, 32, generator=gen)
+    assert torch.allclose(head(x), x @ table.float().t(), rtol=1e-5, atol=1e-5)
+    assert linear_parts(head)[0] is table  # the compiled step reads the fp16 tensor itself
+    assert dict(emb.named_buffers()).keys() == {"table"} and not list(head.buffers())
