@@ -99,7 +99,9 @@ windows = torch.load(sys.argv[1])
 t0 = time.perf_counter()
 cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01, true_sequential=True,
                      act_group_aware=sys.argv[4] == "gar")
-model = GPTQModel.load(sys.argv[3], cfg)
+# fp32 as ours: left to itself GPTQModel picks bf16 on a CPU (auto_dtype), and its calibration,
+# residual stream and Hessians are then bf16, which costs perplexity
+model = GPTQModel.load(sys.argv[3], cfg, dtype=getattr(torch, sys.argv[5]))
 calib = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
 model.quantize(calib, batch_size=1)
 model.save(sys.argv[2])
@@ -159,7 +161,10 @@ def main() -> None:
     ap.add_argument("--calib", default="32x256,128x512", help="calibration sizes NxT, comma-separated")
     ap.add_argument("--orders", default="gar,plain",
                     help="column orders, comma-separated: gar (group-aware reordering), plain (default gar,plain)")
-    ap.add_argument("--ppl-tokens", type=int, default=4096, help="eval tokens for perplexity (default 4096)")
+    ap.add_argument("--ppl-tokens", type=int, default=16384,
+                    help="eval tokens for perplexity (default 16384: on 4096, 1-3%% is run-to-run spread)")
+    ap.add_argument("--gptqmodel-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="dtype GPTQModel quantizes in (default float32, as ours; its own CPU default is bfloat16)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens for decode speed (default 64)")
     ap.add_argument("--ours-only", action="store_true", help="skip GPTQModel")
     ap.add_argument("--out", default=None, help="keep the quantized folders here (default: a temporary folder)")
@@ -199,7 +204,8 @@ def main() -> None:
             if use_gptqmodel:
                 runs.append(("GPTQModel 7.6.0", work / f"gptqmodel-{spec}-{order}",
                              [str(PY), _script(GPTQMODEL_QUANTIZE, work, "gm.py"), str(wfile),
-                              str(work / f"gptqmodel-{spec}-{order}"), str(default_model_dir()), order],
+                              str(work / f"gptqmodel-{spec}-{order}"), str(default_model_dir()), order,
+                              args.gptqmodel_dtype],
                              {"GPTQMODEL_CPU_WORKERS": "2"}))
             for name, folder, cmd, env in runs:
                 wall, rss, _ = measured(cmd, env)
@@ -257,7 +263,8 @@ def main() -> None:
               f"median of 5 interleaved runs of {args.decode_tokens} greedy tokens, torch {torch.get_num_threads()} "
               "threads"]
     notes.insert(0, f"fp32 perplexity {ppl_fp:.3f} on the first {args.ppl_tokens} eval tokens (window 512, stride "
-                 "512). Both quantizers: 4-bit, g128, sym, damp 0.01, no act-order, true-sequential, the same windows; "
+                 f"512). GPTQModel quantizes in {args.gptqmodel_dtype}, ours in float32. Both quantizers: 4-bit, g128, "
+                 "sym, damp 0.01, no act-order, true-sequential, the same windows; "
                  "order gar: group-aware reordering on both sides (GPTQModel's default), plain: natural order on "
                  "both (GPTQModel act_group_aware=False).")
     write_result("gptq", "GPTQ: llmcourse vs GPTQModel 7.6.0 (default model)", "\n".join(table), "\n\n".join(notes))

@@ -24,7 +24,8 @@ loop, SSE, the load generator) fight for the cores at every token; a batched ste
 The targets (issue 14) are checked in the notes: at the most clients >= 2x llama.cpp's aggregate
 tokens/s with a lower p95 first token; at 1 client >= 0.8x; 0 errors and 0 broken streams.
 
-Needs ``pip install 'llama-cpp-python[server]==0.3.36'`` for the llama.cpp rows (skipped without).
+The llama.cpp rows need ``llama-cpp-python[server]==0.3.36`` (the ``llama`` extra, which ``make setup-test`` installs;
+skipped without).
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ def main() -> None:
                     help="OMP_WAIT_POLICY of our server: PASSIVE threads sleep at a barrier instead of spinning, "
                     "so the HTTP side and the load generator get the cores between kernels ('default': leave it "
                     "unset; llama.cpp's server always runs with its own defaults). Default: %(default)s")
+    ap.add_argument("--gomp-spincount", type=int, default=None,
+                    help="GOMP_SPINCOUNT of our server: how long (about 100000 per ms) an OpenMP thread spins at a "
+                    "barrier before it sleeps; set, it overrides the wait policy (default: unset)")
     ap.add_argument("--skip-llama", action="store_true", help="only our server (default: both)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: --clients 1,2 --requests 1 --max-tokens 8 "
                     "(default: off)")
@@ -148,6 +152,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     env.pop("OMP_WAIT_POLICY", None)
     ours_env = dict(env) if args.omp_wait_policy == "default" else {**env, "OMP_WAIT_POLICY": args.omp_wait_policy}
+    if args.gomp_spincount is not None:
+        ours_env["GOMP_SPINCOUNT"] = str(args.gomp_spincount)
     procs: list[subprocess.Popen] = []
     servers: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,7 +222,9 @@ def main() -> None:
     write_result("serve", "Serving under load (streaming chat, greedy)", md_table(rows),
                  f"{args.requests} requests per client (a client sends none after {args.time_limit:.0f} s of its row), "
                  f"{args.max_tokens} tokens each, {args.threads} threads per server, OMP_WAIT_POLICY "
-                 f"{args.omp_wait_policy} for ours (llama.cpp: its defaults)"
+                 f"{args.omp_wait_policy} for ours"
+                 + (f", GOMP_SPINCOUNT {args.gomp_spincount}" if args.gomp_spincount is not None else "")
+                 + " (llama.cpp: its defaults)"
                  + ("; a smoke run (--quick): the figures are not a measurement" if args.quick else "")
                  + ".\n\n" + "\n".join(f"- {n}" for n in notes))
 
