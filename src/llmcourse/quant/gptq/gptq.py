@@ -240,13 +240,15 @@ class GPTQ:
             perm = group_aware_order(torch.diag(H), g)
         else:
             perm = torch.arange(columns)
-        W = W[:, perm]
-        H = H[perm][:, perm]
+        if not torch.equal(perm, torch.arange(columns)):  # (no copies of W and H for the natural order)
+            W = W[:, perm]
+            H = H[perm][:, perm]
 
         Hinv, damp = self._inverse_cholesky(H, damp)
+        del H  # a Hessian is columns² floats (127 MB for a 5632-wide layer): hold one, not several
 
         Q = torch.zeros_like(W)  # codes, in the permuted order
-        Losses = torch.zeros_like(W)
+        loss = 0.0  # sum of Losses
         group_of = torch.zeros(columns, dtype=torch.long)  # group of each permuted column
         scales: list[torch.Tensor] = []
         zeros: list[torch.Tensor] = []
@@ -283,7 +285,7 @@ class GPTQ:
                 W1[:, i:] -= err1[:, None] @ Hinv1[i, i:][None, :]
                 Err1[:, i] = err1
             Q[:, i1:i2] = Q1
-            Losses[:, i1:i2] = Losses1 / 2
+            loss += float(Losses1.sum()) / 2
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
         invperm = torch.argsort(perm)
@@ -300,7 +302,7 @@ class GPTQ:
                 scales_t, zeros_t = scales_t[:, order], zeros_t[:, order]
                 group_of = natural[group_of]
         return QuantizedLayer(Q[:, invperm].to(torch.int32), scales_t, zeros_t,
-                              group_of[invperm].to(torch.int32), bits, damp, float(Losses.sum()))
+                              group_of[invperm].to(torch.int32), bits, damp, loss)
 
     @staticmethod
     def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -312,9 +314,12 @@ class GPTQ:
             Hd = H.clone()
             Hd.diagonal().add_(damp * mean_diag)
             L, info = torch.linalg.cholesky_ex(Hd)
+            del Hd  # each step frees the last: three columns² matrices at most, with H
             if info == 0:
                 Hinv_full = torch.cholesky_inverse(L)
+                del L
                 U, info = torch.linalg.cholesky_ex(Hinv_full, upper=True)
+                del Hinv_full
                 if info == 0 and torch.isfinite(U).all():
                     return U, damp
             new = damp * 10

@@ -296,7 +296,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: GPTQConf
             stages = sequential_stages(block, layers, inputs[0])
         else:
             stages = [[n for s in sequential_stages(block, layers, inputs[0]) for n in s]]
-        done: dict[str, QuantizedLayer] = {}
+        done: dict[str, dict[str, torch.Tensor]] = {}  # each layer's packed checkpoint tensors
         replaced: list[torch.Tensor] = []  # the original weights, released when the block is done
         for stage in stages:
             hessians = {n: GPTQ(linear_weight(layers[n]).shape[1]) for n in stage} if inputs is not None else {}
@@ -306,16 +306,15 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: GPTQConf
                 ql, row = _quantize_layer(layers[n], cfg, hessians.pop(n, None))
                 replaced.append(linear_weight(layers[n]))
                 _set_weight(layers[n], ql.dequantize())  # later stages and blocks see the quantized layer
-                done[n] = ql
+                bias = layers[n].bias.detach() if getattr(layers[n], "bias", None) is not None else None
+                done[n] = pack_layer(ql.codes, ql.scales, ql.zeros, ql.g_idx, cfg.bits, bias)  # int32 codes: gone
+                del ql
                 rows.append({"layer": f"{prefix}.{b}.{n}", **row})
         if inputs is not None:
             for inp in inputs:
                 inp.hidden = run_block(block, inp)
-        for n, ql in done.items():
-            m = layers[n]
-            out_f, in_f = linear_weight(m).shape
-            bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
-            tensors = pack_layer(ql.codes, ql.scales, ql.zeros, ql.g_idx, cfg.bits, bias)
+        for n, tensors in done.items():
+            out_f, in_f = linear_weight(layers[n]).shape
             set_module(block, n, GPTQLinear(in_f, out_f, cfg.bits, tensors, dtype=dtype))
         release_file_pages(replaced)
         del replaced
