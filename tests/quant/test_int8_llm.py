@@ -140,3 +140,31 @@ def test_config_rejects_bad_threshold():
         Int8Config(method="llm.int8", threshold=float("nan"))
     model = tiny_model("llama")
     quantize_model(model, Int8Config(method="llm.int8", threshold=0.0))  # 0 disables the decomposition
+
+
+_EXACT_SCRIPT = """
+import torch
+from llmcourse.quant.int8.llm_int8 import int_mm_is_exact, int8_matmul
+g = torch.Generator().manual_seed(0)
+a = torch.randint(-127, 128, (16, 1536), dtype=torch.int8, generator=g)
+b = torch.randint(-127, 128, (64, 1536), dtype=torch.int8, generator=g)
+a[:, :64] = 127
+b[:, :64] = 127
+err = (int8_matmul(a, b).long() - a.long() @ b.long().t()).abs().max().item()
+print(int(int_mm_is_exact()), err)
+"""
+
+
+@pytest.mark.parametrize("isa", ["DEFAULT", "AVX2"])
+def test_int8_matmul_is_exact_also_without_vnni(isa):
+    """oneDNN's int8 GEMM saturates on CPUs without VNNI (ONEDNN_MAX_CPU_ISA=AVX2 gives such a
+    kernel on any x86 CPU): the probe notices and the product stays exact."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _EXACT_SCRIPT], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa}).stdout.split()
+    assert out[1] == "0", out
+    if isa == "AVX2":
+        assert out[0] == "0"  # the probe saw the saturating kernel
