@@ -135,6 +135,63 @@ def test_sequential_stages_of_a_llama_block():
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
+class _PostNormBlock(torch.nn.Module):
+    """A block whose output goes through a norm after its last layer (as Gemma 2's post-norms)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.norm = torch.nn.LayerNorm(inner.hidden_size)
+
+    def forward(self, hidden, **kwargs):
+        out = self.inner(hidden, **kwargs)
+        return self.norm(out[0] if isinstance(out, tuple) else out)
+
+
+def test_adds_linearly_finds_the_residual_projection():
+    from llmcourse.core.modules import block_inputs, decoder_blocks
+    from llmcourse.quant.gptq.model import adds_linearly
+
+    model = tiny_model("llama")
+    _, blocks = decoder_blocks(model)
+    inp = block_inputs(model, torch.randint(0, 256, (1, 16)))[0]
+    before = blocks[0].mlp.down_proj.weight.clone()
+    assert adds_linearly(blocks[0], "mlp.down_proj", blocks[0].mlp.down_proj, inp)
+    post = _PostNormBlock(blocks[1])
+    assert not adds_linearly(post, "inner.mlp.down_proj", blocks[1].mlp.down_proj, inp)
+    assert torch.equal(blocks[0].mlp.down_proj.weight, before)  # the probe puts the weight back
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_last_pass_equals_another_pass(arch, monkeypatch):
+    """The last layer's pass runs the whole block and its outputs are corrected by x ΔWᵀ (x kept in
+    fp16): the same quantized model as running the quantized block once more."""
+    from llmcourse.core.modules import decoder_blocks
+    from llmcourse.quant.gptq import model as gm
+
+    windows = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+    cfg = GPTQConfig(bits=4, group_size=32)
+    fused = tiny_model(arch)
+    calls = []
+    real = gm.correct_outputs
+    monkeypatch.setattr(gm, "correct_outputs", lambda *a: (calls.append(1), real(*a)))
+    quantize_model(fused, windows, cfg)
+    assert len(calls) == 2  # both blocks took the fused path
+    again = tiny_model(arch)
+    _, blocks = decoder_blocks(again)
+    monkeypatch.setitem(gm._ADDS_LINEARLY, type(blocks[0]), False)
+    quantize_model(again, windows, cfg)
+    a, b = dict(fused.named_buffers()), dict(again.named_buffers())
+    q = [k for k in a if k.endswith("qweight")]
+    # the first block is the same; fp16 rounding of x can flip a rare tie later (3 of 12,288 words on GPT-2)
+    assert q and all(torch.equal(a[k], b[k]) for k in q if ".0." in k)
+    differ = sum(int((a[k] != b[k]).sum()) for k in q) / sum(a[k].numel() for k in q)
+    assert differ < 1e-3, differ
+    with torch.no_grad():
+        la, lb = fused(windows).logits, again(windows).logits
+    assert float((la - lb).abs().max()) < 1e-2 * float(lb.abs().max())
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_every_layer_below_rtn_on_tiny_models(arch):
     """Acceptance: each layer's output error with GPTQ <= with RTN; the model runs with GPTQLinear."""

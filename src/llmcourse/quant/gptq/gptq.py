@@ -206,16 +206,12 @@ class GPTQ:
                  blocksize: int = 128, mse: bool = False, act_group_aware: bool = False) -> QuantizedLayer:
         """GPTQ on ``W`` (rows, columns) with this layer's Hessian (the reference's ``fasterquant``).
 
-        Runs on one thread: the column loop is thousands of small operations, which a second thread
-        only slows down (measured 0.56 s vs 8.9 s for a 1536 x 576 layer with the other core busy)."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.no_grad():
-                return self._quantize(W, bits, group_size, sym, desc_act, static_groups, damp, blocksize, mse,
-                                      act_group_aware)
-        finally:
-            torch.set_num_threads(threads)
+        The column loop runs on one thread: it is thousands of small operations, which a second
+        thread only slows down (measured 0.56 s vs 8.9 s for a 1536 x 576 layer with the other core
+        busy); the Cholesky factorisations before it use the caller's threads."""
+        with torch.no_grad():
+            return self._quantize(W, bits, group_size, sym, desc_act, static_groups, damp, blocksize, mse,
+                                  act_group_aware)
 
     def _quantize(self, W: torch.Tensor, bits: int, group_size: int | None, sym: bool, desc_act: bool,
                   static_groups: bool, damp: float, blocksize: int, mse: bool,
@@ -223,7 +219,6 @@ class GPTQ:
         W = W.detach().clone().float()
         rows, columns = W.shape
         assert columns == self.columns and self.nsamples > 0
-        maxq = 2**bits - 1
         g = group_size or columns
         H = self.H.clone()
 
@@ -246,63 +241,84 @@ class GPTQ:
 
         Hinv, damp = self._inverse_cholesky(H, damp)
         del H  # a Hessian is columns² floats (127 MB for a 5632-wide layer): hold one, not several
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._columns(W, Hinv, perm, bits, g, sym, static_groups, blocksize, mse,
+                                 act_group_aware and not desc_act and group_size is not None, damp,
+                                 static if static_groups else None)
+        finally:
+            torch.set_num_threads(threads)
 
-        Q = torch.zeros_like(W)  # codes, in the permuted order
+    @staticmethod
+    def _columns(W: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor, bits: int, g: int, sym: bool,
+                 static_groups: bool, blocksize: int, mse: bool, gar: bool, damp: float,
+                 static: list[tuple[torch.Tensor, torch.Tensor]] | None) -> QuantizedLayer:
+        """The column loop: quantize ``W`` (already in the order ``perm``) column by column, in lazy
+        blocks, with the upper Cholesky factor ``Hinv`` of its inverse Hessian."""
+        rows, columns = W.shape
+        maxq = 2**bits - 1
+
+        Q = torch.zeros_like(W)  # codes, in the permuted order (as floats until the end)
         loss = 0.0  # sum of Losses
-        group_of = torch.zeros(columns, dtype=torch.long)  # group of each permuted column
+        group_of: list[int] = []  # group of each permuted column
         scales: list[torch.Tensor] = []
         zeros: list[torch.Tensor] = []
         scale = zero = torch.empty(0)
         for i1 in range(0, columns, blocksize):
             i2 = min(i1 + blocksize, columns)
             count = i2 - i1
-            W1 = W[:, i1:i2].clone()
-            Q1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
-            Losses1 = torch.zeros_like(W1)
+            # the lazy block is held transposed (a column of W is a contiguous row of W1t), so that
+            # each column's update of the block's later columns runs over contiguous memory
+            W1t = W[:, i1:i2].t().contiguous()  # (count, rows)
+            Q1t = torch.zeros_like(W1t)
+            Err1t = torch.zeros_like(W1t)
             Hinv1 = Hinv[i1:i2, i1:i2]
+            d1 = Hinv1.diagonal().tolist()  # [Hinv]_qq as Python floats: no 0-d tensor per column
             for i in range(count):
                 col = i1 + i
-                w = W1[:, i]
-                d = Hinv1[i, i]
+                w = W1t[i]
                 if static_groups:
-                    group_of[col] = perm[col] // g
-                    scale, zero = static[group_of[col]]
+                    group_of.append(int(perm[col]) // g)
+                    assert static is not None
+                    scale, zero = (t.view(-1) for t in static[group_of[-1]])
                 elif col % g == 0:
                     # A new group's grid, from its weights as updated so far; the columns after this
                     # block have not received this block's updates yet (lazy), so add them here.
-                    ahead = W[:, i2:col + g] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:col + g]
-                    scale, zero = find_params(torch.cat([W1[:, i:], ahead], 1)[:, :g], bits, sym, mse)
+                    ahead = W[:, i2:col + g] - Err1t[:i].t() @ Hinv[i1:i1 + i, i2:col + g]
+                    scale, zero = find_params(torch.cat([W1t[i:].t(), ahead], 1)[:, :g], bits, sym, mse)
                     scales.append(scale)
                     zeros.append(zero)
+                    scale, zero = scale.view(-1), zero.view(-1)
                 if not static_groups:
-                    group_of[col] = len(scales) - 1
-                q = codes(w[:, None], scale, zero, maxq)
-                wq = (scale * (q - zero)).flatten()
-                Q1[:, i] = q.flatten().float()
-                Losses1[:, i] = (w - wq) ** 2 / d**2
-                err1 = (w - wq) / d
-                W1[:, i:] -= err1[:, None] @ Hinv1[i, i:][None, :]
-                Err1[:, i] = err1
-            Q[:, i1:i2] = Q1
-            loss += float(Losses1.sum()) / 2
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                    group_of.append(len(scales) - 1)
+                # q = quant(w); err = (w - q) / [Hinv]_qq; the block's later columns move by -err Hinv_q,
+                # in as few operations as possible (this loop runs once per input column)
+                q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+                Q1t[i] = q
+                err1 = (w - scale * (q - zero)) / d1[i]
+                W1t[i:].addr_(Hinv1[i, i:], err1, alpha=-1)
+                Err1t[i] = err1
+            Q[:, i1:i2] = Q1t.t()
+            loss += float(Err1t.pow(2).sum()) / 2  # Losses1 = (w - q)² / [Hinv]_qq² = Err1²
+            W[:, i2:] -= Err1t.t() @ Hinv[i1:i2, i2:]
 
+        group_t = torch.tensor(group_of, dtype=torch.long)
         invperm = torch.argsort(perm)
         if static_groups:
             scales_t = torch.cat([s for s, _ in static], 1)
             zeros_t = torch.cat([z for _, z in static], 1)
         else:
             scales_t, zeros_t = torch.cat(scales, 1), torch.cat(zeros, 1)
-            if act_group_aware and not desc_act and group_size:
+            if gar:
                 # the k-th group quantized is the natural group of its first column: store the grids,
                 # and g_idx, in natural group order (the checkpoint stays un-permuted)
                 natural = perm[torch.arange(0, columns, g)] // g
                 order = torch.argsort(natural)
                 scales_t, zeros_t = scales_t[:, order], zeros_t[:, order]
-                group_of = natural[group_of]
+                group_t = natural[group_t]
         return QuantizedLayer(Q[:, invperm].to(torch.int32), scales_t, zeros_t,
-                              group_of[invperm].to(torch.int32), bits, damp, loss)
+                              group_t[invperm].to(torch.int32), bits, damp, loss)
 
     @staticmethod
     def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
