@@ -14,8 +14,7 @@ through the embeddings once (``core.modules.block_inputs``); then, for each deco
    When the last stage is one layer that adds into the block's output (the residual stream:
    Llama's ``down_proj``, GPT-2's ``mlp.c_proj``; :func:`adds_linearly` checks it once per block
    class), its pass runs the whole block, keeps the layer's inputs ``x`` (fp16), and the outputs
-   are finished with ``out += x ΔWᵀ`` once it is quantized: one pass through the block fewer
-   (27% of the time at 32 x 256 on the default model).
+   are finished with ``out += x ΔWᵀ`` once it is quantized: one pass through the block fewer.
 
 Only one block's inputs (``n x seq_len x hidden``) live at a time. ``load_block`` / ``done_block``
 let a caller read a block's weights just before it is quantized and free or write it after
