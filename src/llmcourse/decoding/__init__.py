@@ -33,7 +33,7 @@ _PUBLIC = {
     "beam": ("BeamRecorder", "BeamResult", "beam_search"),
     "engine": ("GeneratedSequence", "GenerationConfig", "GenerationOutput", "StepRecord", "chat_prompt_ids",
                "generate", "make_decoder", "prepare"),
-    "fast_llama": ("FastLlama", "DecodeSession", "DecodePlugin"),
+    "fast_llama": ("FastLlama", "DecodeSession", "DecodePlugin", "PACKED_BITS", "dequantize_words", "pack_words", "unpack_words"),
     "samplers": ("CHAINS", "SamplerSettings", "apply_chain"),
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)

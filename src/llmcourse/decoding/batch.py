@@ -43,6 +43,7 @@ from llmcourse.decoding import samplers
 from llmcourse.decoding.engine import GenerationConfig, TextStream, model_eos_ids, prepare
 from llmcourse.decoding.fast_llama import (
     CAPACITY_STEP,  # cache sizes are rounded up to this (one compilation per size)
+    COMPILE_OPTIONS,
     FastLlama,
     allow_specialisations,
     compiled,
@@ -96,7 +97,7 @@ def compiled_batch_layer() -> Any:
     """The ``torch.compile``'d :func:`batch_layer` (one specialisation per bucket of rows and cache size)."""
     allow_specialisations()
     if not _COMPILED_LAYER:
-        _COMPILED_LAYER.append(torch.compile(batch_layer, dynamic=False, fullgraph=True))
+        _COMPILED_LAYER.append(torch.compile(batch_layer, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS))
     return _COMPILED_LAYER[0]
 
 

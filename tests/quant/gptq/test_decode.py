@@ -7,6 +7,7 @@ import torch
 
 from llmcourse.decoding import GenerationConfig, generate
 from llmcourse.decoding import fast_llama as fl
+from llmcourse.decoding.fast_llama import pack_words, packed_dot, unpack_words
 from llmcourse.quant.gptq.linear import GPTQLinear
 from llmcourse.quant.gptq.model import GPTQConfig, quantize_model
 from llmcourse.quant.gptq.pack import dequantize_layer, pack_layer
@@ -26,11 +27,17 @@ def test_decode_parts_are_the_same_weight_in_equal_groups(quantized):
     layers = [x for x in quantized.modules() if isinstance(x, GPTQLinear)]
     assert {x.equal_groups() for x in layers} == {16}  # gcd(48, 64) = gcd(48, 128) = 16
     for x in layers:
-        codes, scale, zero, bias = x.decode_parts()
-        o, i = codes.shape
+        before = x.dequantize()
+        words, scale, zero, bias = x.decode_parts()
+        o, i = x.out_features, x.in_features
+        # 4-bit codes packed 8 to a 32-bit word (float32 bits), one read of the packed weight per token
+        assert words.dtype == torch.float32 and words.shape == (o, i // 8)
         assert scale.shape == zero.shape == (o, i // 16) and bias is None
+        codes = unpack_words(words, i, i // 16)
         w = ((codes.float().view(o, -1, 16) - zero[..., None]) * scale[..., None]).view(o, i)
-        assert torch.equal(w, x.dequantize())
+        assert torch.equal(w, before)
+        assert torch.equal(x.dequantize(), before)  # now from the words, in one compiled pass
+        assert x._codes is None  # the words replaced the one-byte codes
     # act-order: a permuted g_idx has no equal runs, so the layer offers nothing (the step calls forward())
     g_idx = torch.randperm(64, generator=torch.Generator().manual_seed(0)) // 32
     t = pack_layer(torch.randint(0, 16, (32, 64)), torch.rand(32, 2), torch.full((32, 2), 8.0), g_idx, 4)
@@ -50,6 +57,30 @@ def test_dequantize_equals_the_checkpoint_formula(order):
     layer = GPTQLinear(80, 24, 4, t)
     assert (layer.equal_group_parts() is None) == (order == "act-order")
     assert torch.equal(layer.dequantize(), dequantize_layer(t, 4))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packed_words_round_trip_and_product(bits):
+    """pack_words / unpack_words are exact inverses; packed_dot (eager and compiled, one row and a tiled
+    batch, with and without zero points) is x Wᵀ of the de-quantized weight."""
+    gen = torch.Generator().manual_seed(bits)
+    o, i, groups = 32, 96, 3
+    codes = torch.randint(0, 2 ** bits, (o, i), generator=gen)
+    words = pack_words(codes, groups, bits)
+    assert words.dtype == torch.float32 and words.shape == (o, i * bits // 32)
+    assert torch.equal(unpack_words(words, i, groups), codes.int())
+    scale = torch.rand(o, groups, generator=gen) + 0.01
+    zero = torch.randint(0, 2 ** bits, (o, groups), generator=gen).float()
+    w = ((codes.float().view(o, groups, -1) - zero[..., None]) * scale[..., None]).view(o, i)
+    assert torch.equal(fl.dequantize_words(words, bits, scale, zero), w)
+    fns = [packed_dot] + ([torch.compile(packed_dot, dynamic=False)] if fl.can_compile() else [])
+    for fn in fns:
+        for rows in (1, 5):
+            x = torch.randn(rows, i, generator=gen)
+            no_zero = (codes.float().view(o, groups, -1) * scale[..., None]).view(o, i)
+            for z, ref in ((zero, x @ w.t()), (None, x @ no_zero.t())):
+                # fp32 sums in another order: equal within a few ulps of the largest output
+                assert (fn(words, scale, z, x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @pytest.mark.skipif(not fl.can_compile(), reason="no C++ compiler for TorchInductor")

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmcourse.decoding import PACKED_BITS, dequantize_words, pack_words
 from llmcourse.quant.gptq.pack import unpack
 
 
@@ -49,6 +50,7 @@ class GPTQLinear(nn.Module):
         self._zeros: torch.Tensor | None = None  # (O, G) int8
         self._equal: tuple | None = None  # equal_group_parts(), built once
         self._decode: tuple | None = None  # decode_parts(), built once
+        self._words: torch.Tensor | None = None  # the codes packed in 32-bit words (decode_parts), if so
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes (O, I) int8, scales (O, G) fp32, zeros (O, G) int8 with the v1 +1, g_idx (I,) long):
@@ -86,17 +88,30 @@ class GPTQLinear(nn.Module):
             self._equal = equal
         return equal
 
+    def packs_words(self) -> bool:
+        """Whether the decode step reads this layer's codes packed in 32-bit words (:func:`pack_words`):
+        2, 4 or 8 bits, natural ``g_idx``, and equal runs that hold whole words."""
+        s = self.equal_groups()
+        return self.bits in PACKED_BITS and s is not None and s % (32 // self.bits) == 0
+
     def decode_parts(self) -> tuple | None:
-        """The decoding lab's compiled-step view (``DecodePlugin``): ``(codes (O, I) int8, scale (O, G'),
-        zero (O, G'), bias)`` with ``G' = I / gcd(g, I)`` equal groups (:meth:`equal_group_parts`),
-        ``W[o, i] = (codes[o, i] - zero[o, i // (I / G')]) · scale[...]``; None under act-order. Built
-        once, from the cached codes (``cache_codes``)."""
+        """The decoding lab's compiled-step view (``DecodePlugin``): ``(codes, scale (O, G'), zero (O, G'),
+        bias)`` with ``G' = I / gcd(g, I)`` equal groups (:meth:`equal_group_parts`),
+        ``W[o, i] = (q[o, i] - zero[o, i // (I / G')]) · scale[...]``; None under act-order. The codes are
+        32-bit words packing ``32 / bits`` codes each (:meth:`packs_words`: 2/4/8 bits; the step unpacks them
+        inside its reduction, one read of the packed weight per token), else one byte each (3 bits).
+        Built once; the words replace the cached one-byte codes (half the memory at 4 bits)."""
         if self._decode is None:
             equal = self.equal_group_parts()
             if equal is None:
                 return None
             codes, scale, zero = equal
             dtype = self.compute_dtype
+            if self.packs_words():
+                codes = pack_words(codes, scale.shape[-1], self.bits)
+                self._words = codes
+                self._codes = None  # the words serve the prompt's de-quantization too (dequantize)
+                self._equal = None
             self._decode = (codes, scale.to(dtype), zero.to(dtype),
                             None if self.bias is None else self.bias.to(dtype))
         return self._decode
@@ -105,6 +120,9 @@ class GPTQLinear(nn.Module):
         """The (out, in) weight de-quantized per group, ``scales[g_idx] · (q - zero[g_idx])``, in fp32,
         then cast to ``dtype``. With equal groups (no act-order) it is one conversion and two in-place
         passes over the (O, G', I / G') view, with no gathers: what a prompt's products pay per layer."""
+        if self._words is not None:  # the decode step's packed words, unpacked in one compiled pass
+            _, scale, zero, _ = self._decode
+            return dequantize_words(self._words, self.bits, scale.float(), zero.float()).to(dtype or self.compute_dtype)
         equal = self.equal_group_parts()
         if equal is not None:
             codes, scale, zero = equal
