@@ -99,7 +99,6 @@ def _add_overwrite(sub: argparse._SubParsersAction) -> None:
 
 def _quiet_libraries(debug: bool) -> None:
     """Keep third-party chatter (transformers' load bars and warnings) off the user's terminal."""
-    import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if debug:
@@ -132,8 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if argv else 0
     try:
         threads = None
-        if getattr(args, "omp_wait_policy", None):  # read by OpenMP when torch loads it, so before that
-            os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
         if hasattr(args, "threads"):  # commands that compute: choose before torch starts its pool
             threads = choose_threads(args.threads)
             apply_threads(threads)

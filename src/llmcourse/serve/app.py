@@ -47,6 +47,7 @@ class ServeSettings:
     prefill_chunk: int = 128
     matvec: str = "auto"
     model_name: str = "llmcourse"
+    threads: int | None = None  # compute threads of the batcher's thread (default: the caller's)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "ctx", "max_body", "prefill_chunk"):
@@ -261,8 +262,9 @@ def create_app(lm: Any, settings: ServeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 (FastAPI's protocol)
-        await asyncio.to_thread(batcher.session.warmup)
-        batcher.start()
+        # the batcher's thread compiles the step buckets itself: all tensor work stays in that one thread
+        batcher.start(threads=s.threads, warmup=True)
+        await asyncio.to_thread(batcher.ready.wait)
         yield
         state["draining"] = True
         await asyncio.to_thread(batcher.stop, 30.0)

@@ -44,20 +44,26 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
                    help="prompt tokens prefilled between two decode steps. Default: %(default)s")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the --model value)")
     add_common_args(p)
-    # OpenMP threads sleep at a barrier instead of spinning: with as many compute threads as cores,
-    # spinning threads and the HTTP side fight for the cores at every token (bench/serve.py)
-    p.set_defaults(func=cmd_serve, omp_wait_policy="PASSIVE")
+    # OpenMP keeps its default wait policy (its threads spin ~3 ms at a barrier before they sleep): with all
+    # the computing in the batcher's one thread, 1 client got 35 tok/s, against 20 with OMP_WAIT_POLICY=PASSIVE,
+    # where each of the step's parallel regions waits on a futex (bench/serve.py, 2026-12-07)
+    p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> Result:
+    import torch
     import uvicorn
 
     from llmcourse.core.models import load_model
     from llmcourse.serve.app import ServeSettings, create_app
 
+    # the batcher's thread does all the computing with the chosen threads; this (the HTTP) thread loads
+    # the model with one, so that it never holds an OpenMP team of its own (see ContinuousBatcher.start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     settings = ServeSettings(max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, api_key=args.api_key,
                              timeout=args.timeout, max_body=args.max_body, prefill_chunk=args.prefill_chunk,
-                             model_name=args.name or args.model)
+                             model_name=args.name or args.model, threads=threads)
     lm = load_model(args.model, **model_kwargs(args))
     app = create_app(lm, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="debug" if args.debug else "info",
