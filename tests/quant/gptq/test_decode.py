@@ -112,3 +112,17 @@ def test_half_table_is_the_fp16_checkpoint_table_for_lookup_and_tied_head():
     assert torch.allclose(head(x), x @ table.float().t(), rtol=1e-5, atol=1e-5)
     assert linear_parts(head)[0] is table  # the compiled step reads the fp16 tensor itself
     assert dict(emb.named_buffers()).keys() == {"table"} and not list(head.buffers())
+
+
+@pytest.mark.skipif(not fl.can_compile(), reason="no C++ compiler for TorchInductor")
+def test_short_prompt_runs_as_compiled_steps(quantized, monkeypatch):
+    """A model with packed codes prefills a prompt of up to STEP_PROMPT tokens as one-token compiled steps
+    (no de-quantized weights): the same logits as the eager prefill, within float rounding."""
+    fast = fl.FastLlama(quantized, matvec="compiled")
+    assert fast.step_prompt == fl.STEP_PROMPT > 0
+    ids = torch.tensor([[5, 17, 33, 9]])
+    by_steps = fast.session(1, 64).prefill(ids)
+    fast.step_prompt = 0  # the eager prompt path (de-quantized weights, F.linear)
+    eager = fast.session(1, 64).prefill(ids)
+    assert torch.allclose(by_steps, eager, atol=1e-4, rtol=1e-4)
+    assert fl.FastLlama(tiny_model("llama", seed=7), matvec="compiled").step_prompt == 0  # fp32: eager prompt
