@@ -157,14 +157,13 @@ print(int(int_mm_is_exact()), err)
 
 @pytest.mark.parametrize("isa", ["DEFAULT", "AVX2"])
 def test_int8_matmul_is_exact_also_without_vnni(isa):
-    """oneDNN's int8 GEMM saturates on CPUs without VNNI (ONEDNN_MAX_CPU_ISA=AVX2 gives such a
-    kernel on any x86 CPU): the probe notices and the product stays exact."""
+    """oneDNN's int8 GEMM saturates on CPUs without VNNI (ONEDNN_MAX_CPU_ISA=AVX2 gave such a kernel
+    on an AVX-512 CPU): the probe notices and the product stays exact. On an AVX2-only CPU (2026-12-07)
+    torch's product under that setting was exact and the probe said so: either way no error."""
     import os
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", _EXACT_SCRIPT], capture_output=True, text=True, check=True,
                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa}).stdout.split()
-    assert out[1] == "0", out
-    if isa == "AVX2":
-        assert out[0] == "0"  # the probe saw the saturating kernel
+    assert out[1] == "0", out  # exact, through _int_mm where the probe found it exact, else fp32 chunks
