@@ -99,7 +99,6 @@ def _add_overwrite(sub: argparse._SubParsersAction) -> None:
 
 def _quiet_libraries(debug: bool) -> None:
     """Keep third-party chatter (transformers' load bars and warnings) off the user's terminal."""
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if debug:
         return

@@ -473,7 +473,6 @@ class ContinuousBatcher:
         a one-row step of the default model took 55 ms in a second thread after the main thread had run
         2-thread regions, 29 ms when it had not (and 29 ms in the main thread)."""
         threads = threads or torch.get_num_threads()
-        self.ready = threading.Event()
 
         def run() -> None:
             torch.set_num_threads(threads)  # OpenMP's thread count is per thread

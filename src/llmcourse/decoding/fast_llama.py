@@ -194,11 +194,7 @@ def dequantize_words(words: torch.Tensor, bits: int, scale: torch.Tensor, zero: 
     codes packed by :func:`pack_words` (a prompt's products use it: many rows make them compute-bound, where
     F.linear's GEMM is the tool). Compiled when a C++ compiler is there: one pass that reads the words and
     writes W (the eager unpacking makes four passes over W-sized tensors)."""
-    fn = _COMPILED.get("dequantize_words")
-    if fn is None:
-        fn = (torch.compile(_dequantize_words, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
-              if can_compile() else _dequantize_words)
-        _COMPILED["dequantize_words"] = fn
+    fn = compiled("dequantize_words") if can_compile() else _dequantize_words
     try:
         return fn(words, bits, scale, zero)
     except Exception as exc:  # an Inductor failure: stay correct, unpack eagerly from now on
@@ -264,12 +260,18 @@ class DecodePlugin(Protocol):
         ...
 
 
+def is_packed(parts: Parts, inputs: int) -> bool:
+    """Whether ``parts`` hold codes packed in words (:func:`pack_words`) for a projection of ``inputs`` inputs:
+    quantized (a scale) and narrower than the input."""
+    return parts[1] is not None and parts[0].shape[-1] < inputs
+
+
 def project(parts: Parts, x: torch.Tensor) -> torch.Tensor:
     """``x W^T + b`` for one projection's parts (:data:`Parts`). Float weights are used as they are;
     integer codes are de-quantized inside the product's loads, ``y_o = (sum_i (q_oi - z_o) x_i) / s_o``
     for per-row scales, so one byte per weight is read from memory."""
     w, scale, zero, bias = parts
-    if scale is not None and w.shape[-1] < x.shape[-1]:  # codes packed in words: de-quantized per group
+    if is_packed(parts, x.shape[-1]):  # codes packed in words: de-quantized per group
         y = packed_dot(w, scale, zero, x)
         return y if bias is None else y + bias
     if scale is not None and scale.shape[-1] > 1:  # per-group scales: de-quantize inside the loads
@@ -344,10 +346,11 @@ def allow_specialisations() -> None:
 
 
 def compiled(name: str) -> Any:
-    """The ``torch.compile``'d :func:`decode_layer` or :func:`decode_head` (shape-specialised, cached on disk)."""
+    """The ``torch.compile``'d :func:`decode_layer`, :func:`decode_head` or the words' de-quantization
+    (shape-specialised, cached on disk)."""
     allow_specialisations()
     if name not in _COMPILED:
-        fn = {"layer": decode_layer, "head": decode_head}[name]
+        fn = {"layer": decode_layer, "head": decode_head, "dequantize_words": _dequantize_words}[name]
         _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
     return _COMPILED[name]
 
@@ -474,6 +477,7 @@ class FastLlama:
         fuse = matvec == "mm"  # matvec() on the nn.Linear weights; the compiled step reads them itself
         self.layers = []
         self.step_weights: list[tuple] = []  # per layer, the tensors decode_layer reads
+        packed = False  # whether some projection hands over codes packed in words
         for blk in inner.layers:
             a, m = blk.self_attn, blk.mlp
             self.layers.append(Layer(
@@ -483,16 +487,15 @@ class FastLlama:
                 gate_up=Projection([m.gate_proj, m.up_proj], fuse), down=Projection([m.down_proj], fuse)))
             if matvec == "compiled":
                 # the modules' own tensors, no copies: Inductor fuses the products that share an input
-                q, k, v, o, gate, up, down = (linear_parts(p) for p in layer_projections(blk))
+                mods = layer_projections(blk)
+                q, k, v, o, gate, up, down = parts = [linear_parts(p) for p in mods]
+                packed = packed or any(is_packed(pt, m.in_features) for pt, m in zip(parts, mods, strict=True))
                 self.step_weights.append((blk.input_layernorm.weight.detach(), q, k, v, o,
                                           blk.post_attention_layernorm.weight.detach(), gate, up, down))
         self.norm = inner.norm.weight.detach()
         # A prompt's eager forward de-quantizes every packed layer (writes and reads a float weight); a
         # one-token step reads only the packed codes. Prompts of up to STEP_PROMPT tokens of such a
         # model run as steps: 4 tokens of the 4-bit default model in ~70 ms instead of ~110 ms.
-        packed = matvec == "compiled" and any(
-            parts[1] is not None and parts[0].shape[-1] < m.in_features
-            for blk in inner.layers for m in layer_projections(blk) if (parts := linear_parts(m)) is not None)
         self.step_prompt = STEP_PROMPT if packed else 0
         self.lm_head = Projection([model.lm_head], fuse)
         self.head_parts = linear_parts(model.lm_head) if matvec == "compiled" else None

@@ -50,7 +50,7 @@ class GPTQLinear(nn.Module):
         self._zeros: torch.Tensor | None = None  # (O, G) int8
         self._equal: tuple | None = None  # equal_group_parts(), built once
         self._decode: tuple | None = None  # decode_parts(), built once
-        self._words: torch.Tensor | None = None  # the codes packed in 32-bit words (decode_parts), if so
+        self._words: tuple | None = None  # (words, scale, zero) fp32 when decode_parts packed the codes
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes (O, I) int8, scales (O, G) fp32, zeros (O, G) int8 with the v1 +1, g_idx (I,) long):
@@ -109,7 +109,7 @@ class GPTQLinear(nn.Module):
             dtype = self.compute_dtype
             if self.packs_words():
                 codes = pack_words(codes, scale.shape[-1], self.bits)
-                self._words = codes
+                self._words = (codes, scale, zero)  # with the fp32 scale and zero, for dequantize
                 self._codes = None  # the words serve the prompt's de-quantization too (dequantize)
                 self._equal = None
             self._decode = (codes, scale.to(dtype), zero.to(dtype),
@@ -121,8 +121,8 @@ class GPTQLinear(nn.Module):
         then cast to ``dtype``. With equal groups (no act-order) it is one conversion and two in-place
         passes over the (O, G', I / G') view, with no gathers: what a prompt's products pay per layer."""
         if self._words is not None:  # the decode step's packed words, unpacked in one compiled pass
-            _, scale, zero, _ = self._decode
-            return dequantize_words(self._words, self.bits, scale.float(), zero.float()).to(dtype or self.compute_dtype)
+            words, scale, zero = self._words
+            return dequantize_words(words, self.bits, scale, zero).to(dtype or self.compute_dtype)
         equal = self.equal_group_parts()
         if equal is not None:
             codes, scale, zero = equal
