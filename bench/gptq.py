@@ -126,9 +126,12 @@ print(json.dumps({"decode_tok_s": (out.shape[1] - prompt.shape[1]) / dt}))
 
 TRANSFORMERS_LOAD = """
 import sys, torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPTQConfig
 ids = torch.load(sys.argv[2])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu", dtype=torch.float16)
+# backend "torch": GPTQModel's plain torch kernel; the default on a CPU is torch's fused int4 kernel, which
+# needs the group size to divide every width (SmolLM2's 576 is not a multiple of 128)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu", dtype=torch.float32,
+                                             quantization_config=GPTQConfig(bits=4, backend="torch"))
 with torch.inference_mode():
     torch.save(model(input_ids=ids).logits[0].float(), sys.argv[3])
 """
@@ -166,6 +169,13 @@ def main() -> None:
     ap.add_argument("--gptqmodel-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="dtype GPTQModel quantizes in (default float32, as ours; its own CPU default is bfloat16)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens for decode speed (default 64)")
+    ap.add_argument("--seeds", default="0",
+                    help="calibration seeds, comma-separated (default 0): each seed draws other windows, which both "
+                         "quantizers get; with several, the table also gives the mean perplexity ratio per size")
+    ap.add_argument("--skip-checks", action="store_true",
+                    help="only quantize and score: no decode speed, no loading by GPTQModel or transformers")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score a folder already in --out instead of quantizing again (its time and memory: nan)")
     ap.add_argument("--ours-only", action="store_true", help="skip GPTQModel")
     ap.add_argument("--out", default=None, help="keep the quantized folders here (default: a temporary folder)")
     args = ap.parse_args()
@@ -192,82 +202,102 @@ def main() -> None:
     orders = args.orders.split(",")
     if not set(orders) <= {"gar", "plain"}:
         raise SystemExit(f"--orders: use gar and/or plain, not {args.orders!r}")
-    for spec in args.calib.split(","):
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for spec, seed in ((spec, seed) for spec in args.calib.split(",") for seed in seeds):
         n, t = (int(x) for x in spec.lower().split("x"))
-        windows = calibration_windows(fp.tokenizer, n, t, seed=0)
-        wfile = work / f"windows-{n}x{t}.pt"
+        windows = calibration_windows(fp.tokenizer, n, t, seed=seed)
+        tag = spec if seed == 0 else f"{spec}-seed{seed}"  # (seed 0 keeps the folder names it always had)
+        wfile = work / f"windows-{n}x{t}{'' if seed == 0 else f'-seed{seed}'}.pt"
         torch.save(windows, wfile)
         for order in orders:
-            runs = [("llmcourse", work / f"ours-{spec}-{order}",
-                     [sys.executable, _script(OURS, work, "ours.py"), str(wfile), str(work / f"ours-{spec}-{order}"),
+            runs = [("llmcourse", work / f"ours-{tag}-{order}",
+                     [sys.executable, _script(OURS, work, "ours.py"), str(wfile), str(work / f"ours-{tag}-{order}"),
                       order], {"LLMCOURSE_PROGRESS": "0"})]
             if use_gptqmodel:
-                runs.append(("GPTQModel 7.6.0", work / f"gptqmodel-{spec}-{order}",
+                runs.append(("GPTQModel 7.6.0", work / f"gptqmodel-{tag}-{order}",
                              [str(PY), _script(GPTQMODEL_QUANTIZE, work, "gm.py"), str(wfile),
-                              str(work / f"gptqmodel-{spec}-{order}"), str(default_model_dir()), order,
+                              str(work / f"gptqmodel-{tag}-{order}"), str(default_model_dir()), order,
                               args.gptqmodel_dtype],
                              {"GPTQMODEL_CPU_WORKERS": "2"}))
             for name, folder, cmd, env in runs:
-                wall, rss, _ = measured(cmd, env)
+                if args.reuse and (folder / "quantize_config.json").exists():
+                    wall = rss = float("nan")
+                else:
+                    wall, rss, _ = measured(cmd, env)
                 q = load_quantized(folder)
                 ppl = perplexity(q.model, ids, max_length=512, stride=512, max_tokens=args.ppl_tokens)["perplexity"]
                 c = compare(q.model, fp.model, ids, max_length=512, max_tokens=1024)
-                rows.append({"calibration": spec, "order": order, "quantizer": name, "wall_s": wall,
+                rows.append({"calibration": spec, "seed": seed, "order": order, "quantizer": name, "wall_s": wall,
                              "peak_rss_mb": rss, "perplexity": ppl, "vs_fp32": ppl / ppl_fp - 1,
                              "kl": c["kl_divergence"], "top1": c["top1_agreement"]})
                 print(rows[-1], flush=True)
-    first = work / f"ours-{args.calib.split(',')[0]}-{orders[0]}"
-    ours = load_quantized(first)
-    speed = decode_tok_s({"fp32": (fp.model, fp.tokenizer), "ours 4-bit": (ours.model, ours.tokenizer)},
-                         args.decode_tokens)
-    if use_gptqmodel:
-        probe = ids[:, :64]
-        pfile, lfile = work / "probe.pt", work / "gm_logits.pt"
-        torch.save(probe, pfile)
-        p = subprocess.run([str(PY), _script(GPTQMODEL_LOAD, work, "gml.py"), str(first),
-                            str(pfile), str(lfile), str(args.decode_tokens)], capture_output=True, text=True,
-                           env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
-        if p.returncode == 0:
-            gm_logits = torch.load(lfile)
-            with torch.inference_mode():
-                our_logits = ours.model(input_ids=probe).logits[0].float()
-            diff = (gm_logits - our_logits).abs().max().item()
-            agree = (gm_logits.argmax(-1) == our_logits.argmax(-1)).float().mean().item()
-            speed["GPTQModel torch backend (our folder)"] = json.loads(p.stdout.strip().splitlines()[-1])["decode_tok_s"]
-            notes.append(f"GPTQModel loaded our folder (BACKEND.TORCH, fp32): max |logit difference| {diff:.2e} "
-                         f"on 64 tokens, top-1 agreement {agree:.3f}.")
-        else:
-            notes.append(f"GPTQModel could not load our folder: {p.stderr.strip().splitlines()[-1][:300]}")
-        tfile = work / "tf_logits.pt"
-        p = subprocess.run([str(PY), _script(TRANSFORMERS_LOAD, work, "tfl.py"),
-                            str(first), str(pfile), str(tfile)],
-                           capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
-        if p.returncode == 0:
-            tf_logits = torch.load(tfile)
-            with torch.inference_mode():
-                our_logits = ours.model(input_ids=probe).logits[0].float()
-            diff = (tf_logits - our_logits).abs().max().item()
-            agree = (tf_logits.argmax(-1) == our_logits.argmax(-1)).float().mean().item()
-            notes.append(f"transformers 5.24 (AutoModelForCausalLM.from_pretrained, optimum 2.3.0 + GPTQModel kernels, "
-                         f"fp16) loaded our folder: max |logit difference| {diff:.2e}, top-1 agreement {agree:.3f}.")
-        else:
-            notes.append(f"transformers could not load our folder: {p.stderr.strip().splitlines()[-1][:300]}")
-    table = ["| calibration | order | quantizer | wall s | peak RSS MB | perplexity | vs fp32 | KL | top-1 |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    speed: dict[str, float] = {}
+    if not args.skip_checks:
+        first = work / f"ours-{args.calib.split(',')[0]}{'' if seeds[0] == 0 else f'-seed{seeds[0]}'}-{orders[0]}"
+        ours = load_quantized(first)
+        speed = decode_tok_s({"fp32": (fp.model, fp.tokenizer), "ours 4-bit": (ours.model, ours.tokenizer)},
+                             args.decode_tokens)
+        if use_gptqmodel:
+            probe = ids[:, :64]
+            pfile, lfile = work / "probe.pt", work / "gm_logits.pt"
+            torch.save(probe, pfile)
+            p = subprocess.run([str(PY), _script(GPTQMODEL_LOAD, work, "gml.py"), str(first),
+                                str(pfile), str(lfile), str(args.decode_tokens)], capture_output=True, text=True,
+                               env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+            if p.returncode == 0:
+                gm_logits = torch.load(lfile)
+                with torch.inference_mode():
+                    our_logits = ours.model(input_ids=probe).logits[0].float()
+                diff = (gm_logits - our_logits).abs().max().item()
+                agree = (gm_logits.argmax(-1) == our_logits.argmax(-1)).float().mean().item()
+                speed["GPTQModel torch backend (our folder)"] = json.loads(p.stdout.strip().splitlines()[-1])["decode_tok_s"]
+                notes.append(f"GPTQModel loaded our folder (BACKEND.TORCH, fp32): max |logit difference| {diff:.2e} "
+                             f"on 64 tokens, top-1 agreement {agree:.3f}.")
+            else:
+                notes.append(f"GPTQModel could not load our folder: {p.stderr.strip().splitlines()[-1][:300]}")
+            tfile = work / "tf_logits.pt"
+            p = subprocess.run([str(PY), _script(TRANSFORMERS_LOAD, work, "tfl.py"),
+                                str(first), str(pfile), str(tfile)],
+                               capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+            if p.returncode == 0:
+                tf_logits = torch.load(tfile)
+                with torch.inference_mode():
+                    our_logits = ours.model(input_ids=probe).logits[0].float()
+                diff = (tf_logits - our_logits).abs().max().item()
+                agree = (tf_logits.argmax(-1) == our_logits.argmax(-1)).float().mean().item()
+                notes.append(f"transformers 5.25 (AutoModelForCausalLM.from_pretrained, GPTQConfig(backend='torch'), "
+                             f"optimum 2.3.0 + GPTQModel kernels, fp32) loaded our folder: max |logit difference| {diff:.2e}, top-1 agreement {agree:.3f}.")
+            else:
+                notes.append(f"transformers could not load our folder: {p.stderr.strip().splitlines()[-1][:300]}")
+    table = ["| calibration | seed | order | quantizer | wall s | peak RSS MB | perplexity | vs fp32 | KL | top-1 |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        table.append(f"| {r['calibration']} | {r['order']} | {r['quantizer']} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['perplexity']:.3f} | {100 * r['vs_fp32']:+.2f}% | {r['kl']:.4f} | {r['top1']:.3f} |")
-    table += ["", "| model | greedy decode tok/s |", "|---|---:|"]
-    table += [f"| {k} | {v:.1f} |" for k, v in speed.items()]
-    table += ["", f"ours 4-bit / fp32 decode: {speed['ours 4-bit'] / speed['fp32']:.2f}x (target >= 1.5x); "
-              f"median of 5 interleaved runs of {args.decode_tokens} greedy tokens, torch {torch.get_num_threads()} "
-              "threads"]
+        table.append(f"| {r['calibration']} | {r['seed']} | {r['order']} | {r['quantizer']} | {r['wall_s']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['perplexity']:.3f} | {100 * r['vs_fp32']:+.2f}% | {r['kl']:.4f} | "
+                     f"{r['top1']:.3f} |")
+    if use_gptqmodel and len(seeds) > 1:  # ours / GPTQModel, paired by seed
+        table += ["", "| calibration | order | ours / GPTQModel perplexity, per seed | mean |", "|---|---|---|---:|"]
+        for spec in args.calib.split(","):
+            for order in orders:
+                ppl = {(r["quantizer"] == "llmcourse", r["seed"]): r["perplexity"] for r in rows
+                       if r["calibration"] == spec and r["order"] == order}
+                ratios = [ppl[True, s] / ppl[False, s] for s in seeds]
+                table.append(f"| {spec} | {order} | " + ", ".join(f"{100 * (x - 1):+.2f}%" for x in ratios)
+                             + f" | {100 * (statistics.mean(ratios) - 1):+.2f}% |")
+    if speed:
+        table += ["", "| model | greedy decode tok/s |", "|---|---:|"]
+        table += [f"| {k} | {v:.1f} |" for k, v in speed.items()]
+        table += ["", f"ours 4-bit / fp32 decode: {speed['ours 4-bit'] / speed['fp32']:.2f}x (target >= 1.5x); "
+                  f"median of 5 interleaved runs of {args.decode_tokens} greedy tokens, torch {torch.get_num_threads()} "
+                  "threads"]
     notes.insert(0, f"fp32 perplexity {ppl_fp:.3f} on the first {args.ppl_tokens} eval tokens (window 512, stride "
                  f"512). GPTQModel quantizes in {args.gptqmodel_dtype}, ours in float32. Both quantizers: 4-bit, g128, "
                  "sym, damp 0.01, no act-order, true-sequential, the same windows; "
                  "order gar: group-aware reordering on both sides (GPTQModel's default), plain: natural order on "
                  "both (GPTQModel act_group_aware=False).")
-    write_result("gptq", "GPTQ: llmcourse vs GPTQModel 7.6.0 (default model)", "\n".join(table), "\n\n".join(notes))
+    # (a run with other seeds, or one that scored folders it did not make, does not replace the main table)
+    name = "gptq" + ("" if seeds == [0] else "-seeds") + ("-reused" if args.reuse else "")
+    write_result(name, "GPTQ: llmcourse vs GPTQModel 7.6.0 (default model)", "\n".join(table), "\n\n".join(notes))
 
 
 if __name__ == "__main__":

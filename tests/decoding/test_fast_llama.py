@@ -77,8 +77,12 @@ def test_auto_compiles_only_big_models(monkeypatch) -> None:
     assert fl.auto_matvec(model) == "mm"
 
 
-def test_int8_linears_plug_into_the_compiled_step() -> None:
+@pytest.mark.parametrize("words", [False, True])
+def test_int8_linears_plug_into_the_compiled_step(words, monkeypatch) -> None:
+    """One-byte codes read as bytes (AVX-512 CPUs) or as 4-byte words (others, :func:`byte_dot`)."""
     from llmcourse.quant.int8 import Int8Config, quantize_model
+
+    monkeypatch.setattr(fl, "READ_BYTES_AS_WORDS", words)
 
     model = tiny_model("llama", seed=6)
     ids = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -96,6 +100,26 @@ def test_int8_linears_plug_into_the_compiled_step() -> None:
     quantize_model(g, Int8Config(method="absmax", granularity="group", group_size=32))
     assert not fl.compilable(g) and FastLlama(g, matvec="compiled").matvec == "mm"
     del model
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_byte_dot_reads_one_byte_codes_as_words(dtype) -> None:
+    """byte_dot (the int8 step on CPUs without AVX-512) equals x Qᵀ, eager and compiled, one row and a
+    tiled batch; project() takes it, with the zero point and 1/scale, wherever it is switched on."""
+    g = torch.Generator().manual_seed(3)
+    lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
+    codes = torch.randint(lo, hi, (32, 24), generator=g).to(dtype)
+    inv, zero = torch.rand(32, 1, generator=g) * 0.1, torch.randn(32, 1, generator=g)
+    dot = torch.compile(fl.byte_dot, options=fl.COMPILE_OPTIONS)
+    for b in (1, 3):
+        x = torch.randn(b, 24, generator=g)
+        ref = x @ codes.float().t()
+        torch.testing.assert_close(fl.byte_dot(codes, x), ref, rtol=1e-5, atol=1e-3)  # |ref| up to ~900
+        torch.testing.assert_close(dot(codes, x), ref, rtol=1e-5, atol=1e-3)
+        want = (x @ (codes.float() - zero).t()) * inv.view(1, -1)
+        torch.testing.assert_close(fl.project((codes, inv, zero, None), x), want, rtol=1e-5, atol=1e-4)
+    assert fl.reads_bytes_as_words(codes) == fl.READ_BYTES_AS_WORDS
+    assert not fl.reads_bytes_as_words(codes[:, :22])  # (a width that is not whole words)
 
 
 def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog) -> None:

@@ -124,9 +124,14 @@ def test_int8_linear_equals_dequantized_linear(method, granularity):
     assert mod.qweight.dtype == torch.int8
 
 
+@pytest.mark.parametrize("words", [False, True])
 @pytest.mark.parametrize("method", ["absmax", "zeropoint"])
-def test_compiled_kernel_matches_eager(method, monkeypatch):
+def test_compiled_kernel_matches_eager(method, words, monkeypatch):
+    """The one-row kernel, reading one-byte codes (AVX-512) or the same bytes as 4-byte words (other CPUs)."""
+    from llmcourse.quant.int8 import linear as int8_linear
     from llmcourse.quant.int8 import quantize_tensor
+
+    monkeypatch.setattr(int8_linear, "_WORDS", words)
 
     torch.manual_seed(4)
     lin = torch.nn.Linear(96, 40, bias=False)

@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcourse.core.threads import slow_byte_loads
+
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -251,6 +253,59 @@ def packed_dot(words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return y.permute(1, 0, 2).reshape(b, o) if tiled else y
 
 
+# One-byte codes read four at a time. On a CPU without AVX-512, TorchInductor loads an int8 (or
+# int32) vector through a stack copy, 8 bytes at a time, which made the 8-bit lab's weight-only step
+# 4-5x *slower* than fp32 here (118-131 ms per token of the default model against 27-30 ms). There
+# the codes' own bytes are read as float32 words instead (a free reinterpretation, no copy) and taken
+# apart with shifts (:func:`byte_dot`); on AVX-512 CPUs the plain one-byte loads are fast and stay.
+READ_BYTES_AS_WORDS = slow_byte_loads()
+
+
+@torch.library.custom_op("llmcourse::quads", mutates_args=())
+def quads(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, I) regrouped as (B, 4, I/4): row ``k`` holds inputs ``k, 4 + k, 8 + k, ...``, the inputs
+    that meet byte ``k`` of each 4-byte word in :func:`byte_dot`. A custom op, so that the compiled step
+    writes it once as a buffer (TorchInductor would otherwise read ``x`` with stride 4 inside the
+    weight's loop: 4x slower)."""
+    b, i = x.shape
+    return x.view(b, i // 4, 4).transpose(1, 2).contiguous()
+
+
+@quads.register_fake
+def _quads_shape(x: torch.Tensor) -> torch.Tensor:
+    b, i = x.shape
+    return x.new_empty(b, 4, i // 4)
+
+
+def byte_dot(codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x Qᵀ`` for one-byte codes ``Q`` (O, I) int8 or uint8, read as 4-byte words: ``x`` (B, I) -> (B, O).
+
+    Word ``j`` of a row holds the codes of inputs ``4j .. 4j+3`` (byte ``k`` at bits ``8k``, little
+    endian); code ``k`` is sign-extended with two shifts (``(w << 24 - 8k) >> 24``, int8) or taken with a
+    shift and a mask (uint8), converted and multiplied by ``x[4j + k]`` (:func:`quads`). Several rows
+    share each tile of ``TILE`` weight rows, as in :func:`rows_dot`."""
+    b, i = x.shape
+    o = codes.shape[0]
+    words = codes.view(torch.float32).view(torch.int32)  # (O, I/4), the same bytes
+    xq = quads(x)  # (B, 4, I/4)
+    tiled = b > 1 and o % TILE == 0
+    w = words.view(o // TILE, 1, TILE, i // 4) if tiled else words.unsqueeze(0)
+    acc = None
+    for k in range(4):
+        q = (w << (24 - 8 * k)) >> 24 if codes.dtype == torch.int8 else (w >> (8 * k)) & 0xFF
+        xk = xq[:, k].view(1, b, 1, i // 4) if tiled else xq[:, k].unsqueeze(1)
+        term = q.to(x.dtype) * xk
+        acc = term if acc is None else acc + term
+    y = acc.sum(-1)  # (O/T, B, T) or (B, O)
+    return y.permute(1, 0, 2).reshape(b, o) if tiled else y
+
+
+def reads_bytes_as_words(w: torch.Tensor) -> bool:
+    """Whether :func:`project` runs one-byte codes ``w`` through :func:`byte_dot` on this CPU."""
+    return (READ_BYTES_AS_WORDS and w.dtype in (torch.int8, torch.uint8) and w.shape[-1] % 4 == 0
+            and w.is_contiguous())
+
+
 @runtime_checkable
 class DecodePlugin(Protocol):
     """A module that replaces an ``nn.Linear`` and offers its weights to the compiled decode step."""
@@ -282,6 +337,12 @@ def project(parts: Parts, x: torch.Tensor) -> torch.Tensor:
             wq = wq - zero.unsqueeze(-1)
         w = (wq * scale.unsqueeze(-1)).view(o, i)
         scale = None
+    elif scale is not None and reads_bytes_as_words(w):  # y = (x Qᵀ - z Σx) / s
+        y = byte_dot(w, x)
+        if zero is not None:
+            y = y - zero.view(1, -1) * x.sum(-1, keepdim=True)
+        y = y * scale.view(1, -1)
+        return y if bias is None else y + bias
     elif scale is not None:
         w = w.to(x.dtype) if zero is None else w.to(x.dtype) - zero
     y = rows_dot(w, x)

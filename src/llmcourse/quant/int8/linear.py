@@ -27,9 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmcourse.core.threads import slow_byte_loads
 from llmcourse.quant.int8.formulas import QuantizedTensor, expand_stat
 
 log = logging.getLogger(__name__)
+_WORDS = slow_byte_loads()  # read the codes as 4-byte words in the one-row kernel (see _rowdot_words)
 
 
 def _rowdot(q: torch.Tensor, inv_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,28 @@ def _rowdot_zero(q: torch.Tensor, inv_scale: torch.Tensor, zero: torch.Tensor, x
     return ((q.to(torch.float32) - zero) * x).sum(-1, keepdim=True) * inv_scale
 
 
-_KERNELS = {"rowdot": _rowdot, "rowdot_zero": _rowdot_zero}
+def _rowdot_words(words: torch.Tensor, inv_scale: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """:func:`_rowdot` with the int8 codes read as 4-byte words (on CPUs without AVX-512, where
+    TorchInductor loads int8 vectors slowly: :func:`llmcourse.core.threads.slow_byte_loads`).
+
+    ``words`` (out, in/4) are the codes' own bytes viewed as float32 (no copy); byte ``k`` of word ``j``
+    is the code of input ``4j + k``, sign-extended with two shifts. ``xq`` (4, in/4) is ``x`` regrouped
+    so that row ``k`` holds inputs ``k, 4 + k, ...``."""
+    w = words.view(torch.int32)
+    acc = ((w << 24) >> 24).to(torch.float32) * xq[0]
+    for k in range(1, 4):
+        acc = acc + ((w << (24 - 8 * k)) >> 24).to(torch.float32) * xq[k]
+    return acc.sum(-1, keepdim=True) * inv_scale
+
+
+def _rowdot_words_zero(words: torch.Tensor, inv_scale: torch.Tensor, zero: torch.Tensor,
+                       xq: torch.Tensor) -> torch.Tensor:
+    """Zero-point variant of :func:`_rowdot_words`: ``(sum_i q_oi x_i - z_o sum_i x_i) inv_scale_o``."""
+    return _rowdot_words(words, inv_scale, xq) - zero * xq.sum() * inv_scale
+
+
+_KERNELS = {"rowdot": _rowdot, "rowdot_zero": _rowdot_zero, "rowdot_words": _rowdot_words,
+            "rowdot_words_zero": _rowdot_words_zero}
 _COMPILED: dict[tuple, Callable[..., torch.Tensor]] = {}
 
 
@@ -130,7 +153,11 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 1 and self.inv_scale is not None and not torch.is_grad_enabled():
             xf = x2[0].float().contiguous()
-            if self.zero is None:
+            if _WORDS and self.in_features % 4 == 0 and self.qweight.is_contiguous():
+                words, xq = self.qweight.view(torch.float32), xf.view(-1, 4).t().contiguous()
+                y = (_kernel("rowdot_words", words, self.inv_scale, xq) if self.zero is None
+                     else _kernel("rowdot_words_zero", words, self.inv_scale, self.zero_row, xq))
+            elif self.zero is None:
                 y = _kernel("rowdot", self.qweight, self.inv_scale, xf)
             else:
                 y = _kernel("rowdot_zero", self.qweight, self.inv_scale, self.zero_row, xf)
