@@ -33,8 +33,9 @@ several generations may run on one model at once, from several threads.
 
 Plug-in rule (:class:`DecodePlugin`, for the quantization labs): a projection is either a plain
 ``nn.Linear`` or a module whose ``decode_parts()`` returns :data:`Parts` ``(codes, scale, zero, bias)``;
-the compiled step then de-quantizes inside its loads, reading the codes once: one byte per weight, or
-2/4/8-bit codes packed in 32-bit words (:func:`packed_dot`; half a byte per 4-bit weight). Any other module
+the compiled step then de-quantizes inside its loads, reading the codes once: one byte per weight (read
+four at a time as 32-bit words on CPUs without AVX-512: :func:`byte_dot`), or 2/4/8-bit codes packed in
+32-bit words (:func:`packed_dot`; half a byte per 4-bit weight). Any other module
 (e.g. LLM.int8()) is called as ``module(x)`` on the ``mm`` path, so a model whose linears were
 swapped still runs here.
 
