@@ -241,15 +241,20 @@ def main() -> None:
             probe = ids[:, :64]
             pfile, lfile = work / "probe.pt", work / "gm_logits.pt"
             torch.save(probe, pfile)
+            with torch.inference_mode():
+                our_logits = ours.model(input_ids=probe).logits[0].float()
+
+            def match(file: Path) -> tuple[float, float]:
+                """Max |logit difference| and top-1 agreement of the logits in ``file`` with ours."""
+                theirs = torch.load(file)
+                return ((theirs - our_logits).abs().max().item(),
+                        (theirs.argmax(-1) == our_logits.argmax(-1)).float().mean().item())
+
             p = subprocess.run([str(PY), _script(GPTQMODEL_LOAD, work, "gml.py"), str(first),
                                 str(pfile), str(lfile), str(args.decode_tokens)], capture_output=True, text=True,
                                env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
             if p.returncode == 0:
-                gm_logits = torch.load(lfile)
-                with torch.inference_mode():
-                    our_logits = ours.model(input_ids=probe).logits[0].float()
-                diff = (gm_logits - our_logits).abs().max().item()
-                agree = (gm_logits.argmax(-1) == our_logits.argmax(-1)).float().mean().item()
+                diff, agree = match(lfile)
                 speed["GPTQModel torch backend (our folder)"] = json.loads(p.stdout.strip().splitlines()[-1])["decode_tok_s"]
                 notes.append(f"GPTQModel loaded our folder (BACKEND.TORCH, fp32): max |logit difference| {diff:.2e} "
                              f"on 64 tokens, top-1 agreement {agree:.3f}.")
@@ -260,11 +265,7 @@ def main() -> None:
                                 str(first), str(pfile), str(tfile)],
                                capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
             if p.returncode == 0:
-                tf_logits = torch.load(tfile)
-                with torch.inference_mode():
-                    our_logits = ours.model(input_ids=probe).logits[0].float()
-                diff = (tf_logits - our_logits).abs().max().item()
-                agree = (tf_logits.argmax(-1) == our_logits.argmax(-1)).float().mean().item()
+                diff, agree = match(tfile)
                 notes.append(f"transformers 5.25 (AutoModelForCausalLM.from_pretrained, GPTQConfig(backend='torch'), "
                              f"optimum 2.3.0 + GPTQModel kernels, fp32) loaded our folder: max |logit difference| {diff:.2e}, top-1 agreement {agree:.3f}.")
             else:
