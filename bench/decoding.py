@@ -11,6 +11,7 @@ process: its peak RSS (VmHWM, which includes the Python + torch + transformers r
 peak minus the RSS after those imports, against the weights' bytes.
 
     .venv/bin/python bench/decoding.py [--runs 5] [--threads 2] [--memory-only]
+    .venv/bin/python bench/decoding.py --model gemma3 --no-llama-cpp --no-memory   # the second real model
 
 Absolute speeds on a shared 2-core machine are noisy: read the ratios, which come from
 interleaved runs of both sides.
@@ -92,17 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp row")
     ap.add_argument("--no-eager", action="store_true", help="skip the uncompiled ('mm') fast-path row")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory table (two processes, ~1 min)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
+    ap.add_argument("--model", default="default", help="the model (--model of any command). Default: %(default)s")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    memory = memory_table(args.threads)
+    memory = "" if args.no_memory else memory_table(args.threads)
     print(memory)
     if args.memory_only:
         return 0
 
     from llmcourse.core.models import load_model
-    from llmcourse.decoding import FastLlama, GenerationConfig, generate, prepare
+    from llmcourse.core.runtime import FastModel
+    from llmcourse.decoding import GenerationConfig, generate, prepare
 
-    lm = load_model("default")
+    lm = load_model(args.model)
     model, tok = lm.model, lm.tokenizer
     prompt_ids = tok(PROMPT).input_ids
     ids = torch.tensor([prompt_ids])
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             generate(target, tok, prompt_ids, GenerationConfig(max_new_tokens=N_NEW, **kw))
         return run
 
-    eager = None if args.no_eager else FastLlama(model, matvec="mm")
+    eager = None if args.no_eager else FastModel(model, matvec="mm")
     t0 = time.perf_counter()
     for rows in (1, 4):  # compile the step for greedy/sampling and for beam-4 (Inductor caches it on disk)
         fast.warmup(rows, len(prompt_ids) + N_NEW)
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     wbytes = weight_bytes_per_token(model)
     bound = bw / wbytes
     lines = [
-        f"Default model fp32, {args.threads} threads, {N_NEW} new tokens, median of {args.runs} runs "
+        f"Model {args.model} ({model.config.model_type}) fp32, {args.threads} threads, {N_NEW} new tokens, median of {args.runs} runs "
         f"(beam-4 ran {beam_steps} steps).",
         "",
         "| strategy | anchor | anchor tok/s | ours tok/s | ours / anchor |",
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     from llmcourse.core.io import write_text
 
-    write_text(ROOT / "results" / "decoding.md", table + "\n")
+    name = "decoding.md" if args.model == "default" else f"decoding-{Path(args.model).name}.md"
+    write_text(ROOT / "results" / name, table + "\n")
     return 0
 
 

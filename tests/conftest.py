@@ -13,7 +13,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def tiny_config(arch: str = "llama", **overrides):
-    """A transformers config of a small random causal LM (llama, qwen2 or gpt2)."""
+    """A transformers config of a small random causal LM: gpt2 or one of the runtime's architectures
+    (llama, qwen2, qwen3, mistral, smollm3, phi3, gemma3_text; those with sliding windows get a window of 8
+    positions, so that tests longer than that exercise it)."""
+    import transformers
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if arch == "llama":
@@ -29,10 +32,29 @@ def tiny_config(arch: str = "llama", **overrides):
     elif arch == "gpt2":
         kw = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
         cls = GPT2Config
+    elif arch in NEW_ARCHS:
+        kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=arch != "phi3", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        kw.update(NEW_ARCHS[arch][1])
+        cls = getattr(transformers, NEW_ARCHS[arch][0])
     else:
         raise ValueError(arch)
     kw.update(overrides)
     return cls(**kw)
+
+
+NEW_ARCHS = {  # model_type -> (config class, what differs in the tiny config)
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "mistral": ("MistralConfig", dict(sliding_window=8)),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 1, 1, 0])),
+    "phi3": ("Phi3Config", dict(sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                   "partial_rotary_factor": 0.5})),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                             layer_types=["sliding_attention", "sliding_attention",
+                                                          "sliding_attention", "full_attention"])),
+}
+RUNTIME_ARCHS = ("llama", "qwen2", *NEW_ARCHS)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
@@ -41,7 +63,23 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
+    if arch == "gemma3_text":  # its norms start at w = 0 (a scale of 1 + w): make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _kernel_options_from_env():
+    """The runtime reads its environment overrides once per process (KernelOptions.detect): tests that set
+    them with monkeypatch get them read again, and leave no cached choice behind."""
+    from llmcourse.core.runtime import KernelOptions
+
+    KernelOptions.detect.cache_clear()
+    yield
+    KernelOptions.detect.cache_clear()
 
 
 @pytest.fixture(scope="session")

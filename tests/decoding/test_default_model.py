@@ -64,13 +64,13 @@ def test_beam4_identical_to_generate(default_lm) -> None:
 
 def test_compiled_step_logits_match(default_lm) -> None:
     """The compiled decode step on the default model: same tolerance as the mm layout."""
-    from llmcourse.decoding import FastLlama
+    from llmcourse.core.runtime import FastModel
 
     model, tok = default_lm.model, default_lm.tokenizer
     ids = torch.tensor([tok("I have a dream that one day").input_ids])
     with torch.inference_mode():
         ref = model(ids).logits[0].float()
-    fast = FastLlama(model, matvec="compiled")
+    fast = FastModel(model, matvec="compiled")
     t = ids.shape[1]
     session = fast.session(1, t)
     got = [session.prefill(ids[:, :2])[0]]

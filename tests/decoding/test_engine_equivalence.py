@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 from llmcourse.decoding import GenerationConfig, generate
 
-# auto = FastLlama for llama/qwen2; gpt2 always runs through its HF module
+# auto = the runtime (FastModel) for llama/qwen2; gpt2 always runs through its HF module
 GREEDY_CASES = [("llama", "auto"), ("llama", "hf"), ("qwen2", "auto"), ("qwen2", "hf"), ("gpt2", "auto")]
 
 
@@ -30,7 +30,7 @@ def _beam_case(model, prompt, k, lp, es, r, backend, max_new=10):
     """Run one configuration on both sides; return the number of hypotheses that ended with EOS.
 
     The ``hf`` backend (and GPT-2, which always uses it) calls the model exactly as generate() does,
-    so sequences must be identical. FastLlama's logits differ from transformers' by ~1e-7 (another
+    so sequences must be identical. FastModel's logits differ from transformers' by ~1e-7 (another
     summation order), so two hypotheses whose scores tie to float rounding may come out swapped:
     there a different sequence is accepted only with the same score within 1e-5.
     """

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from llmcourse.decoding import DecodePlugin, GenerationConfig, generate, prepare
-from llmcourse.decoding import fast_llama as fl
+from llmcourse.core import runtime as rt
+from llmcourse.core.runtime import DecodePlugin
+from llmcourse.decoding import GenerationConfig, generate, prepare
 
 
 def _run_in_threads(fns):
@@ -35,7 +36,7 @@ def _run_in_threads(fns):
 
 @pytest.mark.parametrize("compile_env", ["0", "1"])
 def test_two_concurrent_generations_equal_sequential(compile_env: str, monkeypatch) -> None:
-    if compile_env == "1" and not fl.can_compile():
+    if compile_env == "1" and not rt.can_compile():
         pytest.skip("no C++ compiler for TorchInductor")
     monkeypatch.setenv("LLMCOURSE_COMPILE", compile_env)
     model = tiny_model("llama", seed=11)
@@ -48,7 +49,7 @@ def test_two_concurrent_generations_equal_sequential(compile_env: str, monkeypat
         got_a, got_b = _run_in_threads([lambda: generate(model, None, a, cfg_a).sequences[0].token_ids,
                                         lambda: generate(model, None, b, cfg_b).sequences[0].token_ids])
         assert got_a == seq_a and got_b == seq_b
-    # and the same prompt twice at once, through one shared FastLlama
+    # and the same prompt twice at once, through one shared FastModel
     assert len({id(prepare(model, "mm")), id(prepare(model, "mm"))}) == 1
     got = _run_in_threads([lambda: generate(model, None, a, cfg_a).sequences[0].token_ids] * 3)
     assert got == [seq_a] * 3
@@ -86,7 +87,7 @@ def test_grouped_parts_dequantize_inside_the_product() -> None:
     x = torch.randn(3, i)
     w = (q.float().view(o, g, i // g) - zero[..., None]) * scale[..., None]
     ref = x @ w.view(o, i).T
-    torch.testing.assert_close(fl.project((q, scale, zero, None), x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rt.project(rt.GroupCodes(q, scale, zero), x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_a_prompt_in_two_chunks_equals_one() -> None:

@@ -128,10 +128,11 @@ def test_int8_linear_equals_dequantized_linear(method, granularity):
 @pytest.mark.parametrize("method", ["absmax", "zeropoint"])
 def test_compiled_kernel_matches_eager(method, words, monkeypatch):
     """The one-row kernel, reading one-byte codes (AVX-512) or the same bytes as 4-byte words (other CPUs)."""
-    from llmcourse.quant.int8 import linear as int8_linear
+    from llmcourse.core.runtime import KernelOptions
     from llmcourse.quant.int8 import quantize_tensor
 
-    monkeypatch.setattr(int8_linear, "_WORDS", words)
+    monkeypatch.setenv("LLMCOURSE_BYTE_WORDS", "1" if words else "0")
+    KernelOptions.detect.cache_clear()  # the runtime reads its overrides once per process
 
     torch.manual_seed(4)
     lin = torch.nn.Linear(96, 40, bias=False)
@@ -140,6 +141,7 @@ def test_compiled_kernel_matches_eager(method, words, monkeypatch):
     with torch.no_grad():
         eager = mod(x)
         monkeypatch.setenv("LLMCOURSE_INT8_COMPILE", "1")
+        KernelOptions.detect.cache_clear()
         compiled = mod(x)
         ref = torch.nn.functional.linear(x, mod.dequantize())
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The batching engine itself (llmcourse.decoding.ContinuousBatcher / BatchSession), without HTTP."""
+"""The batching engine itself (llmcourse.serve.batch.ContinuousBatcher / BatchSession), without HTTP."""
 
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ import pytest
 import torch
 from serve_helpers import byte_tokenizer, server, tiny_folder, tiny_lm, tiny_model  # noqa: F401  (fixtures)
 
-from llmcourse.decoding import (
-    BatchRequest,
-    BatchSession,
-    ContinuousBatcher,
-    FastLlama,
-    GenerationConfig,
-    QueueFull,
-    generate,
-)
+from llmcourse.core.runtime import FastModel
+from llmcourse.decoding import GenerationConfig, generate
+from llmcourse.serve.batch import BatchRequest, BatchSession, ContinuousBatcher, QueueFull
 
 PROMPTS = ["hello there", "the cat sat on", "a", "in the beginning was the word and", "xyz", "tttt", "he said",
            "one two three four five six seven eight nine ten eleven twelve"]
@@ -94,7 +88,7 @@ def test_n_choices_share_the_prompt_and_seeded_sampling_repeats(lm):
 
 @pytest.mark.slow  # compiling takes 10-40 s on a cold Inductor cache; the default-model tests compile too
 def test_compiled_step_equals_eager(lm):
-    from llmcourse.decoding.fast_llama import can_compile
+    from llmcourse.core.runtime import can_compile
 
     if not can_compile():
         pytest.skip("no C++ compiler for torch.compile")
@@ -102,7 +96,7 @@ def test_compiled_step_equals_eager(lm):
     # the last prompt's answer crosses the attention window's first boundary (64 -> 128 positions)
     reqs = [(tok(p).input_ids, GenerationConfig(max_new_tokens=10), 1) for p in [*PROMPTS[:3], "ab " * 29]]
     eager = run_all(ContinuousBatcher(model, tok, max_batch=2, ctx=128, matvec="mm", eos_token_ids=[]), reqs)
-    b = ContinuousBatcher(FastLlama(model, matvec="compiled"), tok, max_batch=2, ctx=128, eos_token_ids=[])
+    b = ContinuousBatcher(FastModel(model, matvec="compiled"), tok, max_batch=2, ctx=128, eos_token_ids=[])
     assert b.session.compiled
     assert run_all(b, reqs) == eager
 
@@ -121,7 +115,7 @@ def test_prompt_prefix_reused(lm):
 
 def test_acquire_prefers_the_longest_cached_prefix(lm):
     model, _ = lm
-    s = BatchSession(FastLlama(model, matvec="mm"), 3, 64)
+    s = BatchSession(FastModel(model, matvec="mm"), 3, 64)
     a, c = s.acquire(), s.acquire()
     s.prefill(a, [5, 6, 7, 8])
     s.prefill(c, [5, 6, 9])
@@ -136,7 +130,7 @@ def test_acquire_prefers_the_longest_cached_prefix(lm):
 def test_attention_window(lm):
     """The compiled step attends over the used positions rounded up to 64, never past the capacity."""
     model, _ = lm
-    s = BatchSession(FastLlama(model, matvec="mm"), 2, 200)
+    s = BatchSession(FastModel(model, matvec="mm"), 2, 200)
     assert [s.window(n) for n in (1, 64, 65, 130, 199, 200)] == [64, 64, 128, 192, 200, 200]
 
 

@@ -36,6 +36,7 @@ from llmcourse.core.formats import check_config, check_gguf, check_safetensors, 
 from llmcourse.core.io import atomic_dir, llmcourse_home
 from llmcourse.core.lab import file_loader, folder_loader
 from llmcourse.core.progress import status
+from llmcourse.core.runtime.arch import SUPPORTED
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +188,10 @@ def load_model(
     torch_dtype = DTYPES[dtype]
     t0 = time.perf_counter()
     with status(f"loading {spec}…"):
-        _precheck(spec, trust_pickle)
+        ms = resolve_model(spec, trust_pickle)
         import_runtime()
         t1 = time.perf_counter()
-        lm = _load(spec, dtype, torch_dtype, trust_pickle, trust_remote_code)
+        lm = _load(ms, dtype, torch_dtype, trust_pickle, trust_remote_code)
     lm.info["import_seconds"] = t1 - t0
     lm.info["load_seconds"] = time.perf_counter() - t1
     return lm
@@ -209,12 +210,77 @@ def import_runtime() -> None:
         importlib.import_module(name)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ``--model`` names, resolved once (:func:`resolve_model`) and consumed by every loader.
+
+    ``kind``: ``default`` (the default model's converted folder), ``lab`` (a folder a lab wrote, with
+    ``llmcourse.json``), ``hf`` (a Hugging Face folder), ``file`` (a file format a lab reads itself),
+    ``gguf``, or ``hub`` (a Hub id: needs network)."""
+
+    spec: str
+    kind: str
+    path: Path | None = None
+
+
+def resolve_model(spec: str, trust_pickle: bool = False) -> ModelSpec:
+    """Resolve ``spec`` without transformers, running the checks that need no model library (a missing path, a
+    corrupt file), so that bad input fails within a second or two of the command's start."""
+    if spec == "default":
+        return ModelSpec(spec, "default", default_model_dir())
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if _looks_like_path(spec):
+            raise UserError(f"model path {spec} does not exist", "check the path, or use --model default")
+        return ModelSpec(spec, "hub")
+    if path.is_dir():
+        if (path / MARKER_FILE).exists():
+            return ModelSpec(spec, "lab", path)
+        _check_hf_folder(path, trust_pickle)
+        check_architecture(path)
+        return ModelSpec(spec, "hf", path)
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file (a device, FIFO or socket)",
+                        "pass a Hugging Face folder, a .gguf file or 'default'")
+    if _file_loader(path) is not None:  # a lab reads this file format itself
+        return ModelSpec(spec, "file", path)
+    if _is_gguf(path):
+        check_gguf(path)
+        return ModelSpec(spec, "gguf", path)
+    if path.suffix.lower() == ".safetensors":
+        check_safetensors(path)
+        raise UserError(f"{path} is a bare weights file", "pass the folder that holds it with its config.json")
+    raise UserError(f"{path} is not a model", "pass a Hugging Face folder, a .gguf file or 'default'")
+
+
+# The architectures a Hugging Face folder may have: the runtime's (every lab runs them) and GPT-2 (the
+# transformers backend: the course's loss-landscape notebook and the tests' second family).
+MODEL_TYPES = (*SUPPORTED, "gpt2")
+
+
+def check_architecture(path: Path) -> None:
+    """Refuse a folder whose ``config.json`` names an architecture the labs do not run, in one line naming
+    the supported ones (the structural checks of the config run later, in the loader)."""
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # a missing or broken config.json is reported by the loader, with its own fix
+    if isinstance(model_type, str) and model_type not in MODEL_TYPES:
+        raise UserError(f"{path}: architecture {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})",
+                        "use a model of a supported architecture")
+
+
 def peek_context(spec: str) -> tuple[Path | None, int | None]:
     """The ``tokenizer.json`` and context length of a local Hugging Face folder (or the default model),
     read without transformers; ``(None, None)`` for anything else (GGUF, Hub ids, lab folders)."""
-    path = default_model_dir() if spec == "default" else Path(spec).expanduser()
-    tok, cfg = path / "tokenizer.json", path / "config.json"
-    if not (path.is_dir() and tok.is_file() and cfg.is_file()):
+    try:
+        ms = resolve_model(spec)
+    except UserError:
+        return None, None
+    if ms.kind not in ("default", "hf"):
+        return None, None
+    tok, cfg = ms.path / "tokenizer.json", ms.path / "config.json"
+    if not (tok.is_file() and cfg.is_file()):
         return None, None
     try:
         ctx = json.loads(cfg.read_text()).get("max_position_embeddings")
@@ -223,54 +289,23 @@ def peek_context(spec: str) -> tuple[Path | None, int | None]:
     return tok, ctx if isinstance(ctx, int) and ctx > 0 else None
 
 
-def _precheck(spec: str, trust_pickle: bool) -> None:
-    """The checks that need no transformers, run before importing it, so that a missing path or a corrupt
-    file fails within a second or two of the command's start (the full checks run again in the loader)."""
-    if spec == "default":
-        return
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if _looks_like_path(spec):
-            raise UserError(f"model path {spec} does not exist", "check the path, or use --model default")
-    elif path.is_dir():
-        if not (path / MARKER_FILE).exists():
-            _check_hf_folder(path, trust_pickle)
-    elif path.is_file() and _is_gguf(path):
-        check_gguf(path)
-
-
-def _load(spec: str, dtype: str, torch_dtype: torch.dtype, trust_pickle: bool, trust_remote_code: bool) -> LoadedModel:
-    if spec == "default":
-        path = default_model_dir()
-        lm = _load_hf_folder(path, torch_dtype, False, False, spec)
+def _load(ms: ModelSpec, dtype: str, torch_dtype: torch.dtype, trust_pickle: bool, trust_remote_code: bool) -> LoadedModel:
+    """Load a resolved ``--model`` with the loader of its kind."""
+    if ms.kind == "default":
+        lm = _load_hf_folder(ms.path, torch_dtype, False, False, ms.spec)
         lm.kind = "default"
+    elif ms.kind == "lab":
+        lm = _load_lab_folder(ms.path, dtype, ms.spec)
+    elif ms.kind == "hf":
+        lm = _load_hf_folder(ms.path, torch_dtype, trust_pickle, trust_remote_code, ms.spec)
+    elif ms.kind == "file":
+        lm = _file_loader(ms.path)(ms.path, dtype=dtype)
+        lm.spec = ms.spec
+    elif ms.kind == "gguf":
+        model, tok = _load_gguf(ms.path, torch_dtype)
+        lm = LoadedModel(model, tok, ms.spec, ms.path, kind="gguf")
     else:
-        path = Path(spec).expanduser()
-        if path.exists():
-            if path.is_dir():
-                marker = path / MARKER_FILE
-                if marker.exists():
-                    lm = _load_lab_folder(path, dtype, spec)
-                else:
-                    lm = _load_hf_folder(path, torch_dtype, trust_pickle, trust_remote_code, spec)
-            elif not path.is_file():
-                raise UserError(f"{path} is not a regular file (a device, FIFO or socket)",
-                                "pass a Hugging Face folder, a .gguf file or 'default'")
-            elif (loader := _file_loader(path)) is not None:  # a lab reads this file format itself
-                lm = loader(path, dtype=dtype)
-                lm.spec = spec
-            elif path.suffix.lower() == ".gguf" or _is_gguf(path):
-                model, tok = _load_gguf(path, torch_dtype)
-                lm = LoadedModel(model, tok, spec, path, kind="gguf")
-            elif path.suffix.lower() == ".safetensors":
-                check_safetensors(path)
-                raise UserError(f"{path} is a bare weights file", "pass the folder that holds it with its config.json")
-            else:
-                raise UserError(f"{path} is not a model", "pass a Hugging Face folder, a .gguf file or 'default'")
-        elif _looks_like_path(spec):
-            raise UserError(f"model path {spec} does not exist", "check the path, or use --model default")
-        else:
-            lm = _load_hub(spec, torch_dtype, trust_remote_code)
+        lm = _load_hub(ms.spec, torch_dtype, trust_remote_code)
     return lm
 
 

@@ -84,17 +84,3 @@ def apply_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
-
-
-def slow_byte_loads() -> bool:
-    """Whether TorchInductor's C++ kernels load one-byte data slowly on this CPU: without AVX-512 they load
-    an int8 (or int32) vector through a stack copy, 8 bytes at a time, which made a weight-only int8
-    decode step 4-5x slower than fp32 on an AVX2 CPU (the quantization labs then read their codes as
-    float32 words: ``decoding.fast_llama.byte_dot``, ``quant.int8.linear``). ``LLMCOURSE_BYTE_WORDS=0/1``
-    overrides the check."""
-    forced = os.environ.get("LLMCOURSE_BYTE_WORDS")
-    if forced in ("0", "1"):
-        return forced == "1"
-    import torch
-
-    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512")

@@ -6,10 +6,11 @@ Public API (other labs use only these names; imported lazily, so declaring the l
     out = generate(model, tokenizer, "I have a dream", GenerationConfig(strategy="beam", num_beams=4))
     out.sequences[0].text, out.tokens_per_second
 
-``model`` is any transformers causal LM; Llama-family models (also with their ``nn.Linear``
-modules swapped for another lab's modules that implement :class:`DecodePlugin`) run through
-:class:`FastLlama`. Weights are shared, state is per call: each generation owns a
-:class:`DecodeSession` (its KV cache), so concurrent generations on one model are safe.
+``model`` is any transformers causal LM; the architectures of the model runtime
+(:mod:`llmcourse.core.runtime`: Llama, Mistral, Qwen2/3, SmolLM3, Phi-3, Gemma 3 — also with their
+``nn.Linear`` modules swapped for another lab's modules that implement its ``DecodePlugin``) run through
+its one decoder layer. Weights are shared, state is per call: each generation owns a session (its KV
+cache), so concurrent generations on one model are safe.
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ LAB = Lab(
 )
 
 _PUBLIC = {
-    "batch": ("BatchSession", "BatchRequest", "BatchEvent", "ContinuousBatcher", "QueueFull"),
     "beam": ("BeamRecorder", "BeamResult", "beam_search"),
     "engine": ("GeneratedSequence", "GenerationConfig", "GenerationOutput", "StepRecord", "chat_prompt_ids",
-               "generate", "make_decoder", "prepare"),
-    "fast_llama": ("FastLlama", "DecodeSession", "DecodePlugin", "PACKED_BITS", "dequantize_words", "pack_words", "unpack_words"),
+               "generate", "make_decoder", "model_eos_ids", "prepare", "TextStream"),
     "samplers": ("CHAINS", "SamplerSettings", "apply_chain"),
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)

@@ -11,10 +11,10 @@ greedy and beam search apply only its penalties, as transformers does). Beam sea
 ``generate()``; sampling with the ``hf`` chain draws the same tokens as ``generate(do_sample=True)``
 for the same seed, because the processed distribution and the RNG stream are the same.
 
-Two backends run the model: ``fast`` (:class:`~llmcourse.decoding.fast_llama.FastLlama`, for
-the Llama family, including models whose linears another lab swapped for its own modules) and
-``hf`` (any causal LM through its own module and ``DynamicCache``). ``auto`` picks ``fast`` when
-it can.
+Two backends run the model: ``fast`` (the runtime's :class:`~llmcourse.core.runtime.FastModel`, for
+every architecture in :data:`llmcourse.core.runtime.SUPPORTED`, including models whose linears another
+lab swapped for its own modules) and ``hf`` (any causal LM through its own module and ``DynamicCache``).
+``auto`` picks ``fast`` when it can.
 
 Scores reported per sequence: greedy and sampling give the log-likelihood of the generated
 tokens under the model, ``sum_t log softmax(z_t)_{y_t}`` (unprocessed logits); beam search gives
@@ -27,9 +27,7 @@ import inspect
 import logging
 import math
 import os
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,9 +36,9 @@ import torch
 
 from llmcourse.core.cli_common import option
 from llmcourse.core.errors import UserError
+from llmcourse.core.runtime import DecodeSession, FastModel, held_runtime, runtime_for, supports
 from llmcourse.decoding import samplers
 from llmcourse.decoding.beam import BeamRecorder, beam_search
-from llmcourse.decoding.fast_llama import DecodeSession, FastLlama, auto_matvec, supports
 
 log = logging.getLogger(__name__)
 
@@ -234,15 +232,15 @@ class HFDecoder:
 
 
 class FastDecoder:
-    """:class:`FastLlama` behind the decoder interface (one prompt row, expanded for beams).
-
-    The weights (``fast``) are shared by every decoder of a model; each :meth:`start` opens a new
-    :class:`~llmcourse.decoding.fast_llama.DecodeSession`, so this decoder's state is its own.
+    """The runtime's :class:`~llmcourse.core.runtime.FastModel` behind the decoder interface (one prompt
+    row, expanded for beams). The weights (``fast``) are shared by every decoder of a model; each
+    :meth:`start` opens a new :class:`~llmcourse.core.runtime.DecodeSession`, so this decoder's state is
+    its own.
     """
 
     name = "fast"
 
-    def __init__(self, fast: FastLlama) -> None:
+    def __init__(self, fast: FastModel) -> None:
         self.fast = fast
         self.session: DecodeSession | None = None
 
@@ -264,52 +262,33 @@ class FastDecoder:
         self.fast.warmup(rows, capacity)
 
 
-_FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {matvec: (signature, FastLlama)}
 COMPILE_MIN_STEPS = 48  # shorter generations take the uncompiled step: compiling (2-5 s) would not pay off
 
 
-def _signature(model: Any) -> tuple:
-    """Changes when a module is swapped or a weight replaced, so a cached FastLlama is not stale."""
-    return tuple((type(m).__name__, id(m), *(p.data_ptr() for p in m.parameters(recurse=False)))
-                 for m in model.modules())
-
-
-_FAST_LOCK = threading.Lock()
-
-
-def prepare(model: Any, matvec: str = "auto") -> FastLlama:
-    """The :class:`FastLlama` of ``model`` (built once per step path, reused while the model is unchanged).
+def prepare(model: Any, matvec: str = "auto") -> FastModel:
+    """The runtime's :class:`~llmcourse.core.runtime.FastModel` of ``model`` (built once per step path and
+    held by the model, reused while it is unchanged: :func:`~llmcourse.core.runtime.runtime_for`).
 
     ``matvec="compiled"`` runs each decode step through ``torch.compile``'d layers (compiled on first
     use, a few seconds, cached on disk by Inductor afterwards); ``"mm"`` needs no compilation;
-    ``"auto"`` compiles for models of 32 MB and more (see :func:`~llmcourse.decoding.fast_llama.auto_matvec`).
+    ``"auto"`` compiles for models of 32 MB and more (:func:`~llmcourse.core.runtime.auto_matvec`).
     """
-    if matvec == "auto":
-        matvec = auto_matvec(model)
-    sig = _signature(model)
-    with _FAST_LOCK:  # two threads preparing one model build it once
-        cached = _FAST.setdefault(model, {})
-        hit = cached.get(matvec)
-        if hit is not None and hit[0] == sig:
-            return hit[1]
-        fast = FastLlama(model, matvec=matvec)
-        cached[matvec] = (sig, fast)
-        return fast
+    return runtime_for(model, matvec)
 
 
 def _compiled_ready(model: Any) -> bool:
     """Whether ``model`` already has a compiled step that has run (so using it costs nothing more)."""
-    hit = _FAST.get(model, {}).get("compiled")
-    return hit is not None and hit[1].warm and hit[0] == _signature(model)
+    fast = held_runtime(model, "compiled")
+    return fast is not None and fast.warm
 
 
 def make_decoder(model: Any, backend: str = "auto", steps: int | None = None) -> HFDecoder | FastDecoder:
-    """Pick the backend: ``fast`` for the Llama family, else ``hf``.
+    """Pick the backend: ``fast`` for the runtime's architectures, else ``hf``.
 
     ``steps`` (rows x new tokens, when known): a generation shorter than ``COMPILE_MIN_STEPS`` takes
     the uncompiled fast step unless a compiled one is already warm for this model.
     """
-    if isinstance(model, FastLlama):
+    if isinstance(model, FastModel):
         return FastDecoder(model)
     if backend == "fast" and not supports(model):
         raise UserError(f"the fast backend does not support {type(model).__name__}", "pass --backend hf or auto")
@@ -495,7 +474,7 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[int], config: Genera
              *, on_text: Callable[[str], None] | None = None, record: bool = False) -> GenerationOutput:
     """Generate from ``prompt`` with ``config``; ``on_text`` receives text pieces as they become final.
 
-    ``model`` is a transformers causal LM (or a prepared :class:`FastLlama`); ``record`` keeps the
+    ``model`` is a transformers causal LM (or a prepared :class:`FastModel`); ``record`` keeps the
     per-step distributions (greedy/sample) or the beam candidates (beam) for the plots.
     """
     cfg = config or GenerationConfig()
@@ -503,7 +482,7 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[int], config: Genera
     check_fits(model, prompt_ids, cfg)
     eos_list = list(cfg.eos_token_ids) if cfg.eos_token_ids is not None else model_eos_ids(model, tokenizer)
     rows = cfg.num_beams if cfg.strategy == "beam" else 1
-    # builds FastLlama once per model, outside the timing
+    # builds FastModel once per model, outside the timing
     runs = rows if cfg.strategy == "beam" else cfg.num_return_sequences
     decoder = make_decoder(model, cfg.backend, steps=runs * cfg.max_new_tokens)
     decoder.warmup(rows, len(prompt_ids) + cfg.max_new_tokens)  # compiles the fast step, outside the timing

@@ -2,7 +2,8 @@
 
 ``llmcourse serve --model M`` answers ``/v1/chat/completions``, ``/v1/completions`` (streaming
 SSE or not), ``/v1/models``, ``/health``, ``/metrics`` and a chat page at ``/``. Concurrent
-requests share one decode step (:class:`llmcourse.decoding.ContinuousBatcher`). FastAPI and
+requests share one decode step (:class:`llmcourse.serve.batch.ContinuousBatcher`, continuous batching on
+the model runtime's decoder layer). FastAPI and
 uvicorn are imported only by the command (``pip install 'llmcourse[serve]'``).
 
 Public API (lazy)::
@@ -24,6 +25,7 @@ LAB = Lab(
     docs="docs/serve.md",
 )
 
-_PUBLIC = {"app": ("create_app", "ServeSettings")}
+_PUBLIC = {"app": ("create_app", "ServeSettings"),
+           "batch": ("BatchSession", "BatchRequest", "BatchEvent", "ContinuousBatcher", "QueueFull")}
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)
 __all__ = ["LAB", *_names]

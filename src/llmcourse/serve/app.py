@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (FastAPI), in front of a :class:`~llmcourse.decoding.ContinuousBatcher`.
+"""The OpenAI-compatible HTTP API (FastAPI), in front of a :class:`~llmcourse.serve.batch.ContinuousBatcher`.
 
 Contract (as the OpenAI API): ``POST /v1/chat/completions`` and ``POST /v1/completions``, with
 ``stream: true`` answered as Server-Sent Events (``data: {chunk}\\n\\n`` ... ``data: [DONE]``):
@@ -26,7 +26,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcourse.core.errors import UserError
-from llmcourse.decoding import BatchRequest, ContinuousBatcher, GenerationConfig, QueueFull, chat_prompt_ids
+from llmcourse.decoding import GenerationConfig, chat_prompt_ids
+from llmcourse.serve.batch import BatchRequest, ContinuousBatcher, QueueFull
 from llmcourse.serve.page import PAGE
 
 log = logging.getLogger(__name__)

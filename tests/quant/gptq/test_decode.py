@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmcourse.core import runtime as fl
+from llmcourse.core.runtime import model as rt_model
+from llmcourse.core.runtime import pack_words, packed_dot, unpack_words
 from llmcourse.decoding import GenerationConfig, generate
-from llmcourse.decoding import fast_llama as fl
-from llmcourse.decoding.fast_llama import pack_words, packed_dot, unpack_words
 from llmcourse.quant.gptq.linear import GPTQLinear
 from llmcourse.quant.gptq.model import GPTQConfig, quantize_model
 from llmcourse.quant.gptq.pack import dequantize_layer, pack_layer
@@ -23,12 +24,14 @@ def quantized():
     return m
 
 
-def test_decode_parts_are_the_same_weight_in_equal_groups(quantized):
+def test_decode_weights_are_the_same_weight_in_equal_groups(quantized):
     layers = [x for x in quantized.modules() if isinstance(x, GPTQLinear)]
     assert {x.equal_groups() for x in layers} == {16}  # gcd(48, 64) = gcd(48, 128) = 16
     for x in layers:
         before = x.dequantize()
-        words, scale, zero, bias = x.decode_parts()
+        packed = x.decode_weight()
+        assert isinstance(packed, fl.PackedCodes) and packed.bits == 4
+        words, scale, zero, bias = packed.words, packed.scale, packed.zero, packed.bias
         o, i = x.out_features, x.in_features
         # 4-bit codes packed 8 to a 32-bit word (float32 bits), one read of the packed weight per token
         assert words.dtype == torch.float32 and words.shape == (o, i // 8)
@@ -41,7 +44,7 @@ def test_decode_parts_are_the_same_weight_in_equal_groups(quantized):
     # act-order: a permuted g_idx has no equal runs, so the layer offers nothing (the step calls forward())
     g_idx = torch.randperm(64, generator=torch.Generator().manual_seed(0)) // 32
     t = pack_layer(torch.randint(0, 16, (32, 64)), torch.rand(32, 2), torch.full((32, 2), 8.0), g_idx, 4)
-    assert GPTQLinear(64, 32, 4, t).decode_parts() is None
+    assert GPTQLinear(64, 32, 4, t).decode_weight() is None
 
 
 @pytest.mark.parametrize("order", ["natural", "act-order"])
@@ -72,7 +75,7 @@ def test_packed_words_round_trip_and_product(bits):
     scale = torch.rand(o, groups, generator=gen) + 0.01
     zero = torch.randint(0, 2 ** bits, (o, groups), generator=gen).float()
     w = ((codes.float().view(o, groups, -1) - zero[..., None]) * scale[..., None]).view(o, i)
-    assert torch.equal(fl.dequantize_words(words, bits, scale, zero), w)
+    assert torch.equal(fl.WordsDequantizer()(words, bits, scale, zero), w)
     fns = [packed_dot] + ([torch.compile(packed_dot, dynamic=False)] if fl.can_compile() else [])
     for fn in fns:
         for rows in (1, 5):
@@ -91,15 +94,13 @@ def test_compiled_greedy_equals_eager(quantized, monkeypatch):
     with torch.no_grad():  # transformers' loop over GPTQLinear.forward (de-quantized weight, F.linear)
         ref = quantized.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False)[0, 4:].tolist()
     out = generate(quantized, None, prompt, GenerationConfig(max_new_tokens=64, eos_token_ids=()))
-    from llmcourse.decoding import engine
-
-    assert out.backend == "fast" and engine._FAST[quantized]["compiled"][1].warm  # the compiled step ran
+    assert out.backend == "fast" and fl.held_runtime(quantized, "compiled").warm  # the compiled step ran
     assert out.sequences[0].token_ids == ref
 
 
 def test_half_table_is_the_fp16_checkpoint_table_for_lookup_and_tied_head():
     """A tied fp16 embedding stays fp16: lookups and the head give what an fp32 copy of it gives."""
-    from llmcourse.decoding.fast_llama import linear_parts
+    from llmcourse.core.runtime.weights import step_weight
     from llmcourse.quant.gptq.linear import HEAD_SLICE, HalfHead, HalfTable
 
     gen = torch.Generator().manual_seed(0)
@@ -110,7 +111,7 @@ def test_half_table_is_the_fp16_checkpoint_table_for_lookup_and_tied_head():
     assert emb(ids).dtype == torch.float32 and torch.equal(emb(ids), table.float()[ids])
     x = torch.randn(3, 32, generator=gen)
     assert torch.allclose(head(x), x @ table.float().t(), rtol=1e-5, atol=1e-5)
-    assert linear_parts(head)[0] is table  # the compiled step reads the fp16 tensor itself
+    assert step_weight(head, fl.KernelOptions.detect()).weight is table  # the compiled step reads the fp16 tensor itself
     assert dict(emb.named_buffers()).keys() == {"table"} and not list(head.buffers())
 
 
@@ -118,11 +119,11 @@ def test_half_table_is_the_fp16_checkpoint_table_for_lookup_and_tied_head():
 def test_short_prompt_runs_as_compiled_steps(quantized, monkeypatch):
     """A model with packed codes prefills a prompt of up to STEP_PROMPT tokens as one-token compiled steps
     (no de-quantized weights): the same logits as the eager prefill, within float rounding."""
-    fast = fl.FastLlama(quantized, matvec="compiled")
-    assert fast.step_prompt == fl.STEP_PROMPT > 0
+    fast = fl.FastModel(quantized, matvec="compiled")
+    assert fast.step_prompt == rt_model.STEP_PROMPT > 0
     ids = torch.tensor([[5, 17, 33, 9]])
     by_steps = fast.session(1, 64).prefill(ids)
     fast.step_prompt = 0  # the eager prompt path (de-quantized weights, F.linear)
     eager = fast.session(1, 64).prefill(ids)
     assert torch.allclose(by_steps, eager, atol=1e-4, rtol=1e-4)
-    assert fl.FastLlama(tiny_model("llama", seed=7), matvec="compiled").step_prompt == 0  # fp32: eager prompt
+    assert fl.FastModel(tiny_model("llama", seed=7), matvec="compiled").step_prompt == 0  # fp32: eager prompt

@@ -7,8 +7,8 @@ per group, ``W[o, i] = scales[g_idx[i], o] · (q[i, o] - zero[g_idx[i], o])``, t
 call unless ``cache_codes=False``, so later calls only do the multiply-add of the de-quantization
 (in place, over equal groups when ``g_idx`` allows: no gathers).
 
-Fast decoding (the decoding lab's compiled step, its :class:`DecodePlugin` protocol):
-:meth:`GPTQLinear.decode_parts` hands over the one-byte codes with scales and zeros for *equal*
+Fast decoding (the model runtime's compiled step, its ``DecodePlugin`` protocol):
+:meth:`GPTQLinear.decode_weight` hands over the one-byte codes with scales and zeros for *equal*
 groups of consecutive inputs, which the compiled reduction de-quantizes inside its loads (one byte
 read per weight instead of four). GPTQ's groups need not be equal: a width that the group size does
 not divide ends in a shorter group (576 inputs at g128: 4 groups of 128 and one of 64). With
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcourse.decoding import PACKED_BITS, dequantize_words, pack_words
+from llmcourse.core.runtime import PACKED_BITS, Dense, GroupCodes, PackedCodes, WordsDequantizer, pack_words
 from llmcourse.quant.gptq.pack import unpack
 
 
@@ -49,8 +49,9 @@ class GPTQLinear(nn.Module):
         self._codes: torch.Tensor | None = None  # (O, I) int8, unpacked on first use
         self._zeros: torch.Tensor | None = None  # (O, G) int8
         self._equal: tuple | None = None  # equal_group_parts(), built once
-        self._decode: tuple | None = None  # decode_parts(), built once
-        self._words: tuple | None = None  # (words, scale, zero) fp32 when decode_parts packed the codes
+        self._decode: GroupCodes | PackedCodes | None = None  # decode_weight(), built once
+        self._words: tuple | None = None  # (words, scale, zero) fp32 when decode_weight packed the codes
+        self._dequantize_words = WordsDequantizer()  # the words' compiled de-quantization (a prompt's)
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes (O, I) int8, scales (O, G) fp32, zeros (O, G) int8 with the v1 +1, g_idx (I,) long):
@@ -94,12 +95,12 @@ class GPTQLinear(nn.Module):
         s = self.equal_groups()
         return self.bits in PACKED_BITS and s is not None and s % (32 // self.bits) == 0
 
-    def decode_parts(self) -> tuple | None:
-        """The decoding lab's compiled-step view (``DecodePlugin``): ``(codes, scale (O, G'), zero (O, G'),
-        bias)`` with ``G' = I / gcd(g, I)`` equal groups (:meth:`equal_group_parts`),
-        ``W[o, i] = (q[o, i] - zero[o, i // (I / G')]) · scale[...]``; None under act-order. The codes are
-        32-bit words packing ``32 / bits`` codes each (:meth:`packs_words`: 2/4/8 bits; the step unpacks them
-        inside its reduction, one read of the packed weight per token), else one byte each (3 bits).
+    def decode_weight(self) -> GroupCodes | PackedCodes | None:
+        """The model runtime's compiled view (``DecodePlugin``): the codes with scales and zeros for
+        ``G' = I / gcd(g, I)`` equal groups (:meth:`equal_group_parts`), ``W[o, i] = (q[o, i] - zero[o, g]) ·
+        scale[o, g]``; None under act-order. The codes are 32-bit words packing ``32 / bits`` codes each
+        (:class:`PackedCodes`, :meth:`packs_words`: 2/4/8 bits; the step unpacks them inside its reduction,
+        one read of the packed weight per token), else one byte each (:class:`GroupCodes`, 3 bits).
         Built once; the words replace the cached one-byte codes (half the memory at 4 bits)."""
         if self._decode is None:
             equal = self.equal_group_parts()
@@ -107,13 +108,15 @@ class GPTQLinear(nn.Module):
                 return None
             codes, scale, zero = equal
             dtype = self.compute_dtype
+            bias = None if self.bias is None else self.bias.to(dtype)
             if self.packs_words():
-                codes = pack_words(codes, scale.shape[-1], self.bits)
-                self._words = (codes, scale, zero)  # with the fp32 scale and zero, for dequantize
+                words = pack_words(codes, scale.shape[-1], self.bits)
+                self._words = (words, scale, zero)  # with the fp32 scale and zero, for dequantize
                 self._codes = None  # the words serve the prompt's de-quantization too (dequantize)
                 self._equal = None
-            self._decode = (codes, scale.to(dtype), zero.to(dtype),
-                            None if self.bias is None else self.bias.to(dtype))
+                self._decode = PackedCodes(words, self.bits, scale.to(dtype), zero.to(dtype), bias)
+            else:
+                self._decode = GroupCodes(codes, scale.to(dtype), zero.to(dtype), bias)
         return self._decode
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -122,7 +125,7 @@ class GPTQLinear(nn.Module):
         passes over the (O, G', I / G') view, with no gathers: what a prompt's products pay per layer."""
         if self._words is not None:  # the decode step's packed words, unpacked in one compiled pass
             words, scale, zero = self._words
-            return dequantize_words(words, self.bits, scale, zero).to(dtype or self.compute_dtype)
+            return self._dequantize_words(words, self.bits, scale, zero).to(dtype or self.compute_dtype)
         equal = self.equal_group_parts()
         if equal is not None:
             codes, scale, zero = equal
@@ -154,7 +157,7 @@ class HalfTable(nn.Module):
     fp32, for both of its uses when the output head is tied to it: ``forward(ids)`` looks rows up and
     returns them in fp32; a :class:`HalfHead` on it is the output head ``x Tᵀ``. fp16 -> fp32 is exact, so
     every value is the one an fp32 copy would hold; the table takes half the memory, and the compiled
-    decode step (:meth:`HalfHead.decode_parts`) reads two bytes per weight for the head's product
+    decode step (:meth:`HalfHead.decode_weight`) reads two bytes per weight for the head's product
     instead of four (measured: 1.8 ms instead of 3.9 ms per token for 49152 x 576, 2 threads)."""
 
     weight_buffers = ("table",)  # counted as weights by LoadedModel.n_params
@@ -191,9 +194,9 @@ class HalfHead(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.tied[0].weight
 
-    def decode_parts(self) -> tuple:
+    def decode_weight(self) -> Dense:
         """The compiled step's view (``DecodePlugin``): the fp16 weight itself, converted inside the loads."""
-        return (self.tied[0].table, None, None, None)
+        return Dense(self.tied[0].table)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x Tᵀ``, converting the table in slices of :data:`HEAD_SLICE` rows (no whole fp32 copy)."""

@@ -20,18 +20,16 @@ Set ``LLMCOURSE_INT8_COMPILE=0`` to run the eager (slower, same result) row-wise
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcourse.core.threads import slow_byte_loads
+from llmcourse.core.runtime import KernelOptions, RowCodes
 from llmcourse.quant.int8.formulas import QuantizedTensor, expand_stat
 
 log = logging.getLogger(__name__)
-_WORDS = slow_byte_loads()  # read the codes as 4-byte words in the one-row kernel (see _rowdot_words)
 
 
 def _rowdot(q: torch.Tensor, inv_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +44,7 @@ def _rowdot_zero(q: torch.Tensor, inv_scale: torch.Tensor, zero: torch.Tensor, x
 
 def _rowdot_words(words: torch.Tensor, inv_scale: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     """:func:`_rowdot` with the int8 codes read as 4-byte words (on CPUs without AVX-512, where
-    TorchInductor loads int8 vectors slowly: :func:`llmcourse.core.threads.slow_byte_loads`).
+    TorchInductor loads int8 vectors slowly: :class:`llmcourse.core.runtime.KernelOptions`).
 
     ``words`` (out, in/4) are the codes' own bytes viewed as float32 (no copy); byte ``k`` of word ``j``
     is the code of input ``4j + k``, sign-extended with two shifts. ``xq`` (4, in/4) is ``x`` regrouped
@@ -95,7 +93,7 @@ def _compile(name: str, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.T
 def _kernel(name: str, *args: torch.Tensor) -> torch.Tensor:
     """Run row-wise kernel ``name`` on ``args`` (compiled once per shape; eager with
     ``LLMCOURSE_INT8_COMPILE=0``)."""
-    if os.environ.get("LLMCOURSE_INT8_COMPILE", "1") == "0":
+    if not KernelOptions.detect().compile_kernels:
         return _KERNELS[name](*args)
     key = (name, *((a.shape, a.stride(), a.dtype) for a in args))  # what the compiled code assumes
     fn = _COMPILED.get(key)
@@ -140,20 +138,20 @@ class Int8Linear(nn.Module):
         qt = QuantizedTensor(self.qweight, self.scale, self.zero, self.granularity, self.group_size)
         return qt.dequantize(dtype or self.compute_dtype)
 
-    def decode_parts(self) -> tuple | None:
-        """What the decoding lab's compiled step needs to run this layer in its own fused loop:
-        ``(int8 codes (out, in), 1/s (out, 1), z (out, 1) or None, bias or None)``; None for group-wise
-        statistics, which it does not run."""
+    def decode_weight(self) -> RowCodes | None:
+        """The model runtime's compiled view (its ``DecodePlugin``): the int8 codes with 1/s and the zero
+        point per row, de-quantized inside the step's loads; None for group-wise statistics, which it does
+        not run (they take this module's own forward)."""
         if self.inv_scale is None:
             return None
-        return (self.qweight, self.inv_scale, self.zero_row, self.bias)
+        return RowCodes(self.qweight, self.inv_scale, self.zero_row, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 1 and self.inv_scale is not None and not torch.is_grad_enabled():
             xf = x2[0].float().contiguous()
-            if _WORDS and self.in_features % 4 == 0 and self.qweight.is_contiguous():
+            if KernelOptions.detect().byte_words and self.in_features % 4 == 0 and self.qweight.is_contiguous():
                 words, xq = self.qweight.view(torch.float32), xf.view(-1, 4).t().contiguous()
                 y = (_kernel("rowdot_words", words, self.inv_scale, xq) if self.zero is None
                      else _kernel("rowdot_words_zero", words, self.inv_scale, self.zero_row, xq))

@@ -18,11 +18,10 @@ new prompt takes the free slot that holds its longest beginning and is prefilled
 (prefix caching, as llama.cpp's server reuses a slot: a chat's system prompt is computed once).
 
 :class:`BatchSession` is the state (cache, positions) and the forward on a shared
-:class:`~llmcourse.decoding.fast_llama.FastLlama`; :class:`ContinuousBatcher` is the scheduler
+:class:`~llmcourse.core.runtime.FastModel`; :class:`ContinuousBatcher` is the scheduler
 (a thread) that samples each sequence with its own sampler chain and ``torch.Generator``.
-A sequence's greedy tokens are those of :func:`~llmcourse.decoding.engine.generate` for its
-prompt alone (tested on the eager path, where each row's products and attention are the
-single-row operations; the compiled path sums in another order, within 1e-4 of it).
+A sequence's greedy tokens are those of :func:`~llmcourse.decoding.generate` for its prompt alone
+(tested on the eager and compiled paths: the same decoder layer runs both).
 """
 
 from __future__ import annotations
@@ -37,69 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from llmcourse.decoding import samplers
-from llmcourse.decoding.engine import GenerationConfig, TextStream, model_eos_ids, prepare
-from llmcourse.decoding.fast_llama import (
-    CAPACITY_STEP,  # cache sizes are rounded up to this (one compilation per size)
-    COMPILE_OPTIONS,
-    FastLlama,
-    allow_specialisations,
-    compiled,
-    project,
-    rms_norm,
-    rotate_half,
-)
+from llmcourse.core.runtime import CAPACITY_STEP, FastModel, runtime_for
+from llmcourse.core.runtime.compile import compile_settings, mark_dynamic
+from llmcourse.decoding import GenerationConfig, TextStream, model_eos_ids, samplers
 
 log = logging.getLogger(__name__)
-
-
-def mark_dynamic(t: torch.Tensor, dim: int) -> None:
-    """Compile ``t``'s dimension ``dim`` as a symbol (the attention window): one kernel for every window size."""
-    torch._dynamo.mark_dynamic(t, dim)
-
-
-def batch_layer(x: torch.Tensor, wts: tuple, kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor,
-                pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, *, n_heads: int,
-                n_kv: int, head_dim: int, eps: float) -> torch.Tensor:
-    """One decoder layer, one new token for each of B slots at its own position.
-
-    ``x`` (B, H); ``kc``/``vc`` the whole cache (S, n_kv, C, hd), written in place at
-    ``[rows[b], :, pos[b]]``; ``cos``/``sin`` (B, hd) the rows of each position; ``mask`` (B, C).
-    """
-    n1, q_proj, k_proj, v_proj, o_proj, n2, gate_proj, up_proj, down_proj = wts
-    b = x.shape[0]
-    h = rms_norm(x, n1, eps)
-    q = project(q_proj, h).view(b, n_heads, head_dim)
-    k = project(k_proj, h).view(b, n_kv, head_dim)
-    v = project(v_proj, h).view(b, n_kv, head_dim)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, hd)
-    q = q * c + rotate_half(q) * s
-    k = k * c + rotate_half(k) * s
-    index = (rows.view(b, 1), torch.arange(n_kv).view(1, n_kv), pos.view(b, 1))  # (B, n_kv) each
-    kc.index_put_(index, k)
-    vc.index_put_(index, v)
-    keys, values = kc[rows], vc[rows]  # (B, n_kv, C, hd): gathered inside the attention loops
-    qg = q.view(b, n_kv, n_heads // n_kv, 1, head_dim)
-    sc = (qg * keys.unsqueeze(2)).sum(-1) * head_dim ** -0.5 + mask.view(b, 1, 1, -1)  # (B, n_kv, g, C)
-    att = torch.softmax(sc, dim=-1)
-    y = (att.unsqueeze(-1) * values.unsqueeze(2)).sum(-2).reshape(b, n_heads * head_dim)
-    x = x + project(o_proj, y)
-    h = rms_norm(x, n2, eps)
-    return x + project(down_proj, F.silu(project(gate_proj, h)) * project(up_proj, h))
-
-
-_COMPILED_LAYER: list[Any] = []
-
-
-def compiled_batch_layer() -> Any:
-    """The ``torch.compile``'d :func:`batch_layer` (one specialisation per bucket of rows and cache size)."""
-    allow_specialisations()
-    if not _COMPILED_LAYER:
-        _COMPILED_LAYER.append(torch.compile(batch_layer, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS))
-    return _COMPILED_LAYER[0]
-
 
 EXACT_ROWS = 8  # up to this many rows, each row count compiles its own step (no padding rows)
 
@@ -118,23 +60,23 @@ class BatchSession:
     """A KV cache of ``max_batch`` slots x ``capacity`` positions, each slot at its own position.
 
     ``slot = s.acquire()``; ``s.prefill(slot, ids)`` (in chunks, any number of calls);
-    ``s.step(slots, tokens)`` one token for each listed slot; ``s.release(slot)``.
+    ``s.step(slots, tokens)`` one token for each listed slot; ``s.release(slot)``. Every forward is the
+    runtime's one decoder layer (:meth:`~llmcourse.core.runtime.FastModel.run`): a prefill chunk writes
+    one slot's positions; a step writes row ``b``'s token into slot ``slots[b]`` at that slot's position.
     The compiled step pads the rows to a bucket (:func:`step_buckets`: 1, 2, ..., 8, 16, ... max_batch)
     with a scratch slot, so it compiles once per bucket; it falls back to the eager step if compiling fails.
     """
 
-    def __init__(self, fast: FastLlama, max_batch: int, capacity: int) -> None:
+    def __init__(self, fast: FastModel, max_batch: int, capacity: int) -> None:
         if max_batch < 1 or capacity < 2:
             raise ValueError("max_batch must be >= 1 and capacity >= 2")
         self.fast = fast
         self.max_batch = max_batch
-        self.capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP if fast.matvec == "compiled" else capacity
+        self.capacity = fast.cache_size(capacity)
         self.compiled = fast.matvec == "compiled"
-        shape = (max_batch + 1, fast.n_kv, self.capacity, fast.head_dim)  # the last slot is scratch (padding)
-        with torch.inference_mode():
-            self.k_cache = [torch.zeros(shape, dtype=fast.dtype) for _ in fast.layers]
-            self.v_cache = [torch.zeros(shape, dtype=fast.dtype) for _ in fast.layers]
-        fast._rope_tables(self.capacity)
+        # the last slot is scratch (padding rows)
+        self.k_cache, self.v_cache = fast.new_cache(max_batch + 1, self.capacity)
+        fast.rope_tables(self.capacity)
         self.pos = [0] * (max_batch + 1)  # tokens cached per slot
         # per slot, the prompt tokens whose K/V a prefill wrote at positions 0, 1, ...: kept after release,
         # so a later prompt with the same beginning (a chat's system prompt) starts past it
@@ -185,38 +127,18 @@ class BatchSession:
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Run ``ids`` (a chunk of the prompt) at ``slot``'s next positions -> last logits (1, V) fp32.
 
-        The same operations as :meth:`FastLlama.forward` on one row (so one chunk from position 0
-        gives its very logits); later chunks attend causally to the cached positions too.
-        """
+        The same forward as a session's prompt on one row (so one chunk from position 0 gives its very
+        logits); later chunks attend causally to the cached positions too."""
         f = self.fast
         t, p0 = len(ids), self.pos[slot]
         if p0 + t > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions, asked for {p0 + t}")
         del self.cached[slot][p0:]
         self.cached[slot] += ids
-        if t == 1:
-            return self._eager_step([slot], torch.tensor(ids))
-        cos, sin = f.cos[p0:p0 + t], f.sin[p0:p0 + t]  # (T, hd)
-        nh, nkv, hd = f.n_heads, f.n_kv, f.head_dim
-        mask = None if p0 == 0 else torch.ones(t, p0 + t, dtype=torch.bool).tril(p0)  # key j <= p0 + i
-        x = f.embed(torch.tensor([ids]))  # (1, T, H)
-        for li, layer in enumerate(f.layers):
-            h = rms_norm(x, layer.n1, f.eps)
-            q, k, v = layer.qkv(h)
-            q = q.view(1, t, nh, hd).transpose(1, 2)  # (1, nh, T, hd)
-            k = k.view(1, t, nkv, hd).transpose(1, 2)
-            v = v.view(1, t, nkv, hd).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            kc, vc = self.k_cache[li][slot:slot + 1], self.v_cache[li][slot:slot + 1]
-            kc[:, :, p0:p0 + t] = k
-            vc[:, :, p0:p0 + t] = v
-            y = F.scaled_dot_product_attention(q, kc[:, :, :p0 + t], vc[:, :, :p0 + t], attn_mask=mask,
-                                               is_causal=p0 == 0, scale=f.scale, enable_gqa=nh != nkv)
-            x = x + layer.o(y.transpose(1, 2).reshape(1, t, nh * hd))
-            h = rms_norm(x, layer.n2, f.eps)
-            gate, up = layer.gate_up(h)
-            x = x + layer.down(F.silu(gate) * up)
+        pos, w = torch.arange(p0, p0 + t), p0 + t
+        caches = [(k[slot:slot + 1, :, :w], v[slot:slot + 1, :, :w])
+                  for k, v in zip(self.k_cache, self.v_cache, strict=True)]
+        x = f.run(f.embed_ids(torch.tensor([ids])), caches, pos, None, pos.view(1, t), w, compiled=False)
         self.pos[slot] = p0 + t
         return f.logits(x[:, -1])  # (1, V)
 
@@ -281,67 +203,42 @@ class BatchSession:
         slot's full capacity cost more than the weights at 8 rows and 2048 positions."""
         return min(self.capacity, -(-n // CAPACITY_STEP) * CAPACITY_STEP)
 
-    def _compiled_step(self, slots: list[int], tokens: torch.Tensor, bucket: int) -> torch.Tensor:
+    def _forward_rows(self, slots: list[int], tokens: torch.Tensor, width: int, compiled: bool) -> torch.Tensor:
+        """Row ``b``'s token at slot ``slots[b]``'s position, attending over ``width`` cache positions."""
         f = self.fast
+        rows = torch.tensor(slots)
+        pos = torch.tensor([self.pos[s] for s in slots])
+        caches = [(k[:, :, :width], v[:, :, :width]) for k, v in zip(self.k_cache, self.v_cache, strict=True)]
+        if compiled:  # one kernel for every window size
+            for kc, vc in caches:
+                mark_dynamic(kc, 2)
+                mark_dynamic(vc, 2)
+        x = f.run(f.embed_ids(tokens.view(-1, 1)), caches, pos, rows, pos.view(-1, 1), width, compiled=compiled,
+                  dynamic_width=compiled)
+        return f.logits(x[:, 0], compiled=compiled)
+
+    def _compiled_step(self, slots: list[int], tokens: torch.Tensor, bucket: int) -> torch.Tensor:
         b = len(slots)
         scratch = self.max_batch
-        rows = torch.tensor(slots + [scratch] * (bucket - b))
-        pos = torch.tensor([self.pos[s] for s in slots] + [0] * (bucket - b))
+        padded = slots + [scratch] * (bucket - b)
         tok = torch.cat((tokens.view(-1), torch.zeros(bucket - b, dtype=torch.long)))
-        window = self.window(max(int(pos.max()), 0) + 1)
-        mask = torch.zeros(bucket, window, dtype=f.dtype).masked_fill_(
-            torch.arange(window).view(1, -1) > pos.view(-1, 1), float("-inf"))
-        cos, sin = f.cos[pos], f.sin[pos]  # (B, hd)
-        layer, head = compiled_batch_layer(), compiled("head")
-        mark_dynamic(mask, 1)
-        x = f.embed(tok)  # (B, H)
-        for li, wts in enumerate(f.step_weights):
-            kc, vc = self.k_cache[li][:, :, :window], self.v_cache[li][:, :, :window]
-            mark_dynamic(kc, 2)
-            mark_dynamic(vc, 2)
-            x = layer(x, wts, kc, vc, rows, pos, cos, sin, mask, n_heads=f.n_heads,
-                      n_kv=f.n_kv, head_dim=f.head_dim, eps=f.eps)
-        logits = head(x, f.norm, f.head_parts, f.eps)[:b]
-        f.head_compiled = True
+        saved = self.pos[scratch]
+        if bucket > b:
+            self.pos[scratch] = 0
+        window = self.window(max(self.pos[s] for s in padded) + 1)
+        with compile_settings():
+            logits = self._forward_rows(padded, tok, window, compiled=True)[:b]
+        self.pos[scratch] = saved
         for s in set(slots):
             self.pos[s] += 1
         return logits
 
     def _eager_step(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        """Each row's products (one-row products for up to 8 rows) and attention as one session's step."""
-        f = self.fast
-        b = len(slots)
-        nh, nkv, hd = f.n_heads, f.n_kv, f.head_dim
-        pos = [self.pos[s] for s in slots]
-        cos = f.cos[pos].view(b, 1, 1, hd)
-        sin = f.sin[pos].view(b, 1, 1, hd)
-        x = f.embed(tokens.view(-1))  # (B, H)
-        for li, layer in enumerate(f.layers):
-            h = rms_norm(x, layer.n1, f.eps)
-            q, k, v = layer.qkv(h)
-            q = q.view(b, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
-            k = k.view(b, 1, nkv, hd).transpose(1, 2)
-            v = v.view(b, 1, nkv, hd).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            ys = []
-            for i, (s, p) in enumerate(zip(slots, pos, strict=True)):
-                kc, vc = self.k_cache[li][s:s + 1], self.v_cache[li][s:s + 1]
-                kc[:, :, p:p + 1] = k[i:i + 1]
-                vc[:, :, p:p + 1] = v[i:i + 1]
-                keys, values = kc[:, :, :p + 1], vc[:, :, :p + 1]  # (1, nkv, P, hd)
-                qg = q[i:i + 1].view(1, nkv, nh // nkv, 1, hd)
-                sc = (qg * keys.unsqueeze(2)).sum(-1) * f.scale  # (1, nkv, g, P)
-                e = (sc - sc.amax(-1, keepdim=True)).exp()
-                att = e / e.sum(-1, keepdim=True)
-                ys.append((att.unsqueeze(-1) * values.unsqueeze(2)).sum(-2).reshape(1, nh * hd))
-            x = x + layer.o(torch.cat(ys))
-            h = rms_norm(x, layer.n2, f.eps)
-            gate, up = layer.gate_up(h)
-            x = x + layer.down(F.silu(gate) * up)
+        """The same forward eagerly, over the positions the rows use."""
+        logits = self._forward_rows(slots, tokens, max(self.pos[s] for s in slots) + 1, compiled=False)
         for s in slots:
             self.pos[s] += 1
-        return f.lm_head(rms_norm(x, f.norm, f.eps)).float()
+        return logits
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -428,14 +325,14 @@ class ContinuousBatcher:
 
     def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, ctx: int = 2048, max_queue: int = 64,
                  prefill_chunk: int = 128, matvec: str = "auto", eos_token_ids: list[int] | None = None) -> None:
-        self.fast = model if isinstance(model, FastLlama) else prepare(model, matvec)
+        self.fast = model if isinstance(model, FastModel) else runtime_for(model, matvec)
         self.tokenizer = tokenizer
         self.session = BatchSession(self.fast, max_batch, ctx)
         self.ctx = ctx
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         if eos_token_ids is None:
-            eos_token_ids = [] if isinstance(model, FastLlama) else model_eos_ids(model, tokenizer)
+            eos_token_ids = [] if isinstance(model, FastModel) else model_eos_ids(model, tokenizer)
         self.eos = set(eos_token_ids)
         self.waiting: deque[BatchRequest] = deque()
         self.prefilling: list[_Job] = []

@@ -1,4 +1,5 @@
-"""FastLlama's compiled decode step on tiny random models: logits against transformers, beams, int8, fallback."""
+"""The model runtime's compiled decode step on tiny random models: logits against transformers, beams, int8,
+fallback."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from llmcourse.decoding import FastLlama, GenerationConfig, generate
-from llmcourse.decoding import fast_llama as fl
+from llmcourse.core import runtime as rt
+from llmcourse.core.runtime import model as rt_model
+from llmcourse.core.runtime import weights as rt_weights
+from llmcourse.core.runtime.compile import COMPILE_OPTIONS
+from llmcourse.decoding import GenerationConfig, generate
 
-pytestmark = pytest.mark.skipif(not fl.can_compile(), reason="no C++ compiler for TorchInductor")
+FastModel = rt.FastModel
+pytestmark = pytest.mark.skipif(not rt.can_compile(), reason="no C++ compiler for TorchInductor")
 
 
-def _stepped_logits(fast: FastLlama, ids: torch.Tensor, first: int = 2) -> torch.Tensor:
+def _stepped_logits(fast: FastModel, ids: torch.Tensor, first: int = 2) -> torch.Tensor:
     """Prefill ``first`` tokens, then one step per token: logits at every position from first-1 on (B, T', V)."""
     t = ids.shape[1]
     session = fast.session(ids.shape[0], t)
@@ -35,13 +40,13 @@ def test_compiled_step_logits_match_transformers(arch: str, overrides: dict, row
     ids = torch.randint(3, model.config.vocab_size, (rows, 9), generator=gen)
     with torch.no_grad():
         ref = model(ids).logits.float()[:, 1:]
-    fast = FastLlama(model, matvec="compiled")
+    fast = FastModel(model, matvec="compiled")
     assert fast.matvec == "compiled"
     with torch.inference_mode():
         got = _stepped_logits(fast, ids)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
     cap = fast.last_session.capacity
-    assert cap % fl.CAPACITY_STEP == 0 and cap >= 9
+    assert cap % rt.CAPACITY_STEP == 0 and cap >= 9
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -55,12 +60,10 @@ def test_compiled_greedy_and_beam_identical(arch: str, monkeypatch) -> None:
                               do_sample=False, output_scores=True, return_dict_in_generate=True)
     out = generate(model, None, prompt, GenerationConfig(max_new_tokens=64))
     assert out.backend == "fast" and out.sequences[0].token_ids == ref
-    from llmcourse.decoding import engine
-
-    assert (1, 128) in engine._FAST[model]["compiled"][1]._warm  # the compiled step ran (1 row, 68 -> 128)
+    assert (1, 128) in rt.held_runtime(model, "compiled")._warm  # the compiled step ran (1 row, 68 -> 128)
     bout = generate(model, None, prompt, GenerationConfig(strategy="beam", num_beams=4, max_new_tokens=12,
                                                           num_return_sequences=2))
-    assert (4, 64) in engine._FAST[model]["compiled"][1]._warm  # 4 beams through the tiled products
+    assert (4, 64) in rt.held_runtime(model, "compiled")._warm  # 4 beams through the tiled products
     for i in range(2):
         n = int((beam.beam_indices[i] != -1).sum())
         assert bout.sequences[i].token_ids == beam.sequences[i, 4:4 + n].tolist()
@@ -70,11 +73,12 @@ def test_compiled_greedy_and_beam_identical(arch: str, monkeypatch) -> None:
 def test_auto_compiles_only_big_models(monkeypatch) -> None:
     monkeypatch.delenv("LLMCOURSE_COMPILE", raising=False)
     model = tiny_model("llama")
-    assert fl.auto_matvec(model) == "mm"  # a few hundred KB: compiling would cost more than it saves
-    monkeypatch.setattr(fl, "AUTO_MIN_BYTES", 1)
-    assert fl.auto_matvec(model) == "compiled"
+    assert rt.auto_matvec(model) == "mm"  # a few hundred KB: compiling would cost more than it saves
+    monkeypatch.setattr(rt_model, "AUTO_MIN_BYTES", 1)
+    assert rt.auto_matvec(model) == "compiled"
     monkeypatch.setenv("LLMCOURSE_COMPILE", "0")
-    assert fl.auto_matvec(model) == "mm"
+    rt.KernelOptions.detect.cache_clear()  # the override is read once per process
+    assert rt.auto_matvec(model) == "mm"
 
 
 @pytest.mark.parametrize("words", [False, True])
@@ -82,23 +86,24 @@ def test_int8_linears_plug_into_the_compiled_step(words, monkeypatch) -> None:
     """One-byte codes read as bytes (AVX-512 CPUs) or as 4-byte words (others, :func:`byte_dot`)."""
     from llmcourse.quant.int8 import Int8Config, quantize_model
 
-    monkeypatch.setattr(fl, "READ_BYTES_AS_WORDS", words)
+    kernels = rt.KernelOptions(byte_words=words)
 
     model = tiny_model("llama", seed=6)
     ids = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(0))
     for method in ("absmax", "zeropoint"):
         q = tiny_model("llama", seed=6)
         quantize_model(q, Int8Config(method=method, granularity="row"))
-        assert fl.compilable(q)
-        compiled, eager = FastLlama(q, matvec="compiled"), FastLlama(q, matvec="mm")
+        assert rt.compilable(q, kernels)
+        compiled, eager = FastModel(q, "compiled", kernels), FastModel(q, "mm", kernels)
+        assert compiled.step_layers[0].o.byte_words == words
         assert compiled.matvec == "compiled"
         with torch.inference_mode():
             a, b = _stepped_logits(compiled, ids), _stepped_logits(eager, ids)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
-    # group-wise statistics have no compiled form: FastLlama runs them on the eager path
+    # group-wise statistics have no compiled form: the runtime runs them on the eager path
     g = tiny_model("llama", seed=6)
     quantize_model(g, Int8Config(method="absmax", granularity="group", group_size=32))
-    assert not fl.compilable(g) and FastLlama(g, matvec="compiled").matvec == "mm"
+    assert not rt.compilable(g) and FastModel(g, matvec="compiled").matvec == "mm"
     del model
 
 
@@ -110,16 +115,28 @@ def test_byte_dot_reads_one_byte_codes_as_words(dtype) -> None:
     lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
     codes = torch.randint(lo, hi, (32, 24), generator=g).to(dtype)
     inv, zero = torch.rand(32, 1, generator=g) * 0.1, torch.randn(32, 1, generator=g)
-    dot = torch.compile(fl.byte_dot, options=fl.COMPILE_OPTIONS)
+    dot = torch.compile(rt_weights.byte_dot, options=COMPILE_OPTIONS)
     for b in (1, 3):
         x = torch.randn(b, 24, generator=g)
         ref = x @ codes.float().t()
-        torch.testing.assert_close(fl.byte_dot(codes, x), ref, rtol=1e-5, atol=1e-3)  # |ref| up to ~900
+        torch.testing.assert_close(rt_weights.byte_dot(codes, x), ref, rtol=1e-5, atol=1e-3)  # |ref| up to ~900
         torch.testing.assert_close(dot(codes, x), ref, rtol=1e-5, atol=1e-3)
         want = (x @ (codes.float() - zero).t()) * inv.view(1, -1)
-        torch.testing.assert_close(fl.project((codes, inv, zero, None), x), want, rtol=1e-5, atol=1e-4)
-    assert fl.reads_bytes_as_words(codes) == fl.READ_BYTES_AS_WORDS
-    assert not fl.reads_bytes_as_words(codes[:, :22])  # (a width that is not whole words)
+        for words in (False, True):
+            torch.testing.assert_close(rt.project(rt.RowCodes(codes, inv, zero, None, words), x), want,
+                                       rtol=1e-5, atol=1e-4)
+
+    class Plugin(torch.nn.Module):
+        def __init__(self, c: torch.Tensor) -> None:
+            super().__init__()
+            self.c = c
+
+        def decode_weight(self) -> rt.RowCodes:
+            return rt.RowCodes(self.c, inv, zero)
+
+    on = rt.KernelOptions(byte_words=True)
+    assert rt_weights.step_weight(Plugin(codes), on).byte_words
+    assert not rt_weights.step_weight(Plugin(codes[:, :22].contiguous()), on).byte_words  # not whole words
 
 
 def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog) -> None:
@@ -128,11 +145,13 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog) -> None:
     with torch.no_grad():
         ref = model(ids).logits.float()[:, 1:]
 
-    def broken(name: str):
-        raise RuntimeError("no compiler here")
+    def broken(fn):
+        def run(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+        return run
 
-    monkeypatch.setattr(fl, "compiled", broken)
-    fast = FastLlama(model, matvec="compiled")
+    monkeypatch.setattr(rt_model, "compile_fn", broken)
+    fast = FastModel(model, matvec="compiled")
     with torch.inference_mode():
         got = _stepped_logits(fast, ids)
     assert fast.matvec == "eager" and "torch.compile failed" in caplog.text
@@ -141,13 +160,13 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog) -> None:
 
 def test_warmup_leaves_the_cache_alone() -> None:
     model = tiny_model("llama", seed=8)
-    fast = FastLlama(model, matvec="compiled")
+    fast = FastModel(model, matvec="compiled")
     ids = torch.tensor([[4, 5, 6]])
     with torch.inference_mode():
         session = fast.session(1, 10)
         first = session.prefill(ids)
         fast.warmup(4, 100)  # another shape, compiled on scratch caches
-        assert session.pos == 3 and session.capacity == fl.CAPACITY_STEP and session.k_cache[0].shape[0] == 1
+        assert session.pos == 3 and session.capacity == rt.CAPACITY_STEP and session.k_cache[0].shape[0] == 1
         nxt = session.step(first.argmax(-1))
     with torch.no_grad():
         ref = model(torch.cat([ids, first.argmax(-1)[:, None]], dim=1)).logits[:, -1]
@@ -157,13 +176,13 @@ def test_warmup_leaves_the_cache_alone() -> None:
 def test_short_generations_skip_compiling_until_a_compiled_step_is_warm(monkeypatch) -> None:
     from llmcourse.decoding import engine
 
-    monkeypatch.setattr(fl, "AUTO_MIN_BYTES", 1)  # treat the tiny model as big
+    monkeypatch.setattr(rt_model, "AUTO_MIN_BYTES", 1)  # treat the tiny model as big
     model = tiny_model("llama", seed=9)
     prompt = [3, 4, 5]
     short = engine.make_decoder(model, steps=engine.COMPILE_MIN_STEPS - 1)
     assert short.fast.matvec == "mm"
     out_long = generate(model, None, prompt, GenerationConfig(max_new_tokens=engine.COMPILE_MIN_STEPS))
-    assert engine._FAST[model]["compiled"][1]._warm  # the long run compiled its step
+    assert rt.held_runtime(model, "compiled")._warm  # the long run compiled its step
     assert engine.make_decoder(model, steps=2).fast.matvec == "compiled"  # now reused, even for short runs
     out_short = generate(model, None, prompt, GenerationConfig(max_new_tokens=8))
     assert out_short.sequences[0].token_ids == out_long.sequences[0].token_ids[:8]
