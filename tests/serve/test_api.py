@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2 as httpx
 import openai
 import pytest
-from serve_helpers import server, tiny_folder, tiny_lm  # noqa: F401  (fixtures)
+from serve_helpers import Running, server, tiny_folder, tiny_lm  # noqa: F401  (fixtures)
 
 from llmcourse.decoding import GenerationConfig, generate
 
@@ -145,3 +145,54 @@ def test_metrics(server):
     for name in ("llmcourse_requests_total", "llmcourse_completion_tokens_total", "llmcourse_queue_depth",
                  "llmcourse_batch_size", "llmcourse_time_to_first_token_seconds_count"):
         assert name in text
+
+
+def test_health_answers_at_once_while_the_step_compiles(tiny_lm, monkeypatch):
+    """The server answers /health (and requests) while its step buckets compile in the background."""
+    import json
+    import time
+    import urllib.request
+
+    from llmcourse.core.runtime import can_compile
+
+    if not can_compile():
+        pytest.skip("no C++ compiler: nothing to warm up")
+    monkeypatch.setenv("LLMCOURSE_COMPILE", "1")
+    t0 = time.monotonic()
+    s = Running(tiny_lm, max_batch=4, ctx=256)
+    try:
+        with urllib.request.urlopen(f"{s.url}/health", timeout=10) as r:
+            first = json.loads(r.read())
+        assert time.monotonic() - t0 < 10
+        planned = len(s.app.state.batcher.session.warm_tasks())  # 4 row buckets x 3 windows
+        assert first["status"] in ("warming", "ok") and first["warm_up"].endswith(f"/{planned}") and planned == 12
+        r = s.client().completions.create(model="tiny", prompt="in the", max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens == 4  # served during the warm-up
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{s.url}/health", timeout=10) as r:
+                if json.loads(r.read())["status"] == "ok":
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the warm-up did not finish")
+    finally:
+        s.close()
+
+
+def test_sampling_defaults_from_generation_config_or_chat(tmp_path, server):
+    """/v1/models shows the defaults a request without sampling fields gets: the model's
+    generation_config.json where it samples, else the chat command's."""
+    import json
+
+    from llmcourse.decoding import CHAT_DEFAULTS, sampling_defaults
+
+    card = server.client().models.list().data[0].model_dump()
+    assert card["sampling_defaults"]["temperature"] == CHAT_DEFAULTS["temperature"]
+    assert card["sampling_defaults"]["top_p"] == CHAT_DEFAULTS["top_p"]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.3,
+                                                                  "top_p": 0.8, "top_k": 20}))
+    d = sampling_defaults(tmp_path)
+    assert (d["temperature"], d["top_p"], d["top_k"]) == (0.3, 0.8, 20) and "generation_config.json" in d["source"]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.3}))
+    assert sampling_defaults(tmp_path)["temperature"] == CHAT_DEFAULTS["temperature"]

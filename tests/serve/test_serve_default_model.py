@@ -44,3 +44,11 @@ def test_eight_concurrent_equal_sequential(big):
     with ThreadPoolExecutor(8) as ex:
         batched = list(ex.map(lambda q: ask(big, q, max_tokens=32).choices[0].message.content, PROMPTS))
     assert batched == sequential
+
+
+def test_default_sampling_answers(big):
+    """A plain chat request (no sampling field) samples with the chat defaults: Paris, 4 times of 5 at least."""
+    answers = [big.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=24, seed=seed,
+    ).choices[0].message.content for seed in range(5)]
+    assert sum("Paris" in a for a in answers) >= 4, answers

@@ -32,8 +32,9 @@ LAB = Lab(
 _PUBLIC = {
     "beam": ("BeamRecorder", "BeamResult", "beam_search"),
     "engine": ("GeneratedSequence", "GenerationConfig", "GenerationOutput", "StepRecord", "chat_prompt_ids",
-               "generate", "make_decoder", "model_eos_ids", "prepare", "TextStream"),
-    "samplers": ("CHAINS", "SamplerSettings", "apply_chain"),
+               "generate", "make_decoder", "model_eos_ids", "prepare", "TextStream", "CHAT_DEFAULTS",
+               "sampling_defaults"),
+    "samplers": ("CHAINS", "SamplerSettings", "apply_chain", "sample"),
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)
 __all__ = ["LAB", *_names]

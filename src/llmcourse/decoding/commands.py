@@ -26,6 +26,7 @@ from llmcourse.core.errors import UserError
 from llmcourse.core.io import check_not_input
 from llmcourse.core.lab import add_parser
 from llmcourse.decoding.engine import (
+    CHAT_DEFAULTS,
     GenerationConfig,
     GenerationOutput,
     chat_prompt_ids,
@@ -241,8 +242,6 @@ class ChatRepl:
         self.messages.append({"role": "assistant", "content": reply})
 
 
-CHAT_DEFAULTS = {"strategy": "sample", "max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9,
-                 "repetition_penalty": 1.1, "penalty_last_n": 64}
 
 EXAMPLES = {
     "generate": "examples:\n  llmcourse generate --prompt \"I have a dream\"\n"

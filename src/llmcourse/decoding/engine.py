@@ -298,6 +298,37 @@ def make_decoder(model: Any, backend: str = "auto", steps: int | None = None) ->
     return HFDecoder(model)
 
 
+# --- sampling defaults ------------------------------------------------------------------------------
+
+# What `llmcourse chat` samples with, and what the server uses for requests that set no sampling field when
+# the model has no generation_config.json: plain temperature-1 sampling of a small model wanders off into
+# other languages ("The capital of France?" -> "PréférencesSaint-Germain-..."), these answer.
+CHAT_DEFAULTS = {"strategy": "sample", "max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9,
+                 "repetition_penalty": 1.1, "penalty_last_n": 64}
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model_dir: Any) -> dict[str, Any]:
+    """The sampling settings a model's authors chose (``generation_config.json`` in ``model_dir``, where it
+    exists and samples), else the chat command's (:data:`CHAT_DEFAULTS`)."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    chat = {k: v for k, v in CHAT_DEFAULTS.items() if k in (*SAMPLING_KEYS, "penalty_last_n")}
+    if path is None or not path.is_file():
+        return {**chat, "source": "chat defaults"}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {**chat, "source": "chat defaults"}
+    ok = {k: cfg[k] for k in SAMPLING_KEYS
+          if isinstance(cfg.get(k), (int, float)) and not isinstance(cfg.get(k), bool)}
+    if not isinstance(cfg, dict) or cfg.get("do_sample") is False or "temperature" not in ok:
+        return {**chat, "source": "chat defaults"}
+    return {**ok, "source": str(path)}
+
+
 # --- text ----------------------------------------------------------------------------------------
 
 class TextStream:

@@ -21,6 +21,7 @@ LAB = Lab(
     title="Serving (OpenAI-compatible API)",
     commands={"serve": "serve a model over an OpenAI-compatible HTTP API, batching concurrent requests"},
     commands_module="llmcourse.serve.commands",
+    tour="llmcourse.serve.tour:section",
     requires={"fastapi": "pip install 'llmcourse[serve]'", "uvicorn": "pip install 'llmcourse[serve]'"},
     docs="docs/serve.md",
 )

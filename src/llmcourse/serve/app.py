@@ -18,7 +18,7 @@ import math
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcourse.core.errors import UserError
-from llmcourse.decoding import GenerationConfig, chat_prompt_ids
+from llmcourse.decoding import GenerationConfig, chat_prompt_ids, sampling_defaults
 from llmcourse.serve.batch import BatchRequest, ContinuousBatcher, QueueFull
 from llmcourse.serve.page import PAGE
 
@@ -49,6 +49,9 @@ class ServeSettings:
     matvec: str = "auto"
     model_name: str = "llmcourse"
     threads: int | None = None  # compute threads of the batcher's thread (default: the caller's)
+    # what a request that sets no sampling field gets (create_app: the model's generation_config.json, else
+    # the chat command's defaults)
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "ctx", "max_body", "prefill_chunk"):
@@ -168,7 +171,10 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, s: ServeSettings) -> Pa
     room = s.ctx - len(ids)
     max_tokens = _integer(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
                           None, 1)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    temperature = _number(body, "temperature", s.sampling.get("temperature", 1.0), 0.0, 2.0)
+    # the defaults are a sampling recipe: a greedy request (temperature 0) gets none of them, so its tokens
+    # are the model's own greedy ones
+    d = s.sampling if temperature else {}
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise ApiError(400, "'stream' must be a boolean", "stream")
@@ -184,11 +190,12 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, s: ServeSettings) -> Pa
     try:
         cfg = GenerationConfig(
             strategy="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
-            top_p=_number(body, "top_p", 1.0, 1e-9, 1.0), top_k=_integer(body, "top_k", 0, 0),
-            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+            top_p=_number(body, "top_p", d.get("top_p", 1.0), 1e-9, 1.0), top_k=_integer(body, "top_k", d.get("top_k", 0), 0),
+            min_p=_number(body, "min_p", d.get("min_p", 0.0), 0.0, 1.0),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, 1e-6, 10.0),
+            repetition_penalty=_number(body, "repetition_penalty", d.get("repetition_penalty", 1.0), 1e-6, 10.0),
+            penalty_last_n=d.get("penalty_last_n", 0),
             seed=None if seed is None else seed % 2**63, stop=_stop(body),
             max_new_tokens=min(max_tokens or room, room), eos_token_ids=(),
             num_return_sequences=1)
@@ -253,6 +260,8 @@ def create_app(lm: Any, settings: ServeSettings | None = None) -> FastAPI:
     The batcher thread starts with the app (lifespan) and drains on shutdown.
     """
     s = settings or ServeSettings()
+    if not s.sampling:
+        s.sampling = sampling_defaults(lm.path)
     tokenizer = lm.tokenizer
     ctx_limit = getattr(lm.model.config, "max_position_embeddings", None) or s.ctx
     s.ctx = min(s.ctx, ctx_limit)
@@ -263,7 +272,8 @@ def create_app(lm: Any, settings: ServeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 (FastAPI's protocol)
-        # the batcher's thread compiles the step buckets itself: all tensor work stays in that one thread
+        # the batcher's thread compiles the step buckets itself, whenever it is idle: all tensor work stays in
+        # that one thread, and the server answers at once (/health says "warming" until they are compiled)
         batcher.start(threads=s.threads, warmup=True)
         await asyncio.to_thread(batcher.ready.wait)
         yield
@@ -319,14 +329,17 @@ def create_app(lm: Any, settings: ServeSettings | None = None) -> FastAPI:
     async def health() -> JSONResponse:
         if state["draining"]:
             return JSONResponse({"status": "shutting down"}, status_code=503)
-        return JSONResponse({"status": "ok", "queue_depth": batcher.queue_depth, "batch_size": batcher.batch_size})
+        done, total = batcher.warm_progress
+        return JSONResponse({"status": "warming" if batcher.warming else "ok", "warm_up": f"{done}/{total}",
+                             "queue_depth": batcher.queue_depth, "batch_size": batcher.batch_size})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> str:
         return metrics.text(batcher)
 
     def model_card() -> dict[str, Any]:
-        return {"id": s.model_name, "object": "model", "created": 0, "owned_by": "llmcourse"}
+        return {"id": s.model_name, "object": "model", "created": 0, "owned_by": "llmcourse",
+                "sampling_defaults": s.sampling}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import torch
 
 from llmcourse.core.runtime import CAPACITY_STEP, FastModel, runtime_for
 from llmcourse.core.runtime.compile import compile_settings, mark_dynamic
-from llmcourse.decoding import GenerationConfig, TextStream, model_eos_ids, samplers
+from llmcourse.decoding import CHAINS, GenerationConfig, TextStream, apply_chain, model_eos_ids, sample
 
 log = logging.getLogger(__name__)
 
@@ -181,21 +181,29 @@ class BatchSession:
         self._warm.add(bucket)
         return logits
 
-    def warmup(self) -> None:
-        """Compile every bucket now (a no-op on the eager path), on the scratch slot only.
-
-        Each bucket runs at a small window, a middle one and the whole cache: Dynamo specialises a
-        window that is the whole (contiguous) cache apart, and that compilation, too, must not
-        stall running streams later."""
-        scratch = self.max_batch
+    def warm_tasks(self) -> list[tuple[int, int]]:
+        """The compilations a warm server has done: each bucket (rows) at a small window, a middle one and the
+        whole cache (Dynamo specialises a window that is the whole, contiguous, cache apart). Empty on the
+        eager path."""
+        if not self.compiled:
+            return []
         ends = sorted({0, min(CAPACITY_STEP, self.capacity - 1), self.capacity - 1})
-        for bucket in self.buckets:
-            for end in ends:
-                if not self.compiled:
-                    return
-                self.pos[scratch] = end
-                self.step([scratch] * bucket, torch.zeros(bucket, dtype=torch.long))
+        return [(bucket, end) for bucket in self.buckets for end in ends]
+
+    def warm(self, bucket: int, end: int) -> None:
+        """Compile the step for ``bucket`` rows attending over ``end + 1`` positions, on the scratch slot only
+        (no sequence's state is touched)."""
+        scratch = self.max_batch
+        if not self.compiled:
+            return
+        self.pos[scratch] = end
+        self.step([scratch] * bucket, torch.zeros(bucket, dtype=torch.long))
         self.pos[scratch] = 0
+
+    def warmup(self) -> None:
+        """Compile every bucket now (:meth:`warm_tasks`; a no-op on the eager path)."""
+        for bucket, end in self.warm_tasks():
+            self.warm(bucket, end)
 
     def window(self, n: int) -> int:
         """Cache positions the compiled step attends over for ``n`` used ones: ``n`` rounded up to
@@ -341,7 +349,9 @@ class ContinuousBatcher:
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
-        self.ready = threading.Event()  # set by the thread once it takes requests (after its warm-up)
+        self.ready = threading.Event()  # set by the thread once it takes requests
+        self._warm_todo: deque[tuple[int, int]] = deque()  # (bucket, end) compilations left to do when idle
+        self._warm_total = 0
         self.stats = {"steps": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
                       "requests": 0}
 
@@ -359,9 +369,11 @@ class ContinuousBatcher:
         return len(self.session.free)
 
     def start(self, threads: int | None = None, warmup: bool = False) -> None:
-        """Start the scheduler thread; it computes with ``threads`` torch threads (default: the caller's)
-        and, with ``warmup``, first compiles every step bucket (:meth:`BatchSession.warmup`); ``ready`` is
-        set once it takes requests.
+        """Start the scheduler thread; it computes with ``threads`` torch threads (default: the caller's).
+        It takes requests at once (``ready`` is set); with ``warmup`` it compiles the step buckets
+        (:meth:`BatchSession.warm_tasks`) one at a time whenever it has nothing else to do, logging each, so
+        a server answers within seconds and is fully compiled a little later (``warming``/``warm_progress``);
+        a request that needs a bucket not compiled yet compiles it on the spot.
 
         Keep every multi-threaded tensor operation of a process in this one thread (a server's main
         thread loads the model with one torch thread): libgomp stops spinning at its barriers once it
@@ -370,19 +382,42 @@ class ContinuousBatcher:
         a one-row step of the default model took 55 ms in a second thread after the main thread had run
         2-thread regions, 29 ms when it had not (and 29 ms in the main thread)."""
         threads = threads or torch.get_num_threads()
+        self._warm_todo = deque(self.session.warm_tasks()) if warmup else deque()
+        self._warm_total = len(self._warm_todo)
 
         def run() -> None:
             torch.set_num_threads(threads)  # OpenMP's thread count is per thread
-            if warmup:
-                try:
-                    self.session.warmup()
-                except Exception:  # the step compiles on demand (or runs eagerly) instead
-                    log.exception("compiling the step buckets failed")
             self.ready.set()
             self._run()
 
         self.thread = threading.Thread(target=run, name="llmcourse-batcher", daemon=True)
         self.thread.start()
+
+    @property
+    def warming(self) -> bool:
+        """Whether step buckets are still to be compiled in the background."""
+        return bool(self._warm_todo)
+
+    @property
+    def warm_progress(self) -> tuple[int, int]:
+        """(compilations done, compilations planned) of the background warm-up."""
+        return self._warm_total - len(self._warm_todo), self._warm_total
+
+    def _warm_one(self) -> None:
+        """Compile the next planned bucket (the thread has nothing else to do)."""
+        bucket, end = self._warm_todo.popleft()
+        t0 = time.monotonic()
+        try:
+            self.session.warm(bucket, end)
+        except Exception:  # the step compiles on demand (or runs eagerly) instead
+            log.exception("compiling the step for %d rows failed", bucket)
+            self._warm_todo.clear()
+            return
+        done, total = self.warm_progress
+        log.info("warm-up %d/%d: the step for %d rows at %d positions compiled in %.1f s", done, total, bucket,
+                 end + 1, time.monotonic() - t0)
+        if not self._warm_todo:
+            log.info("warm-up done: every step bucket is compiled")
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is admitted or queued, then end the thread."""
@@ -419,11 +454,17 @@ class ContinuousBatcher:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not (self.waiting or self.prefilling or self.running or self.stopping):
+                idle = not (self.waiting or self.prefilling or self.running or self.stopping)
+                while idle and not self._warm_todo:
                     self.cond.wait()
+                    idle = not (self.waiting or self.prefilling or self.running or self.stopping)
                 if self.stopping and not (self.waiting or self.prefilling or self.running):
                     return
-                self._admit()
+                if not idle:
+                    self._admit()
+            if idle:  # nothing to serve: compile the next step bucket in the meantime
+                self._warm_one()
+                continue
             try:
                 self._drop_finished()
                 budget = self.prefill_chunk  # prompt tokens per loop, over one or several prompts
@@ -506,9 +547,9 @@ class ContinuousBatcher:
         """Sample choice ``c``'s next token from ``logits`` (1, V); report its text; finish it if due."""
         cfg = c.request.config
         sampling = cfg.strategy == "sample"
-        processed = samplers.apply_chain(logits, c.ids, cfg, samplers.CHAINS[cfg.chain], sampling=sampling)
+        processed = apply_chain(logits, c.ids, cfg, CHAINS[cfg.chain], sampling=sampling)
         if sampling:
-            tok = int(samplers.sample(torch.softmax(processed, dim=-1), c.generator)[0])
+            tok = int(sample(torch.softmax(processed, dim=-1), c.generator)[0])
         else:
             tok = int(torch.argmax(processed, dim=-1)[0])
         c.tokens += 1

@@ -255,7 +255,9 @@ class FastModel:
         a = self.arch
         if (compiled or self.head_compiled) and self.matvec == "compiled":
             self.head_compiled = True
-            return self._head_fn(x.contiguous(), self.norm, self.head_step, a.eps, a.final_softcap)
+            x = x.clone(memory_format=torch.contiguous_format)  # one layout (strides), one specialisation
+            with compile_settings():
+                return self._head_fn(x, self.norm, self.head_step, a.eps, a.final_softcap)
         return head(x, self.norm, self.head_eager, a.eps, a.final_softcap)
 
     @torch.inference_mode()
