@@ -505,6 +505,9 @@ def _fast_load_safetensors(path: Path, dtype: torch.dtype, meta: Any) -> Any | N
     # Non-persistent buffers (rotary inv_freq) were created on meta and are not in the file:
     # rebuild the modules that own them on the CPU from their config.
     for name, module in list(model.named_modules()):
+        scale = getattr(module, "embed_scale", None)  # Gemma's scaled embedding keeps the number beside it
+        if isinstance(scale, torch.Tensor) and scale.is_meta and hasattr(module, "scalar_embed_scale"):
+            module.embed_scale = torch.tensor(module.scalar_embed_scale)
         if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
