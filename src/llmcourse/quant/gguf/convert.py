@@ -1,8 +1,10 @@
 """Hugging Face causal LM -> GGUF file, as llama.cpp's ``convert_hf_to_gguf.py`` writes it.
 
-Source: ggml-org/llama.cpp ``convert_hf_to_gguf.py`` (``conversion/base.py``, ``llama.py``, ``qwen.py``,
-``gpt2.py``) and ``gguf-py/gguf/vocab.py`` (``SpecialVocab``), read and re-written here for the Llama
-family, Qwen2 and GPT-2.
+Source: ggml-org/llama.cpp ``convert_hf_to_gguf.py`` (``conversion/base.py`` ``TextModel``, ``llama.py``
+``LlamaModel``/``SmolLM3Model``, ``qwen.py`` ``Qwen2Model``/``Qwen3Model``, ``gemma.py`` ``Gemma3Model``,
+``phi.py`` ``Phi3MiniModel``, ``gpt2.py``) and ``gguf-py/gguf/vocab.py`` (``SpecialVocab``), read and
+re-written here for the architectures in :data:`.names.MODEL_TYPES` (Llama 2/3, Mistral, SmolLM2/3,
+Qwen2/2.5, Qwen3, Gemma 3, Phi-3/4, GPT-2).
 
 The file itself (header, metadata, tensor infos, aligned data) is written by
 :mod:`llmcourse.core.gguf_container`; HF <-> GGUF names and the q/k permutation are in :mod:`.names`.
@@ -12,13 +14,16 @@ What the converter does to the weights:
 * names and layout (:mod:`.names`): ``model.layers.{i}.self_attn.q_proj.weight`` -> ``blk.{i}.attn_q.weight``
   and so on; ``lm_head.weight`` -> ``output.weight``, left out when the embeddings are tied; GPT-2's
   Conv1D weights transposed to (out, in); Llama's q/k rows permuted from HF's rotate-halves order to
-  ggml's adjacent pairs (Qwen2 keeps the halves layout: llama.cpp runs it with NEOX rope);
+  ggml's adjacent pairs (Qwen, Gemma and Phi keep the halves layout: llama.cpp runs them with NEOX rope);
+  Gemma's norms stored as ``w + 1``; Llama 3.1's RoPE scaling written as a ``rope_freqs`` tensor of
+  per-frequency divisors (:func:`llama3_rope_factors`), first, as the reference's extra tensors;
 * dtype: 1-D tensors, norms and position embeddings stay F32; the other weights become the output type
   (F32, F16 or BF16, round to nearest even).
 
 Metadata, in llama.cpp's order: ``general.*`` (name, basename, finetune, size label through
 ``gguf.Metadata``, the model-naming heuristics the reference converter uses), the architecture's
-hyperparameters (``{arch}.block_count`` ... ``general.file_type``), then the tokenizer (GPT-2 style BPE:
+hyperparameters (``{arch}.block_count`` ... ``general.file_type``; Phi-3's own order; Gemma 3's keys
+re-written in place, as gguf-py's writer does), then the tokenizer (GPT-2 style BPE:
 ``tokenizer.ggml.model = "gpt2"``, the pre-tokenizer name, tokens, token types, merges, special token
 ids, ``add_bos_token``/``add_eos_token`` and the chat template).
 """
