@@ -514,6 +514,10 @@ def _fast_load_safetensors(path: Path, dtype: torch.dtype, meta: Any) -> Any | N
             setattr(parent, child, type(module)(config=module.config))
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         return None
+    if (path / "generation_config.json").is_file():  # as from_pretrained: e.g. Gemma's extra stop token
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
 
 
