@@ -184,6 +184,22 @@ def test_llama3_rope_parameters_recovered_from_divisors(low, high, ctx):
     torch.testing.assert_close(got_inv, want_inv, rtol=1e-6, atol=0)
 
 
+def test_quantize_gguf_byte_identical_to_llama_quantize(archs, tmp_path):
+    """`quantize gguf` (llama.cpp's per-tensor rules) on each architecture's file: llama_model_quantize's bytes.
+    (Rows of 64 are no whole K-quant blocks: the preset's fallbacks are exercised, Q5_0/Q5_1/Q8_0.)"""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from gguf import LlamaFileType
+    from gguf_helpers import llama_quantize
+
+    from llmcourse.quant.gguf.presets import quantize_gguf
+
+    for name, (_, _, _, path) in archs.items():
+        ours, ref = tmp_path / f"{name}-ours.gguf", tmp_path / f"{name}-ref.gguf"
+        quantize_gguf(path, ours, "Q4_K_M")
+        llama_quantize(path, ref, int(LlamaFileType.MOSTLY_Q4_K_M))
+        assert ours.read_bytes() == ref.read_bytes(), name
+
+
 def test_unsupported_architecture_fails_in_one_line(tmp_path):
     """A Mamba folder: `convert gguf` refuses it before loading, naming the supported model types."""
     from transformers import MambaConfig
