@@ -184,6 +184,27 @@ def test_llama3_rope_parameters_recovered_from_divisors(low, high, ctx):
     torch.testing.assert_close(got_inv, want_inv, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("rope", [dict(rope_type="linear", factor=2.0),
+                                  dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)])
+def test_rope_scaling_round_trip(tmp_path, rope):
+    """Linear and YaRN RoPE scaling written as rope.scaling.* keys and read back: the same logits."""
+    from gguf_helpers import byte_tokenizer
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from llmcourse.core.models import load_model
+
+    cfg = Qwen3Config(**dict(BASE, vocab_size=300, head_dim=32, tie_word_embeddings=True),
+                      rope_parameters=dict(rope, rope_theta=10000.0))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    path = tmp_path / "m.gguf"
+    convert_to_gguf(model, byte_tokenizer(), path, "f32", name="tiny", pre_tokenizer="gpt-2")
+    assert _kv(path)["qwen3.rope.scaling.type"] == rope["rope_type"]
+    ids = torch.arange(3, 203)[None]  # past the original context: the scaling matters
+    with torch.inference_mode():
+        torch.testing.assert_close(load_model(str(path)).model(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_quantize_gguf_byte_identical_to_llama_quantize(archs, tmp_path):
     """`quantize gguf` (llama.cpp's per-tensor rules) on each architecture's file: llama_model_quantize's bytes.
     (Rows of 64 are no whole K-quant blocks: the preset's fallbacks are exercised, Q5_0/Q5_1/Q8_0.)"""

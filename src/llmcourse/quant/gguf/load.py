@@ -135,7 +135,7 @@ def hf_config_dict(kvs: list[KV], infos: list[TensorInfo],
     Same rename table (``GGUF_TO_TRANSFORMERS_MAPPING["config"]``, llama's for SmolLM3), same special
     cases: a llama file named ``mistral`` is Mistral, the head is tied when there is no ``output.weight``,
     the vocabulary size falls back to the token list's length. Then, per architecture (:func:`_arch_config`):
-    head_dim from ``attention.key_length``; Gemma 3's two RoPE bases, its attention scale 1/sqrt(head_dim)
+    head_dim from ``attention.key_length``; linear and YaRN RoPE scaling; Gemma 3's two RoPE bases, its attention scale 1/sqrt(head_dim)
     and final soft-capping; Phi-3's rotary fraction, original context and sliding window; Llama 3's RoPE
     scaling recovered from ``rope_freqs`` (whose values ``read`` gives).
     """
@@ -171,6 +171,17 @@ def _arch_config(arch: str, meta: dict[str, Any], cfg: dict[str, Any], infos: di
                  read: Callable[[TensorInfo], np.ndarray] | None) -> dict[str, Any]:
     """The config entries transformers' rename table does not give for ``arch`` (see :func:`hf_config_dict`)."""
     out: dict[str, Any] = {}
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling in ("linear", "yarn") and arch != "phi3":  # RoPE scaling the converter wrote from rope_parameters
+        rope = {"rope_type": scaling, "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+                "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+        if scaling == "yarn":
+            rope["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
+            for key, name in [("yarn_ext_factor", "extrapolation_factor"), ("yarn_attn_factor", "attention_factor"),
+                              ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")]:
+                if f"{arch}.rope.scaling.{key}" in meta:
+                    rope[name] = float(meta[f"{arch}.rope.scaling.{key}"])
+        out["rope_parameters"] = rope
     if f"{arch}.attention.key_length" in meta:
         out["head_dim"] = meta[f"{arch}.attention.key_length"]
     if arch == "gemma3":
