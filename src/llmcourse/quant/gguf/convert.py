@@ -1,8 +1,10 @@
 """Hugging Face causal LM -> GGUF file, as llama.cpp's ``convert_hf_to_gguf.py`` writes it.
 
-Source: ggml-org/llama.cpp ``convert_hf_to_gguf.py`` (``conversion/base.py``, ``llama.py``, ``qwen.py``,
-``gpt2.py``) and ``gguf-py/gguf/vocab.py`` (``SpecialVocab``), read and re-written here for the Llama
-family, Qwen2 and GPT-2.
+Source: ggml-org/llama.cpp ``convert_hf_to_gguf.py`` (``conversion/base.py`` ``TextModel``, ``llama.py``
+``LlamaModel``/``SmolLM3Model``, ``qwen.py`` ``Qwen2Model``/``Qwen3Model``, ``gemma.py`` ``Gemma3Model``,
+``phi.py`` ``Phi3MiniModel``, ``gpt2.py``) and ``gguf-py/gguf/vocab.py`` (``SpecialVocab``), read and
+re-written here for the architectures in :data:`.names.MODEL_TYPES` (Llama 2/3, Mistral, SmolLM2/3,
+Qwen2/2.5, Qwen3, Gemma 3, Phi-3/4, GPT-2).
 
 The file itself (header, metadata, tensor infos, aligned data) is written by
 :mod:`llmcourse.core.gguf_container`; HF <-> GGUF names and the q/k permutation are in :mod:`.names`.
@@ -12,13 +14,16 @@ What the converter does to the weights:
 * names and layout (:mod:`.names`): ``model.layers.{i}.self_attn.q_proj.weight`` -> ``blk.{i}.attn_q.weight``
   and so on; ``lm_head.weight`` -> ``output.weight``, left out when the embeddings are tied; GPT-2's
   Conv1D weights transposed to (out, in); Llama's q/k rows permuted from HF's rotate-halves order to
-  ggml's adjacent pairs (Qwen2 keeps the halves layout: llama.cpp runs it with NEOX rope);
+  ggml's adjacent pairs (Qwen, Gemma and Phi keep the halves layout: llama.cpp runs them with NEOX rope);
+  Gemma's norms stored as ``w + 1``; Llama 3.1's RoPE scaling written as a ``rope_freqs`` tensor of
+  per-frequency divisors (:func:`llama3_rope_factors`), first, as the reference's extra tensors;
 * dtype: 1-D tensors, norms and position embeddings stay F32; the other weights become the output type
   (F32, F16 or BF16, round to nearest even).
 
 Metadata, in llama.cpp's order: ``general.*`` (name, basename, finetune, size label through
 ``gguf.Metadata``, the model-naming heuristics the reference converter uses), the architecture's
-hyperparameters (``{arch}.block_count`` ... ``general.file_type``), then the tokenizer (GPT-2 style BPE:
+hyperparameters (``{arch}.block_count`` ... ``general.file_type``; Phi-3's own order; Gemma 3's keys
+re-written in place, as gguf-py's writer does), then the tokenizer (GPT-2 style BPE:
 ``tokenizer.ggml.model = "gpt2"``, the pre-tokenizer name, tokens, token types, merges, special token
 ids, ``add_bos_token``/``add_eos_token`` and the chat template).
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +46,7 @@ from gguf import LlamaFileType, TokenType
 
 from llmcourse.core.errors import UserError
 from llmcourse.core.gguf_container import KV, QUANTIZATION_VERSION, Tensor, save_gguf, to_stored
-from llmcourse.quant.gguf.names import architecture, gguf_tensor_name, head_counts, to_gguf_layout
+from llmcourse.quant.gguf.names import Arch, architecture, gguf_tensor_name, head_counts, to_gguf_layout
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +64,67 @@ def _is_tied(model: Any) -> bool:
         getattr(model.config, "tie_word_embeddings", False))
 
 
-def hf_weights(model: Any) -> list[tuple[str, torch.Tensor]]:
-    """``(gguf_name, fp32 tensor)`` of a Llama/Qwen2 model, in the order the reference writes them.
+def hf_weights(model: Any, tokenizer: Any = None) -> list[tuple[str, torch.Tensor]]:
+    """``(gguf_name, fp32 tensor)`` of a supported model, in the order the reference writes them.
 
-    The reference converter walks a safetensors file, whose keys are sorted, so tensors follow the
-    sorted Hugging Face names (``model.layers.10`` before ``model.layers.2``).
+    The reference converter first writes the tensors it generates (Llama 3's ``rope_freqs``), then walks
+    a safetensors file, whose keys are sorted, so tensors follow the sorted Hugging Face names
+    (``model.layers.10`` before ``model.layers.2``). Gemma 3's embedding rows past the tokenizer's
+    vocabulary are dropped, as its converter does (``tokenizer`` gives that count).
     """
     arch = architecture(model)
     n_head, n_kv = head_counts(model)
     tied = _is_tied(model)
     out = []
+    freqs = llama3_rope_factors(model.config) if arch.permute_qk else None
+    if freqs is not None:
+        out.append(("rope_freqs.weight", freqs))
     for hf_name, t in sorted(model.state_dict().items()):
         if tied and hf_name.startswith("lm_head."):
             continue
-        name = gguf_tensor_name(hf_name)
+        name = gguf_tensor_name(hf_name, arch)
         if name is None:
             continue
-        out.append((name, to_gguf_layout(arch, hf_name, name, t.detach().to(torch.float32), n_head, n_kv)))
+        t = t.detach().to(torch.float32)
+        if arch.gguf == "gemma3" and name == "token_embd.weight" and tokenizer is not None:
+            tj = _tokenizer_json(tokenizer)
+            t = t[: len(tj.get("model", {}).get("vocab", {})) + len(tj.get("added_tokens", []))]
+        out.append((name, to_gguf_layout(arch, hf_name, name, t, n_head, n_kv)))
     return out
+
+
+def llama3_rope_factors(config: Any) -> torch.Tensor | None:
+    """Llama 3.1's RoPE scaling as the per-frequency divisors llama.cpp reads from ``rope_freqs.weight``
+    (None without ``rope_type: llama3``).
+
+    Frequencies whose wavelength ``2 pi / f`` is below ``L / high_freq_factor`` keep factor 1, those above
+    ``L / low_freq_factor`` are divided by ``factor``, those between by ``1 / ((1 - s) / factor + s)`` with
+    ``s = (L / wavelength - low) / (high - low)`` (``L`` the original context). The arithmetic is the
+    reference converter's (torch float32 frequencies, Python scalars), so the bytes are the same.
+    """
+    c = config.to_dict()
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope = rope.get("full_attention", rope)
+    if str(rope.get("rope_type", "")).lower() != "llama3":
+        return None
+    base = rope.get("rope_theta", 10000.0)
+    dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    factors: list[Any] = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
 
 
 def stored_type(name: str, n_dims: int, outtype: QT) -> QT:
@@ -127,51 +176,148 @@ def general_metadata(name: str | None, n_params: int, folder: Path | None = None
     return out
 
 
-def hparams_metadata(model: Any, arch: str, file_type: int) -> list[KV]:
-    """The hyperparameter keys llama.cpp's converter writes for ``arch`` (llama, qwen2, gpt2)."""
-    cfg = model.config
-    c = cfg.to_dict()
-    if arch == "gpt2":
-        # the reference reads n_ctx, which configs saved by recent transformers no longer carry
-        return [_u32("gpt2.block_count", c["n_layer"]), _u32("gpt2.context_length", c.get("n_ctx") or c["n_positions"]),
-                _u32("gpt2.embedding_length", c["n_embd"]), _u32("gpt2.feed_forward_length", c.get("n_inner") or 4 * c["n_embd"]),
-                _u32("gpt2.attention.head_count", c["n_head"]),
-                _f32("gpt2.attention.layer_norm_epsilon", c["layer_norm_epsilon"]),
-                _u32("general.file_type", file_type)]
-    out = [_u32(f"{arch}.block_count", c["num_hidden_layers"])]
+def _merged(kvs: list[KV]) -> list[KV]:
+    """Keys written twice keep their first place and take the last value (gguf-py's ``GGUFWriter``
+    overwrites a key in place: Gemma 3's converter re-writes keys its base class already wrote)."""
+    merged: dict[str, KV] = {}
+    for kv in kvs:
+        merged[kv.key] = kv
+    return list(merged.values())
+
+
+def _rope(c: dict) -> tuple[dict, dict]:
+    """(full-attention RoPE parameters, all RoPE parameters) as the reference's ``TextModel`` reads them."""
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    if "full_attention" not in rope and "sliding_attention" not in rope:
+        if c.get("rope_theta") is not None and "rope_theta" not in rope:
+            rope["rope_theta"] = c["rope_theta"]
+        if "rope_type" not in rope and rope.get("type") is not None:
+            rope["rope_type"] = rope["type"]
+        if c.get("partial_rotary_factor") is not None and "partial_rotary_factor" not in rope:
+            rope["partial_rotary_factor"] = c["partial_rotary_factor"]
+        if c.get("original_max_position_embeddings") is not None and "original_max_position_embeddings" not in rope:
+            rope["original_max_position_embeddings"] = c["original_max_position_embeddings"]
+    return rope.get("full_attention", rope), rope
+
+
+def _text_model_hparams(c: dict, a: str, file_type: int) -> list[KV]:
+    """``TextModel.set_gguf_parameters``: the keys every text architecture writes, in its order."""
+    out = [_u32(f"{a}.block_count", c["num_hidden_layers"])]
     for key, names in [("context_length", ["max_position_embeddings"]), ("embedding_length", ["hidden_size"]),
                        ("feed_forward_length", ["intermediate_size"]),
                        ("attention.head_count", ["num_attention_heads"]),
                        ("attention.head_count_kv", ["num_key_value_heads"])]:
         v = next((c[n] for n in names if c.get(n) is not None), None)
         if v is not None:
-            out.append(_u32(f"{arch}.{key}", v))
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if "rope_theta" not in rope and c.get("rope_theta") is not None:
-        rope = {**rope, "rope_theta": c["rope_theta"]}
-    rope_type = rope.get("rope_type", rope.get("type"))
-    factor = rope.get("factor")
+            out.append(_u32(f"{a}.{key}", v))
+    full, rope = _rope(c)
+    rope_type, factor = full.get("rope_type"), full.get("factor")
     if rope_type == "linear" and factor is not None:
-        out += [_str(f"{arch}.rope.scaling.type", "linear"), _f32(f"{arch}.rope.scaling.factor", factor)]
+        out += [KV(f"{a}.rope.scaling.type", "linear", VT.STRING), _f32(f"{a}.rope.scaling.factor", factor)]
     elif rope_type == "yarn" and factor is not None:
-        out += [_str(f"{arch}.rope.scaling.type", "yarn"), _f32(f"{arch}.rope.scaling.factor", factor),
-                _u32(f"{arch}.rope.scaling.original_context_length", rope["original_max_position_embeddings"])]
+        out += [KV(f"{a}.rope.scaling.type", "yarn", VT.STRING), _f32(f"{a}.rope.scaling.factor", factor),
+                _u32(f"{a}.rope.scaling.original_context_length", full["original_max_position_embeddings"])]
+        for key, names in [("yarn_ext_factor", ["extrapolation_factor"]),
+                           ("yarn_attn_factor", ["attention_factor", "attn_factor"]),
+                           ("yarn_beta_fast", ["beta_fast"]), ("yarn_beta_slow", ["beta_slow"])]:
+            v = next((full[n] for n in names if full.get(n) is not None), None)
+            if v is not None:
+                out.append(_f32(f"{a}.rope.scaling.{key}", v))
     elif rope_type not in (None, "default", "llama3"):
-        raise UserError(f"rope type {rope_type!r} is not supported by `convert gguf`", "use a model with plain RoPE")
-    if rope.get("rope_theta") is not None:
-        out.append(_f32(f"{arch}.rope.freq_base", rope["rope_theta"]))
+        raise UserError(f"rope type {rope_type!r} is not supported by `convert gguf`",
+                        "use a model with plain, linear, yarn or Llama 3 RoPE")
+    if full.get("rope_theta") is not None:
+        out.append(_f32(f"{a}.rope.freq_base", full["rope_theta"]))
+    swa_theta = (rope.get("sliding_attention") or {}).get("rope_theta")
+    if swa_theta is not None:
+        out.append(_f32(f"{a}.rope.freq_base_swa", swa_theta))
     if c.get("rms_norm_eps") is not None:
-        out.append(_f32(f"{arch}.attention.layer_norm_rms_epsilon", c["rms_norm_eps"]))
+        out.append(_f32(f"{a}.attention.layer_norm_rms_epsilon", c["rms_norm_eps"]))
     if c.get("head_dim") is not None:
-        out += [_u32(f"{arch}.attention.key_length", c["head_dim"]),
-                _u32(f"{arch}.attention.value_length", c["head_dim"])]
+        out += [_u32(f"{a}.attention.key_length", c["head_dim"]), _u32(f"{a}.attention.value_length", c["head_dim"])]
     out.append(_u32("general.file_type", file_type))
-    if arch == "llama":
+    return out
+
+
+def _phi3_hparams(c: dict, file_type: int) -> list[KV]:
+    """``Phi3MiniModel.set_gguf_parameters`` (its own order; the sliding window 0 when there is none)."""
+    full, _ = _rope(c)
+    if full.get("long_factor"):
+        raise UserError("Phi-3 long-context RoPE (long_factor/short_factor) is not supported by `convert gguf`",
+                        "convert a 4k-context Phi-3/Phi-4 model")
+    n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
+    rope_dims = int(full.get("partial_rotary_factor", 1.0) * n_embd) // n_head
+    return [_u32("phi3.context_length", c["max_position_embeddings"]),
+            _u32("phi3.rope.scaling.original_context_length", full["original_max_position_embeddings"]),
+            _u32("phi3.embedding_length", n_embd), _u32("phi3.feed_forward_length", c["intermediate_size"]),
+            _u32("phi3.block_count", c["num_hidden_layers"]), _u32("phi3.attention.head_count", n_head),
+            _u32("phi3.attention.head_count_kv", c["num_key_value_heads"]),
+            _f32("phi3.attention.layer_norm_rms_epsilon", c["rms_norm_eps"]),
+            _u32("phi3.rope.dimension_count", rope_dims), _f32("phi3.rope.freq_base", full["rope_theta"]),
+            _u32("general.file_type", file_type), _u32("phi3.attention.sliding_window", c.get("sliding_window") or 0)]
+
+
+def _gemma3_hparams(c: dict, file_type: int) -> list[KV]:
+    """``Gemma3Model.set_gguf_parameters``: the base keys, then its own (some re-written, with its defaults)."""
+    out = _text_model_hparams(c, "gemma3", file_type)
+    full, _ = _rope(c)
+    out += [_u32("gemma3.context_length", c.get("max_position_embeddings", 131072)),
+            _u32("gemma3.attention.head_count", c.get("num_attention_heads", 8)),
+            _f32("gemma3.attention.layer_norm_rms_epsilon", c.get("rms_norm_eps", 1e-6)),
+            _u32("gemma3.attention.key_length", c.get("head_dim", 256)),
+            _u32("gemma3.attention.value_length", c.get("head_dim", 256)),
+            _f32("gemma3.rope.freq_base", full.get("rope_theta", 1_000_000.0))]
+    if c.get("attn_logit_softcapping") is not None:
+        raise UserError("Gemma 3 with attention logit soft-capping cannot be converted (llama.cpp has none)",
+                        "set attn_logit_softcapping to null (Gemma 3 has none)")
+    if c.get("final_logit_softcapping"):
+        out.append(_f32("gemma3.final_logit_softcapping", c["final_logit_softcapping"]))
+    if c.get("sliding_window_pattern") != 1:
+        out.append(_u32("gemma3.attention.sliding_window", c["sliding_window"]))
+    out.append(_u32("gemma3.attention.head_count_kv", c.get("num_key_value_heads", 4)))
+    _warn_gemma3_differences(c)
+    return _merged(out)
+
+
+def _warn_gemma3_differences(c: dict) -> None:
+    """What llama.cpp fixes for Gemma 3 and a config may set otherwise (the file is written anyway, as the
+    reference does; llama.cpp then computes another model)."""
+    if c.get("query_pre_attn_scalar") not in (None, c.get("head_dim", 256)):
+        log.warning("query_pre_attn_scalar %s != head_dim: llama.cpp scales attention by 1/sqrt(head_dim)",
+                    c["query_pre_attn_scalar"])
+    types = c.get("layer_types")
+    if types and types != ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(types))]:
+        log.warning("layer_types is not Gemma 3's 5 sliding : 1 full pattern, which llama.cpp assumes")
+
+
+def _smollm3_check(c: dict) -> None:
+    """llama.cpp skips RoPE in every 4th SmolLM3 layer (fixed, nothing is written): say so if the config differs."""
+    layers = c.get("no_rope_layers")
+    if layers and list(layers) != [int((i + 1) % 4 != 0) for i in range(len(layers))]:
+        log.warning("no_rope_layers is not SmolLM3's every-4th-layer pattern, which llama.cpp assumes")
+
+
+def hparams_metadata(model: Any, arch: Arch, file_type: int) -> list[KV]:
+    """The hyperparameter keys llama.cpp's converter writes for ``arch``, in its order."""
+    c = model.config.to_dict()
+    a = arch.gguf
+    if a == "gpt2":
+        # the reference reads n_ctx, which configs saved by recent transformers no longer carry
+        return [_u32("gpt2.block_count", c["n_layer"]), _u32("gpt2.context_length", c.get("n_ctx") or c["n_positions"]),
+                _u32("gpt2.embedding_length", c["n_embd"]), _u32("gpt2.feed_forward_length", c.get("n_inner") or 4 * c["n_embd"]),
+                _u32("gpt2.attention.head_count", c["n_head"]),
+                _f32("gpt2.attention.layer_norm_epsilon", c["layer_norm_epsilon"]),
+                _u32("general.file_type", file_type)]
+    if a == "phi3":
+        return _phi3_hparams(c, file_type)
+    if a == "gemma3":
+        return _gemma3_hparams(c, file_type)
+    out = _text_model_hparams(c, a, file_type)
+    if arch.permute_qk:  # LlamaModel (llama, mistral, smollm3): the vocabulary size and the rotary width
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        out += [_u32(f"{arch}.vocab_size", c["vocab_size"]), _u32(f"{arch}.rope.dimension_count", head_dim)]
-    if rope_type == "llama3":
-        raise UserError("Llama 3.1 RoPE scaling (rope_freqs) is not supported by `convert gguf`",
-                        "use a model with plain RoPE")
+        out += [_u32(f"{a}.vocab_size", c["vocab_size"]), _u32(f"{a}.rope.dimension_count", head_dim)]
+    if a == "smollm3":
+        _smollm3_check(c)
     return out
 
 
@@ -303,16 +449,21 @@ def special_tokens(tokenizer: Any, config: Any, tj: dict, vocab_size: int) -> tu
     return ids, flags
 
 
+# the architectures whose vocabulary is written by ``LlamaModel.set_vocab`` (add_space_prefix, the 49152 rule)
+LLAMA_VOCAB = ("llama", "smollm3")
+
+
 def tokenizer_metadata(tokenizer: Any, config: Any, vocab_size: int, arch: str,
                        pre_tokenizer: str | None = None) -> list[KV]:
     """The ``tokenizer.*`` keys of a GPT-2 style BPE tokenizer, as the reference converter writes them."""
     tj = _tokenizer_json(tokenizer)
-    if tj.get("model", {}).get("type") != "BPE":
-        raise UserError("only BPE (tokenizer.json) tokenizers are supported by `convert gguf`",
-                        "use a model with a GPT-2 style byte-level BPE tokenizer")
+    if tj.get("model", {}).get("type") != "BPE" or tj["model"].get("byte_fallback"):
+        raise UserError("only GPT-2 style byte-level BPE tokenizers are supported by `convert gguf` (not "
+                        "SentencePiece vocabularies such as Gemma's, Llama 2's or Phi-3-mini's)",
+                        "use a model with a byte-level BPE tokenizer (Llama 3, Qwen, SmolLM, Phi-4...)")
     out: list[KV] = []
     add_prefix = getattr(tokenizer, "init_kwargs", {}).get("add_prefix_space")
-    if arch == "llama" and isinstance(add_prefix, bool):
+    if arch in LLAMA_VOCAB and isinstance(add_prefix, bool):
         out.append(KV("tokenizer.ggml.add_space_prefix", add_prefix, VT.BOOL))
     tokens, types = vocab_tokens(tokenizer, vocab_size)
     out += [_str("tokenizer.ggml.model", "gpt2"),
@@ -335,7 +486,7 @@ def tokenizer_metadata(tokenizer: Any, config: Any, vocab_size: int, arch: str,
             out.append(KV("tokenizer.chat_templates", named, VT.ARRAY, VT.STRING))
     elif isinstance(template, str) and template:
         out.append(_str("tokenizer.chat_template", template))
-    if arch == "llama" and vocab_size == 49152:
+    if arch in LLAMA_VOCAB and vocab_size == 49152:
         # the reference sets add_bos_token = False for every 49152-token Llama vocabulary (Granite, SmolLM)
         out = [kv for kv in out if kv.key != "tokenizer.ggml.add_bos_token"] + [
             KV("tokenizer.ggml.add_bos_token", False, VT.BOOL)]
@@ -366,23 +517,23 @@ class GGUFModel:
 
 def from_hf(model: Any, tokenizer: Any, outtype: str = "f32", name: str | None = None,
             folder: str | Path | None = None, pre_tokenizer: str | None = None) -> GGUFModel:
-    """Metadata and weights of a Llama/Qwen2 ``model`` as llama.cpp's converter would write them."""
+    """Metadata and weights of a supported ``model`` (:data:`.names.MODEL_TYPES`) as llama.cpp's converter would write them."""
     if outtype not in OUT_TYPES:
         raise UserError(f"unknown output type {outtype!r}", f"use one of {', '.join(OUT_TYPES)}")
     arch = architecture(model)
-    weights = hf_weights(model)
+    weights = hf_weights(model, tokenizer)
     n_params = sum(t.numel() for _, t in weights)
     folder = Path(folder) if folder is not None else None
     if name is None and (folder is None or not folder.is_dir()):
         # no model folder to name it after: use the config's name (a Hub id or a path)
         name = getattr(model.config, "name_or_path", None) or None
         name = Path(name).name if name else None
-    kvs = [_str("general.architecture", arch)]
+    kvs = [_str("general.architecture", arch.gguf)]
     kvs += general_metadata(name, n_params, folder)
     kvs += hparams_metadata(model, arch, int(OUT_TYPES[outtype][1]))
     kvs.append(_u32("general.quantization_version", QUANTIZATION_VERSION))
-    kvs += tokenizer_metadata(tokenizer, model.config, model.config.vocab_size, arch, pre_tokenizer)
-    return GGUFModel(arch, kvs, weights, model.config)
+    kvs += tokenizer_metadata(tokenizer, model.config, model.config.vocab_size, arch.gguf, pre_tokenizer)
+    return GGUFModel(arch.gguf, kvs, weights, model.config)
 
 
 def convert_to_gguf(model: Any, tokenizer: Any, out: str | Path, outtype: str = "f32", name: str | None = None,

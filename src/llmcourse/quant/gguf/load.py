@@ -25,7 +25,13 @@ from llmcourse.core.gguf_container import KV, TensorInfo, to_stored
 from llmcourse.core.models import LoadedModel
 from llmcourse.quant.gguf.blocks import KERNELS
 from llmcourse.quant.gguf.convert import GGUFModel
-from llmcourse.quant.gguf.names import architecture, from_gguf_layout, gguf_tensor_name, head_counts
+from llmcourse.quant.gguf.names import (
+    GGUF_MODEL_TYPES,
+    architecture,
+    from_gguf_layout,
+    gguf_tensor_name,
+    head_counts,
+)
 from llmcourse.quant.gguf.quantize import dequantize, row_bytes
 
 
@@ -106,7 +112,7 @@ def load_weights(model: Any, path: str | Path) -> dict[str, Any]:
     copied = 0
     with torch.no_grad():
         for hf_name, param in state.items():
-            g = gguf_tensor_name(hf_name)
+            g = gguf_tensor_name(hf_name, arch)
             if g is None or g not in by_name:
                 if g == "output.weight" and "token_embd.weight" in by_name:
                     continue  # tied to the embeddings
@@ -121,12 +127,17 @@ def load_weights(model: Any, path: str | Path) -> dict[str, Any]:
 # The fast loader registered for files that start with b"GGUF" (``Lab.file_formats``)
 # ---------------------------------------------------------------------------------------------
 
-def hf_config_dict(kvs: list[KV], infos: list[TensorInfo]) -> dict[str, Any]:
-    """The config dict transformers derives from a GGUF's metadata (``load_gguf_checkpoint``, llama/qwen2/gpt2).
+def hf_config_dict(kvs: list[KV], infos: list[TensorInfo],
+                   read: Callable[[TensorInfo], np.ndarray] | None = None) -> dict[str, Any]:
+    """The config dict transformers derives from a GGUF's metadata (``load_gguf_checkpoint``), completed
+    with what llama.cpp fixes for the architecture and transformers' table leaves out.
 
-    Same rename table (``GGUF_TO_TRANSFORMERS_MAPPING["config"]``), same special cases: a llama file
-    named ``mistral`` is Mistral, the head is tied when there is no ``output.weight``, the vocabulary
-    size falls back to the token list's length.
+    Same rename table (``GGUF_TO_TRANSFORMERS_MAPPING["config"]``, llama's for SmolLM3), same special
+    cases: a llama file named ``mistral`` is Mistral, the head is tied when there is no ``output.weight``,
+    the vocabulary size falls back to the token list's length. Then, per architecture (:func:`_arch_config`):
+    head_dim from ``attention.key_length``; linear and YaRN RoPE scaling; Gemma 3's two RoPE bases, its attention scale 1/sqrt(head_dim)
+    and final soft-capping; Phi-3's rotary fraction, original context and sliding window; Llama 3's RoPE
+    scaling recovered from ``rope_freqs`` (whose values ``read`` gives).
     """
     from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
 
@@ -136,7 +147,8 @@ def hf_config_dict(kvs: list[KV], infos: list[TensorInfo]) -> dict[str, Any]:
         raise UserError(f"GGUF architecture {arch!r} cannot be loaded here", f"supported: {', '.join(LOADABLE)}")
     name = meta.get("general.name")
     hf_arch = "mistral" if arch == "llama" and name == "mistral" else arch
-    renames = GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    renames = dict(GGUF_TO_TRANSFORMERS_MAPPING["config"])
+    renames.setdefault("smollm3", renames["llama"])
     cfg: dict[str, Any] = {"tie_word_embeddings": all(t.name != "output.weight" for t in infos)}
     for key, value in meta.items():
         prefix, _, rest = key.replace(arch, hf_arch, 1).partition(".")
@@ -149,10 +161,98 @@ def hf_config_dict(kvs: list[KV], infos: list[TensorInfo]) -> dict[str, Any]:
             cfg[target] = value
     if "vocab_size" not in cfg and isinstance(meta.get("tokenizer.ggml.tokens"), list):
         cfg["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    if hf_arch != "mistral":
+        cfg["model_type"] = GGUF_MODEL_TYPES[arch]
+    cfg.update(_arch_config(arch, meta, cfg, {t.name: t for t in infos}, read))
     return cfg
 
 
-LOADABLE = ("llama", "qwen2", "gpt2")
+def _arch_config(arch: str, meta: dict[str, Any], cfg: dict[str, Any], infos: dict[str, TensorInfo],
+                 read: Callable[[TensorInfo], np.ndarray] | None) -> dict[str, Any]:
+    """The config entries transformers' rename table does not give for ``arch`` (see :func:`hf_config_dict`)."""
+    out: dict[str, Any] = {}
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling in ("linear", "yarn") and arch != "phi3":  # RoPE scaling the converter wrote from rope_parameters
+        rope = {"rope_type": scaling, "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+                "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+        if scaling == "yarn":
+            rope["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
+            for key, name in [("yarn_ext_factor", "extrapolation_factor"), ("yarn_attn_factor", "attention_factor"),
+                              ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")]:
+                if f"{arch}.rope.scaling.{key}" in meta:
+                    rope[name] = float(meta[f"{arch}.rope.scaling.{key}"])
+        out["rope_parameters"] = rope
+    if f"{arch}.attention.key_length" in meta:
+        out["head_dim"] = meta[f"{arch}.attention.key_length"]
+    if arch == "gemma3":
+        out["rope_theta"] = meta.get("gemma3.rope.freq_base", 1_000_000.0)
+        out["rope_local_base_freq"] = meta.get("gemma3.rope.freq_base_swa", 10_000.0)
+        out["query_pre_attn_scalar"] = out.get("head_dim", 256)  # llama.cpp scales by 1/sqrt(head_dim)
+        out["final_logit_softcapping"] = meta.get("gemma3.final_logit_softcapping")
+        if not meta.get("gemma3.attention.sliding_window"):  # no window: every layer attends fully
+            out["layer_types"] = ["full_attention"] * int(meta["gemma3.block_count"])
+    elif arch == "phi3":
+        dims = meta.get("phi3.rope.dimension_count")
+        if dims:
+            out["partial_rotary_factor"] = dims * cfg["num_attention_heads"] / cfg["hidden_size"]
+        if "phi3.rope.scaling.original_context_length" in meta:
+            out["original_max_position_embeddings"] = meta["phi3.rope.scaling.original_context_length"]
+        out["sliding_window"] = meta.get("phi3.attention.sliding_window") or None
+        if "rope_factors_long.weight" in infos:
+            raise UserError("Phi-3 long-context RoPE factors cannot be loaded here", "use a 4k-context Phi-3 GGUF")
+    elif arch in ("llama", "smollm3") and "rope_freqs.weight" in infos:
+        if read is None:
+            raise UserError("this GGUF's RoPE scaling (rope_freqs) needs the file's tensor data",
+                            "load it with load_model (which reads rope_freqs)")
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        ctx = int(cfg.get("max_position_embeddings") or 16384)
+        out["rope_parameters"] = llama3_rope_parameters(read(infos["rope_freqs.weight"]).reshape(-1),
+                                                        float(cfg.get("rope_theta", 10000.0)), head_dim,
+                                                        original_ctx=min(8192, ctx // 2))
+    return out
+
+
+def llama3_rope_parameters(factors: np.ndarray, theta: float, head_dim: int, original_ctx: int = 8192) -> dict[str, Any]:
+    """Llama 3 RoPE scaling parameters that reproduce llama.cpp's ``rope_freqs`` divisors.
+
+    The divisors are 1 for short wavelengths, ``factor`` for long ones and ``1 / ((1 - s) / factor + s)``
+    between, with ``s = (L / wavelength - low) / (high - low)`` linear in ``1 / wavelength``. Only the
+    thresholds ``L / low`` and ``L / high`` matter (scaling L, low and high together changes nothing), so
+    L is fixed to ``original_ctx`` and low/high are solved from two divisors in the smooth band, or, when
+    the band holds fewer than two frequencies, from the band's edges and the lone frequency in it (any
+    edges between the neighbouring wavelengths give the same divisors).
+    """
+    dims = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    wavelen = 2 * np.pi * theta ** dims  # (head_dim / 2,)
+    factors = np.asarray(factors, dtype=np.float64)
+    factor = float(factors.max())
+    params = {"rope_type": "llama3", "rope_theta": theta, "factor": factor,
+              "original_max_position_embeddings": original_ctx}
+    if factor <= 1.0:
+        return {**params, "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    smooth = (factors > 1.0 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if smooth.sum() >= 2:
+        s = (1 / factors[smooth] - 1 / factor) / (1 - 1 / factor)  # s = a / wavelength + b
+        a, b = np.polyfit(1 / wavelen[smooth], s, 1)
+        high_minus_low = original_ctx / a
+        low = -b * high_minus_low
+        return {**params, "low_freq_factor": float(low), "high_freq_factor": float(low + high_minus_low)}
+    ones, full = wavelen[factors <= 1.0 + 1e-6], wavelen[factors >= factor * (1 - 1e-6)]
+    # band edges: the factor-1 side just past the longest factor-1 wavelength, the other side just before
+    # the shortest fully scaled one; a lone smooth frequency (s0 at wavelength w0) fixes the second edge
+    hi_wave = float(ones.max()) if ones.size else float(wavelen.min()) / 2
+    lo_wave = float(full.min()) if full.size else float(wavelen.max()) * 2
+    if smooth.sum() == 1:
+        w0 = float(wavelen[smooth][0])
+        s0 = (1 / float(factors[smooth][0]) - 1 / factor) / (1 - 1 / factor)
+        hi_wave = math.sqrt(hi_wave * w0)  # any edge between the two works; solve the other from s0
+        lo_wave = 1 / ((1 / w0 - s0 / hi_wave) / (1 - s0))
+    else:
+        hi_wave, lo_wave = hi_wave * 1.0000001, lo_wave * 0.9999999
+    return {**params, "low_freq_factor": original_ctx / lo_wave, "high_freq_factor": original_ctx / hi_wave}
+
+
+LOADABLE = tuple(GGUF_MODEL_TYPES)
 
 
 def gguf_tokenizer(kvs: list[KV]) -> Any:
@@ -227,7 +327,8 @@ def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
 
     path = Path(path)
     kvs, infos = read_gguf_model(path)
-    cfg_dict = hf_config_dict(kvs, infos)
+    mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: F32 tensors are used in place
+    cfg_dict = hf_config_dict(kvs, infos, lambda t: _tensor_fp32(mm, t).numpy())
     try:
         cfg = AutoConfig.for_model(**cfg_dict)
         with torch.device("meta"):
@@ -240,11 +341,10 @@ def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
     n_head, n_kv = head_counts(model)
     by_name = {t.name: t for t in infos}
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    used = set()
-    mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: F32 tensors are used in place
+    used = {"rope_freqs.weight"} if "rope_freqs.weight" in by_name and "rope_parameters" in cfg_dict else set()
     todo: list[tuple[str, torch.Size, str, TensorInfo]] = []
     for hf_name, param in model.state_dict().items():
-        g = gguf_tensor_name(hf_name)
+        g = gguf_tensor_name(hf_name, arch)
         if g is None:
             continue
         if g not in by_name:
@@ -278,8 +378,12 @@ def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
 
 
 def _rebuild_meta_buffers(model: Any) -> None:
-    """Rebuild on the CPU the modules whose non-persistent buffers (rotary ``inv_freq``) are still on meta."""
+    """Rebuild on the CPU the modules whose non-persistent buffers (rotary ``inv_freq``) are still on meta,
+    and set Gemma's embedding scale (``embed_scale``, the Python number the module keeps beside it)."""
     for name, module in list(model.named_modules()):
+        scale = getattr(module, "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.is_meta and hasattr(module, "scalar_embed_scale"):
+            module.embed_scale = torch.tensor(module.scalar_embed_scale)  # as the module's __init__ builds it
         if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
