@@ -55,6 +55,14 @@ def add_model_args(p: argparse.ArgumentParser, name: str = "--model", default: s
                        help="allow a Hub/folder model to run its own Python code (off by default)")
 
 
+def add_chat_template_args(p: argparse.ArgumentParser) -> None:
+    """``--chat-template FILE|none`` for the commands that build chat prompts (rendered by
+    :mod:`llmcourse.core.chat_template`, in a sandbox with limits)."""
+    p.add_argument("--chat-template", default=None, metavar="FILE|none",
+                   help="render chats with this Jinja template instead of the model's own, or 'none' for a plain "
+                   "'role: text' transcript (default: the model's template)")
+
+
 def add_data_args(p: argparse.ArgumentParser, default_split: str = "eval") -> None:
     p.add_argument(
         "--data", default="default",

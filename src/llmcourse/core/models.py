@@ -146,6 +146,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     if getattr(plain.config, "tie_word_embeddings", False):
         plain.tie_weights()
     plain.eval()
+    tok.llmcourse_chat_template_origin = f"{path} (key tokenizer.chat_template)"  # named by chat-template errors
     return plain.to(dtype), tok
 
 
@@ -494,12 +495,11 @@ def model_card(lm: LoadedModel) -> dict[str, Any]:
 
 def chat_sample(lm: LoadedModel, question: str, max_new_tokens: int = 40) -> str:
     """A short greedy answer to ``question`` through the model's chat template (plain HF generate)."""
+    from llmcourse.core.chat_template import chat_ids
+
     tok = lm.tokenizer
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tok(question, return_tensors="pt").input_ids
+    chat = chat_ids(tok, [{"role": "user", "content": question}])  # the sandbox with limits (core.chat_template)
+    ids = torch.tensor([chat]) if chat is not None else tok(question, return_tensors="pt").input_ids
     with torch.inference_mode():
         out = lm.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
