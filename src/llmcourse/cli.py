@@ -113,11 +113,43 @@ def _quiet_libraries(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every way it can end is one of: its output (exit 0, or the result's code), one
+    ``llmcourse: error: ...`` line (exit 2), ``llmcourse: interrupted`` (Ctrl-C, exit 130, at any moment,
+    start-up included), or a quiet exit 141 when stdout is closed early (``llmcourse generate ... | head -c 1``)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        _say("llmcourse: interrupted")
+        return 130
+    except BrokenPipeError:
+        return _closed_stdout()
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr itself is gone: nothing left to tell
+        pass
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as a process killed by SIGPIPE would
+    (exit 128 + 13), and keep Python from reporting the broken pipe again when it flushes at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser(argv)
     except UserError as e:  # a lab's optional package is missing
-        print(f"llmcourse: error: {e}", file=sys.stderr)
+        _say(f"llmcourse: error: {e}")
         return UserError.exit_code
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -140,16 +172,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"llmcourse: error: {e}", file=sys.stderr)
+        _say(f"llmcourse: error: {e}")
         return UserError.exit_code
-    except KeyboardInterrupt:
-        print("llmcourse: interrupted", file=sys.stderr)
-        return 130
     if isinstance(result, Result):
         if getattr(args, "json", False):
             print(dumps(result.data))
         elif result.text:
             print(result.text)
+        sys.stdout.flush()  # a closed pipe is reported here, inside main, not at interpreter exit
+        if result.error:
+            _say(f"llmcourse: error: {result.error}")
         return result.exit_code
     return 0
 

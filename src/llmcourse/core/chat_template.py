@@ -338,7 +338,9 @@ def template_origin(tokenizer: Any) -> str:
 
 def read_template_file(value: str) -> str:
     """The text of ``--chat-template FILE`` (a regular UTF-8 file under the size cap)."""
-    path = Path(value).expanduser()
+    from llmcourse.core.io import expand_path
+
+    path = expand_path(value)
     try:
         if not path.is_file():
             raise UserError(f"--chat-template {value} is not a file", "pass a Jinja template file, or none")

@@ -18,6 +18,7 @@ class Result:
     data: dict[str, Any] = field(default_factory=dict)
     text: str = ""
     exit_code: int = 0  # non-zero when the work ran but part of it failed (e.g. a tour section)
+    error: str = ""  # with a non-zero exit_code: why, printed as one ``llmcourse: error:`` line on stderr
 
 
 def positive_int(s: str) -> int:

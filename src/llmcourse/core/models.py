@@ -19,12 +19,14 @@ truncated or corrupt file gives a one-line :class:`UserError` instead of a trace
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ import torch
 
 from llmcourse.core.errors import UserError
 from llmcourse.core.formats import check_config, check_gguf, check_safetensors, check_shapes
-from llmcourse.core.io import atomic_dir, llmcourse_home
+from llmcourse.core.io import atomic_dir, expand_path, llmcourse_home
 from llmcourse.core.lab import file_loader, folder_loader
 from llmcourse.core.progress import status
 
@@ -187,14 +189,40 @@ def load_model(
         raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     t0 = time.perf_counter()
-    with status(f"loading {spec}…"):
+    with status(f"loading {spec}…"), _readable(spec):
         _precheck(spec, trust_pickle)
         import_runtime()
         t1 = time.perf_counter()
         lm = _load(spec, dtype, torch_dtype, trust_pickle, trust_remote_code)
+        check_finite(lm.model, lm.path or spec)
     lm.info["import_seconds"] = t1 - t0
     lm.info["load_seconds"] = time.perf_counter() - t1
     return lm
+
+
+@contextlib.contextmanager
+def _readable(spec: str) -> Iterator[None]:
+    """An OSError while reading ``--model`` (a path over the system's limit, ``/proc/self/mem``'s EIO, a
+    permission) becomes the one-line error naming it."""
+    try:
+        yield
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise UserError(f"cannot read --model {spec[:200]}{'…' if len(spec) > 200 else ''} ({why})",
+                        "pass a readable Hugging Face folder, a .gguf file or 'default'") from None
+
+
+def check_finite(model: Any, origin: str | Path) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor (one pass over each float tensor)."""
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point() or t.is_meta or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            if not bool(torch.isfinite(t).all()):
+                raise UserError(f"{origin}: the tensor {name} holds NaN or infinite values",
+                                "the weights are corrupt: re-download, re-convert or re-train the model")
 
 
 # transformers' model and tokenizer machinery, which every loader needs: imported once per process
@@ -213,9 +241,12 @@ def import_runtime() -> None:
 def peek_context(spec: str) -> tuple[Path | None, int | None]:
     """The ``tokenizer.json`` and context length of a local Hugging Face folder (or the default model),
     read without transformers; ``(None, None)`` for anything else (GGUF, Hub ids, lab folders)."""
-    path = default_model_dir() if spec == "default" else Path(spec).expanduser()
-    tok, cfg = path / "tokenizer.json", path / "config.json"
-    if not (path.is_dir() and tok.is_file() and cfg.is_file()):
+    try:
+        path = default_model_dir() if spec == "default" else expand_path(spec)
+        tok, cfg = path / "tokenizer.json", path / "config.json"
+        if not (path.is_dir() and tok.is_file() and cfg.is_file()):
+            return None, None
+    except OSError:  # a path over the system's limit, say: load_model gives the one-line error
         return None, None
     try:
         ctx = json.loads(cfg.read_text()).get("max_position_embeddings")
@@ -229,7 +260,7 @@ def _precheck(spec: str, trust_pickle: bool) -> None:
     file fails within a second or two of the command's start (the full checks run again in the loader)."""
     if spec == "default":
         return
-    path = Path(spec).expanduser()
+    path = expand_path(spec)
     if not path.exists():
         if _looks_like_path(spec):
             raise UserError(f"model path {spec} does not exist", "check the path, or use --model default")
@@ -246,7 +277,7 @@ def _load(spec: str, dtype: str, torch_dtype: torch.dtype, trust_pickle: bool, t
         lm = _load_hf_folder(path, torch_dtype, False, False, spec)
         lm.kind = "default"
     else:
-        path = Path(spec).expanduser()
+        path = expand_path(spec)
         if path.exists():
             if path.is_dir():
                 marker = path / MARKER_FILE
@@ -296,7 +327,7 @@ def _looks_like_path(spec: str) -> bool:
         return True
     if spec.endswith((".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")):
         return True
-    return Path(spec.split("/")[0]).expanduser().is_dir()
+    return expand_path(spec.split("/")[0]).is_dir()
 
 
 def hub_reachable(timeout: float = 1.5) -> bool:
@@ -369,11 +400,16 @@ def check_weights_match(path: Path) -> Any | None:
     if meta is None:
         return None
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    floats = {k for k, v in meta.state_dict().items() if v.is_floating_point()}
     found: dict[str, tuple[int, ...]] = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():
                 found[k] = tuple(st.get_slice(k).get_shape())
+                dtype = st.get_slice(k).get_dtype()
+                if k in floats and not dtype.startswith(("F", "BF")):
+                    raise UserError(f"{f}: the tensor {k} is stored as {dtype}, where the model needs floating-point "
+                                    "weights", "re-export the model (its header or weights are corrupt)")
     ignore_missing = list(getattr(meta, "_keys_to_ignore_on_load_missing", None) or [])
     ignore_extra = list(getattr(meta, "_keys_to_ignore_on_load_unexpected", None) or [])
     if getattr(meta.config, "tie_word_embeddings", False):
