@@ -161,6 +161,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         (gp or parser).print_help()
         return 2 if argv else 0
     try:
+        out = getattr(args, "out", None)
+        if isinstance(out, str) and not out.strip():  # Path("") is "." (the current folder): never meant
+            raise UserError("--out is empty", "pass a file or folder path")
         threads = None
         if hasattr(args, "threads"):  # commands that compute: choose before torch starts its pool
             threads = choose_threads(args.threads)

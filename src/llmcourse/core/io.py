@@ -202,6 +202,24 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def _usual_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain write under the umask gives: mkdtemp creates
+    0700, and libraries that write through a temporary file (safetensors' ``save_file``, so
+    ``model.safetensors`` and ``adapter_model.safetensors``) leave 0600."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            p = os.path.join(root, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                executable = os.stat(p).st_mode & 0o111
+                os.chmod(p, (0o666 | executable) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only on success."""
@@ -217,7 +235,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         (tmp / MARKER).write_text("written by llmcourse; `--overwrite` may replace this folder\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        _usual_modes(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
