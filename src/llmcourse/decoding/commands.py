@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from llmcourse.core.cli_common import (
-    add_chat_template_args,
     Result,
+    add_chat_template_args,
     add_common_args,
     add_config_args,
     add_model_args,
