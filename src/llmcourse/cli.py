@@ -21,8 +21,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from llmcourse import __version__
 from llmcourse.core.cli_common import Result
@@ -116,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every way it can end is one of: its output (exit 0, or the result's code), one
     ``llmcourse: error: ...`` line (exit 2), ``llmcourse: interrupted`` (Ctrl-C, exit 130, at any moment,
     start-up included), or a quiet exit 141 when stdout is closed early (``llmcourse generate ... | head -c 1``)."""
+    previous = _watch_interrupts()
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -123,6 +127,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _closed_stdout()
+    except Exception:
+        # a Ctrl-C that landed inside an import can resurface as another error (numpy turns it into
+        # "ImportError: cannot load module more than once"): after a Ctrl-C, any failure is the interruption
+        if _INTERRUPTED.is_set():
+            _say("llmcourse: interrupted")
+            return 130
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def _watch_interrupts() -> Any:
+    """Note every Ctrl-C (then raise KeyboardInterrupt as Python's own handler does); return the handler to
+    restore, or None where Python's default one is not installed (Ctrl-C ignored, another handler, a thread)."""
+    _INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+    return signal.signal(signal.SIGINT, _on_sigint)
 
 
 def _say(line: str) -> None:
@@ -173,6 +205,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if isinstance(result, Result) and threads is not None:
             result.data.setdefault("threads", threads)
     except UserError as e:
+        if _INTERRUPTED.is_set():  # the error is the Ctrl-C's doing (a half-finished import, say)
+            raise KeyboardInterrupt from None
         if debug:
             raise
         _say(f"llmcourse: error: {e}")
