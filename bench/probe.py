@@ -299,7 +299,7 @@ def build31(d: Path, small: Path, f32: Path, folder, gfile) -> list[tuple[str, s
     raw = d / "nan.safetensors"
     save_file(bad, str(raw), metadata={"format": "pt"})
     nan_folder = folder(model__safetensors=raw.read_bytes())
-    cases.append(("nonfinite", "NaN weight (eval perplexity)", ["eval", "perplexity", "--max-tokens", "64", "--model",
+    cases.append(("nonfinite", "NaN weight (eval perplexity)", ["eval", "perplexity", "--max-tokens", "64", "--max-length", "256", "--stride", "128", "--model",
                                                                  nan_folder], None))
     cases.append(("nonfinite", "NaN weight (quantize int8)", ["quantize", "int8", "--model", nan_folder, "--out",
                                                                str(d / "o-nan-i8")], d / "o-nan-i8"))
@@ -314,7 +314,7 @@ def build31(d: Path, small: Path, f32: Path, folder, gfile) -> list[tuple[str, s
     raw32 = f32.read_bytes()
     for qt, code in (("Q4_0", 2), ("F16", 1), ("Q8_0", 8)):
         cases.append(("tensor-meta", f"F32 tensor relabelled {qt} (eval perplexity)",
-                      ["eval", "perplexity", "--max-tokens", "64", "--model",
+                      ["eval", "perplexity", "--max-tokens", "64", "--max-length", "256", "--stride", "128", "--model",
                        gfile(_tensor_field(raw32, "blk.0.attn_q.weight", "type", code))], None))
     cases.append(("tensor-meta", "offset misaligned by one byte (generate)",
                   ["generate", "--prompt", "hi", "--max-new-tokens", "2", "--model",
@@ -331,9 +331,9 @@ def build31(d: Path, small: Path, f32: Path, folder, gfile) -> list[tuple[str, s
     header, data = st_parts(small / "model.safetensors")
     h = json.loads(json.dumps(header))
     h[up]["dtype"] = "I32"
-    cases.append(("dtype", "safetensors header I32 (same size)", ["eval", "perplexity", "--max-tokens", "64", "--model",
+    cases.append(("dtype", "safetensors header I32 (same size)", ["eval", "perplexity", "--max-tokens", "64", "--max-length", "256", "--stride", "128", "--model",
                                                                    folder(model__safetensors=st_blob(h, data))], None))
-    cases.append(("dtype", "GGUF I32 tensor", ["eval", "perplexity", "--max-tokens", "64", "--model",
+    cases.append(("dtype", "GGUF I32 tensor", ["eval", "perplexity", "--max-tokens", "64", "--max-length", "256", "--stride", "128", "--model",
                                                gfile(_tensor_field(raw32, "blk.0.attn_k.weight", "type", 26))], None))
     # paths and environment
     gen = ["generate", "--prompt", "hi", "--model"]
@@ -411,6 +411,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="run only the classes given, comma-separated (e.g. gguf,data)")
     ap.add_argument("--limit", type=float, default=LIMIT_S, help="seconds a case may take (default: %(default)s; "
                     "raise it on a loaded machine, where the start-up alone takes longer)")
+    ap.add_argument("--match", default="", help="run only the examples whose label holds one of these texts (comma-separated)")
     ap.add_argument("--results", default="probe.md", help="file name under bench/results (default: %(default)s)")
     args = ap.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -419,7 +420,7 @@ def main() -> int:
         d = Path(tmp)
         cases = build(d)
         for cls, label, argv, out in cases:
-            if args.only and cls not in args.only.split(","):
+            if (args.only and cls not in args.only.split(",")) or not any(m in label for m in args.match.split(",")):
                 continue
             code, err, secs = run(argv, env)
             lines = [ln for ln in err.strip().splitlines() if ln.strip()]
