@@ -1,8 +1,10 @@
 """Re-run issue 16's bad-input examples as commands: each must give one line, exit 2, in under 5 seconds.
 
     python bench/probe.py            # all examples (about 3 minutes), writes bench/results/probe.md
+    python bench/probe.py --only template,nonfinite,tensor-meta,dtype,paths,parameters31   # issue 31's
 
-Every example of the issue's list is rebuilt here (in a temporary folder, on a small Llama with the default
+Every example of issue 16's list, and of issue 31's (hostile chat templates, NaN/Inf weights, lying tensor
+metadata, integer dtypes, paths, parameters), is rebuilt here (in a temporary folder, on a small Llama with the default
 model's tokenizer, or on the default model where the example names it) and run through the `llmcourse` CLI
 in a fresh process, so the time includes Python, torch and the model load, as a user sees it. A case passes
 when the process exits 2 with one line on stderr, no traceback, in under 5 s, and leaves no --out behind.
@@ -28,7 +30,8 @@ EXE = str(Path(sys.executable).with_name("llmcourse"))
 LIMIT_S = 5.0
 # examples whose right answer is a result, not an error: the issue's complaint was the crash (IndexError);
 # non-overlapping windows (stride = window) and 2-token windows are valid perplexity settings
-EXPECT_RESULT = {"perplexity stride = window", "--max-length 2 --stride 2"}
+EXPECT_RESULT = {"perplexity stride = window", "--max-length 2 --stride 2",
+                 "--max-length 2 --stride 2 --max-tokens 101"}
 if os.geteuid() == 0:  # root writes into a 0500 folder: the write succeeds, rightly
     EXPECT_RESULT.add("a read-only folder")
 
@@ -248,7 +251,147 @@ def build(d: Path) -> list[tuple[str, str, list[str], Path | None]]:
         cases.append(("out", label, conv + [out], None))
     cases.append(("out", "an existing folder where a file is due",
                   ["convert", "gguf", "--model", str(small), "--out", str(afolder)], None))
+    return cases + build31(d, small, f32, folder, gfile)
+
+
+def _tensor_field(blob: bytes, name: str, field: str, value: int) -> bytes:
+    """``blob`` with the type (u32) of tensor ``name`` set, or its offset (u64) moved by ``value``."""
+    enc = struct.pack("<Q", len(name)) + name.encode()
+    i = blob.index(enc) + len(enc)
+    (n_dims,) = struct.unpack_from("<I", blob, i)
+    at = i + 4 + 8 * n_dims
+    if field == "type":
+        return patch(blob, enc, "<I", value, skip=4 + 8 * n_dims)
+    (old,) = struct.unpack_from("<Q", blob, at + 4)
+    return patch(blob, enc, "<Q", old + value, skip=4 + 8 * n_dims + 4)
+
+
+def build31(d: Path, small: Path, f32: Path, folder, gfile) -> list[tuple[str, str, list[str], Path | None]]:
+    """Issue 31's examples: hostile chat templates, NaN/Inf weights, lying tensor metadata, integer dtypes,
+    paths and environment, parameters."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from llmcourse.core.gguf_container import read_gguf_header
+
+    cases: list[tuple[str, str, list[str], Path | None]] = []
+    chat = ["chat", "--prompt", "hi", "--max-new-tokens", "4", "--model"]
+    sample = ["models", "--chat-sample", "hi", "--model"]
+    for label, tpl in [("SSTI through cycler.__init__.__globals__", "{{ cycler.__init__.__globals__.os.popen('id').read() }}"),
+                       ("include", "{% include 'other.jinja' %}"), ("raise_exception", "{{ raise_exception('no') }}"),
+                       ("syntax error", "{% for m in messages %}"), ("undefined attribute", "{{ messages[0].x.y }}"),
+                       ("string bomb", "{{ 'x' * 10**10 }}"), ("recursion", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"),
+                       ("two nested range(100000) loops",
+                        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")]:
+        cases.append(("template", f"{label} (chat)", chat + [folder(chat_template__jinja=tpl)], None))
+    cases.append(("template", "a 70 MB template (models --chat-sample)",
+                  sample + [folder(chat_template__jinja="{# " + "x" * 70_000_000 + " #}")], None))
+    bomb = d / "bomb.jinja"
+    bomb.write_text("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}")
+    cases.append(("template", "--chat-template loop bomb (models --chat-sample)",
+                  sample + [str(small), "--chat-template", str(bomb)], None))
+    # NaN / Inf weights
+    state = load_file(str(small / "model.safetensors"))
+    up = next(k for k in sorted(state) if k.endswith("up_proj.weight"))
+    bad = dict(state)
+    bad[up] = state[up].copy()
+    bad[up][1, 2] = np.nan
+    raw = d / "nan.safetensors"
+    save_file(bad, str(raw), metadata={"format": "pt"})
+    nan_folder = folder(model__safetensors=raw.read_bytes())
+    cases.append(("nonfinite", "NaN weight (eval perplexity)", ["eval", "perplexity", "--max-tokens", "64", "--max-length", "256", "--stride", "128", "--model",
+                                                                 nan_folder], None))
+    cases.append(("nonfinite", "NaN weight (quantize int8)", ["quantize", "int8", "--model", nan_folder, "--out",
+                                                               str(d / "o-nan-i8")], d / "o-nan-i8"))
+    _, infos = read_gguf_header(f32)
+    t = next(t for t in infos if t.name == "blk.1.ffn_up.weight")
+    blob = bytearray(f32.read_bytes())
+    struct.pack_into("<f", blob, t.offset + 40, float("inf"))
+    cases.append(("nonfinite", "Inf weight in an F32 GGUF (quantize gguf)",
+                  ["quantize", "gguf", "--type", "Q8_0", "--model", gfile(bytes(blob)), "--out", str(d / "o-inf")],
+                  d / "o-inf"))
+    # tensor metadata that lies
+    raw32 = f32.read_bytes()
+    for qt, code in (("Q4_0", 2), ("F16", 1), ("Q8_0", 8)):
+        cases.append(("tensor-meta", f"F32 tensor relabelled {qt} (eval perplexity)",
+                      ["eval", "perplexity", "--max-tokens", "64", "--max-length", "256", "--stride", "128", "--model",
+                       gfile(_tensor_field(raw32, "blk.0.attn_q.weight", "type", code))], None))
+    cases.append(("tensor-meta", "offset misaligned by one byte (generate)",
+                  ["generate", "--prompt", "hi", "--max-new-tokens", "2", "--model",
+                   gfile(_tensor_field(raw32, "blk.0.ffn_up.weight", "offset", 1))], None))
+    q8 = ["quantize", "gguf", "--type", "Q8_0", "--out"]
+    cases.append(("tensor-meta", "a missing tensor (quantize gguf)",
+                  q8 + [str(d / "o-miss"), "--model", gfile(_drop_tensor(f32, "blk.1.ffn_down.weight"))], d / "o-miss"))
+    cases.append(("tensor-meta", "no merges (quantize gguf)",
+                  q8 + [str(d / "o-merges"), "--model", gfile(_drop_kv(f32, "tokenizer.ggml.merges"))], d / "o-merges"))
+    cases.append(("tensor-meta", "an empty vocabulary (quantize gguf)",
+                  q8 + [str(d / "o-vocab"), "--model", gfile(_drop_kv(f32, "tokenizer.ggml.tokens", empty=True))],
+                  d / "o-vocab"))
+    # integer dtypes where floats belong
+    header, data = st_parts(small / "model.safetensors")
+    h = json.loads(json.dumps(header))
+    h[up]["dtype"] = "I32"
+    cases.append(("dtype", "safetensors header I32 (same size)", ["eval", "perplexity", "--max-tokens", "64", "--max-length", "256", "--stride", "128", "--model",
+                                                                   folder(model__safetensors=st_blob(h, data))], None))
+    cases.append(("dtype", "GGUF I32 tensor", ["eval", "perplexity", "--max-tokens", "64", "--max-length", "256", "--stride", "128", "--model",
+                                               gfile(_tensor_field(raw32, "blk.0.attn_k.weight", "type", 26))], None))
+    # paths and environment
+    gen = ["generate", "--prompt", "hi", "--model"]
+    cases.append(("paths", "a 5,000-character path", gen + ["/tmp/" + "/".join(["a" * 200] * 25)], None))
+    cases.append(("paths", "--model ~nonexistent_user/x", gen + ["~nonexistent_user/x"], None))
+    cases.append(("paths", "--model /proc/self/mem", gen + ["/proc/self/mem"], None))
+    cases.append(("paths", "--out ''", ["convert", "hf", "--model", str(small), "--out", ""], None))
+    # parameters
+    cases.append(("parameters31", "--max-length 2 --stride 2 --max-tokens 101",
+                  ["eval", "perplexity", "--model", str(small), "--max-length", "2", "--stride", "2",
+                   "--max-tokens", "101"], None))
+    cases.append(("parameters31", "quantize int8 --granularity group --group-size 1e9",
+                  ["quantize", "int8", "--model", str(small), "--granularity", "group", "--group-size", "1000000000",
+                   "--out", str(d / "o-g")], d / "o-g"))
+    cases.append(("parameters31", "imatrix --chunk-size 5000 (context 512)",
+                  ["imatrix", "--model", str(small), "--chunk-size", "5000", "--out", str(d / "o-im2.gguf")],
+                  d / "o-im2.gguf"))
+    cases.append(("parameters31", "--imatrix given a model GGUF",
+                  q8 + [str(d / "o-imm"), "--model", str(f32), "--imatrix", str(f32)], d / "o-imm"))
     return cases
+
+
+def _drop_tensor(src: Path, name: str) -> bytes:
+    import io
+
+    import numpy as np
+
+    from llmcourse.core.gguf_container import Tensor, read_gguf_header, write_gguf
+
+    kvs, infos = read_gguf_header(src)
+    data = src.read_bytes()
+    tensors = [Tensor(t.name, t.shape, t.qtype, lambda t=t: np.frombuffer(data, np.uint8, t.nbytes, t.offset))
+               for t in infos if t.name != name]
+    buf = io.BytesIO()
+    write_gguf(buf, kvs, tensors)
+    return buf.getvalue()
+
+
+def _drop_kv(src: Path, key: str, empty: bool = False) -> bytes:
+    """``src`` without the metadata ``key`` (or with it as an empty string array)."""
+    import io
+
+    import numpy as np
+
+    from llmcourse.core.gguf_container import Tensor, read_gguf_header, write_gguf
+
+    kvs, infos = read_gguf_header(src)
+    data = src.read_bytes()
+    tensors = [Tensor(t.name, t.shape, t.qtype, lambda t=t: np.frombuffer(data, np.uint8, t.nbytes, t.offset))
+               for t in infos]
+    buf = io.BytesIO()
+    from gguf import GGUFValueType as VT
+
+    from llmcourse.core.gguf_container import KV
+
+    kept = [kv for kv in kvs if kv.key != key] + ([KV(key, [], VT.ARRAY, VT.STRING)] if empty else [])
+    write_gguf(buf, kept, tensors)
+    return buf.getvalue()
 
 
 def run(argv: list[str], env: dict) -> tuple[int, str, float]:
@@ -266,6 +409,10 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="run only the classes given, comma-separated (e.g. gguf,data)")
+    ap.add_argument("--limit", type=float, default=LIMIT_S, help="seconds a case may take (default: %(default)s; "
+                    "raise it on a loaded machine, where the start-up alone takes longer)")
+    ap.add_argument("--match", default="", help="run only the examples whose label holds one of these texts (comma-separated)")
+    ap.add_argument("--results", default="probe.md", help="file name under bench/results (default: %(default)s)")
     args = ap.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows, failures = [], 0
@@ -273,23 +420,23 @@ def main() -> int:
         d = Path(tmp)
         cases = build(d)
         for cls, label, argv, out in cases:
-            if args.only and cls not in args.only.split(","):
+            if (args.only and cls not in args.only.split(",")) or not any(m in label for m in args.match.split(",")):
                 continue
             code, err, secs = run(argv, env)
             lines = [ln for ln in err.strip().splitlines() if ln.strip()]
             if label in EXPECT_RESULT:
                 ok = code == 0 and "Traceback" not in err  # a computed result: no time limit
             else:
-                ok = code == 2 and len(lines) == 1 and "Traceback" not in err and secs < LIMIT_S
+                ok = code == 2 and len(lines) == 1 and "Traceback" not in err and secs < args.limit
                 ok = ok and (out is None or not out.exists())
             failures += not ok
             msg = lines[-1] if lines else ""
             rows.append((cls, label, code, len(lines), secs, ok, msg))
             print(f"{'ok ' if ok else 'BAD'} {secs:5.2f}s exit {code} [{cls}] {label}: {msg[:150]}", flush=True)
         os.chmod(d / "readonly", 0o700)
-    text = [f"## Issue 16's bad-input examples, re-run as commands\n\n_{date.today()}, {machine()}_\n",
+    text = [f"## Bad-input examples of issues 16 and 31, re-run as commands\n\n_{date.today()}, {machine()}_\n",
             f"Each case: a fresh `llmcourse` process (Python, torch and the model load included); pass = exit 2, "
-            f"one line on stderr, no traceback, under {LIMIT_S:.0f} s, no --out left (exit 0 for "
+            f"one line on stderr, no traceback, under {args.limit:.0f} s, no --out left (exit 0 for "
             f"{', '.join(sorted(EXPECT_RESULT))}: valid requests, a result is right).\n",
             "| class | example | exit | lines | s | pass | message |", "|---|---|---|---|---|---|---|"]
     for cls, label, code, nl, secs, ok, msg in rows:
@@ -299,8 +446,8 @@ def main() -> int:
     text.append(f"\n{len(rows) - failures} of {len(rows)} pass; slowest {times[-1]:.2f} s, "
                 f"median {times[len(times) // 2]:.2f} s.")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "probe.md").write_text("\n".join(text) + "\n")
-    print(f"{len(rows) - failures}/{len(rows)} pass; wrote {RESULTS / 'probe.md'}")
+    (RESULTS / args.results).write_text("\n".join(text) + "\n")
+    print(f"{len(rows) - failures}/{len(rows)} pass; wrote {RESULTS / args.results}")
     return 1 if failures else 0
 
 

@@ -21,8 +21,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from llmcourse import __version__
 from llmcourse.core.cli_common import Result
@@ -113,11 +116,72 @@ def _quiet_libraries(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every way it can end is one of: its output (exit 0, or the result's code), one
+    ``llmcourse: error: ...`` line (exit 2), ``llmcourse: interrupted`` (Ctrl-C, exit 130, at any moment,
+    start-up included), or a quiet exit 141 when stdout is closed early (``llmcourse generate ... | head -c 1``)."""
+    previous = _watch_interrupts()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        _say("llmcourse: interrupted")
+        return 130
+    except BrokenPipeError:
+        return _closed_stdout()
+    except Exception:
+        # a Ctrl-C that landed inside an import can resurface as another error (numpy turns it into
+        # "ImportError: cannot load module more than once"): after a Ctrl-C, any failure is the interruption
+        if _INTERRUPTED.is_set():
+            _say("llmcourse: interrupted")
+            return 130
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def _watch_interrupts() -> Any:
+    """Note every Ctrl-C (then raise KeyboardInterrupt as Python's own handler does); return the handler to
+    restore, or None where Python's default one is not installed (Ctrl-C ignored, another handler, a thread)."""
+    _INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+    return signal.signal(signal.SIGINT, _on_sigint)
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr itself is gone: nothing left to tell
+        pass
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as a process killed by SIGPIPE would
+    (exit 128 + 13), and keep Python from reporting the broken pipe again when it flushes at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser(argv)
     except UserError as e:  # a lab's optional package is missing
-        print(f"llmcourse: error: {e}", file=sys.stderr)
+        _say(f"llmcourse: error: {e}")
         return UserError.exit_code
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -129,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         (gp or parser).print_help()
         return 2 if argv else 0
     try:
+        out = getattr(args, "out", None)
+        if isinstance(out, str) and not out.strip():  # Path("") is "." (the current folder): never meant
+            raise UserError("--out is empty", "pass a file or folder path")
         threads = None
         if hasattr(args, "threads"):  # commands that compute: choose before torch starts its pool
             threads = choose_threads(args.threads)
@@ -138,18 +205,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(result, Result) and threads is not None:
             result.data.setdefault("threads", threads)
     except UserError as e:
+        if _INTERRUPTED.is_set():  # the error is the Ctrl-C's doing (a half-finished import, say)
+            raise KeyboardInterrupt from None
         if debug:
             raise
-        print(f"llmcourse: error: {e}", file=sys.stderr)
+        _say(f"llmcourse: error: {e}")
         return UserError.exit_code
-    except KeyboardInterrupt:
-        print("llmcourse: interrupted", file=sys.stderr)
-        return 130
     if isinstance(result, Result):
         if getattr(args, "json", False):
             print(dumps(result.data))
         elif result.text:
             print(result.text)
+        sys.stdout.flush()  # a closed pipe is reported here, inside main, not at interpreter exit
+        if result.error:
+            _say(f"llmcourse: error: {result.error}")
         return result.exit_code
     return 0
 

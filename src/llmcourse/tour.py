@@ -4,7 +4,10 @@
 and ``DIR/summary.json``. Each lab of the lab table (:mod:`llmcourse.core.lab`) may declare a
 section ``section(ctx: TourContext) -> TourSection`` (:mod:`llmcourse.core.report`); they run in
 the table's order. A section that fails is reported in the page and in the summary, the tour
-goes on, and ``llmcourse tour`` exits 1 at the end so that CI sees it.
+goes on, and ``llmcourse tour`` exits 1 at the end so that CI sees it, with the reasons on stderr in one
+``llmcourse: error:`` line. The page of such a run is still written (the other sections' figures are
+valid) but opens with a banner naming the failed sections, and ``summary.json`` lists them under
+``failed``: no page of a failed run reads as a success.
 """
 
 from __future__ import annotations
@@ -121,6 +124,10 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
         if ctx._reference is not None:
             summary["reference"] = {"perplexity": ctx._reference["perplexity"], "span": ctx.span.caption}
         summary["seconds"] = round(time.perf_counter() - t_start, 2)
+        if summary["failed"]:  # the page never looks like a complete run: a banner above everything else
+            failed = [t for t, s in summary["sections"].items() if "error" in s]
+            parts.insert(0, f'<p class="err"><b>{len(failed)} section(s) failed: {html.escape(", ".join(failed))}.</b> '
+                            "The other sections' figures are valid; this run as a whole did not succeed.</p>")
         page = PAGE.format(model=html.escape(model if model != "default" else "SmolLM2-135M-Instruct"),
                            version=__version__, seconds=summary["seconds"],
                            quick=" (quick mode)" if quick else "", nav="".join(nav), body="\n".join(parts))
@@ -137,7 +144,11 @@ def _cmd_tour(args: argparse.Namespace) -> Result:
     if summary["failed"]:
         lines.append(f"{len(summary['failed'])} section(s) failed: {', '.join(summary['failed'])} "
                      "(details in the page; run again with --debug for the tracebacks)")
-    return Result(summary, "\n".join(lines), exit_code=1 if summary["failed"] else 0)
+    error = ""
+    if summary["failed"]:
+        reasons = [f"{title}: {s['error']}" for title, s in summary["sections"].items() if "error" in s]
+        error = " ".join(f"{len(reasons)} tour section(s) failed ({'; '.join(reasons)})".split())[:600]
+    return Result(summary, "\n".join(lines), exit_code=1 if summary["failed"] else 0, error=error)
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:

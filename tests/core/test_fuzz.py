@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import struct
 
@@ -362,3 +363,241 @@ def test_fuzz_config_values(tiny_files, tmp_path):
 def test_case_count_at_least_1000():
     """The generated cases in all (byte mutations + structured): the issue asks for at least 1,000."""
     assert 2 * N_CASES + N_GGUF_META + N_ST_HEADER + N_CONFIG >= 1000
+    assert N_TEMPLATES + N_NONFINITE + N_LYING + N_DTYPES >= 200  # issue 31's classes
+
+
+# --- issue 31: hostile chat templates, NaN/Inf weights, lying tensor metadata, integer dtypes ------------------
+
+N_TEMPLATES = 80
+N_NONFINITE = 24
+N_LYING = 80
+N_DTYPES = 20
+
+
+def template_cases(rng: random.Random):
+    """(class, template) of chat templates that are hostile or broken: every one must end in one line."""
+    big = rng.choice
+    makers = {
+        "ssti": lambda: big(["{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+                             "{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ joiner.__init__.__globals__ }}",
+                             "{{ lipsum.__globals__['os'].system('true') }}", "{{ namespace.__init__.__globals__ }}",
+                             "{{ self._TemplateReference__context }}", "{{ messages.__class__.__base__ }}",
+                             "{% set ns = namespace(_x=1) %}{{ ns._x }}"]),
+        "include": lambda: big(["{% include 'x' %}", "{% import 'x' as y %}", "{% from 'x' import y %}",
+                                "{% extends 'base.jinja' %}", "{% include messages[0].content %}"]),
+        "raise": lambda: "{{ raise_exception('" + big(["no system role", "", "x" * 300]) + "') }}",
+        "syntax": lambda: big(["{% for %}", "{{ }", "{% if x %}", "{% endfor %}", "{{ 1 +* 2 }}",
+                               "{% macro %}", "{{ messages[ }}", "{% generation %}x"]),
+        "undefined": lambda: big(["{{ foo.bar }}", "{{ messages[10].content.upper() }}",
+                                  "{{ messages[0].nope.deeper }}", "{{ undefined_macro() }}"]),
+        "string_bomb": lambda: big(["{{ 'x' * 10**10 }}", "{{ 'x' * 2**62 }}", "{{ [1] * 10**9 }}",
+                                    "{{ 'ab'|center(1000000000) }}", "{{ 'x'.ljust(10**9) }}",
+                                    "{{ 'a\nb'|indent(1000000000) }}", "{{ '%099999999d' % 1 }}",
+                                    "{{ '{:>999999999}'.format(1) }}", "{{ ('x' * 1000)|replace('', 'y' * 5000) }}",
+                                    "{{ ('x' * 5000).replace('x', 'y' * 5000) }}", "{{ 'x'|tojson(indent=10**9) }}",
+                                    "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+                                    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                                    "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+                                    "{% set ns.s = ns.s + ns.s %}{% endfor %}", "{{ 7 ** 99999999 }}"]),
+        "recursion": lambda: big(["{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+                                  "{% macro f(n) %}{{ f(n + 1) }}x{% endmacro %}{{ f(0) }}"]),
+        "loop_bomb": lambda: big(["{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                                  "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+                                  "{% for c in 'x' * 90000 %}{% for d in 'y' * 90000 %}{% endfor %}{% endfor %}"]),
+        "too_large": lambda: "{# " + "x" * rng.choice([300_000, 2_000_000]) + " #}",
+        "runtime": lambda: big(["{{ 1 / 0 }}", "{{ messages + 1 }}", "{{ 'a' - 1 }}", "{{ messages|int + none }}",
+                                "{{ range(10**9)|list }}"]),
+    }
+    kinds = sorted(makers)
+    for i in range(N_TEMPLATES):
+        kind = kinds[i % len(kinds)] if i < len(kinds) else rng.choice(kinds)
+        yield kind, makers[kind]()
+
+
+def test_fuzz_chat_templates():
+    """Every hostile or broken template ends in one line naming where it came from, within a 0.5 s budget here
+    (the CLI's is 5 s: tested once in test_fuzz_inputs), never a traceback, hang or memory spike."""
+    from llmcourse.core.chat_template import render_chat
+
+    counts: dict[str, int] = {}
+    messages = [{"role": "user", "content": "hi"}]
+    for i, (label, tpl) in enumerate(template_cases(random.Random(31))):
+        def run(tpl=tpl):
+            with guarded(10, max_bytes=1 << 30):
+                render_chat(tpl, "model/chat_template.jinja", messages, variables={"bos_token": "<s>"}, seconds=0.5)
+            return "rendered"
+        _expect_error(f"{label}:{i}", run, counts)
+    COUNTS["chat_template"] = counts
+    print(f"\nchat_template cases: {counts}")
+    assert sum(counts.values()) == N_TEMPLATES and len(counts) == 10, counts
+
+
+def test_chat_template_errors_name_the_file_and_the_ids_match_transformers(tiny_files, tmp_path):
+    from llmcourse.core.chat_template import chat_ids
+
+    _, hf = tiny_files
+    tok = load_model(str(hf)).tokenizer
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}" \
+                        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    assert chat_ids(tok, msgs) == list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                               return_dict=True)["input_ids"])
+    tok.chat_template = "{{ raise_exception('nope') }}"
+    with pytest.raises(UserError, match="chat_template") as e:
+        chat_ids(tok, msgs)
+    assert str(hf) in str(e.value) and "\n" not in str(e.value)
+
+
+def _nonfinite_st(hf, case_dir, rng: random.Random):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(hf / "model.safetensors"))
+    name = rng.choice(sorted(state))
+    t = state[name].clone()
+    t.view(-1)[rng.randrange(t.numel())] = rng.choice([float("nan"), float("inf"), -float("inf")])
+    save_file({**state, name: t}, str(case_dir / "model.safetensors"), metadata={"format": "pt"})
+    return name
+
+
+def _gguf_data_patch(src, name: str, index: int, value: float) -> bytes:
+    """``src``'s bytes with element ``index`` of the F32 tensor ``name`` set to ``value``."""
+    _, infos = read_gguf_header(src)
+    t = next(t for t in infos if t.name == name)
+    b = bytearray(src.read_bytes())
+    struct.pack_into("<f", b, t.offset + 4 * index, value)
+    return bytes(b)
+
+
+def test_fuzz_nonfinite_weights(tiny_files, tmp_path):
+    """NaN/Inf in one weight of a safetensors folder or an F32 GGUF: loading, and quantizing the GGUF, are refused
+    in one line naming the tensor; nothing is left at the output."""
+    from llmcourse.quant.gguf.presets import quantize_gguf
+
+    gguf_path, hf = tiny_files
+    rng = random.Random(5)
+    case_dir = _case_dir(hf, tmp_path, "model.safetensors", link=True)
+    _, infos = read_gguf_header(gguf_path)
+    counts: dict[str, int] = {}
+    for i in range(N_NONFINITE):
+        if i % 3 == 0:
+            name = _nonfinite_st(hf, case_dir, rng)
+            label, run = "safetensors", lambda: run_case(case_dir)
+        else:
+            t = rng.choice(infos)
+            name = t.name
+            p = tmp_path / "nan.gguf"
+            p.write_bytes(_gguf_data_patch(gguf_path, name, rng.randrange(math.prod(t.shape)),
+                                           rng.choice([float("nan"), float("inf"), -float("inf")])))
+            out = tmp_path / "q.gguf"
+            if i % 3 == 1:
+                label, run = "gguf_load", lambda p=p: run_case(p)
+            else:
+                def run(p=p, out=out):
+                    quantize_gguf(p, out, "Q8_0")
+                    return "wrote"
+                label = "gguf_quantize"
+        try:
+            with guarded(30):
+                outcome = run()
+        except UserError as e:
+            assert name in str(e) and "\n" not in str(e), str(e)
+            outcome = "error"
+        assert outcome == "error", f"{label}:{i} ({name}) accepted a non-finite weight"
+        assert not (tmp_path / "q.gguf").exists() and not list(tmp_path.glob(".q.gguf*"))
+        counts[label] = counts.get(label, 0) + 1
+    COUNTS["nonfinite"] = counts
+    print(f"\nnonfinite cases: {counts}")
+
+
+def _patch_tensor_field(blob: bytes, name: str, field: str, value: int) -> bytes:
+    """Overwrite the type (u32) or the offset (u64) of tensor ``name`` in the header."""
+    enc = struct.pack("<Q", len(name)) + name.encode()
+    i = blob.index(enc) + len(enc)
+    (n_dims,) = struct.unpack_from("<I", blob, i)
+    b = bytearray(blob)
+    at = i + 4 + 8 * n_dims
+    if field == "type":
+        struct.pack_into("<I", b, at, value)
+    else:
+        (old,) = struct.unpack_from("<Q", b, at + 4)
+        struct.pack_into("<Q", b, at + 4, max(0, old + value))
+    return bytes(b)
+
+
+def lying_cases(src, rng: random.Random):
+    """(class, bytes) of GGUFs whose tensor list or tokenizer lies: every one must be refused before any read."""
+    from gguf import GGMLQuantizationType as QT
+
+    blob = src.read_bytes()
+    _, infos = read_gguf_header(src)
+    names = [t.name for t in infos]
+    blocks = [n for n in names if n.startswith("blk.")]
+
+    def setkv(key, value, vtype, sub=None):
+        return lambda kvs: [*[kv for kv in kvs if kv.key != key], KV(key, value, vtype, sub)]
+
+    def dropkv(key):
+        return lambda kvs: [kv for kv in kvs if kv.key != key]
+
+    for i in range(N_LYING):
+        kind = ["type", "offset", "missing_tensor", "tokenizer"][i % 4]
+        if kind == "type":
+            qt = rng.choice([QT.Q4_0, QT.F16, QT.Q8_0, QT.BF16, QT.Q4_1, QT.Q5_0])
+            yield f"type_{qt.name}", _patch_tensor_field(blob, rng.choice(names), "type", int(qt))
+        elif kind == "offset":
+            yield "offset", _patch_tensor_field(blob, rng.choice(names[1:]), "offset", rng.choice([1, -1, 2, 32, -32]))
+        elif kind == "missing_tensor":
+            drop = rng.choice(blocks + ["output_norm.weight"])
+            yield "missing_tensor", _gguf_with(src, tensors_edit=lambda ts, d=drop: [t for t in ts if t.name != d])
+        else:
+            edit = rng.choice([("no_merges", dropkv("tokenizer.ggml.merges")),
+                               ("empty_merges", setkv("tokenizer.ggml.merges", [], VT.ARRAY, VT.STRING)),
+                               ("empty_vocab", setkv("tokenizer.ggml.tokens", [], VT.ARRAY, VT.STRING)),
+                               ("no_vocab", dropkv("tokenizer.ggml.tokens")),
+                               ("spm_without_scores", lambda kvs: dropkv("tokenizer.ggml.scores")(
+                                   setkv("tokenizer.ggml.model", "llama", VT.STRING)(kvs)))])
+            yield edit[0], _gguf_with(src, edit[1])
+
+
+def test_fuzz_lying_tensor_metadata(tiny_files, tmp_path):
+    """Types, offsets, tensor lists and tokenizer fields that lie: refused by the header checks, before any
+    tensor is read (loading) and before ``quantize gguf`` writes anything."""
+    from llmcourse.core.formats import read_gguf_model
+
+    gguf_path, _ = tiny_files
+    counts: dict[str, int] = {}
+    p = tmp_path / "case.gguf"
+    for i, (label, blob) in enumerate(lying_cases(gguf_path, random.Random(77))):
+        p.write_bytes(blob)
+        _expect_error(f"{label}:{i}", lambda: (read_gguf_model(p), "read")[1], counts)
+        if i < 12:  # the whole load and the command path too, on a sample
+            _expect_error(f"{label}:{i}", lambda: run_case(p), {})
+    COUNTS["lying_metadata"] = counts
+    print(f"\nlying tensor metadata cases: {counts}")
+    assert sum(counts.values()) == N_LYING and len(counts) >= 10, counts
+
+
+def test_fuzz_integer_dtypes(tiny_files, tmp_path):
+    """An integer dtype where a float weight belongs (same byte size, so every size check passes)."""
+    gguf_path, hf = tiny_files
+    rng = random.Random(3)
+    st = (hf / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", st[:8])[0]
+    header, data = json.loads(st[8:8 + n]), st[8 + n:]
+    names = sorted(k for k in header if k != "__metadata__")
+    case_dir = _case_dir(hf, tmp_path, "model.safetensors", link=True)
+    p = tmp_path / "int.gguf"
+    _, infos = read_gguf_header(gguf_path)
+    counts: dict[str, int] = {}
+    for i in range(N_DTYPES):
+        if i % 2:
+            h = json.loads(json.dumps(header))
+            h[rng.choice(names)]["dtype"] = "I32"
+            (case_dir / "model.safetensors").write_bytes(_st_blob(h, data))
+            _expect_error(f"safetensors_I32:{i}", lambda: _run_st(case_dir), counts)
+        else:
+            p.write_bytes(_patch_tensor_field(gguf_path.read_bytes(), rng.choice(infos).name, "type", 26))  # I32
+            _expect_error(f"gguf_I32:{i}", lambda: run_case(p), counts)
+    COUNTS["dtypes"] = counts
+    print(f"\ninteger dtype cases: {counts}")
+    assert counts == {"safetensors_I32": N_DTYPES // 2, "gguf_I32": N_DTYPES // 2}, counts

@@ -202,3 +202,125 @@ def test_cli_sample_one_line_exit_2(args: list[str]) -> None:
     assert os.waitstatus_to_exitcode(status) == 2, (args, stderr[-500:])
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
     assert usage.ru_maxrss * 1024 < MAX_SPIKE, f"{args} peaked at {usage.ru_maxrss} kB"
+
+
+# --- issue 31: paths, environment, parameters and chat templates as commands (in-process: no start-up cost) ---
+
+@pytest.fixture(scope="module")
+def tiny_cli(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama folder (256-token BPE tokenizer), its F32 GGUF, a copy with a NaN weight, a copy whose own
+    chat template is hostile, and a loop-bomb template file."""
+    from safetensors.torch import load_file, save_file
+    from tiny_gguf import write_tiny_llama_gguf
+
+    from llmcourse.core.models import load_model
+
+    d = tmp_path_factory.mktemp("cli31")
+    model = tiny_model("llama", vocab_size=256)
+    write_tiny_llama_gguf(model, d / "tiny.gguf")
+    hf = d / "hf"
+    model.save_pretrained(hf, safe_serialization=True)
+    tok = load_model(str(d / "tiny.gguf")).tokenizer
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    tok.save_pretrained(hf)
+    nan = d / "nan"
+    nan.mkdir()
+    for f in hf.iterdir():
+        (nan / f.name).symlink_to(f)
+    (nan / "model.safetensors").unlink()
+    state = load_file(str(hf / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    hostile = d / "hostile"
+    hostile.mkdir()
+    for f in hf.iterdir():
+        if f.name != "chat_template.jinja":
+            (hostile / f.name).symlink_to(f)
+    (hostile / "chat_template.jinja").write_text("{{ cycler.__init__.__globals__.os.popen('id').read() }}")
+    (d / "bomb.jinja").write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    return {"hf": hf, "gguf": d / "tiny.gguf", "nan": nan, "hostile": hostile, "bomb": d / "bomb.jinja", "dir": d}
+
+
+CLI31 = {  # label: (argv with {hf} {gguf} {nan} {hostile} {bomb} {out}, what the one line must say)
+    "~nonexistent_user": (["generate", "--model", "~nonexistent_user/x", "--prompt", "hi"], "no such user"),
+    "/proc/self/mem": (["generate", "--model", "/proc/self/mem", "--prompt", "hi"], "/proc/self/mem"),
+    "5,000-character path": (["generate", "--model", "/tmp/" + "/".join(["a" * 200] * 25), "--prompt", "hi"],
+                             "too long"),
+    "--out ''": (["convert", "hf", "--model", "{hf}", "--out", ""], "--out is empty"),
+    "--group-size 1e9": (["quantize", "int8", "--model", "{hf}", "--granularity", "group", "--group-size",
+                          "1000000000", "--out", "{out}"], "--group-size"),
+    "imatrix --chunk-size over the context": (["imatrix", "--model", "{hf}", "--chunk-size", "5000", "--out",
+                                               "{out}"], "context"),
+    "--imatrix given a model GGUF": (["quantize", "gguf", "--model", "{gguf}", "--type", "Q4_K_M", "--imatrix",
+                                      "{gguf}", "--out", "{out}"], "token_embd.weight"),
+    "NaN weight (eval)": (["eval", "perplexity", "--model", "{nan}", "--max-length", "64", "--max-tokens", "128"],
+                          "model.layers.1.mlp.up_proj.weight"),
+    "NaN weight (quantize int8)": (["quantize", "int8", "--model", "{nan}", "--out", "{out}"],
+                                   "model.layers.1.mlp.up_proj.weight"),
+    "hostile template (chat)": (["chat", "--model", "{hostile}", "--prompt", "hi", "--max-new-tokens", "2"],
+                                "chat_template.jinja"),
+    "loop-bomb --chat-template (models)": (["models", "--model", "{hf}", "--chat-sample", "hi", "--chat-template",
+                                            "{bomb}"], "bomb.jinja"),
+}
+
+
+@pytest.mark.parametrize("label", list(CLI31))
+def test_issue31_cases_one_line_exit_2(tiny_cli, tmp_path, label, capsys) -> None:
+    from llmcourse.cli import main
+
+    argv, expect = CLI31[label]
+    out = tmp_path / "out"
+    argv = [a.format(out=out, **tiny_cli) for a in argv]
+    t0 = time.monotonic()
+    with guarded(30):
+        code = main([*argv, "--threads", "1"])
+    secs = time.monotonic() - t0
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, (code, err)
+    assert expect in err, err
+    assert secs < 10, f"{label}: {secs:.1f} s"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_issue31_valid_requests_give_results(tiny_cli, capsys) -> None:
+    """A last window of one token (--max-length 2 --stride 2 on 101 tokens) and --chat-template none."""
+    from llmcourse.cli import main
+
+    assert main(["eval", "perplexity", "--model", str(tiny_cli["hf"]), "--max-length", "2", "--stride", "2",
+                 "--max-tokens", "101", "--json", "--threads", "1"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] == 51 and math.isfinite(r["perplexity"])  # 50 windows + the last token's (was an IndexError)
+    assert main(["models", "--model", str(tiny_cli["hf"]), "--chat-sample", "hi", "--chat-template", "none",
+                 "--threads", "1"]) == 0
+    assert main(["chat", "--model", str(tiny_cli["hostile"]), "--prompt", "hi", "--max-new-tokens", "2",
+                 "--chat-template", "none", "--threads", "1"]) == 0
+
+
+def test_eval_refuses_a_nan_result() -> None:
+    """A model whose outputs are NaN (weights changed after loading) never prints ``perplexity nan``."""
+    import torch
+
+    from llmcourse.core.evaluate import compare, perplexity
+
+    model = tiny_model("llama", seed=2)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    ids = torch.arange(1, 60).reshape(1, -1)
+    with pytest.raises(UserError, match="perplexity is nan"):
+        perplexity(model, ids, max_length=32, stride=16)
+    with pytest.raises(UserError, match="KL divergence is nan"):
+        compare(model, tiny_model("llama", seed=2), ids, max_length=32)
+
+
+def test_tree_plot_memory_is_bounded(tmp_path: Path) -> None:
+    """The tree of a 200-step sampled generation (``generate --strategy sample --tree t.png --max-new-tokens 200``)
+    was a 700-megapixel figure (4.6 GB peak); its raster is now capped at 40 Mpx."""
+    from llmcourse.decoding import tree
+    from llmcourse.decoding.engine import StepRecord
+
+    probs = [0.5 / (i + 1) for i in range(30)]
+    records = [StepRecord(list(range(30)), probs, probs, 30, 3, 0.1) for _ in range(200)]
+    t = tree.tree_from_records(None, "prompt", records)
+    with guarded(60, max_bytes=1 << 30):
+        tree.draw_tree(t, tmp_path / "t.png", title="sample")
+    assert (tmp_path / "t.png").stat().st_size > 0

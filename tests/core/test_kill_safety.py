@@ -140,3 +140,73 @@ def test_ctrl_c_while_writing_prints_one_line_exits_130_and_cleans_up(tiny_src: 
     assert p.returncode == 130, err
     assert err.strip().splitlines()[-1] == "llmcourse: interrupted" and "Traceback" not in err, err
     assert not out.exists() and _temporaries(tmp_path) == []
+
+
+# --- issue 31: Ctrl-C early in start-up, a closed stdout, dead runs' temporaries cleaned by any command ----------
+
+@pytest.fixture(scope="module")
+def tiny_small(tmp_path_factory) -> Path:
+    """A 64-wide Llama with the default model's tokenizer (the start-up cases need a model, not a big one)."""
+    import shutil
+
+    from llmcourse.core.models import default_model_dir
+
+    src = tmp_path_factory.mktemp("sigint") / "src"
+    tiny_model("llama", seed=1, vocab_size=49152).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (default_model_dir() / name).exists():
+            shutil.copy(default_model_dir() / name, src / name)
+    return src
+
+
+EARLY = {
+    "convert hf": ["convert", "hf", "--model", "{src}", "--out", "{out}"],
+    "quantize int8": ["quantize", "int8", "--model", "{src}", "--out", "{out}"],
+    "generate": ["generate", "--model", "{src}", "--prompt", "hi", "--max-new-tokens", "200"],
+    "eval perplexity": ["eval", "perplexity", "--model", "{src}", "--max-length", "64"],
+    "chat": ["chat", "--model", "{src}", "--prompt", "hi", "--max-new-tokens", "200"],
+}
+
+
+@pytest.mark.parametrize("name", list(EARLY))
+def test_ctrl_c_during_start_up(tiny_small: Path, tmp_path: Path, name: str) -> None:
+    """SIGINT 0.5-2 s after the start (imports, model load): one line, exit 130, nothing at or beside --out."""
+    out = tmp_path / "out"
+    argv = [a.format(src=tiny_small, out=out) for a in EARLY[name]]
+    p = subprocess.Popen([EXE, *argv, "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(random.Random(name).uniform(0.5, 2.0))
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("the command finished before Ctrl-C reached it")
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "llmcourse: interrupted" and "Traceback" not in err, err
+    assert not out.exists() and _temporaries(tmp_path) == []
+
+
+def test_closed_stdout_exits_quietly(tiny_small: Path) -> None:
+    """``llmcourse generate ... | head -c 1``: no BrokenPipeError traceback, the SIGPIPE status (141), nothing on stderr."""
+    p = subprocess.Popen([EXE, "generate", "--model", str(tiny_small), "--prompt", "hi", "--max-new-tokens", "40",
+                          "--backend", "hf", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(1)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    assert p.returncode in (0, 141) and "Traceback" not in err and "Error" not in err, (p.returncode, err)
+
+
+def test_a_failing_command_still_cleans_dead_runs_temporaries(tmp_path: Path) -> None:
+    """The temporaries a killed run left beside --out go at the next command's output check, even when that
+    command then fails (a bad --model) and never writes."""
+    from llmcourse.cli import main
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    stale = [tmp_path / f".out.{dead.pid}.abc.part", tmp_path / f".llmcourse-probe.{dead.pid}.x.part"]
+    stale[0].mkdir()
+    (stale[0] / "half.safetensors").write_bytes(b"x")
+    stale[1].write_bytes(b"x")
+    assert main(["convert", "hf", "--model", str(tmp_path / "nothere"), "--out", str(out)]) == 2
+    assert not any(s.exists() for s in stale)

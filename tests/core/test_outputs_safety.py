@@ -104,3 +104,47 @@ def test_config_that_does_not_match_the_weights_is_refused(hf_dir: Path, change:
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError):
         load_model(str(hf_dir))
+
+
+# --- issue 31: output modes under the umask; a tour with a failed section ----------------------------------------
+
+def test_outputs_get_the_umask_mode(hf_dir: Path, tmp_path: Path) -> None:
+    """safetensors writes through a 0600 temporary file: model.safetensors used to be 0600 under umask 0022."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "conv"
+        assert main(["convert", "hf", "--model", str(hf_dir), "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def _ok_section(ctx):
+    from llmcourse.core.report import TourSection
+
+    return TourSection("Fine section", "<p>fine</p>", {"x": 1})
+
+
+def _failing_section(ctx):
+    raise UserError("this section needs a wider model", "use --model default")
+
+
+def test_a_failed_tour_section_is_one_stderr_line_and_no_page_claims_success(tmp_path: Path, monkeypatch,
+                                                                             capsys) -> None:
+    import llmcourse.tour as tour
+    from llmcourse.core.lab import Lab
+
+    labs = [(Lab(name="fine", title="Fine"), "test_outputs_safety:_ok_section"),
+            (Lab(name="wide", title="Wide"), "test_outputs_safety:_failing_section")]
+    monkeypatch.setattr(tour, "tour_sections", lambda: labs)
+    out = tmp_path / "tour"
+    assert main(["tour", "--quick", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a wider model" in err and err.startswith("llmcourse: error:"), err
+    page = (out / "index.html").read_text()
+    assert "1 section(s) failed: Wide" in page and page.index("section(s) failed") < page.index("<section")
+    assert json.loads((out / "summary.json").read_text())["failed"] == ["wide"]

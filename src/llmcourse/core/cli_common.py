@@ -18,6 +18,7 @@ class Result:
     data: dict[str, Any] = field(default_factory=dict)
     text: str = ""
     exit_code: int = 0  # non-zero when the work ran but part of it failed (e.g. a tour section)
+    error: str = ""  # with a non-zero exit_code: why, printed as one ``llmcourse: error:`` line on stderr
 
 
 def positive_int(s: str) -> int:
@@ -54,6 +55,14 @@ def add_model_args(p: argparse.ArgumentParser, name: str = "--model", default: s
                        help="allow loading pickle .bin/.pt checkpoints (can run arbitrary code: only for files you trust)")
         p.add_argument("--trust-remote-code", action="store_true",
                        help="allow a Hub/folder model to run its own Python code (off by default)")
+
+
+def add_chat_template_args(p: argparse.ArgumentParser) -> None:
+    """``--chat-template FILE|none`` for the commands that build chat prompts (rendered by
+    :mod:`llmcourse.core.chat_template`, in a sandbox with limits)."""
+    p.add_argument("--chat-template", default=None, metavar="FILE|none",
+                   help="render chats with this Jinja template instead of the model's own, or 'none' for a plain "
+                   "'role: text' transcript (default: the model's template)")
 
 
 def add_data_args(p: argparse.ArgumentParser, default_split: str = "eval") -> None:

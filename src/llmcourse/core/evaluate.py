@@ -55,6 +55,13 @@ def _check_window(model: Any, max_length: int, stride: int) -> None:
                         f"use --max-length {ctx} or less")
 
 
+def _check_finite_result(what: str, value: float) -> None:
+    """A NaN or infinite loss is never printed as a result: the model's outputs are not finite numbers."""
+    if not math.isfinite(value):
+        raise UserError(f"the {what} is {value} (the model's outputs hold NaN or infinite values)",
+                        "check the model's weights (re-convert or re-quantize it)")
+
+
 def _hidden_and_head(model: Any):
     """The model's trunk (returns hidden states) and its output head, when they can be split."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -105,6 +112,8 @@ def perplexity(
     bar = progress(total=seq_len - 1, desc="perplexity", unit="tok")
     for begin in starts:
         end = min(begin + max_length, seq_len)
+        if end - begin < 2:  # a last window of one token predicts nothing: give it the context before it
+            begin = max(0, end - max_length)
         trg_len = end - prev_end
         window = ids[:, begin:end]
         n_pred = min(trg_len, end - begin - 1)  # the window's first token is never a target
@@ -122,6 +131,7 @@ def perplexity(
     bar.close()
     dt = time.perf_counter() - t0
     nll = hf_sum / hf_count if weighting == "hf" and hf_count > 0 else nll_sum / n_scored
+    _check_finite_result("perplexity", nll)
     return {
         "perplexity": math.exp(nll),
         "nll": nll,
@@ -164,6 +174,7 @@ def compare(
         bar.update(k)
     bar.close()
     dt = time.perf_counter() - t0
+    _check_finite_result("KL divergence", kl_sum / n)
     return {
         "kl_divergence": kl_sum / n,
         "top1_agreement": agree / n,

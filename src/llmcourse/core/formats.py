@@ -173,10 +173,64 @@ def check_gguf_meta(kvs: list[KV], infos: list[TensorInfo]) -> None:
     if tokens is not None and (not isinstance(tokens, list) or len(tokens) > n_vocab):
         raise ValueError(f"the tokenizer has {len(tokens) if isinstance(tokens, list) else tokens!r} tokens "
                          f"for {n_vocab} embedding rows")
+    check_tensor_types(infos)
+    check_block_tensors(arch, n_block, names)
+    check_tokenizer_meta(meta)
     for key in _TOKEN_IDS:
         v = meta.get(f"tokenizer.ggml.{key}")
         if v is not None and (not _is_int(v) or not 0 <= v < n_vocab):
             raise ValueError(f"tokenizer.ggml.{key} is {v!r}, outside the vocabulary of {n_vocab}")
+
+
+_INT_TYPES = ("I8", "I16", "I32", "I64")
+
+
+def check_tensor_types(infos: list[TensorInfo]) -> None:
+    """Weights are floats or float blocks: an integer tensor type (I8..I64) is refused, naming the tensor."""
+    for t in infos:
+        if t.qtype.name in _INT_TYPES:
+            raise ValueError(f"tensor {t.name} has the integer type {t.qtype.name}, where a model's weights are floats")
+
+
+# the weights each block of these architectures must hold (llama.cpp's names); biases and extras are optional
+BLOCK_TENSORS = {
+    "llama": ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"),
+    "gpt2": ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"),
+}
+BLOCK_TENSORS["qwen2"] = BLOCK_TENSORS["mistral"] = BLOCK_TENSORS["llama"]
+
+
+def check_block_tensors(arch: str, n_block: int, names: set[str]) -> None:
+    """Every block of a known architecture holds every weight it needs (a file with one dropped is refused
+    before anything is read or written, not half-way through a quantization)."""
+    need = BLOCK_TENSORS.get(arch)
+    if need is None:
+        return
+    for i in range(n_block):
+        for short in need:
+            if f"blk.{i}.{short}.weight" not in names:
+                raise ValueError(f"the tensor blk.{i}.{short}.weight is missing")
+    if "output_norm.weight" not in names:
+        raise ValueError("the tensor output_norm.weight is missing")
+
+
+def check_tokenizer_meta(meta: dict) -> None:
+    """The tokenizer fields its model type needs: a non-empty vocabulary, ``merges`` for GPT-2-style BPE,
+    ``scores`` (one per token) for llama's SentencePiece."""
+    model = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if model is None and tokens is None:
+        return
+    if not isinstance(tokens, list) or not tokens:
+        raise ValueError("the tokenizer's vocabulary (tokenizer.ggml.tokens) is missing or empty")
+    if model == "gpt2":
+        merges = meta.get("tokenizer.ggml.merges")
+        if not isinstance(merges, list) or not merges:
+            raise ValueError("the gpt2 (BPE) tokenizer has no tokenizer.ggml.merges")
+    elif model == "llama":
+        scores = meta.get("tokenizer.ggml.scores")
+        if not isinstance(scores, list) or len(scores) != len(tokens):
+            raise ValueError("the llama (SentencePiece) tokenizer needs tokenizer.ggml.scores, one per token")
 
 
 def read_gguf_model(path: str | Path) -> tuple[list[KV], list[TensorInfo]]:

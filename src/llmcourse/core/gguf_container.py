@@ -252,9 +252,31 @@ def read_gguf_header(path: str | Path) -> tuple[list[KV], list[TensorInfo]]:
             infos.append(TensorInfo(name, tuple(int(x) for x in reversed(ne)), QT(qtype), offset))
         align = alignment(kvs)
         start = _pad(c.pos, align)
+        check_layout(infos, align, len(mm) - start)
     for t in infos:
         t.offset += start
     return kvs, infos
+
+
+def check_layout(infos: list[TensorInfo], align: int, data_size: int) -> None:
+    """The tensors' relative offsets, before any data is read, as llama.cpp's ``gguf_init`` demands: in header
+    order, each starts where the previous one's bytes (its type's block size x its shape), padded to the
+    alignment, end; the data section holds them all and nothing more. A type, shape or offset that lies (an
+    F32 tensor relabelled Q4_0 or F16, an offset moved by one byte, a tensor dropped from the list) breaks
+    the chain: ValueError naming the tensor."""
+    expected = 0
+    for t in infos:
+        if t.offset != expected:
+            why = "is not aligned" if t.offset % align else "does not follow the previous tensor's bytes"
+            raise ValueError(f"tensor {t.name} starts at data offset {t.offset}, expected {expected} ({why}: its "
+                             f"type, shape or offset is wrong)")
+        end = t.offset + t.nbytes  # nbytes raises for a row that is not a multiple of the type's block
+        if end > data_size:
+            raise ValueError(f"tensor {t.name} data runs past the end of the file")
+        expected = _pad(end, align)
+    if infos and data_size > expected:
+        raise ValueError(f"{data_size - expected} bytes after the last tensor ({infos[-1].name}: its type or "
+                         f"shape is wrong)")
 
 
 def check_tensor_data(infos: list[TensorInfo], size: int) -> None:

@@ -66,10 +66,22 @@ def check_not_input(out: str | Path, inputs: list[str | Path | None]) -> None:
     * an existing non-empty ``out`` is refused unless ``--overwrite`` (:func:`overwriting`), and even
       then a folder is replaced only if llmcourse wrote it (its ``.llmcourse-output`` marker).
     """
-    out_p = Path(out).expanduser()
+    if not str(out).strip():
+        raise UserError("--out is empty", "pass a file or folder path")
+    out_p = expand_path(out)
     with _writable(out_p):
         _check_out(out, out_p, inputs)
         _probe_write(out_p)
+        _clean_stale(Path(os.path.abspath(out_p)))  # what a killed run left beside --out, whatever this run does
+
+
+def expand_path(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded; ``~nosuchuser/x`` (where ``expanduser`` raises) refused in one line."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise UserError(f"{path}: there is no such user for '~'", "use a full path, or ~/ for your home folder") \
+            from None
 
 
 def _probe_write(out_p: Path) -> None:
@@ -80,6 +92,7 @@ def _probe_write(out_p: Path) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise OSError(errno.ENOTDIR, "not a folder", str(folder))
+    _clean_stale(folder / "llmcourse-probe")
     fd, name = tempfile.mkstemp(prefix=f".llmcourse-probe.{os.getpid()}.", suffix=".part", dir=folder)
     try:
         os.write(fd, b"x")  # a full disk fails here
@@ -92,8 +105,8 @@ def _check_out(out: str | Path, out_p: Path, inputs: list[str | Path | None]) ->
     if any(len(part) > 255 for part in out_p.parts):
         raise UserError(f"--out {out} has a name over 255 characters", "choose a shorter name")
     out_r = out_p.resolve()
-    guarded = [(str(inp), Path(inp).expanduser().resolve()) for inp in inputs
-               if inp is not None and str(inp) != "default" and Path(inp).expanduser().exists()]
+    guarded = [(str(inp), expand_path(inp).resolve()) for inp in inputs
+               if inp is not None and str(inp) != "default" and expand_path(inp).exists()]
     cache = (llmcourse_home() / "models").resolve()
     for name, p in guarded:
         if _related(out_r, p):
@@ -166,7 +179,7 @@ def _clean_stale(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside ``path``; rename it onto ``path`` only on success."""
-    path = Path(os.path.abspath(Path(path).expanduser()))
+    path = Path(os.path.abspath(expand_path(path)))
     if path.is_dir():
         raise UserError(f"--out {path} is a folder, where a file is due", "pass a file path")
     with _writable(path):
@@ -189,10 +202,28 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def _usual_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain write under the umask gives: mkdtemp creates
+    0700, and libraries that write through a temporary file (safetensors' ``save_file``, so
+    ``model.safetensors`` and ``adapter_model.safetensors``) leave 0600."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            p = os.path.join(root, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                executable = os.stat(p).st_mode & 0o111
+                os.chmod(p, (0o666 | executable) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only on success."""
-    path = Path(os.path.abspath(Path(path).expanduser()))
+    path = Path(os.path.abspath(expand_path(path)))
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} exists and is not a folder", "pass a folder path")
     if path.exists() and not overwrite and any(path.iterdir()):
@@ -204,7 +235,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         (tmp / MARKER).write_text("written by llmcourse; `--overwrite` may replace this folder\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        _usual_modes(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

@@ -22,6 +22,7 @@ truncated or corrupt file gives a one-line :class:`UserError` instead of a trace
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ import torch
 
 from llmcourse.core.errors import UserError
 from llmcourse.core.formats import check_config, check_gguf, check_safetensors, check_shapes
-from llmcourse.core.io import atomic_dir, atomic_file, llmcourse_home
+from llmcourse.core.io import atomic_dir, atomic_file, expand_path, llmcourse_home
 from llmcourse.core.lab import file_loader, folder_loader
 from llmcourse.core.progress import status
 from llmcourse.core.runtime.arch import SUPPORTED
@@ -228,6 +230,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     if getattr(plain.config, "tie_word_embeddings", False):
         plain.tie_weights()
     plain.eval()
+    tok.llmcourse_chat_template_origin = f"{path} (key tokenizer.chat_template)"  # named by chat-template errors
     return plain.to(dtype), tok
 
 
@@ -268,14 +271,40 @@ def load_model(
         raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     t0 = time.perf_counter()
-    with status(f"loading {spec}…"):
+    with status(f"loading {spec}…"), _readable(spec):
         ms = resolve_model(spec, trust_pickle)
         import_runtime()
         t1 = time.perf_counter()
         lm = _load(ms, dtype, torch_dtype, trust_pickle, trust_remote_code)
+        check_finite(lm.model, lm.path or spec)
     lm.info["import_seconds"] = t1 - t0
     lm.info["load_seconds"] = time.perf_counter() - t1
     return lm
+
+
+@contextlib.contextmanager
+def _readable(spec: str) -> Iterator[None]:
+    """An OSError while reading ``--model`` (a path over the system's limit, ``/proc/self/mem``'s EIO, a
+    permission) becomes the one-line error naming it."""
+    try:
+        yield
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise UserError(f"cannot read --model {spec[:200]}{'…' if len(spec) > 200 else ''} ({why})",
+                        "pass a readable Hugging Face folder, a .gguf file or 'default'") from None
+
+
+def check_finite(model: Any, origin: str | Path) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor (one pass over each float tensor)."""
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point() or t.is_meta or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            if not bool(torch.isfinite(t).all()):
+                raise UserError(f"{origin}: the tensor {name} holds NaN or infinite values",
+                                "the weights are corrupt: re-download, re-convert or re-train the model")
 
 
 # transformers' model and tokenizer machinery, which every loader needs: imported once per process
@@ -312,7 +341,7 @@ def resolve_model(spec: str, trust_pickle: bool = False) -> ModelSpec:
         return ModelSpec(spec, "default", default_model_dir())
     if spec in NAMED_MODELS:  # a packaged model converted once (gemma3)
         return ModelSpec(spec, "named", named_model_dir(spec))
-    path = Path(spec).expanduser()
+    path = expand_path(spec)
     if not path.exists():
         if _looks_like_path(spec):
             raise UserError(f"model path {spec} does not exist", "check the path, or use --model default")
@@ -359,7 +388,7 @@ def peek_context(spec: str) -> tuple[Path | None, int | None]:
     read without transformers; ``(None, None)`` for anything else (GGUF, Hub ids, lab folders)."""
     try:
         ms = resolve_model(spec)
-    except UserError:
+    except (UserError, OSError):  # a path over the system's limit, say: load_model gives the one-line error
         return None, None
     if ms.kind not in ("default", "named", "hf"):
         return None, None
@@ -414,7 +443,7 @@ def _looks_like_path(spec: str) -> bool:
         return True
     if spec.endswith((".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")):
         return True
-    return Path(spec.split("/")[0]).expanduser().is_dir()
+    return expand_path(spec.split("/")[0]).is_dir()
 
 
 def hub_reachable(timeout: float = 1.5) -> bool:
@@ -487,11 +516,16 @@ def check_weights_match(path: Path) -> Any | None:
     if meta is None:
         return None
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    floats = {k for k, v in meta.state_dict().items() if v.is_floating_point()}
     found: dict[str, tuple[int, ...]] = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():
                 found[k] = tuple(st.get_slice(k).get_shape())
+                dtype = st.get_slice(k).get_dtype()
+                if k in floats and not dtype.startswith(("F", "BF")):
+                    raise UserError(f"{f}: the tensor {k} is stored as {dtype}, where the model needs floating-point "
+                                    "weights", "re-export the model (its header or weights are corrupt)")
     ignore_missing = list(getattr(meta, "_keys_to_ignore_on_load_missing", None) or [])
     ignore_extra = list(getattr(meta, "_keys_to_ignore_on_load_unexpected", None) or [])
     if getattr(meta.config, "tie_word_embeddings", False):
@@ -620,12 +654,11 @@ def model_card(lm: LoadedModel) -> dict[str, Any]:
 
 def chat_sample(lm: LoadedModel, question: str, max_new_tokens: int = 40) -> str:
     """A short greedy answer to ``question`` through the model's chat template (plain HF generate)."""
+    from llmcourse.core.chat_template import chat_ids
+
     tok = lm.tokenizer
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tok(question, return_tensors="pt").input_ids
+    chat = chat_ids(tok, [{"role": "user", "content": question}])  # the sandbox with limits (core.chat_template)
+    ids = torch.tensor([chat]) if chat is not None else tok(question, return_tensors="pt").input_ids
     with torch.inference_mode():
         out = lm.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)

@@ -16,6 +16,7 @@ from typing import Any
 
 from llmcourse.core.cli_common import (
     Result,
+    add_chat_template_args,
     add_common_args,
     add_config_args,
     add_model_args,
@@ -124,6 +125,9 @@ def cmd_chat(args: argparse.Namespace) -> Result:
 
     cfg = _config(args)
     lm = load_model(args.model, **model_kwargs(args))
+    from llmcourse.core.chat_template import set_chat_template
+
+    set_chat_template(lm.tokenizer, args.chat_template)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         messages.append({"role": "user", "content": args.prompt})
@@ -136,6 +140,7 @@ def cmd_chat(args: argparse.Namespace) -> Result:
         return Result(data, "" if stream else out.sequences[0].text)
     if args.json:
         raise UserError("--json needs a one-turn --prompt", "pass --prompt TEXT, or drop --json for a chat")
+    chat_prompt_ids(lm.tokenizer, [*messages, {"role": "user", "content": "hi"}])  # a broken template fails now
     turns = ChatRepl(lm, cfg, messages).run()
     return Result({"turns": turns}, "")
 
@@ -249,7 +254,8 @@ EXAMPLES = {
                 "--tree beam.png\n"
                 "  llmcourse generate --prompt \"Once upon a time\" --strategy sample --top-p 0.9 --seed 1 --json",
     "chat": "examples:\n  llmcourse chat\n  llmcourse chat --prompt \"Hi!\" --system \"Answer briefly.\"\n"
-            "  llmcourse chat --strategy greedy --max-new-tokens 64\n\n" + CHAT_HELP.replace("\n", " "),
+            "  llmcourse chat --strategy greedy --max-new-tokens 64\n"
+            "  llmcourse chat --prompt \"Hi!\" --chat-template none\n\n" + CHAT_HELP.replace("\n", " "),
 }
 
 
@@ -272,6 +278,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_model_args(c)
     c.add_argument("--prompt", default=None, help="one user turn: answer it and exit")
     c.add_argument("--system", default=None, help="an optional system message")
+    add_chat_template_args(c)
     g = c.add_argument_group("decoding (chat defaults: sampling at temperature 0.7, top-p 0.9, repetition "
                              "penalty 1.1 over the last 64 tokens, as chat front-ends use; greedy loops on small "
                              "models)")

@@ -394,10 +394,13 @@ def encode_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """The model's chat template applied to ``messages``, ready for the assistant's turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("this model's tokenizer has no chat template", "use `llmcourse generate` with a plain prompt")
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(out["input_ids"])
+    from llmcourse.core.chat_template import chat_ids
+
+    ids = chat_ids(tokenizer, messages)  # rendered in the sandbox with limits; errors name the template's file
+    if ids is None:
+        raise UserError("this model's tokenizer has no chat template",
+                        "pass --chat-template FILE or --chat-template none, or use `llmcourse generate` with a plain prompt")
+    return ids
 
 
 def model_eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -208,16 +208,23 @@ def _save(fig: Any, path: str | Path) -> None:
     if fmt not in ("png", "svg"):
         raise UserError(f"{path} must end in .png or .svg", "choose a .png or .svg file name")
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format=fmt, dpi=fig.dpi, bbox_inches="tight")
     with atomic_file(path, "wb") as f:
         f.write(buf.getvalue())
 
 
+DPI = 110
+MAX_PIXELS = 40_000_000  # 160 MB of RGBA: a 200-step sampled tree at 110 dpi was 700 Mpx (4.8 GB peak)
+
+
 def _figure(w: float, h: float) -> Any:
+    """A figure of ``w`` x ``h`` inches, its resolution lowered for big trees so the raster the renderer
+    allocates (also for SVG: the tight bounding box is measured on an Agg canvas) stays under ``MAX_PIXELS``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h))
+    dpi = min(DPI, math.sqrt(MAX_PIXELS / (w * h)))
+    fig = Figure(figsize=(w, h), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmcourse.core.chat_template import chat_ids
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input, write_json
 from llmcourse.core.models import LoadedModel, load_model, save_hf
@@ -220,9 +221,9 @@ def capital_accuracy(model: nn.Module, tokenizer: Any, countries: list[dict[str,
         chunk = countries[i:i + batch]
         seqs, spans = [], []
         for c in chunk:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": capital_question(c["name"])}],
-                                                   tokenize=True, add_generation_prompt=True, return_dict=True)
-            prefix = list(prompt["input_ids"]) + tokenizer(f"The capital of {c['name']} is",
+            prompt = chat_ids(tokenizer, [{"role": "user", "content": capital_question(c["name"])}]) or \
+                tokenizer(capital_question(c["name"]), add_special_tokens=False)["input_ids"]
+            prefix = list(prompt) + tokenizer(f"The capital of {c['name']} is",
                                                            add_special_tokens=False)["input_ids"]
             answer = tokenizer(f" {c['capital']}", add_special_tokens=False)["input_ids"]
             seqs.append(prefix + answer)

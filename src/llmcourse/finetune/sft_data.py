@@ -140,10 +140,10 @@ def normalize(s: str) -> str:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                            return_dict=True)
-        return list(out["input_ids"])
+    if getattr(tokenizer, "chat_template", None):  # the model's template, in the sandbox with limits
+        from llmcourse.core.chat_template import chat_ids
+
+        return chat_ids(tokenizer, messages, add_generation_prompt) or []
     # no template: a plain "role: content" layout, an EOS after each assistant turn
     text = "".join(f"{m['role']}: {m['content']}\n" + (tokenizer.eos_token or "" if m["role"] == "assistant" else "")
                    for m in messages)

@@ -7,7 +7,14 @@ import logging
 import os
 from typing import Any
 
-from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs, positive_int
+from llmcourse.core.cli_common import (
+    Result,
+    add_chat_template_args,
+    add_common_args,
+    add_model_args,
+    model_kwargs,
+    positive_int,
+)
 from llmcourse.core.lab import add_parser
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--prefill-chunk", type=positive_int, default=128,
                    help="prompt tokens prefilled between two decode steps. Default: %(default)s")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the --model value)")
+    add_chat_template_args(p)
     add_common_args(p)
     # OpenMP keeps its default wait policy (its threads spin ~3 ms at a barrier before they sleep): with all
     # the computing in the batcher's one thread, 1 client got 35 tok/s, against 20 with OMP_WAIT_POLICY=PASSIVE,
@@ -64,7 +72,10 @@ def cmd_serve(args: argparse.Namespace) -> Result:
     settings = ServeSettings(max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, api_key=args.api_key,
                              timeout=args.timeout, max_body=args.max_body, prefill_chunk=args.prefill_chunk,
                              model_name=args.name or args.model, threads=threads)
+    from llmcourse.core.chat_template import set_chat_template
+
     lm = load_model(args.model, **model_kwargs(args))
+    set_chat_template(lm.tokenizer, args.chat_template)
     app = create_app(lm, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="debug" if args.debug else "info",
                             timeout_graceful_shutdown=int(min(settings.timeout, 600)))

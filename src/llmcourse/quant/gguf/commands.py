@@ -10,7 +10,7 @@ from typing import Any
 
 from llmcourse.core.cli_common import Result, add_common_args, add_data_args
 from llmcourse.core.errors import UserError
-from llmcourse.core.io import atomic_dir, check_not_input
+from llmcourse.core.io import atomic_dir, check_not_input, expand_path
 from llmcourse.core.lab import add_parser
 from llmcourse.core.progress import progress
 
@@ -122,7 +122,7 @@ def cmd_quantize_gguf(args: argparse.Namespace) -> Result:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file", "pass a folder (one .gguf per type is written into it)")
-    src_path = Path(args.model).expanduser()
+    src_path = expand_path(args.model)
     inputs = [args.model if args.model != "default" else None, args.imatrix]
     check_not_input(out_dir, inputs)
     if args.push_to_hub:
@@ -175,6 +175,12 @@ def cmd_imatrix(args: argparse.Namespace) -> Result:
     check_not_input(out, [args.model if args.model != "default" else None, args.data if args.data != "default" else None])
     t0 = time.perf_counter()
     lm = _load(args)
+    from llmcourse.core.evaluate import context_length
+
+    ctx = context_length(lm.model)
+    if ctx is not None and args.chunk_size > ctx:
+        raise UserError(f"--chunk-size {args.chunk_size} exceeds the model's context of {ctx} tokens",
+                        f"use --chunk-size {ctx} or less")
     split = args.split if args.data == "default" else "all"
     windows = calibration_windows(lm.tokenizer, args.chunks, args.chunk_size, args.seed, args.data, args.field, split)
     bar = progress(total=len(windows), desc="imatrix", unit="chunk")

@@ -205,6 +205,10 @@ def _load_gguf(p: Path) -> Imatrix:
                  chunk_count=int(meta.get(KV_CHUNK_COUNT, 0)), chunk_size=int(meta.get(KV_CHUNK_SIZE, 0)))
     sums: dict[str, np.ndarray] = {}
     cnts: dict[str, np.ndarray] = {}
+    other = [t.name for t in infos if not t.name.endswith((".in_sum2", ".counts"))]
+    if other or not infos:  # a model GGUF (token_embd.weight...) or an empty file is no importance matrix
+        raise ValueError(f"it holds no importance matrix (e.g. the tensor {other[0]})" if other
+                         else "it holds no tensors")
     with open(p, "rb") as f:
         for t in infos:
             if t.qtype != QT.F32:

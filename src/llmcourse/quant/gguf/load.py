@@ -337,6 +337,7 @@ def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
         raise UserError(f"GGUF {path} describes no buildable model ({type(e).__name__}: {str(e)[:150]})",
                         "re-convert the model") from e
     tok = gguf_tokenizer(kvs)
+    tok.llmcourse_chat_template_origin = f"{path} (key tokenizer.chat_template)"  # named by chat-template errors
     arch = architecture(model)
     n_head, n_kv = head_counts(model)
     by_name = {t.name: t for t in infos}

@@ -287,6 +287,22 @@ def quantize_rows(data: np.ndarray, qtype: QT, imatrix: np.ndarray | None) -> np
     return quantize(data, qtype, imatrix=imatrix)
 
 
+def _finite(name: str, rows: np.ndarray) -> np.ndarray:
+    """``rows`` if every value is finite; a NaN or infinite weight is refused, naming the tensor (it would
+    quantize to a model that evaluates to NaN)."""
+    if not np.isfinite(rows).all():
+        raise UserError(f"the tensor {name} holds NaN or infinite values", "the weights are corrupt: re-convert the model")
+    return rows
+
+
+def _finite_raw(t: SourceTensor) -> np.ndarray:
+    """The stored array of a tensor kept in its type, checked for NaN/infinity when it is a float type."""
+    raw = t.raw()
+    if t.qtype in FLOAT_TYPES:
+        _finite(t.name, to_float32(SourceTensor(t.name, t.shape, t.qtype, lambda: raw)))
+    return raw
+
+
 def quantized_file(kvs: list[KV], src: list[SourceTensor], preset: Preset,
                    imatrix: dict[str, np.ndarray] | None = None) -> tuple[list[KV], list[Tensor], dict[str, Any]]:
     """The metadata and (lazy) tensors of ``src`` quantized with ``preset``, as llama.cpp writes them."""
@@ -301,7 +317,7 @@ def quantized_file(kvs: list[KV], src: list[SourceTensor], preset: Preset,
     for t in src:
         new = types[t.name] or t.qtype
         if new == t.qtype:
-            tensors.append(Tensor(t.name, t.shape, new, t.raw))
+            tensors.append(Tensor(t.name, t.shape, new, lambda t=t: _finite_raw(t)))
             continue
         im = None
         if imatrix is not None and is_quantized(new):
@@ -312,7 +328,7 @@ def quantized_file(kvs: list[KV], src: list[SourceTensor], preset: Preset,
                                     "compute the imatrix on this model")
                 im = None
         tensors.append(Tensor(t.name, t.shape, new,
-                              lambda t=t, new=new, im=im: quantize_rows(to_float32(t), new, im)))
+                              lambda t=t, new=new, im=im: quantize_rows(_finite(t.name, to_float32(t)), new, im)))
     n_el = sum(int(np.prod(t.shape)) for t in src)
     n_bytes = sum(t.nbytes for t in tensors)
     info = {"preset": preset.name, "file_type": int(preset.ftype), "tensors": len(tensors),

@@ -54,6 +54,7 @@ def to_blocks(x: torch.Tensor, granularity: str, group_size: int | None) -> torc
         return x2.unsqueeze(1)
     assert group_size is not None and group_size >= 1
     cols = x2.shape[1]
+    group_size = min(group_size, cols)  # a group wider than the row is the row (no padding to allocate)
     n_groups = math.ceil(cols / group_size)
     pad = n_groups * group_size - cols
     if pad:
@@ -160,10 +161,16 @@ def _cols(x: torch.Tensor) -> int:
     return x.numel() // _rows(x)
 
 
+MAX_GROUP = 1 << 20
+
+
 def check_granularity(granularity: str, group_size: int | None) -> None:
     if granularity not in GRANULARITIES:
         raise UserError(f"unknown granularity {granularity!r}", f"use one of {', '.join(GRANULARITIES)}")
     if granularity == "group" and (group_size is None or group_size < 1):
         raise UserError(f"group granularity needs a group size >= 1 (got {group_size})", "pass --group-size, e.g. 128")
+    if granularity == "group" and group_size > MAX_GROUP:
+        raise UserError(f"--group-size {group_size} is over {MAX_GROUP:,} (wider than any weight row)",
+                        "pass e.g. --group-size 128, or --granularity row for one scale per row")
 
 
