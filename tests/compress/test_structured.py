@@ -95,6 +95,7 @@ def test_prune_command_folders_load_everywhere_and_refusals(tmp_path, capsys):
     from llmcourse.core.models import load_model
 
     src = _tiny_folder(tmp_path)
+    capsys.readouterr()
     cal = ["--samples", "4", "--seq-len", "64", "--json"]
     runs = {"sg": ["--method", "sparsegpt", "--nm", "2:4"], "wa": ["--method", "wanda", "--sparsity", "0.5"],
             "depth": ["--layers", "1"], "width": ["--width", "0.5"]}

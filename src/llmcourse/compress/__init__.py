@@ -3,7 +3,7 @@ knowledge distillation that heals a pruned model.
 
 Public API (imported lazily, so that declaring the lab costs nothing)::
 
-    from llmcourse.compress import PruneConfig, prune_model, sparsegpt, wanda_mask, drop_layers, shrink_mlp, distill
+    from llmcourse.compress import PruneConfig, prune_model, sparsegpt, wanda_mask, drop_layers, shrink_mlp, distill_model
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _PUBLIC = {
     "prune": ("PruneConfig", "prune_model", "prune_layer", "sparsegpt", "wanda_mask", "wanda_score", "magnitude_mask",
               "row_mask", "nm_mask", "parse_nm", "FeatureNorms", "SparseLayer", "model_sparsity", "METHODS"),
     "structured": ("layer_similarities", "drop_layers", "mlp_importance", "shrink_mlp", "parse_layers"),
-    "distill": ("DistillConfig", "distill", "kd_loss"),
+    "distill": ("DistillConfig", "distill_model", "kd_loss", "plot_curves", "measure", "token_windows"),
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)
 __all__ = ["LAB", *_names]

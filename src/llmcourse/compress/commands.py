@@ -205,5 +205,153 @@ def _register_prune(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.set_defaults(func=cmd_prune)
 
 
+# --------------------------------------------------------------------------------------------
+# distill
+# --------------------------------------------------------------------------------------------
+
+
+def make_student(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The student: --student loaded as it is, or --student-from with --drop-layers / --width applied."""
+    from llmcourse.compress.structured import (
+        choose_layers,
+        drop_layers,
+        layer_similarities,
+        mlp_importance,
+        parse_layers,
+        shrink_mlp,
+    )
+    from llmcourse.core.modules import decoder_blocks
+
+    if args.student:
+        return _load_plain(args.student, args), {"student": args.student}
+    spec = args.student_from
+    lm = _load_plain(spec, args)  # a copy of its own: the teacher stays whole
+    info: dict[str, Any] = {"student_from": spec}
+    n_layers = len(decoder_blocks(lm.model)[1])
+    count, idx = parse_layers(args.drop_layers, n_layers) if args.drop_layers else (0, None)
+    if args.width is not None and not 0 < args.width < 1:
+        raise UserError(f"--width must be in (0, 1) (got {args.width})", "pass e.g. --width 0.75")
+    if count == 0 and args.width is None:
+        raise UserError("--student-from needs --drop-layers and/or --width", "pass e.g. --drop-layers 8")
+    windows = None
+    if args.width is not None or (count and idx is None):
+        windows = calibration_windows(lm.tokenizer, args.samples, args.calib_seq_len, seed=0, data=args.data,
+                                      field=args.field, split="calibration")
+    if args.width is not None:
+        info["width"] = shrink_mlp(lm.model, mlp_importance(lm.model, windows), args.width)
+    if count:
+        sims = None
+        if idx is None:
+            sims = layer_similarities(lm.model, windows)
+            idx = choose_layers(sims, count)
+        info["depth"] = {**drop_layers(lm.model, idx), "similarities": sims}
+    return lm, info
+
+
+def cmd_distill(args: argparse.Namespace) -> Result:
+    from llmcourse.compress.distill import (
+        DistillConfig,
+        check_pair,
+        distill_model,
+        plot_curves,
+        same_tokenizer,
+        token_windows,
+    )
+    from llmcourse.compress.structured import n_parameters
+    from llmcourse.core.cli_common import config_from_args
+    from llmcourse.core.io import write_json
+
+    if bool(args.student) == bool(args.student_from):
+        raise UserError("pass exactly one of --student and --student-from", "e.g. --student-from default --drop-layers 8")
+    if args.student and (args.drop_layers or args.width is not None):
+        raise UserError("--drop-layers/--width shape a student made with --student-from", "drop them, or use "
+                        "--student-from")
+    cfg = config_from_args(DistillConfig, args)
+    out = Path(args.out)
+    inputs = [s for s in (args.teacher, args.student, args.student_from) if s and s != "default"]
+    check_not_input(out, [*inputs, args.data if args.data != "default" else None])
+    if args.resume is None and out.exists() and any(out.iterdir()) and not getattr(args, "overwrite", False):
+        raise UserError(f"--out {out} is not empty", "pass a new folder, --overwrite, or --resume it")
+    t0 = time.perf_counter()
+    teacher = _load_plain(args.teacher, args)
+    student, info = make_student(args)
+    if not same_tokenizer(teacher.tokenizer, student.tokenizer):
+        raise UserError("the teacher and the student have different vocabularies",
+                        "distil into a student that shares the teacher's tokenizer")
+    check_pair(teacher.model, student.model, cfg)
+    train = token_windows(student.tokenizer, args.data, "train", cfg.seq_len, args.field)
+    held = token_windows(student.tokenizer, args.data, "eval", cfg.seq_len, args.field)[: cfg.eval_windows]
+    out.mkdir(parents=True, exist_ok=True)
+    n_student = n_parameters(student.model)
+    res = distill_model(student.model, teacher.model, train, held, cfg, out, resume=args.resume,
+                  meta={"teacher": args.teacher, **{k: v for k, v in info.items() if k != "depth"}})
+    with atomic_dir(out / "student") as tmp:
+        save_hf(res.student, student.tokenizer, tmp)
+    plot_curves({cfg.loss: res.metrics}, out / "curves.png",
+                f"{cfg.loss} {'distillation' if cfg.loss != 'lm' else 'training'} of a "
+                f"{n_student / 1e6:.0f}M student ({args.teacher} teacher)")
+    first, last = res.metrics[0], res.metrics[-1]
+    summary = {"teacher": args.teacher, **info, "config": {**cfg.__dict__, "steps": cfg.steps},
+               "student_parameters": n_student, "teacher_parameters": n_parameters(teacher.model),
+               "steps": res.steps, "tokens": res.tokens, "train_seconds": res.seconds,
+               "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "before": {k: v for k, v in first.items()
+                                                                              if k.startswith("eval_")},
+               "after": {k: v for k, v in last.items() if k.startswith("eval_")},
+               "student": str(out / "student"), "seconds": time.perf_counter() - t0}
+    write_json(out / "summary.json", summary)
+    b, a = summary["before"], summary["after"]
+    text = (f"{cfg.loss} ({cfg.method}) on {res.tokens:,} tokens in {res.steps} steps, {summary['tokens_per_s']:.0f} "
+            f"tokens/s: held-out perplexity {b['eval_perplexity']:.2f} -> {a['eval_perplexity']:.2f}"
+            + (f", KL to the teacher {b['eval_kl']:.3f} -> {a['eval_kl']:.3f}, top-1 {b['eval_top1']:.1%} -> "
+               f"{a['eval_top1']:.1%}" if "eval_kl" in a else "")
+            + f"\nwrote {out}: student/ ({n_student / 1e6:.1f}M parameters), metrics.jsonl, curves.png, checkpoints/,"
+            f" summary.json\nnext: llmcourse eval compare --model {out / 'student'} --reference {args.teacher}")
+    return Result(summary, text)
+
+
+EXAMPLES_DISTILL = """examples:
+  llmcourse distill --teacher default --student-from default --drop-layers 8 --tokens 65536 --out out/distill
+  llmcourse distill --teacher default --student-from default --drop-layers 8 --loss lm --out out/lm-baseline
+  llmcourse distill --teacher default --student out/depth-22 --loss mix --temperature 2 --method lora --out out/d2
+  llmcourse distill --teacher default --student-from default --drop-layers 8 --out out/distill --resume out/distill"""
+
+
+def _register_distill(sub: argparse._SubParsersAction, groups: dict) -> None:
+    from llmcourse.compress import LAB
+    from llmcourse.compress.distill import DistillConfig
+    from llmcourse.core.cli_common import add_config_args
+
+    p = add_parser(
+        sub, groups, LAB, "distill", epilog=EXAMPLES_DISTILL,
+        description="Distil --teacher into a student (--student, or --student-from the teacher with --drop-layers / "
+        "--width) on the token stream of --data: forward KL, reverse KL or their mix at a temperature, optionally "
+        "with a hidden-state loss; --loss lm trains the same student on the plain language-modelling loss (the "
+        "baseline). Writes OUT/student (a Hugging Face folder), metrics.jsonl (held-out perplexity and KL to the "
+        "teacher every --eval-every steps), curves.png, checkpoints/ (--resume OUT continues) and summary.json.")
+    add_model_args(p, "--teacher", help_prefix="teacher model")
+    p.add_argument("--student", default=None, help="student model (a folder or spec), used as it is")
+    p.add_argument("--student-from", default=None, help="make the student from this model (usually the teacher) with "
+                   "--drop-layers and/or --width")
+    p.add_argument("--drop-layers", default=None, help="with --student-from: a count K (the K layers whose output is "
+                   "most similar to their input) or indices, e.g. 20,21,22")
+    p.add_argument("--width", type=_float, default=None, help="with --student-from: keep this fraction of every "
+                   "MLP's neurons")
+    p.add_argument("--samples", type=positive_int, default=16, help="calibration windows for choosing layers / "
+                   "neurons. Default: %(default)s")
+    p.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per calibration window. "
+                   "Default: %(default)s")
+    p.add_argument("--data", default="default", help="training text ('default': the Wikipedia extracts' train split; "
+                   "held-out windows from the eval split) or a .txt/.jsonl/.csv/.parquet file. Default: %(default)s")
+    p.add_argument("--field", default=None, help="column / JSON key holding the text (default: 'text')")
+    p.add_argument("--out", required=True, help="output folder (student/, metrics, curves, checkpoints)")
+    p.add_argument("--resume", default=None, help="continue from a checkpoint: an --out folder or its "
+                   "checkpoints/step-N")
+    add_config_args(p, DistillConfig)
+    p.add_argument("--dtype", default="fp32", choices=["fp32"], help="compute dtype (default: fp32)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_distill, trust_pickle=False, trust_remote_code=False)
+
+
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     _register_prune(sub, groups)
+    _register_distill(sub, groups)
