@@ -18,6 +18,7 @@ LAB = Lab(
         "distill": "logit distillation (forward/reverse KL, temperature, hidden states) of a student -> an HF folder",
     },
     commands_module="llmcourse.compress.commands",
+    tour="llmcourse.compress.tour:section",
     docs="docs/compression.md",
 )
 
