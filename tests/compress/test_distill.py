@@ -46,20 +46,20 @@ def _data():
 
 def test_distillation_lowers_kl_and_resume_continues_the_same_run(tmp_path):
     train, held = _data()
-    cfg = DistillConfig(tokens=8 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, eval_every=4, save_every=4)
+    cfg = DistillConfig(tokens=4 * 2 * 32, batch_size=2, seq_len=32, lr=1e-2, eval_every=0, save_every=2)
     student, teacher = _student_teacher()
     whole = distill_model(student, teacher, train, held, cfg, tmp_path / "a", show_progress=False)
-    assert whole.steps == 8 and whole.tokens == 512
+    assert whole.steps == 4 and whole.tokens == 256
     assert whole.metrics[-1]["eval_kl"] < 0.97 * whole.metrics[0]["eval_kl"]
-    # stop after step 4 (a run of the same config, cut short), then resume from its checkpoint
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-4", tmp_path / "b" / "checkpoints" / "step-4")
+    # stop after step 2 (a run of the same config, cut short), then resume from its checkpoint
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", tmp_path / "b" / "checkpoints" / "step-2")
     student2, _ = _student_teacher()
     resumed = distill_model(student2, teacher, train, held, cfg, tmp_path / "b", resume=tmp_path / "b", show_progress=False)
-    assert resumed.steps == 8 and len(resumed.metrics) == len(whole.metrics)
+    assert resumed.steps == 4 and len(resumed.metrics) == len(whole.metrics)
     for p, q in zip(whole.student.parameters(), resumed.student.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 8 and "eval_kl" in rows[-1]
+    assert rows[-1]["step"] == 4 and "eval_kl" in rows[-1]
 
 
 def test_lm_baseline_and_lora_run():
