@@ -276,3 +276,14 @@ def test_bad_sparsity(bad):
 def test_bad_nm(text):
     with pytest.raises(UserError, match="--nm"):
         parse_nm(text)
+
+
+def test_true_sequential_and_joint_quantization_on_a_model():
+    model = tiny_model("llama", seed=3)
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    rep = prune_model(model, windows, PruneConfig("sparsegpt", nm=(2, 4), bits=4, true_sequential=True))
+    assert all(r["sparsity"] == 0.5 for r in rep["layers"]) and len(rep["layers"]) == 14
+    W = model.model.layers[1].mlp.down_proj.weight.detach()
+    assert all(len(torch.unique(row[row != 0])) <= 15 for row in W)  # the kept weights: at most 15 grid points
+    with pytest.raises(UserError, match="--bits"):
+        PruneConfig("wanda", bits=4)
