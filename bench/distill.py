@@ -7,6 +7,9 @@ the steps after the first (``metrics.jsonl``), and the process's peak RSS. The a
 trained on the plain LM loss (``--loss lm``, no teacher forward), i.e. what the teacher costs.
 
 Run: ``.venv/bin/python bench/distill.py [--steps 4] [--configs forward-full,lm-full,forward-lora]``.
+
+``--curves OUT1 OUT2 ...`` instead prints the held-out curves of finished ``llmcourse distill`` runs side by
+side (perplexity and KL to the teacher against training tokens) and draws them into ``--plot FILE``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,28 @@ def run(config: str, steps: int, batch: int, seq_len: int, threads: int) -> dict
             "peak_rss_gb": peak * 1024 / 1e9, "wall_s": wall}
 
 
+def curves(dirs: list[str], plot: str | None) -> None:
+    """The held-out measurements of finished runs, as one markdown table (and a PNG with ``plot``)."""
+    runs = {}
+    for d in dirs:
+        rows = [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        runs[Path(d).name] = rows
+    names = list(runs)
+    print("| tokens | " + " | ".join(f"{n}: perplexity | {n}: KL to teacher | {n}: top-1" for n in names) + " |")
+    print("|---:|" + "---:|" * (3 * len(names)))
+    steps = sorted({r["tokens"] for rows in runs.values() for r in rows if "eval_perplexity" in r})
+    for t in steps:
+        cells = []
+        for n in names:
+            r = next((r for r in runs[n] if r["tokens"] == t and "eval_perplexity" in r), None)
+            cells += [f"{r['eval_perplexity']:.2f}", f"{r['eval_kl']:.3f}", f"{r['eval_top1']:.3f}"] if r else ["-"] * 3
+        print(f"| {t:,} | " + " | ".join(cells) + " |")
+    if plot:
+        from llmcourse.compress import plot_curves
+
+        plot_curves(runs, plot, "a quarter of the layers dropped: distillation vs the plain LM loss")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4)
@@ -51,7 +76,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--configs", default="forward-full,lm-full,forward-lora")
+    ap.add_argument("--curves", nargs="+", default=None, help="print the curves of these distill --out folders")
+    ap.add_argument("--plot", default=None, help="with --curves: draw them into this PNG")
     args = ap.parse_args()
+    if args.curves:
+        curves(args.curves, args.plot)
+        return
     print("| run | tokens/s (median of steps 2..) | peak RSS GB | wall s |")
     print("|---|---:|---:|---:|")
     for c in args.configs.split(","):
