@@ -26,7 +26,8 @@ _PUBLIC = {
     "lora": ("LoraSettings", "add_lora", "merge", "quantize_base_nf4", "trainable_parameters", "METHODS"),
     "nf4": ("NF4Linear", "NF4_CODE", "nf4_code_book", "quantize_nf4", "dequantize_nf4"),
     "sft_data": ("load_sft_data", "tokenize_all", "pack_rows", "pad_rows", "collate", "read_jsonl"),
-    "trainer": ("TrainConfig", "TrainState", "train", "eval_loss", "PRESETS"),
+    "trainer": ("TrainConfig", "TrainState", "train", "eval_loss", "PRESETS", "cosine_lr", "save_checkpoint",
+                "load_checkpoint", "latest_checkpoint", "write_metrics", "plot_loss"),
     "run": ("finetune", "merge_adapter", "capital_accuracy", "FinetuneResult"),
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)

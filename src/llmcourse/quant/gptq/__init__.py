@@ -27,7 +27,7 @@ _PUBLIC = {
     "pack": ("pack", "unpack", "pack_layer", "unpack_layer", "dequantize_layer", "BITS"),
     "linear": ("GPTQLinear",),
     "model": ("GPTQConfig", "quantize_model", "save_quantized", "load_quantized", "check_model",
-              "check_calibration", "sequential_stages", "METHODS"),
+              "check_calibration", "sequential_stages", "collect_hessians", "METHODS"),
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)
 __all__ = ["LAB", *_names]

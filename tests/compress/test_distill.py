@@ -1,0 +1,110 @@
+"""Distillation: the losses against torch's KL, the loop's resume, and the command's refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmcourse.compress import DistillConfig, distill_model, drop_layers, kd_loss
+from llmcourse.core.errors import UserError
+from tests.conftest import tiny_model
+
+
+def _logits(seed: int) -> torch.Tensor:
+    return torch.randn(10, 256, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_kd_losses_are_the_kl_divergences(T):
+    s, t = _logits(0), _logits(1)
+    ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+    fwd = F.kl_div(ls, lt, log_target=True, reduction="batchmean") * T * T  # KL(p_teacher || q_student)
+    rev = F.kl_div(lt, ls, log_target=True, reduction="batchmean") * T * T
+    torch.testing.assert_close(kd_loss(s, t, "forward", T), fwd)
+    torch.testing.assert_close(kd_loss(s, t, "reverse", T), rev)
+    torch.testing.assert_close(kd_loss(s, t, "mix", T, 0.3), 0.3 * fwd + 0.7 * rev)
+    assert float(kd_loss(t, t, "mix", T)) == pytest.approx(0, abs=1e-6)
+
+
+def _student_teacher():
+    teacher = tiny_model("llama", seed=9, num_hidden_layers=4)
+    with torch.no_grad():  # peaked next-token distributions (a random model's are nearly uniform)
+        teacher.lm_head.weight.mul_(5)
+    student = tiny_model("llama", seed=10, num_hidden_layers=4)  # another model: far from the teacher
+    drop_layers(student, [1, 2])
+    return student, teacher
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (16, 32), generator=g), torch.randint(0, 256, (2, 32), generator=g)
+
+
+def test_distillation_lowers_kl_and_resume_continues_the_same_run(tmp_path):
+    train, held = _data()
+    cfg = DistillConfig(tokens=4 * 2 * 32, batch_size=2, seq_len=32, lr=1e-2, eval_every=0, save_every=2)
+    student, teacher = _student_teacher()
+    whole = distill_model(student, teacher, train, held, cfg, tmp_path / "a", show_progress=False)
+    assert whole.steps == 4 and whole.tokens == 256
+    assert whole.metrics[-1]["eval_kl"] < 0.97 * whole.metrics[0]["eval_kl"]
+    # stop after step 2 (a run of the same config, cut short), then resume from its checkpoint
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", tmp_path / "b" / "checkpoints" / "step-2")
+    student2, _ = _student_teacher()
+    resumed = distill_model(student2, teacher, train, held, cfg, tmp_path / "b", resume=tmp_path / "b", show_progress=False)
+    assert resumed.steps == 4 and len(resumed.metrics) == len(whole.metrics)
+    for p, q in zip(whole.student.parameters(), resumed.student.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and "eval_kl" in rows[-1]
+
+
+def test_lm_baseline_and_lora_run():
+    train, held = _data()
+    student, teacher = _student_teacher()
+    res = distill_model(student, teacher, train, held, DistillConfig(loss="lm", tokens=128, batch_size=2, seq_len=32),
+                  show_progress=False)
+    assert "lm" in res.metrics[1] and "eval_kl" in res.metrics[-1]  # the teacher is only measured against
+    student, teacher = _student_teacher()
+    res = distill_model(student, teacher, train, held, DistillConfig(method="lora", hidden_weight=1.0, tokens=128,
+                                                               batch_size=2, seq_len=32), show_progress=False)
+    assert "hidden" in res.metrics[1] and not hasattr(res.student, "peft_config")  # merged back into a plain model
+
+
+def test_refusals():
+    train, held = _data()
+    student, _ = _student_teacher()
+    other = tiny_model("llama", seed=1, vocab_size=300)
+    with pytest.raises(UserError, match="vocabulary"):
+        distill_model(student, other, train, held, DistillConfig(tokens=64, batch_size=2, seq_len=32), show_progress=False)
+    for bad in (dict(temperature=0), dict(mix=1.5), dict(loss="js"), dict(tokens=0)):
+        with pytest.raises(UserError):
+            DistillConfig(**bad)
+
+
+def test_distill_command_refuses_bad_pairs_and_leaves_nothing(tmp_path, capsys):
+    from llmcourse.cli import main
+    from tests.compress.test_structured import _tiny_folder
+
+    src = _tiny_folder(tmp_path, layers=2)
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1, vocab_size=256).save_pretrained(other)
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(other)
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    for flags in (["--student-from", str(src), "--drop-layers", "2"], ["--student-from", str(src), "--drop-layers", "0,1"],
+                  ["--student", str(other)], ["--student-from", str(src)], ["--student-from", str(src),
+                                                                             "--drop-layers", "1", "--temperature", "0"]):
+        assert main(["distill", "--teacher", str(src), *flags, "--out", str(bad), "--samples", "2",
+                     "--calib-seq-len", "32"]) == 2
+        assert not bad.exists()
+    err = capsys.readouterr().err
+    assert err.count("llmcourse: error:") == 5 and len(err.strip().splitlines()) == 5
+    assert "vocabularies" in err and "leaves none" in err
