@@ -24,13 +24,13 @@ def collect(source: str, file: str | Path | None = None, llm: LLM | None = None)
     """The triples, typed entities and build notes of ``source``."""
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}", f"use one of {', '.join(SOURCES)}")
+    if source not in ("countries", *PACKAGED) and file is None:
+        raise UserError(f"--source {source} needs a FILE", f"pass --source {source} FILE")
+    notes: dict[str, Any] = {"source": source, "file": str(file) if file else None}
     if source in PACKAGED:
         if file is not None:
             raise UserError(f"--source {source} is packaged data and takes no FILE", f"pass --source {source} alone")
         return read_triples(PACKAGED[source]), [], {**notes, "file": PACKAGED[source].name}
-    if source != "countries" and file is None:
-        raise UserError(f"--source {source} needs a FILE", f"pass --source {source} FILE")
-    notes: dict[str, Any] = {"source": source, "file": str(file) if file else None}
     if source == "countries":
         triples, entities = country_triples()
         return triples, entities, notes
