@@ -160,9 +160,7 @@ def main() -> None:
         lines = ["# 8-bit quantization: evaluation time (bench/int8.py --eval-only)", "",
                  f"Default model on {_machine()}; a shared virtual machine: ratios are within one run."]
         lines += eval_time_bench(args.eval_tokens, args.eval_threads, args.eval_repeats, args.eval_before_tokens)
-        if not args.skip_eval_time:
-        lines += eval_time_bench(args.eval_tokens, args.eval_threads, args.eval_repeats, args.eval_before_tokens)
-    lines += ["", f"Total {time.perf_counter() - t0:.0f} s. Command: `.venv/bin/python bench/int8.py "
+        lines += ["", f"Total {time.perf_counter() - t0:.0f} s. Command: `.venv/bin/python bench/int8.py "
                   + " ".join(sys.argv[1:]) + "`"]
         text = "\n".join(lines) + "\n"
         from llmcourse.core.io import write_text
@@ -225,6 +223,8 @@ def main() -> None:
             lines.append(f"| {r['method']} | {disk} | {r['bytes_in_memory']:,} | {r['weights_vs_fp32']:.4f} | "
                          f"{r['perplexity']:.4f} | {100 * (r['perplexity'] / ref - 1):+.2f}% | "
                          f"{r['kl_vs_fp32']:.5f} | {r['top1_vs_fp32']:.4f} |")
+    if not args.skip_eval_time:
+        lines += eval_time_bench(args.eval_tokens, args.eval_threads, args.eval_repeats, args.eval_before_tokens)
     if not args.skip_eval_time:
         lines += eval_time_bench(args.eval_tokens, args.eval_threads, args.eval_repeats, args.eval_before_tokens)
     lines += ["", f"Total {time.perf_counter() - t0:.0f} s. Command: `.venv/bin/python bench/int8.py "
