@@ -36,6 +36,7 @@ from llmcourse.finetune.lora import (
     METHODS,
     LoraSettings,
     add_lora,
+    peft_wrapping,
     prepare_full,
     resolve_targets,
     trainable_parameters,
