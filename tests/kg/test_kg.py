@@ -394,6 +394,20 @@ def test_cli_build_and_plot(tmp_path, capsys):
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_layout_keeps_nodes_apart():
+    """Issue 30: in the Apple graph "2023" sat on "Vision Pro"; no two nodes are closer than 15% of the plot."""
+    import itertools
+    import math
+
+    from llmcourse.kg.plot import layout
+
+    _, pos = layout(read_triples(APPLE_FACTS))
+    xs, ys = [p[0] for p in pos.values()], [p[1] for p in pos.values()]
+    span = max(max(xs) - min(xs), max(ys) - min(ys))
+    closest = min(math.dist(pos[a], pos[b]) for a, b in itertools.combinations(pos, 2)) / span
+    assert closest >= 0.15 and math.dist(pos["2023"], pos["Vision Pro"]) / span >= 0.15
+
+
 # --- the real embedder and the default model (slow) ------------------------------------------------------
 
 @pytest.mark.slow
