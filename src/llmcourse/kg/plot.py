@@ -12,7 +12,6 @@ from llmcourse.kg.qa import Asker
 from llmcourse.kg.store import GraphStore
 from llmcourse.kg.triples import Triple, normalize
 
-
 MIN_GAP = 0.24  # least distance between two node centres, in units of the layout's larger side
 
 
