@@ -21,6 +21,7 @@ from llmcourse.core.cli_common import Result, add_common_args
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input, write_json, write_text
 from llmcourse.core.lab import Lab, add_parser, import_lab_module
+from llmcourse.core.progress import announce
 from llmcourse.core.report import TourContext, TourSection, html_table
 from llmcourse.labs import tour_sections
 
@@ -89,6 +90,7 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
         for i, (lab, ref) in enumerate(chosen):
             mod_name, _, fn_name = ref.partition(":")
             t0 = time.perf_counter()
+            announce(f"tour {i + 1}/{len(chosen)}: {lab.title}…")
             before = _model_signature(ctx)
             try:
                 fn = getattr(import_lab_module(lab, mod_name), fn_name)
@@ -97,6 +99,7 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
                     ctx._lm = ctx._span = ctx._reference = None  # the next section gets a fresh copy
                     raise RuntimeError("this section modified the tour's shared model (ctx.lm); it must work on a copy")
                 sec.seconds = time.perf_counter() - t0
+                announce(f"tour {i + 1}/{len(chosen)}: {lab.title}: done in {sec.seconds:.1f} s")
                 body = sec.html
                 summary["sections"][sec.title] = {**sec.summary, "seconds": round(sec.seconds, 2)}
                 title = sec.title

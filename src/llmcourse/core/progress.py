@@ -186,3 +186,11 @@ def stage(bar: Any, name: str) -> Iterator[None]:
         yield
     finally:
         bar.set_description(old)
+
+
+def announce(text: str) -> None:
+    """One line on stderr (a long run's step: "tour 3/9: 8-bit quantization…"), on a terminal or not, unless
+    LLMCOURSE_PROGRESS=0. Call it between bars, not while one is drawn."""
+    if _mode() != "off":
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
