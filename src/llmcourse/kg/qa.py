@@ -332,8 +332,9 @@ class Asker:
         elif mode == "cypher":
             self._cypher_facts(question, out)
             if not out.facts:
-                out.answer, out.abstained = dont_know("what the model's query asked" if out.error is None
-                                                      else "it: the model's query was not run"), True
+                out.answer = ("I don't know: the model's query found no fact in the graph" if out.error is None
+                              else "I don't know: the model's query was not run (see error)")
+                out.abstained = True
                 out.seconds = time.perf_counter() - t0
                 return out
         out.generated = self.llm(answer_prompt(question, [f.text for f in out.facts])).strip()
