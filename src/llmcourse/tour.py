@@ -21,7 +21,6 @@ from llmcourse.core.cli_common import Result, add_common_args
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input, write_json, write_text
 from llmcourse.core.lab import Lab, add_parser, import_lab_module
-from llmcourse.core.progress import announce
 from llmcourse.core.report import TourContext, TourSection, html_table
 from llmcourse.labs import tour_sections
 
@@ -77,6 +76,8 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
     section references (``"llmcourse.decoding.tour:section"``).
     """
     from llmcourse import __version__
+
+    from llmcourse.core.progress import announce  # tqdm: not imported by `llmcourse --help`
 
     t_start = time.perf_counter()
     summary: dict[str, Any] = {"model": model, "quick": quick, "sections": {}}
