@@ -76,7 +76,6 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
     section references (``"llmcourse.decoding.tour:section"``).
     """
     from llmcourse import __version__
-
     from llmcourse.core.progress import announce  # tqdm: not imported by `llmcourse --help`
 
     t_start = time.perf_counter()
