@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# progress lines (stderr not a terminal) off: tests count stderr lines; tests/core/test_progress.py turns them on
+os.environ.setdefault("LLMCOURSE_PROGRESS", "0")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

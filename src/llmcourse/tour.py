@@ -79,6 +79,7 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
     section references (``"llmcourse.decoding.tour:section"``).
     """
     from llmcourse import __version__
+    from llmcourse.core.progress import announce  # tqdm: not imported by `llmcourse --help`
 
     t_start = time.perf_counter()
     summary: dict[str, Any] = {"model": model, "quick": quick, "sections": {}}
@@ -92,6 +93,7 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
         for i, (lab, ref) in enumerate(chosen):
             mod_name, _, fn_name = ref.partition(":")
             t0 = time.perf_counter()
+            announce(f"tour {i + 1}/{len(chosen)}: {lab.title}…")
             before = _model_signature(ctx)
             try:
                 fn = getattr(import_lab_module(lab, mod_name), fn_name)
@@ -100,6 +102,7 @@ def run_tour(out: str | Path, quick: bool = False, model: str = "default",
                     ctx._lm = ctx._span = ctx._reference = None  # the next section gets a fresh copy
                     raise RuntimeError("this section modified the tour's shared model (ctx.lm); it must work on a copy")
                 sec.seconds = time.perf_counter() - t0
+                announce(f"tour {i + 1}/{len(chosen)}: {lab.title}: done in {sec.seconds:.1f} s")
                 body = sec.html
                 summary["sections"][sec.title] = {**sec.summary, "seconds": round(sec.seconds, 2)}
                 title = sec.title

@@ -132,3 +132,13 @@ def test_temperature_demo(tmp_path) -> None:
     for t, probs in table.items():
         torch.testing.assert_close(torch.tensor(probs, dtype=torch.float64), torch.softmax(z / t, -1))
     assert max(table[0.5]) > max(table[1.0]) > max(table[2.0])
+
+
+def test_node_labels_read_on_dark_faces():
+    """Issue 30: black labels on dark-red nodes were hard to read; the label colour follows the face's luminance."""
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps["RdYlGn"]
+    assert tree_mod.label_color(cmap(0.0)) == "white" and tree_mod.label_color(cmap(0.05)) == "white"  # dark red
+    assert tree_mod.label_color(cmap(1.0)) == "white"  # dark green
+    assert tree_mod.label_color(cmap(0.5)) == "black" and tree_mod.label_color("#ddd") == "black"  # yellow, grey

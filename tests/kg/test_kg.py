@@ -209,6 +209,69 @@ def test_apple_question_from_the_triples_file(apple_db):
     store.close()
 
 
+def never_called(prompt):
+    raise AssertionError(f"the model was asked: {prompt!r}")
+
+
+def test_the_issues_three_questions(countries_db):
+    """Issue 30: a two-hop question answers with its path's last hop; an unknown place and a relation the
+    graph lacks are answered "I don't know" without asking the model."""
+    store = open_graph(countries_db)
+    asker = Asker(store, never_called, embedder=TrigramEmbedder())
+    lima = asker.ask("What is the currency of the country whose capital is Lima?")
+    assert lima.answer == "Sol" and lima.supported and not lima.abstained and lima.generated is None
+    assert lima.facts[0].path == ["The capital of Peru is Lima."] and lima.facts[0].used
+    atlantis = asker.ask("What is the capital of Atlantis?")
+    assert atlantis.answer == "I don't know: no fact about Atlantis in the graph"
+    assert atlantis.abstained and not atlantis.supported and atlantis.entities == []
+    president = asker.ask("Who is the president of France?")
+    assert president.answer == "I don't know: no fact about the president of France in the graph"
+    assert president.abstained and not president.supported and president.entities == ["france"]
+    langs = asker.ask("What language is spoken in the country whose capital is Lima?")
+    assert langs.answer.split(", ")[0] == "Spanish" and "Quechua" in langs.answer
+    store.close()
+
+
+def test_an_answer_no_fact_supports_is_replaced(countries_db):
+    store = open_graph(countries_db)
+    wrong = Asker(store, lambda p: "Berlin.").ask("What is the capital of France?")
+    assert wrong.abstained and not wrong.supported and wrong.generated == "Berlin."
+    assert wrong.answer.startswith("I don't know") and not any(f.used for f in wrong.facts)
+    right = Asker(store, lambda p: "It is Paris.").ask("What is the capital of France?")
+    assert right.supported and not right.abstained and right.answer == "It is Paris."
+    accents = Asker(store, lambda p: "San Jose").ask("What is the capital of Costa Rica?")
+    assert accents.supported, [f.text for f in accents.facts]  # the graph says San José
+    none = Asker(store, lambda p: "Berlin.").ask("What is the capital of France?", mode="none")
+    assert none.answer == "Berlin." and not none.supported and not none.abstained  # the no-context baseline
+    store.close()
+
+
+def test_cli_ask_json_carries_supported(countries_db, capsys, monkeypatch):
+    from llmcourse.kg import commands
+
+    monkeypatch.setattr(commands, "_asker", lambda store, args, **kw: Asker(store, first_fact_object, **kw))
+    rc, cap = run_cli(["kg", "ask", "--db", str(countries_db), "What is the capital of Peru?", "--json"], capsys)
+    assert rc == 0 and json.loads(cap.out)["supported"] is True and json.loads(cap.out)["answer"] == "Lima"
+    rc, cap = run_cli(["kg", "ask", "--db", str(countries_db), "What is the capital of Atlantis?", "--json"], capsys)
+    out = json.loads(cap.out)
+    assert rc == 0 and out["supported"] is False and out["abstained"] and "Atlantis" in out["answer"]
+    rc, cap = run_cli(["kg", "ask", "--db", str(countries_db), "What is the capital of Atlantis?"], capsys)
+    assert cap.out.startswith("I don't know: no fact about Atlantis in the graph")
+
+
+def test_packaged_source_by_name_outside_the_repository(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, cap = run_cli(["kg", "build", "--source", "apple", "--out", "apple", "--json"], capsys)
+    assert rc == 0 and json.loads(cap.out)["edges"] == 22
+    rc, cap = run_cli(["kg", "build", "--source", "apple", "x.tsv", "--out", "a2"], capsys)
+    assert rc == 2 and "takes no FILE" in cap.err
+    from llmcourse.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["kg", "--help"])
+    assert "src/llmcourse" not in capsys.readouterr().out
+
+
 # --- safety: nothing asked can write -----------------------------------------------------------------------
 
 INJECTIONS = [
@@ -266,6 +329,22 @@ def test_questions_and_scoring(countries_db):
     store.close()
 
 
+def test_eval_counts_abstentions(countries_db):
+    store = open_graph(countries_db)
+    qs = make_questions(store, 4, 6, n_unanswerable=6)
+    kinds = [q.kind for q in qs]
+    assert kinds.count("unanswerable") == 6 and {q.relation for q in qs if q.kind == "two-hop"} == {
+        "currency", "continent", "language"}
+    assert any("Atlantis" in q.question for q in qs) and any("president" in q.question for q in qs)
+    res = evaluate(Asker(store, first_fact_object, embedder=TrigramEmbedder()), qs, modes=("none", "facts"))
+    ab = {r["mode"]: r for r in res["abstention"]}
+    assert ab["facts"]["recall"] == 1.0 and ab["facts"]["precision"] == 1.0  # the stub repeats a fact
+    assert ab["none"]["abstained"] == 0 and ab["none"]["precision"] is None and ab["none"]["recall"] == 0.0
+    acc = {(r["mode"], r["kind"]): r["contains"] for r in res["table"]}
+    assert acc[("facts", "two-hop")] == 1.0  # the path is followed, whatever the model would say
+    store.close()
+
+
 # --- CLI -----------------------------------------------------------------------------------------------
 
 def run_cli(argv, capsys):
@@ -313,6 +392,20 @@ def test_cli_build_and_plot(tmp_path, capsys):
                        "When did Apple announce the Vision Pro?", "--out", str(tmp_path / "a.png"), "--json"], capsys)
     assert rc == 0 and json.loads(cap.out)["highlighted"] >= 2
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_layout_keeps_nodes_apart():
+    """Issue 30: in the Apple graph "2023" sat on "Vision Pro"; no two nodes are closer than 15% of the plot."""
+    import itertools
+    import math
+
+    from llmcourse.kg.plot import layout
+
+    _, pos = layout(read_triples(APPLE_FACTS))
+    xs, ys = [p[0] for p in pos.values()], [p[1] for p in pos.values()]
+    span = max(max(xs) - min(xs), max(ys) - min(ys))
+    closest = min(math.dist(pos[a], pos[b]) for a, b in itertools.combinations(pos, 2)) / span
+    assert closest >= 0.15 and math.dist(pos["2023"], pos["Vision Pro"]) / span >= 0.15
 
 
 # --- the real embedder and the default model (slow) ------------------------------------------------------

@@ -167,3 +167,28 @@ def test_int8_matmul_is_exact_also_without_vnni(isa):
     out = subprocess.run([sys.executable, "-c", _EXACT_SCRIPT], capture_output=True, text=True, check=True,
                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa}).stdout.split()
     assert out[1] == "0", out  # exact, through _int_mm where the probe found it exact, else fp32 chunks
+
+
+_SPEED_SCRIPT = """
+import torch
+torch.backends.mkldnn.enabled = False  # torch's _int_mm then runs ATen's scalar loops, as on a CPU without VNNI
+from llmcourse.quant.int8.llm_int8 import int8_matmul, int_mm_is_exact, use_int_mm
+a = torch.randint(-127, 128, (8, 1536), dtype=torch.int8)
+b = torch.randint(-127, 128, (16, 1536), dtype=torch.int8)
+print(int(int_mm_is_exact()), int(use_int_mm()), (int8_matmul(a, b).long() - a.long() @ b.long().t()).abs().max().item())
+"""
+
+
+def test_int_mm_is_left_out_where_it_is_exact_but_slow():
+    """Issue 30: without VNNI torch 2.13 computes _int_mm with scalar loops (exact, ~20x slower than fp32), and an
+    LLM.int8() eval took 25 minutes; the probe then takes the exact fp32 chunks (bench/int8.py --eval-only)."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SPEED_SCRIPT], capture_output=True, text=True, check=True,
+                         env={**os.environ, "LLMCOURSE_INT_MM": ""}).stdout.split()
+    assert out == ["1", "0", "0"], out
+    out = subprocess.run([sys.executable, "-c", _SPEED_SCRIPT.replace("torch.backends.mkldnn.enabled = False", "")],
+                         capture_output=True, text=True, check=True, env={**os.environ, "LLMCOURSE_INT_MM": "0"}).stdout
+    assert out.split()[1:] == ["0", "0"]

@@ -16,6 +16,11 @@ LAB = Lab(
         "convert hf": "any model (GGUF, HF folder, default, quantized) -> HF safetensors folder",
     },
     commands_module="llmcourse.core.commands",
+    examples={
+        "eval perplexity": "llmcourse eval perplexity --model default --max-tokens 4096",
+        "eval compare": "llmcourse eval compare --model out/int8 --reference default --max-tokens 4096",
+        "convert hf": "llmcourse convert hf --model model.gguf --out out/hf",
+    },
     tour="llmcourse.core.tour_section:section",
     docs="docs/evaluation.md",
 )

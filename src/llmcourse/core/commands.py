@@ -38,7 +38,10 @@ def cmd_models(args: argparse.Namespace) -> Result:
 
 
 def _eval_ids(args: argparse.Namespace, text: str, tokenizer):
-    ids = tokenize_stream(tokenizer, text)
+    from llmcourse.core.progress import phase
+
+    with phase(f"tokenizing {len(text):,} characters"):
+        ids = tokenize_stream(tokenizer, text)
     if args.max_tokens is not None:
         ids = ids[:, : args.max_tokens]
     return ids

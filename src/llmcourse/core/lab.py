@@ -40,6 +40,9 @@ class Lab:
     requires: dict[str, str] = field(default_factory=dict)
     file_formats: dict[bytes, str] = field(default_factory=dict)  # a file's magic bytes -> "module:loader"
     docs: str | None = None  # the lab's page, e.g. "docs/decoding.md" (the tour links to it)
+    # one example command line per command of a group ("quantize gptq" -> "llmcourse quantize gptq ..."),
+    # shown on the group's page (`llmcourse quantize --help`), which is built without importing the lab
+    examples: dict[str, str] = field(default_factory=dict)
 
 
 def missing_dependency(lab: Lab, exc: ModuleNotFoundError) -> UserError:
@@ -65,12 +68,20 @@ _FORMATS: dict[str, tuple[Lab, str]] = {}  # llmcourse.json format -> (lab, "mod
 _FILE_FORMATS: dict[bytes, tuple[Lab, str]] = {}  # magic bytes -> (lab, "module:function")
 
 
+_GROUP_EXAMPLES: dict[str, list[str]] = {}  # group ("quantize") -> the example lines its labs declared
+
+
 def register_formats(lab: Lab) -> None:
-    """Make ``lab``'s folder and file formats loadable (done by the lab table)."""
+    """Make ``lab``'s folder and file formats loadable, and its group commands' examples known to the
+    group pages (done by the lab table)."""
     for fmt, ref in lab.formats.items():
         _FORMATS[fmt] = (lab, ref)
     for magic, ref in lab.file_formats.items():
         _FILE_FORMATS[magic] = (lab, ref)
+    for command, example in lab.examples.items():
+        group, _, kind = command.partition(" ")
+        if kind and example not in _GROUP_EXAMPLES.get(group, []):
+            _GROUP_EXAMPLES.setdefault(group, []).append(example)
 
 
 def file_loader(head: bytes) -> Callable[..., Any] | None:
@@ -100,8 +111,26 @@ def add_parser(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubP
     """
     group, _, kind = command.partition(" ")
     target, name = (groups[group], kind) if kind else (sub, group)
-    return target.add_parser(name, help=lab.commands[command], description=description, epilog=epilog,
-                             formatter_class=HelpFormatter)
+    p = target.add_parser(name, help=lab.commands[command], description=description, epilog=epilog,
+                          formatter_class=HelpFormatter)
+    p.__class__ = _strict(type(p))  # its sub-actions (`kg ask`) inherit the class
+    return p
+
+
+def _strict(cls: type[argparse.ArgumentParser]) -> type[argparse.ArgumentParser]:
+    """``cls`` whose parsers refuse unknown arguments themselves, so the error names this command's
+    ``--help`` rather than the top-level one (argparse leaves extras to the outermost parser)."""
+    if issubclass(cls, _StrictMixin):
+        return cls
+    return type(f"Strict{cls.__name__}", (_StrictMixin, cls), {})
+
+
+class _StrictMixin(argparse.ArgumentParser):
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -114,6 +143,16 @@ class HelpFormatter(argparse.HelpFormatter):
                 or action.default is argparse.SUPPRESS):
             return text
         return text + " (default: %(default)s)"
+
+    def format_help(self) -> str:
+        """The help, plus examples on a group's page (``llmcourse quantize --help``), from the labs' declarations."""
+        text = super().format_help()
+        words = self._prog.split()
+        examples = _GROUP_EXAMPLES.get(words[-1], []) if len(words) == 2 else []
+        if examples and "examples:" not in text and ("options:" in text or "positional arguments:" in text):
+            lines = [f"  {e}" for e in examples] + [f"  {' '.join(words)} KIND --help      # a kind's options and examples"]
+            text = text.rstrip("\n") + "\n\nexamples:\n" + "\n".join(lines) + "\n"
+        return text
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         out = []

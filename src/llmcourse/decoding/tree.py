@@ -229,6 +229,19 @@ def _figure(w: float, h: float) -> Any:
     return fig
 
 
+def label_color(face: Any) -> str:
+    """Black or white text, whichever reads better on ``face`` (any matplotlib colour): white when the
+    face's relative luminance (WCAG: 0.2126 R + 0.7152 G + 0.0722 B of the linearised sRGB channels) is
+    below 0.179, where white and black have equal contrast -- the dark reds and greens of ``RdYlGn``."""
+    import matplotlib.colors as mcolors
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in mcolors.to_rgb(face))
+    return "white" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.179 else "black"
+
+
 def draw_tree(tree: SearchTree, path: str | Path, title: str = "") -> None:
     """Draw ``tree`` to ``path`` (.png/.svg), nodes coloured by value with a red-yellow-green colorbar."""
     import matplotlib as mpl
@@ -261,7 +274,7 @@ def draw_tree(tree: SearchTree, path: str | Path, title: str = "") -> None:
             label = f"{n.label}\n{n.value:.2f}"
         else:
             label = f"{n.label}\n{n.value:.1f}%"
-        ax.text(x, y, label, ha="center", va="center", fontsize=8, zorder=2,
+        ax.text(x, y, label, ha="center", va="center", fontsize=8, zorder=2, color=label_color(face),
                 bbox=dict(boxstyle="round,pad=0.3", fc=face, ec=edge[0], lw=edge[1], ls=edge[2],
                           alpha=0.55 if n.status in ("pruned", "filtered") else 1.0))
     ax.set_xlim(-0.7, max_depth + 0.7)

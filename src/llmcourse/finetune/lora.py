@@ -20,6 +20,9 @@ every PEFT user loads with ``PeftModel.from_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +97,20 @@ def peft_config(settings: LoraSettings, targets: list[str]) -> Any:
                       bias="none", task_type="CAUSAL_LM")
 
 
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around PEFT's wrapping of a transformers model (``get_peft_model``, ``PeftModel.from_pretrained``).
+
+    PEFT 0.21.2, the newest release, reads ``model.is_gradient_checkpointing`` in ``PeftModel.__init__``:
+    transformers 5 renamed it ``is_activation_checkpointing`` and warns (FutureWarning) on the old name.
+    That read is PEFT's own, not ours (our calls use the new names: ``trainer.set_checkpointing``), so
+    only that one message is filtered here, only while PEFT wraps; any other warning shows. Drop this
+    when PEFT reads the new name."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model: nn.Module, settings: LoraSettings, method: str = "lora") -> nn.Module:
     """The model with LoRA adapters on ``settings.targets`` (a ``PeftModel``); for ``qlora`` the base linear
     layers are NF4 first. Only the adapters train."""
@@ -106,7 +123,8 @@ def add_lora(model: nn.Module, settings: LoraSettings, method: str = "lora") -> 
 
     for p in model.parameters():
         p.requires_grad_(False)
-    peft_model = get_peft_model(model, peft_config(settings, targets))
+    with peft_wrapping():
+        peft_model = get_peft_model(model, peft_config(settings, targets))
     fuse_lora(peft_model)  # same function, fewer passes over the activations
     return peft_model
 

@@ -32,10 +32,12 @@ from llmcourse.core.chat_template import chat_ids
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input, write_json
 from llmcourse.core.models import LoadedModel, load_model, save_hf
+from llmcourse.core.progress import phase
 from llmcourse.finetune.lora import (
     METHODS,
     LoraSettings,
     add_lora,
+    peft_wrapping,
     prepare_full,
     resolve_targets,
     trainable_parameters,
@@ -117,15 +119,20 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
         raise UserError(f"--data {data} has no training examples", "add examples")
     lm = lm or load_model(model_spec, dtype)
     bytes_fp32 = nf4_bytes(lm.model)
-    train_rows = rows_for(lm.tokenizer, train_ex, cfg)
-    eval_rows = rows_for(lm.tokenizer, eval_ex, cfg)
+    with phase(f"tokenizing {len(train_ex) + len(eval_ex)} examples"):
+        train_rows = rows_for(lm.tokenizer, train_ex, cfg)
+        eval_rows = rows_for(lm.tokenizer, eval_ex, cfg)
     if not train_rows:
         raise UserError(f"no example of --data {data} has a response token within --seq-len {cfg.seq_len}",
                         "raise --seq-len or check the data")
     score = data == "default" and score_default
-    before = capital_accuracy(lm.model, lm.tokenizer) if score else None
+    before = None
+    if score:
+        with phase("held-out capital questions, before"):
+            before = capital_accuracy(lm.model, lm.tokenizer)
     torch.manual_seed(cfg.seed)  # LoRA's A initialisation and dropout
-    model = prepare(lm, method, lora)
+    with phase(f"preparing the {method} model"):
+        model = prepare(lm, method, lora)
     if resume is not None:
         ck = latest_checkpoint(resume)
         meta = json.loads((ck / "state.json").read_text())
@@ -153,14 +160,16 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
     if tensorboard is not None:
         summary["tensorboard"] = str(tensorboard)
     if before is not None:
-        after = capital_accuracy(model, lm.tokenizer)
+        with phase("held-out capital questions, after"):
+            after = capital_accuracy(model, lm.tokenizer)
         summary["held_out_accuracy"] = {"before": before["accuracy"], "after": after["accuracy"],
                                         "questions": after["questions"], "rows_after": after["rows"]}
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                  and torch.distributed.get_rank() > 0)
     if outp is not None and export and rank0:
         plot_loss(state.metrics, outp / "loss.png", f"{method} fine-tuning of {model_spec}")
-        summary.update(export_model(model, lm, method, outp))
+        with phase(f"saving {'the model' if method == 'full' else 'the adapter and the merged model'} to {outp}"):
+            summary.update(export_model(model, lm, method, outp))
     summary["seconds"] = time.perf_counter() - t0
     if outp is not None and rank0:
         write_json(outp / "summary.json", summary)
@@ -198,7 +207,8 @@ def merge_adapter(base: str, adapter: str | Path, dtype: str = "fp32") -> tuple[
                         "pass the adapter/ folder written by llmcourse finetune")
     lm = load_model(base, dtype)
     try:
-        peft_model = PeftModel.from_pretrained(lm.model, str(adapter))
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(lm.model, str(adapter))
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"adapter {adapter} does not fit the model {base} ({type(e).__name__}: {str(e)[:150]})",
                         "pass the --model the adapter was trained on") from e

@@ -46,7 +46,7 @@ from torch import nn
 
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, atomic_file
-from llmcourse.core.progress import progress
+from llmcourse.core.progress import progress, stage
 from llmcourse.finetune.sft_data import IGNORE, Row, collate, count_tokens, join_rows
 
 log = logging.getLogger(__name__)
@@ -166,9 +166,17 @@ def batch_tensors(rows: list[Row], pad_id: int, cfg: TrainConfig) -> dict[str, t
 
 
 def set_checkpointing(model: nn.Module, on: bool) -> None:
-    """Turn transformers' gradient checkpointing (non-reentrant, per decoder block) on or off."""
+    """Turn transformers' activation (gradient) checkpointing (non-reentrant, per decoder block) on or off.
+
+    transformers 5 renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*`` (the old names
+    warn: FutureWarning, removed in v6); the new names are used where the model has them."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if on:
+    if hasattr(inner, "activation_checkpointing_enable"):
+        if on:
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif inner.is_activation_checkpointing:
+            inner.activation_checkpointing_disable()
+    elif on:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif getattr(inner, "is_gradient_checkpointing", False):
         inner.gradient_checkpointing_disable()
@@ -338,18 +346,21 @@ def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: Tr
         row: dict[str, Any] = {"step": state.step, "loss": step_loss, "lr": opt.param_groups[0]["lr"],
                                "grad_norm": float(norm), "tokens": n_tok, "tokens_per_s": n_tok / dt}
         last = state.step == total
+        if bar is not None:  # the step is done: the bar says so before evaluating or saving
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{n_tok / dt:.0f}")
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
-            row["eval_loss"] = eval_loss(model, eval_rows, cfg, pad_id)
+            with stage(bar, f"evaluating on {len(eval_rows)} held-out rows"):
+                row["eval_loss"] = eval_loss(model, eval_rows, cfg, pad_id)
         state.metrics.append(row)
         if tb is not None:
             log_tensorboard(tb, row)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{n_tok / dt:.0f}")
         if out is not None and rank == 0:
             write_metrics(out / "metrics.jsonl", state.metrics)
             if (cfg.save_every and state.step % cfg.save_every == 0) or last:
-                save_checkpoint(out / "checkpoints" / f"step-{state.step}", model, opt, state, cfg, extra_meta or {})
+                with stage(bar, "saving a checkpoint"):
+                    save_checkpoint(out / "checkpoints" / f"step-{state.step}", model, opt, state, cfg,
+                                    extra_meta or {})
     if bar is not None:
         bar.close()
     if tb is not None:

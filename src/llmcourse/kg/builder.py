@@ -13,18 +13,24 @@ from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input
 from llmcourse.kg.qa import LLM
 from llmcourse.kg.store import write_graph
-from llmcourse.kg.triples import Entity, Triple, country_triples, read_triples
+from llmcourse.kg.triples import APPLE_FACTS, Entity, Triple, country_triples, read_triples
 
-SOURCES = ("countries", "triples", "text")
+SOURCES = ("countries", "apple", "triples", "text")
+# example data shipped inside the package, reachable by name wherever llmcourse is installed
+PACKAGED = {"apple": APPLE_FACTS}
 
 
 def collect(source: str, file: str | Path | None = None, llm: LLM | None = None) -> tuple[list[Triple], list[Entity], dict[str, Any]]:
     """The triples, typed entities and build notes of ``source``."""
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}", f"use one of {', '.join(SOURCES)}")
-    if source != "countries" and file is None:
+    if source not in ("countries", *PACKAGED) and file is None:
         raise UserError(f"--source {source} needs a FILE", f"pass --source {source} FILE")
     notes: dict[str, Any] = {"source": source, "file": str(file) if file else None}
+    if source in PACKAGED:
+        if file is not None:
+            raise UserError(f"--source {source} is packaged data and takes no FILE", f"pass --source {source} alone")
+        return read_triples(PACKAGED[source]), [], {**notes, "file": PACKAGED[source].name}
     if source == "countries":
         triples, entities = country_triples()
         return triples, entities, notes

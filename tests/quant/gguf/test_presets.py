@@ -11,15 +11,18 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType as VT
 from gguf_helpers import byte_tokenizer, llama_logits, llama_quantize, tensor_table
 
-from llmcourse.core.gguf_container import read_gguf_header
+from llmcourse.core.gguf_container import KV, read_gguf_header
 from llmcourse.quant.gguf.convert import convert_to_gguf as convert
 from llmcourse.quant.gguf.presets import (
     COURSE_PRESETS,
     ModelShape,
+    fallback_note,
     get_preset,
     quantize_gguf,
+    quantized_file,
     tensor_types,
     use_more_bits,
 )
@@ -56,6 +59,28 @@ def test_rules_on_the_default_model_shape():
     assert t["blk.7.attn_v.weight"] == QT.Q4_0 and t["blk.7.ffn_down.weight"] == QT.Q3_K  # GQA 3: Q3_K
     t = tensor_types(names, get_preset("Q4_0"), shape, has_imatrix=True)
     assert t["blk.2.ffn_down.weight"] == QT.Q4_1 and t["blk.3.ffn_down.weight"] == QT.Q4_0
+
+
+def test_fallbacks_are_recorded_and_explained():
+    """Q4_K_M on 576-wide rows: the tensors whose K type fell back are listed, and the note says why the file
+    has more bits per weight than the preset's name suggests (issue 30: "6.165 bits/w" without a word)."""
+    from llmcourse.quant.gguf.load import SourceTensor
+
+    names = [("token_embd.weight", (4096, 576))]
+    for i in range(8):
+        names += [(f"blk.{i}.attn_v.weight", (192, 576)), (f"blk.{i}.ffn_down.weight", (576, 1536))]
+    fb: dict = {}
+    tensor_types(names, get_preset("Q4_K_M"), ModelShape("llama", 8, 9, 3), fallbacks=fb)
+    assert fb["token_embd.weight"] == (QT.Q6_K, QT.Q8_0) and fb["blk.2.attn_v.weight"] == (QT.Q4_K, QT.Q5_0)
+    assert not any("ffn_down" in n for n in fb)  # 1536 = 6 x 256: no fallback
+    src = [SourceTensor(n, s, QT.F32, lambda: None) for n, s in names]
+    kvs = [KV("general.architecture", "llama", VT.STRING), KV("llama.block_count", 8, VT.UINT32)]
+    info = quantized_file(kvs, src, get_preset("Q4_K_M"))[2]
+    assert info["fallbacks"]["tensors"] == 9 and info["fallbacks"]["row_widths"] == [576]
+    assert info["fallbacks"]["bits_per_weight_without"] < info["bits_per_weight"]
+    note = fallback_note(info)
+    assert "rows of 576 inputs" in note and "256-wide super-blocks" in note and "Q4_K -> Q5_0 x4" in note
+    assert fallback_note(quantized_file(kvs, src, get_preset("Q8_0"))[2]) == ""
 
 
 @pytest.fixture(scope="module")

@@ -283,6 +283,26 @@ def test_cli_round_trip_and_refusals(tmp_path, capsys):
     assert err.count("llmcourse: error:") == 5 and len(err.strip().splitlines()) == 5
 
 
+def test_rtn_calibrates_only_with_log_errors(tmp_path, capsys, monkeypatch):
+    """`quantize rtn` reads no calibration data unless --log-errors asks for the per-layer errors."""
+    from llmcourse.cli import main
+    from llmcourse.quant.gptq import commands
+
+    src = _tiny_folder(tmp_path)
+    calls = []
+    real = commands.calibration_windows
+    monkeypatch.setattr(commands, "calibration_windows", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert main(["quantize", "rtn", "--model", str(src), "--out", str(tmp_path / "r"), "--group-size", "32",
+                 "--json"]) == 0
+    assert calls == [] and "error_vs_rtn" not in json.loads(capsys.readouterr().out)
+    assert main(["quantize", "rtn", "--model", str(src), "--out", str(tmp_path / "r2"), "--group-size", "32",
+                 "--samples", "4"]) == 2
+    assert "--log-errors" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    assert main(["quantize", "rtn", "--model", str(src), "--out", str(tmp_path / "r3"), "--group-size", "32",
+                 "--log-errors", "--samples", "4", "--seq-len", "64"]) == 0
+    assert len(calls) == 1 and "output errors logged" in capsys.readouterr().out
+
+
 def test_reload_is_exact(tmp_path):
     """The folder reloads to the very model that was quantized (same logits, bit for bit, in fp32),
     apart from the fp16 storage of the embedding and norms, which the test applies to the original too."""

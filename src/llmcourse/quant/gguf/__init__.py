@@ -28,6 +28,8 @@ LAB = Lab(
         "imatrix": "importance matrix (mean squared activations per column) for --imatrix",
     },
     commands_module="llmcourse.quant.gguf.commands",
+    examples={"quantize gguf": "llmcourse quantize gguf --model default --type Q4_K_M,Q8_0 --out out/gguf",
+              "convert gguf": "llmcourse convert gguf --model default --out out/model-f32.gguf"},
     tour="llmcourse.quant.gguf.tour:section",
     docs="docs/gguf.md",
     file_formats={b"GGUF": "llmcourse.quant.gguf.load:load_model"},

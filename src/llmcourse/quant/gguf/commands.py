@@ -114,7 +114,7 @@ def _push(repo: str, files: list[Path]) -> str:
 
 def cmd_quantize_gguf(args: argparse.Namespace) -> Result:
     from llmcourse.quant.gguf.convert import from_hf
-    from llmcourse.quant.gguf.presets import get_preset, quantize_gguf
+    from llmcourse.quant.gguf.presets import fallback_note, get_preset, quantize_gguf
 
     presets = [get_preset(t.strip(), args.pure) for t in args.type.split(",") if t.strip()]
     if not presets:
@@ -160,6 +160,7 @@ def cmd_quantize_gguf(args: argparse.Namespace) -> Result:
     lines = [f"{'type':8} {'MB':>8} {'bits/w':>7} {'s':>6}  file"]
     lines += [f"{r['preset']:8} {r['bytes'] / 1e6:8.1f} {r['bits_per_weight']:7.3f} {r['seconds']:6.1f}  {r['out']}"
               for r in rows]
+    lines += [note + "." for note in (fallback_note(r) for r in rows) if note]
     if args.push_to_hub:
         data["pushed_to"] = _push(args.push_to_hub, files)
         lines.append(f"pushed {len(files)} file(s) to {data['pushed_to']}")

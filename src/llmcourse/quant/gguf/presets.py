@@ -166,11 +166,13 @@ def _fallback(qtype: QT, n_per_row: int) -> QT:
 
 
 def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, shape: ModelShape,
-                 has_imatrix: bool = False) -> dict[str, QT | None]:
+                 has_imatrix: bool = False,
+                 fallbacks: dict[str, tuple[QT, QT]] | None = None) -> dict[str, QT | None]:
     """The ggml type of each ``(name, torch_shape)`` under ``preset`` (None: keep the tensor as it is).
 
     ``tensors`` must be in the file's order: the per-layer counters of ``attn_v`` and ``ffn_down``
-    follow it, as in llama.cpp.
+    follow it, as in llama.cpp. ``fallbacks``, if given, receives ``name -> (the type the preset chose,
+    the type used)`` for each tensor whose rows do not fill whole blocks of the chosen type.
     """
     ft = preset.ftype
     n_attention_wv = sum(category(n) in ("attn_v", "attn_qkv") for n, _ in tensors)
@@ -191,6 +193,8 @@ def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, sha
         if not preset.pure:
             if cat == "output" or (tied and cat == "token_embd"):
                 if arch_falcon or n_per_row % block_size(new) != 0:
+                    if fallbacks is not None and not arch_falcon and new != QT.Q8_0:
+                        fallbacks[name] = (QT.Q6_K, QT.Q8_0)
                     new = QT.Q8_0
                 elif new != QT.Q8_0:
                     new = QT.Q6_K
@@ -254,7 +258,28 @@ def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, sha
                 elif ft == FT.MOSTLY_Q3_K_L:
                     new = QT.Q4_K
         out[name] = _fallback(new, n_per_row)
+        if fallbacks is not None and out[name] != new:
+            fallbacks[name] = (new, out[name])
     return out
+
+
+def bits(qtype: QT) -> float:
+    """Bits per weight of ``qtype`` (its block's bytes over its block's weights)."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    return 8.0 * type_size / block
+
+
+def fallback_note(info: dict[str, Any]) -> str:
+    """One sentence on why a preset's bits/weight is what it is, when block fallbacks raised it."""
+    fb = info.get("fallbacks") or {}
+    if not fb.get("tensors"):
+        return ""
+    pairs = ", ".join(f"{k} x{v}" for k, v in fb["pairs"].items())
+    widths = " or ".join(str(w) for w in fb["row_widths"])
+    return (f"{info['preset']}: {info['bits_per_weight']:.3f} bits/w rather than {fb['bits_per_weight_without']:.3f}: "
+            f"{fb['tensors']} of {info['tensors']} tensors ({fb['weight_share']:.0%} of the weights) have rows of "
+            f"{widths} inputs, not a multiple of the K types' 256-wide super-blocks, so llama.cpp stores them in a "
+            f"32-wide type with more bits ({pairs})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +333,9 @@ def quantized_file(kvs: list[KV], src: list[SourceTensor], preset: Preset,
     """The metadata and (lazy) tensors of ``src`` quantized with ``preset``, as llama.cpp writes them."""
     shape = model_shape(kvs)
     src = sorted(src, key=lambda t: layer_order_key(t.name))
-    types = tensor_types([(t.name, t.shape) for t in src], preset, shape, has_imatrix=imatrix is not None)
+    fallbacks: dict[str, tuple[QT, QT]] = {}
+    types = tensor_types([(t.name, t.shape) for t in src], preset, shape, has_imatrix=imatrix is not None,
+                         fallbacks=fallbacks)
     drop = {"general.quantization_version", "general.file_type", "split.no", "split.count", "split.tensors.count"}
     out_kvs = [kv for kv in kvs if kv.key not in drop]
     out_kvs += [KV("general.quantization_version", QUANTIZATION_VERSION, VT.UINT32),
@@ -334,6 +361,18 @@ def quantized_file(kvs: list[KV], src: list[SourceTensor], preset: Preset,
     info = {"preset": preset.name, "file_type": int(preset.ftype), "tensors": len(tensors),
             "types": {k.name: sum(1 for t in tensors if t.qtype == k) for k in sorted({t.qtype for t in tensors})},
             "tensor_bytes": n_bytes, "bits_per_weight": 8 * n_bytes / n_el}
+    if fallbacks:  # what the preset chose and could not use: why bits/weight is higher than its name says
+        size = {t.name: int(np.prod(t.shape)) for t in src}
+        saved = sum(size[n] * (bits(a) - bits(b)) for n, (a, b) in fallbacks.items()) / 8
+        pairs: dict[str, int] = {}
+        for a, b in fallbacks.values():
+            pairs[f"{a.name} -> {b.name}"] = pairs.get(f"{a.name} -> {b.name}", 0) + 1
+        info["fallbacks"] = {
+            "tensors": len(fallbacks), "pairs": pairs,
+            "row_widths": sorted({next(t.shape[-1] for t in src if t.name == n) for n in fallbacks}),
+            "weight_share": sum(size[n] for n in fallbacks) / n_el,
+            "bits_per_weight_without": 8 * (n_bytes + saved) / n_el,
+        }
     return out_kvs, tensors, info
 
 

@@ -17,6 +17,8 @@ LAB = Lab(
         "quantize rtn": "round-to-nearest baseline with GPTQ's options -> the same checkpoint format",
     },
     commands_module="llmcourse.quant.gptq.commands",
+    examples={"quantize gptq": "llmcourse quantize gptq --model default --bits 4 --out out/gptq-4bit",
+              "quantize rtn": "llmcourse quantize rtn --model default --bits 4 --out out/rtn-4bit"},
     tour="llmcourse.quant.gptq.tour:section",
     formats={"gptq": "llmcourse.quant.gptq.model:load_quantized"},
     docs="docs/gptq.md",

@@ -55,7 +55,11 @@ def cmd_quantize(args: argparse.Namespace) -> Result:
         raise UserError(f"{args.model} is already quantized ({lm.kind})", "quantize the original model instead")
     check_model(lm.model, cfg)
     windows = None
-    if method == "gptq" or args.samples_given:
+    log_errors = getattr(args, "log_errors", False)
+    if method == "rtn" and args.samples_given and not log_errors:
+        raise UserError("--samples and --seq-len set RTN's calibration, which runs only to log output errors",
+                        "add --log-errors, or drop them (RTN needs no calibration)")
+    if method == "gptq" or log_errors:
         check_calibration(lm.model, args.samples * args.seq_len)
         windows = calibration_windows(lm.tokenizer, args.samples, args.seq_len, seed=args.seed, data=args.data,
                                       field=args.field, split=args.split)
@@ -81,6 +85,8 @@ def cmd_quantize(args: argparse.Namespace) -> Result:
         data["error_vs_rtn"], data["layers_not_worse_than_rtn"] = ratio, better
         if method == "gptq":
             text += f"; output error {ratio:.3f} x RTN's, lower or equal in {better}/{len(layers)} layers"
+        else:
+            text += f"; output errors logged in {LOG_FILE}"
     text += f".\nevaluate it with: llmcourse eval perplexity --model {out}"
     return Result(data, text)
 
@@ -115,6 +121,10 @@ def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
                      help="symmetric grid, zero = 2^(bits-1) (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid, min and max per group (default: symmetric)")
     p.add_argument("--mse", action="store_true", help="search each group's clipping range (grid 100, norm 2.4)")
+    if rtn:
+        p.add_argument("--log-errors", action="store_true",
+                       help="also run calibration windows through the model to log each layer's output error "
+                       "(as long as GPTQ takes; default: no calibration, seconds)")
     if not rtn:
         p.add_argument("--desc-act", action="store_true",
                        help="act-order: quantize columns by decreasing Hessian diagonal (default: natural order)")
@@ -135,7 +145,7 @@ def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
                        "gate/up, down)")
     act = _Given if rtn else "store"
     p.add_argument("--samples", type=positive_int, default=128, action=act,
-                   help="calibration windows" + (" (RTN: only to log output errors)" if rtn else "")
+                   help="calibration windows" + (" (RTN: only with --log-errors)" if rtn else "")
                    + ". Default: %(default)s")
     p.add_argument("--seq-len", type=positive_int, default=512, action=act,
                    help="tokens per calibration window. Default: %(default)s")
@@ -147,7 +157,7 @@ def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
                    help="split of the default data. Default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows. Default: %(default)s")
     add_common_args(p)
-    p.set_defaults(func=_cmd_rtn if rtn else _cmd_gptq, samples_given=False, desc_act=False, act_group_aware=False,
+    p.set_defaults(func=_cmd_rtn if rtn else _cmd_gptq, samples_given=False, log_errors=False, desc_act=False, act_group_aware=False,
                    static_groups=False,
                    damp=0.01, block_size=128, no_true_sequential=False)
 
@@ -156,7 +166,8 @@ EXAMPLES_GPTQ = ("examples:\n  llmcourse quantize gptq --model default --out out
                  "  llmcourse quantize gptq --bits 3 --group-size 128 --desc-act --samples 32 --seq-len 256 "
                  "--out out/gptq-3bit\n  llmcourse eval perplexity --model out/gptq-4bit")
 EXAMPLES_RTN = ("examples:\n  llmcourse quantize rtn --model default --out out/rtn-4bit\n"
-                "  llmcourse quantize rtn --bits 3 --group-size 64 --asym --out out/rtn-3bit")
+                "  llmcourse quantize rtn --bits 3 --group-size 64 --asym --out out/rtn-3bit\n"
+                "  llmcourse quantize rtn --log-errors --samples 32 --seq-len 256 --out out/rtn-logged")
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
@@ -173,5 +184,6 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p = add_parser(
         sub, groups, LAB, "quantize rtn", epilog=EXAMPLES_RTN,
         description="Round every weight of the decoder blocks' linear layers to the nearest point of GPTQ's grid "
-        "(same --bits, --group-size, --sym/--asym) and write the same checkpoint format as `quantize gptq`.")
+        "(same --bits, --group-size, --sym/--asym) and write the same checkpoint format as `quantize gptq`. "
+        "No calibration data is read unless --log-errors asks for each layer's output error.")
     _add_options(p, rtn=True)

@@ -23,6 +23,7 @@ LAB = Lab(
     title="8-bit quantization",
     commands={"quantize int8": "8-bit quantization: absmax, zero-point or LLM.int8() -> a folder that reloads"},
     commands_module="llmcourse.quant.int8.commands",
+    examples={"quantize int8": "llmcourse quantize int8 --model default --method llm.int8 --out out/llm-int8"},
     tour="llmcourse.quant.int8.tour:section",
     formats={"int8": "llmcourse.quant.int8.model:load_quantized"},
     docs="docs/quantization-8bit.md",

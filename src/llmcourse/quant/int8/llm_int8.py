@@ -23,6 +23,9 @@ activations to fp16 first; it also rescales by the constant 6.200124e-05 where 1
 from __future__ import annotations
 
 import functools
+import os
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -78,18 +81,54 @@ def int_mm_is_exact() -> bool:
     return torch.equal(y.long(), a.long() @ b.long().t())
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int8 (N, in) x int8 (out, in)^T -> int32 (N, out).
-
-    ``torch._int_mm`` where it is exact (:func:`int_mm_is_exact`); elsewhere fp32 products over
-    chunks of 1024 inputs, each exact, added in int32."""
-    if int_mm_is_exact():
-        return torch._int_mm(a, b.t())
+def _chunked_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 (N, in) x int8 (out, in)^T -> int32 through fp32 products of 1024-input chunks."""
     y = None
     for k in range(0, a.shape[1], _EXACT_CHUNK):
         part = (a[:, k:k + _EXACT_CHUNK].float() @ b[:, k:k + _EXACT_CHUNK].float().t()).to(torch.int32)
         y = part if y is None else y.add_(part)
     return y
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def use_int_mm() -> bool:
+    """Whether :func:`int8_matmul` should call ``torch._int_mm``: it is exact here
+    (:func:`int_mm_is_exact`) and not slower than the fp32 chunks on a product of a 135M model's size.
+
+    Exact is not enough: where oneDNN has no int8 kernel for the CPU (no VNNI: torch 2.13 on an AVX2
+    CPU, 2026-12-07), ``_int_mm`` falls back to ATen's scalar loops, exact but about 20x slower than fp32
+    (``llmcourse eval perplexity`` of an LLM.int8() folder took over 25 minutes against a minute). The
+    same loops run with ``torch.backends.mkldnn.enabled = False``, which ``bench/int8.py`` uses to
+    reproduce that CPU. ``LLMCOURSE_INT_MM=0/1`` overrides the probe."""
+    forced = os.environ.get("LLMCOURSE_INT_MM")
+    if forced in ("0", "1"):
+        return forced == "1" and int_mm_is_exact()
+    if not int_mm_is_exact():
+        return False
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 576), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (576, 576), dtype=torch.int8, generator=g)
+    return _best_seconds(lambda: torch._int_mm(a, b.t())) <= _best_seconds(lambda: _chunked_fp32(a, b))
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 (N, in) x int8 (out, in)^T -> int32 (N, out).
+
+    ``torch._int_mm`` where it is exact and fast (:func:`use_int_mm`); elsewhere fp32 products over
+    chunks of 1024 inputs, each exact, added in int32."""
+    if use_int_mm():
+        return torch._int_mm(a, b.t())
+    return _chunked_fp32(a, b)
 
 
 def llm_int8_matmul(x: torch.Tensor, w_i8: torch.Tensor, c_w: torch.Tensor, threshold: float = 6.0,
