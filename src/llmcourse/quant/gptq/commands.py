@@ -6,13 +6,22 @@ import argparse
 import time
 from pathlib import Path
 
-from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs, positive_int
+from llmcourse.core.cli_common import (
+    Result,
+    add_common_args,
+    add_config_args,
+    add_model_args,
+    config_from_args,
+    model_kwargs,
+    positive_int,
+)
 from llmcourse.core.data import calibration_windows
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input
 from llmcourse.core.lab import add_parser
 from llmcourse.core.models import load_model
 from llmcourse.quant.gptq.model import (
+    GPTQ_ONLY,
     LOG_FILE,
     GPTQConfig,
     check_calibration,
@@ -22,33 +31,11 @@ from llmcourse.quant.gptq.model import (
 )
 
 
-def group_size_arg(s: str) -> int | None:
-    """argparse type: a positive group size, or 'none' (one group per row)."""
-    if s.lower() in ("none", "row"):
-        return None
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {s!r}") from None
-    return v  # GPTQConfig refuses <= 0 with a one-line error
-
-
-def damp_arg(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    return v  # GPTQConfig refuses values outside (0, 1] with a one-line error
-
-
 def cmd_quantize(args: argparse.Namespace) -> Result:
     method = args.method
     out = Path(args.out)
     check_not_input(out, [args.model if args.model != "default" else None, args.data])
-    cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
-                     act_group_aware=args.act_group_aware,
-                     static_groups=args.static_groups, damp=args.damp, block_size=args.block_size,
-                     true_sequential=not args.no_true_sequential, mse=args.mse, method=method)
+    cfg = config_from_args(GPTQConfig, args, method=method)
     t0 = time.perf_counter()
     lm = load_model(args.model, **model_kwargs(args))
     if lm.kind not in ("hf", "default", "hub", "gguf") or getattr(lm.model.config, "quantization_config", None):
@@ -112,37 +99,11 @@ class _Given(argparse.Action):
 def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
     add_model_args(p)
     p.add_argument("--out", required=True, help="output folder (written atomically; must not be the input)")
-    p.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8. Default: %(default)s")
-    p.add_argument("--group-size", type=group_size_arg, default=128,
-                   help="inputs per group (a last, shorter group where it does not divide a layer's width), or "
-                   "'none' for one scale per row. Default: %(default)s")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True,
-                     help="symmetric grid, zero = 2^(bits-1) (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid, min and max per group (default: symmetric)")
-    p.add_argument("--mse", action="store_true", help="search each group's clipping range (grid 100, norm 2.4)")
+    add_config_args(p, GPTQConfig, exclude=GPTQ_ONLY if rtn else ())
     if rtn:
         p.add_argument("--log-errors", action="store_true",
                        help="also run calibration windows through the model to log each layer's output error "
                        "(as long as GPTQ takes; default: no calibration, seconds)")
-    if not rtn:
-        p.add_argument("--desc-act", action="store_true",
-                       help="act-order: quantize columns by decreasing Hessian diagonal (default: natural order)")
-        p.add_argument("--act-group-aware", action="store_true",
-                       help="group-aware reordering (GAR, GPTQModel's default without act-order): groups by their "
-                       "largest Hessian diagonal, columns inside each group likewise; g_idx stays natural "
-                       "(default: natural order)")
-        p.add_argument("--static-groups", action="store_true",
-                       help="compute every group's grid from the original weights first (with --desc-act, keeps "
-                       "g_idx in natural order)")
-        p.add_argument("--damp", type=damp_arg, default=0.01,
-                       help="dampening, a fraction of mean(diag H) added to diag H (raised x10 automatically while "
-                       "the Cholesky factorisation fails; GPTQModel's default is 0.05). Default: %(default)s")
-        p.add_argument("--block-size", type=positive_int, default=128,
-                       help="columns per lazy batch update. Default: %(default)s")
-        p.add_argument("--no-true-sequential", action="store_true",
-                       help="collect all of a block's Hessians in one pass (default: stage by stage, q/k/v, o, "
-                       "gate/up, down)")
     act = _Given if rtn else "store"
     p.add_argument("--samples", type=positive_int, default=128, action=act,
                    help="calibration windows" + (" (RTN: only with --log-errors)" if rtn else "")
@@ -157,9 +118,7 @@ def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
                    help="split of the default data. Default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows. Default: %(default)s")
     add_common_args(p)
-    p.set_defaults(func=_cmd_rtn if rtn else _cmd_gptq, samples_given=False, log_errors=False, desc_act=False, act_group_aware=False,
-                   static_groups=False,
-                   damp=0.01, block_size=128, no_true_sequential=False)
+    p.set_defaults(func=_cmd_rtn if rtn else _cmd_gptq, samples_given=False, log_errors=False)
 
 
 EXAMPLES_GPTQ = ("examples:\n  llmcourse quantize gptq --model default --out out/gptq-4bit\n"
@@ -184,6 +143,6 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p = add_parser(
         sub, groups, LAB, "quantize rtn", epilog=EXAMPLES_RTN,
         description="Round every weight of the decoder blocks' linear layers to the nearest point of GPTQ's grid "
-        "(same --bits, --group-size, --sym/--asym) and write the same checkpoint format as `quantize gptq`. "
+        "(same --bits, --group-size, --asym) and write the same checkpoint format as `quantize gptq`. "
         "No calibration data is read unless --log-errors asks for each layer's output error.")
     _add_options(p, rtn=True)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from llmcourse.core.cli_common import option
 from llmcourse.core.errors import UserError
 from llmcourse.core.modules import (
     BlockInput,
@@ -65,21 +66,54 @@ LOG_FILE = "quant_log.json"
 METHODS = ("gptq", "rtn")
 
 
+def group_size_arg(s: str) -> int | None:
+    """``--group-size``: a positive group size, or 'none' (one group per row)."""
+    if s.lower() in ("none", "row"):
+        return None
+    try:
+        return int(s)  # GPTQConfig refuses <= 0 with a one-line error
+    except ValueError:
+        raise UserError(f"--group-size: expected an integer or 'none', got {s!r}", "pass e.g. 128, or 'none'") from None
+
+
+def number_arg(s: str) -> float:
+    try:
+        return float(s)  # GPTQConfig checks the range with a one-line error
+    except ValueError:
+        raise UserError(f"expected a number, got {s!r}", "pass e.g. 0.01") from None
+
+
+# Options only `quantize gptq` has (RTN has no Hessian, no column order, no lazy batches).
+GPTQ_ONLY = ("desc_act", "act_group_aware", "static_groups", "damp", "block_size", "true_sequential")
+
+
 @dataclass
 class GPTQConfig:
-    """How to quantize; validated here, at the boundary. ``group_size=None``: one group per row."""
+    """How to quantize; validated here, at the boundary. ``group_size=None``: one group per row.
+    The fields with help text are the commands' flags (``add_config_args``): their defaults live here only."""
 
-    bits: int = 4
-    group_size: int | None = 128
-    sym: bool = True
-    desc_act: bool = False  # act-order: columns by decreasing diag(H)
-    act_group_aware: bool = False  # GAR: act-order inside groups and of groups; g_idx stays natural
-    static_groups: bool = False  # group grids from the original weights, before any update
-    damp: float = 0.01  # the paper's and the notebook's; GPTQModel's default is 0.05
-    block_size: int = 128  # lazy batch size
-    true_sequential: bool = True
-    mse: bool = False  # clipping search for each group's range
-    method: str = "gptq"  # gptq | rtn
+    bits: int = option(4, "bits per weight: 2, 3, 4 or 8. Default: %(default)s")
+    group_size: int | None = option(128, "inputs per group (a last, shorter group where it does not divide a layer's "
+                                    "width), or 'none' for one scale per row. Default: %(default)s",
+                                    type=group_size_arg)
+    sym: bool = option(True, "asymmetric grid, min and max per group (default: symmetric, zero = 2^(bits-1))",
+                       flag="--asym")
+    desc_act: bool = option(False, "act-order: quantize columns by decreasing Hessian diagonal (default: natural "
+                            "order)")
+    act_group_aware: bool = option(False, "group-aware reordering (GAR, GPTQModel's default without act-order): "
+                                   "groups by their largest Hessian diagonal, columns inside each group likewise; "
+                                   "g_idx stays natural (default: natural order)")
+    static_groups: bool = option(False, "compute every group's grid from the original weights first (with "
+                                 "--desc-act, keeps g_idx in natural order; default: off)")
+    # the paper's and the notebook's; GPTQModel's default is 0.05
+    damp: float = option(0.01, "dampening, a fraction of mean(diag H) added to diag H (raised x10 automatically while "
+                         "the Cholesky factorisation fails; GPTQModel's default is 0.05). Default: %(default)s",
+                         type=number_arg)
+    block_size: int = option(128, "columns per lazy batch update. Default: %(default)s")
+    true_sequential: bool = option(True, "collect all of a block's Hessians in one pass (default: stage by stage, "
+                                   "q/k/v, o, gate/up, down)", flag="--no-true-sequential")
+    mse: bool = option(False, "search each group's clipping range (grid 100, norm 2.4; default: min/max)")
+    method: str = "gptq"  # gptq | rtn (the command, not a flag)
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
