@@ -333,3 +333,29 @@ def test_cli_dpo_lora_run_resume_and_orpo_full(tmp_path, base_dir):  # noqa: F81
     assert main([*common, "--method", "orpo", "--adapter", "full", "--max-steps", "2", "--out", str(out3)]) == 0
     m3 = [json.loads(x) for x in (out3 / "metrics.jsonl").read_text().splitlines()]
     assert "log_odds_ratio" in m3[0] and (out3 / "merged" / "model.safetensors").exists()
+
+
+def test_default_pairs_are_on_policy_and_keep_held_out_countries_out(tok, tmp_path, capsys):  # noqa: F811
+    from llmcourse.finetune.pref_data import build_default_pairs, is_correct
+    from llmcourse.finetune.sft_data import default_split
+
+    train_c, held = default_split()
+    model = small_model()
+    pairs, stats = build_default_pairs(model, tok, samples=1, countries=train_c[:3], seed=0, max_new_tokens=6)
+    assert stats["questions"] == sum(1 + bool(c["continent"]) + bool(c["currency"]) for c in train_c[:3])
+    assert 0 < len(pairs) <= stats["questions"]
+    facts = {c["name"]: c for c in train_c}
+    for p in pairs:
+        c = facts[p["country"]]
+        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+        assert any(is_correct(chosen, c[k]) for k in ("capital", "continent", "currency") if c[k])
+        q = p["prompt"][0]["content"]
+        fact = c["capital"] if "capital" in q else c["continent"] if "continent" in q else c["currency"]
+        assert is_correct(chosen, fact) and not is_correct(rejected, fact)
+    assert {c["name"] for c in held}.isdisjoint(c["name"] for c in train_c)
+    assert is_correct("It is Bogotá.", "Bogota") and not is_correct("Medellin", "Bogota")
+    # the pairs file reads back as TRL-format data
+    from llmcourse.finetune.pref_data import write_pairs
+
+    write_pairs(tmp_path / "p.jsonl", pairs)
+    assert len(read_pairs(tmp_path / "p.jsonl")) == len(pairs)

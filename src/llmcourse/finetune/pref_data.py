@@ -326,13 +326,13 @@ def sample_answers(model: Any, tokenizer: Any, questions: list[str], samples: in
 
 
 def build_default_pairs(model: Any, tokenizer: Any, samples: int = 2, seed: int = 0,
-                        countries: list[dict[str, str]] | None = None, show_progress: bool = False
-                        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                        countries: list[dict[str, str]] | None = None, show_progress: bool = False,
+                        max_new_tokens: int = 32) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(pairs as TRL conversational JSONL objects, statistics): see the module docstring. ``countries``
     defaults to the SFT training countries (the held-out ones never appear)."""
     countries = countries if countries is not None else default_split()[0]
     items = [(c, q, a, fact) for c in countries for q, a, fact in country_questions(c)]
-    answers = sample_answers(model, tokenizer, [q for _, q, _, _ in items], samples, seed=seed,
+    answers = sample_answers(model, tokenizer, [q for _, q, _, _ in items], samples, max_new_tokens, seed=seed,
                              show_progress=show_progress)
     pairs, right, empty = [], 0, 0
     for (c, q, a, fact), got in zip(items, answers, strict=True):
