@@ -17,7 +17,8 @@ the same pairs are the same tokens; the median over the steps after ``--warmup``
 sides alternate twice (ours, TRL, ours, TRL) and each side's median over its rounds is reported, which
 evens out a machine whose load changes.
 
-    .venv/bin/python bench/preference.py               # 8 steps, 2 warm-up, 1 round
+    .venv/bin/python bench/preference.py               # 8 steps, 2 warm-up, 1 round, 2 threads
+    .venv/bin/python bench/preference.py --threads 1   # on a shared machine (2 threads collapse when a core is taken)
     .venv/bin/python bench/preference.py --quick       # 3 steps, 1 warm-up (smoke)
 
 Needs ``trl==1.16.0`` (the ``ref`` / ``bench`` extras). Writes bench/results/preference.md and preference.json.
@@ -188,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                      "loss first -> last": f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}"})
     rows.append({"trainer": "**ours / TRL**", "tokens/s (median)": f"**{speed:.2f}x** (target >= {TARGET_SPEED}x)",
                  "peak RSS GB": f"**{mem:.2f}x** (target <= {TARGET_MEM}x)"})
+    import torch
     from common import machine, md_table, write_result
 
+    torch.set_num_threads(a.threads)  # so that the machine line names the threads each side ran with
     notes = (f"{a.steps} optimizer steps per run, median of steps {a.warmup + 1}-{a.steps} (tokens of the step as TRL "
              f"counts them / its seconds), {a.threads} threads, {a.rounds} round(s), each run in its own process "
              "(peak RSS includes loading the model). DPO sigmoid, beta 0.1, LoRA r=16 alpha 32 on the 7 projections, "
