@@ -15,6 +15,8 @@ from llmcourse.core.io import atomic_dir, check_not_input
 from llmcourse.core.lab import add_parser
 from llmcourse.core.models import save_hf
 from llmcourse.finetune.lora import DEFAULT_TARGETS, METHODS, LoraSettings
+from llmcourse.finetune.pref_train import PREFERENCE_METHODS, PreferenceConfig
+from llmcourse.finetune.preference import DPO_LOSSES
 from llmcourse.finetune.run import finetune, merge_adapter
 from llmcourse.finetune.trainer import PRESETS, TrainConfig
 
@@ -47,6 +49,21 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
 
 
+def objective(args: argparse.Namespace) -> tuple[str, PreferenceConfig | None]:
+    """(what trains: lora/qlora/full, the preference settings or None for SFT) from --method and --adapter."""
+    if args.method in METHODS:  # --method lora|qlora|full: supervised fine-tuning, as before
+        if args.adapter is not None and args.adapter != args.method:
+            raise UserError(f"--method {args.method} already says what trains; --adapter {args.adapter} contradicts it",
+                            f"use --method sft --adapter {args.adapter}, or drop --adapter")
+        return args.method, None
+    adapter = args.adapter or "lora"
+    if args.method == "sft":
+        return adapter, None
+    return adapter, PreferenceConfig(method=args.method, beta=args.beta, loss_type=args.loss_type,
+                                     label_smoothing=args.label_smoothing, orpo_lambda=args.orpo_lambda,
+                                     precompute_ref=args.precompute_ref)
+
+
 def _processes(args: argparse.Namespace) -> Result:
     """Re-launch this command under torchrun with ``--processes`` CPU processes (gloo)."""
     argv = [a for a in sys.argv[1:]]
@@ -76,10 +93,11 @@ def cmd_finetune(args: argparse.Namespace) -> Result:
                         dropout=args.lora_dropout, targets=[t.strip() for t in targets if t.strip()],
                         rslora=args.rslora, dora=args.dora)
     cfg = train_config(args)
+    adapter, pref = objective(args)
     tb = (Path(args.out) / "tensorboard" if args.tensorboard == "" else args.tensorboard) if args.tensorboard is not None \
         else None
-    r = finetune(args.model, args.data, args.method, lora, cfg, args.out, resume=args.resume, dtype=args.dtype,
-                 tensorboard=tb)
+    r = finetune(args.model, args.data, adapter, lora, cfg, args.out, resume=args.resume, dtype=args.dtype,
+                 tensorboard=tb, preference=pref, pair_samples=args.pair_samples)
     s = r.summary
     if int(os.environ.get("RANK", "0")) > 0:  # one report per run: rank 0's
         return Result(s, "")
@@ -87,15 +105,42 @@ def cmd_finetune(args: argparse.Namespace) -> Result:
             f"of {s['parameters']:,} parameters; loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}"
             + (f", held-out eval loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else "")
             + f"; {s['tokens_per_s']:.0f} tokens/s."
+            + ("\nlast step: " + ", ".join(f"{k} {v:.3f}" for k, v in s["final_metrics"].items())
+               if s.get("final_metrics") else "")
+            + (f"\npairs: {s['pairs']['pairs']} on-policy pairs from {s['pairs']['samples']} sampled answers "
+               f"({s['pairs']['sampled_right']} right), in {args.out}/pairs.jsonl" if s.get("pairs") else "")
             + (f"\nheld-out capitals: {s['held_out_accuracy']['before']:.1%} before, "
                f"{s['held_out_accuracy']['after']:.1%} after ({s['held_out_accuracy']['questions']} countries)"
                if "held_out_accuracy" in s else "")
             + f"\nwrote {args.out}: "
-            + ", ".join(k for k in ("adapter", "merged") if k in s) + ", metrics.jsonl, loss.png, checkpoints/"
+            + ", ".join(k for k in ("adapter", "merged") if k in s) + ", metrics.jsonl, loss.png, "
+            + ("rewards.png, " if pref is not None else "") + "checkpoints/"
             + (f", TensorBoard logs in {tb} (tensorboard --logdir {tb})" if tb is not None else "")
             + f"\nnext: llmcourse chat --model {s.get('merged', args.out)}"
             + f"  |  llmcourse convert gguf --model {s.get('merged', args.out)} --out model.gguf")
     return Result(s, text)
+
+
+def cmd_pairs(args: argparse.Namespace) -> Result:
+    """Rebuild the default on-policy preference pairs from --model."""
+    from llmcourse.core.models import load_model
+    from llmcourse.finetune.pref_data import build_default_pairs, write_pairs
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise UserError(f"--out {out} is not a .jsonl file", "pass --out pairs.jsonl")
+    check_not_input(out, [args.model if args.model != "default" else None])
+    lm = load_model(args.model, args.dtype)
+    pairs, stats = build_default_pairs(lm.model, lm.tokenizer, samples=args.samples, seed=args.seed,
+                                       show_progress=True)
+    if not pairs:
+        raise UserError(f"--model {args.model} answered every sampled question right: no pairs",
+                        "raise --samples")
+    write_pairs(out, pairs)
+    text = (f"{stats['pairs']} pairs from {stats['questions']} questions on {stats['countries']} training countries "
+            f"({stats['samples']} sampled answers, {stats['sampled_right']} right); wrote {out}\n"
+            f"next: llmcourse finetune --model {args.model} --method dpo --data {out} --out out/dpo")
+    return Result({**stats, "out": str(out)}, text)
 
 
 def gguf_path(out: Path, gguf_type: str) -> Path:
@@ -175,7 +220,14 @@ FT_EXAMPLES = ("examples:\n  llmcourse finetune --model default --data default -
                "  llmcourse finetune --data chats.jsonl --packing --dora --targets q_proj,v_proj --out out/ft2\n"
                "  llmcourse finetune --resume out/ft --max-steps 100 --out out/ft\n"
                "  llmcourse finetune --max-steps 60 --tensorboard --out out/ft && tensorboard --logdir out/ft/tensorboard\n"
-               "  llmcourse finetune --processes 2 --max-steps 20 --out out/ddp")
+               "  llmcourse finetune --processes 2 --max-steps 20 --out out/ddp\n"
+               "  llmcourse finetune --model out/ft/merged --method dpo --data default --beta 0.1 --max-steps 60 "
+               "--out out/dpo\n"
+               "  llmcourse finetune --method dpo --adapter qlora --loss-type ipo --data pairs.jsonl --out out/ipo\n"
+               "  llmcourse finetune --method orpo --orpo-lambda 0.1 --data pairs.jsonl --out out/orpo\n"
+               "  llmcourse preference-pairs --model out/ft/merged --out pairs.jsonl")
+PAIRS_EXAMPLES = ("examples:\n  llmcourse preference-pairs --model out/ft/merged --out pairs.jsonl\n"
+                  "  llmcourse preference-pairs --samples 4 --seed 1 --out pairs.jsonl")
 MERGE_EXAMPLES = ("examples:\n  llmcourse merge --model default --adapter out/ft/adapter --out out/merged\n"
                   "  llmcourse merge --adapter out/ft/adapter --out out/merged --gguf f16")
 
@@ -185,15 +237,38 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
 
     p = add_parser(
         sub, groups, LAB, "finetune", epilog=FT_EXAMPLES,
-        description="Supervised fine-tuning of a causal LM on chat data (.jsonl with 'messages' or 'prompt'/"
+        description="Fine-tuning of a causal LM: supervised (SFT) on chat data (.jsonl with 'messages' or 'prompt'/"
         "'response', or 'default': country facts with held-out countries). The chat template is applied and the "
         "loss is on the assistant tokens only (--full-loss: every token). lora: PEFT LoRA adapters on --targets; "
         "qlora: the same on a frozen NF4 base (4.13 bits/weight, de-quantized per layer); full: every weight. "
-        "Writes --out: adapter/ (PEFT), merged/ (plain HF folder), metrics.jsonl, loss.png, checkpoints/.")
+        "Preference tuning (--method dpo|orpo): .jsonl pairs in TRL's formats (prompt/chosen/rejected, text or "
+        "messages), or 'default': the model's own wrong answers to country questions as rejected, the facts as "
+        "chosen. Writes --out: adapter/ (PEFT), merged/ (plain HF folder), metrics.jsonl, loss.png, "
+        "(rewards.png), checkpoints/.")
     p.add_argument("--model", default="default", help="base model: 'default' or a Hugging Face folder. Default: default")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the base (default: fp32)")
     p.add_argument("--data", default="default", help="a .jsonl file or 'default'. Default: %(default)s")
-    p.add_argument("--method", default="lora", choices=METHODS, help="what trains. Default: %(default)s")
+    p.add_argument("--method", default="lora", choices=[*METHODS, "sft", *PREFERENCE_METHODS],
+                   help="lora / qlora / full: supervised fine-tuning with that much training; sft, dpo, orpo: the "
+                   "objective, with --adapter saying what trains. dpo and orpo read preference pairs. Default: "
+                   "%(default)s")
+    p.add_argument("--adapter", default=None, choices=METHODS,
+                   help="what trains with --method sft/dpo/orpo: LoRA, LoRA on an NF4 base, or every weight "
+                   "(default: lora)")
+    p.add_argument("--beta", type=_float, default=0.1,
+                   help="DPO's beta: strength of the KL pull to the reference (IPO: tau). Default: 0.1")
+    p.add_argument("--loss-type", default="sigmoid", choices=DPO_LOSSES,
+                   help="DPO loss: sigmoid (the paper's), ipo, hinge, robust. Default: sigmoid")
+    p.add_argument("--label-smoothing", type=_float, default=0.0,
+                   help="probability that a preference label is wrong, in [0, 0.5): conservative DPO with "
+                   "sigmoid, robust DPO with robust. Default: 0")
+    p.add_argument("--orpo-lambda", type=_float, default=0.1, help="ORPO's lambda (weight of the odds-ratio term). "
+                   "Default: 0.1")
+    p.add_argument("--precompute-ref", action="store_true",
+                   help="DPO: compute the reference log-probabilities once before training (always with "
+                   "--adapter full) instead of with the adapters off in each step")
+    p.add_argument("--pair-samples", type=positive_int, default=2,
+                   help="dpo/orpo with --data default: answers sampled per question to find wrong ones. Default: 2")
     p.add_argument("--out", required=True, help="output folder (adapter/, merged/, metrics, checkpoints)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="'course': notebook 4's values (batch 4, lr 2e-4, warmup 0.03, weight decay 0.001, max "
@@ -234,6 +309,20 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
                    help="CPU processes (DDP over gloo through torchrun; the global batch is kept). Default: 1")
     add_common_args(p)
     p.set_defaults(func=cmd_finetune)
+
+    q = add_parser(sub, groups, LAB, "preference-pairs", epilog=PAIRS_EXAMPLES,
+                   description="Build on-policy preference pairs without annotators: for each training country of "
+                   "the fine-tuning facts (held-out countries excluded) and each question (capital, continent, "
+                   "currency), --samples answers are sampled from --model; a sampled answer that does not contain "
+                   "the true fact becomes 'rejected', the true answer 'chosen'. Writes TRL's conversational JSONL.")
+    q.add_argument("--model", default="default", help="the model to sample from (the one you will DPO-train). "
+                   "Default: default")
+    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the model (default: fp32)")
+    q.add_argument("--out", required=True, help="the pairs .jsonl file (written atomically)")
+    q.add_argument("--samples", type=positive_int, default=2, help="answers sampled per question. Default: 2")
+    q.add_argument("--seed", type=_int, default=0, help="sampling seed (default: 0)")
+    add_common_args(q)
+    q.set_defaults(func=cmd_pairs)
 
     m = add_parser(sub, groups, LAB, "merge", epilog=MERGE_EXAMPLES,
                    description="Merge a PEFT LoRA adapter into its fp32 base (W + (alpha/r) B A) and write a plain "

@@ -7,6 +7,8 @@ Outputs of :func:`finetune` in ``out``:
 * ``merged/``: a plain Hugging Face folder with the adapter merged into the fp32 base (all methods), which
   ``load_model``, ``AutoModelForCausalLM.from_pretrained`` and ``llmcourse convert gguf`` read;
 * ``metrics.jsonl`` (one line per step), ``loss.png``, ``summary.json``, ``checkpoints/step-N/``;
+* DPO / ORPO: ``rewards.png`` (chosen and rejected rewards, their margin) and, with the default data, the
+  on-policy ``pairs.jsonl`` it trained on;
 * with ``tensorboard``: TensorBoard event files there (``--tensorboard``: ``out/tensorboard``).
 
 The held-out score :func:`capital_accuracy`: for each held-out country, the chat prompt "What is the
@@ -43,6 +45,21 @@ from llmcourse.finetune.lora import (
     trainable_parameters,
 )
 from llmcourse.finetune.nf4 import nf4_bytes
+from llmcourse.finetune.pref_data import (
+    build_default_pairs,
+    parse_pair,
+    read_pairs,
+    split_pairs,
+    tokenize_pairs,
+    write_pairs,
+)
+from llmcourse.finetune.pref_train import (
+    PreferenceConfig,
+    PreferenceObjective,
+    disable_dropout,
+    plot_rewards,
+    precompute_reference,
+)
 from llmcourse.finetune.sft_data import (
     capital_question,
     default_split,
@@ -104,24 +121,44 @@ def pad_id(tokenizer: Any) -> int:
 def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: TrainConfig,
              out: str | Path | None, resume: str | Path | None = None, dtype: str = "fp32",
              lm: LoadedModel | None = None, export: bool = True, show_progress: bool = True,
-             score_default: bool = True, tensorboard: str | Path | None = None) -> FinetuneResult:
-    """Fine-tune ``model_spec`` on ``data`` and write ``out`` (see module docstring). Every input is checked
-    before anything is written. With the default data, the held-out capital accuracy is measured before and
-    after (``score_default``). ``tensorboard``: a folder for TensorBoard event logs (loss, learning rate,
-    tokens/s)."""
+             score_default: bool = True, tensorboard: str | Path | None = None,
+             preference: PreferenceConfig | None = None, pair_samples: int = 2) -> FinetuneResult:
+    """Fine-tune ``model_spec`` on ``data`` and write ``out`` (see module docstring). ``method`` is what trains
+    (lora, qlora, full); ``preference`` switches the objective from SFT to DPO / ORPO on preference pairs
+    (``data``: TRL's JSONL formats, or ``default``: on-policy country pairs sampled from the model, ``pair_samples``
+    answers per question, written to ``out/pairs.jsonl``). Every input is checked before anything is written.
+    With the default data, the held-out capital accuracy is measured before and after (``score_default``).
+    ``tensorboard``: a folder for TensorBoard event logs (loss, learning rate, tokens/s)."""
     t0 = time.perf_counter()
     if out is not None:
         check_not_input(out, [model_spec if model_spec != "default" else None, data if data != "default" else None])
     if tensorboard is not None:
         check_tensorboard()  # before any work
-    train_ex, eval_ex = load_sft_data(data, seed=cfg.seed)
-    if not train_ex:
+    if preference is None:
+        train_ex, eval_ex = load_sft_data(data, seed=cfg.seed)
+    else:
+        train_ex, eval_ex = ([], []) if data == "default" else split_pairs(read_pairs(data), seed=cfg.seed)
+    if not train_ex and not (preference is not None and data == "default"):
         raise UserError(f"--data {data} has no training examples", "add examples")
     lm = lm or load_model(model_spec, dtype)
     bytes_fp32 = nf4_bytes(lm.model)
-    with phase(f"tokenizing {len(train_ex) + len(eval_ex)} examples"):
-        train_rows = rows_for(lm.tokenizer, train_ex, cfg)
-        eval_rows = rows_for(lm.tokenizer, eval_ex, cfg)
+    pair_stats, built_pairs = None, None
+    if preference is None:
+        with phase(f"tokenizing {len(train_ex) + len(eval_ex)} examples"):
+            train_rows = rows_for(lm.tokenizer, train_ex, cfg)
+            eval_rows = rows_for(lm.tokenizer, eval_ex, cfg)
+    else:
+        if data == "default":
+            built_pairs, pair_stats = build_default_pairs(lm.model, lm.tokenizer, samples=pair_samples,
+                                                          seed=cfg.seed, show_progress=show_progress)
+            if not built_pairs:
+                raise UserError("the model answered every sampled question right: no default pairs",
+                                "raise --pair-samples or pass your own --data pairs.jsonl")
+            train_ex, eval_ex = split_pairs([parse_pair(p, f"default pair {i + 1}")
+                                             for i, p in enumerate(built_pairs)], seed=cfg.seed)
+        with phase(f"tokenizing {len(train_ex) + len(eval_ex)} preference pairs"):
+            train_rows = tokenize_pairs(lm.tokenizer, train_ex, cfg.seq_len)
+            eval_rows = tokenize_pairs(lm.tokenizer, eval_ex, cfg.seq_len)
     if not train_rows:
         raise UserError(f"no example of --data {data} has a response token within --seq-len {cfg.seq_len}",
                         "raise --seq-len or check the data")
@@ -133,6 +170,14 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
     torch.manual_seed(cfg.seed)  # LoRA's A initialisation and dropout
     with phase(f"preparing the {method} model"):
         model = prepare(lm, method, lora)
+    objective = None
+    if preference is not None:
+        disable_dropout(model)
+        if method == "full" and preference.method == "dpo":
+            preference.precompute_ref = True  # the reference must not be a second copy of the weights
+        if preference.method == "dpo" and preference.precompute_ref:
+            precompute_reference(model, train_rows + eval_rows, cfg.batch_size)
+        objective = PreferenceObjective(preference)
     if resume is not None:
         ck = latest_checkpoint(resume)
         meta = json.loads((ck / "state.json").read_text())
@@ -140,12 +185,15 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
             raise UserError(f"checkpoint {ck} was made for another model or method",
                             "resume with the same --model, --method and LoRA settings, or start a new --out")
     n_train, n_total = trainable_parameters(model)
-    meta = {"model": model_spec, "method": method, "lora": asdict(lora) if method != "full" else None}
+    meta = {"model": model_spec, "method": method, "lora": asdict(lora) if method != "full" else None,
+            "preference": asdict(preference) if preference is not None else None}
     outp = Path(out) if out is not None else None
     if outp is not None:
         outp.mkdir(parents=True, exist_ok=True)
+        if built_pairs is not None:
+            write_pairs(outp / "pairs.jsonl", built_pairs)
     state = train(model, train_rows, eval_rows, cfg, pad_id(lm.tokenizer), outp, resume, meta, show_progress,
-                  tensorboard)
+                  tensorboard, objective)
     summary: dict[str, Any] = {
         "model": model_spec, "method": method, "data": data, "train_examples": len(train_ex),
         "eval_examples": len(eval_ex), "rows": len(train_rows), "steps": state.step,
@@ -157,6 +205,10 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
         "model_bytes": nf4_bytes(model), "model_bytes_fp32": bytes_fp32,
         "config": asdict(cfg), "lora": meta["lora"],
     }
+    if preference is not None:
+        last = state.metrics[-1] if state.metrics else {}
+        summary.update(objective=preference.method, preference=asdict(preference), pairs=pair_stats,
+                       final_metrics={k: v for k, v in last.items() if "/" in k or k in ("log_odds_ratio", "nll_loss")})
     if tensorboard is not None:
         summary["tensorboard"] = str(tensorboard)
     if before is not None:
@@ -167,7 +219,10 @@ def finetune(model_spec: str, data: str, method: str, lora: LoraSettings, cfg: T
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                  and torch.distributed.get_rank() > 0)
     if outp is not None and export and rank0:
-        plot_loss(state.metrics, outp / "loss.png", f"{method} fine-tuning of {model_spec}")
+        what = f"{preference.method} ({method})" if preference is not None else method
+        plot_loss(state.metrics, outp / "loss.png", f"{what} fine-tuning of {model_spec}")
+        if preference is not None:
+            plot_rewards(state.metrics, outp / "rewards.png", f"{what} of {model_spec}: implicit rewards")
         with phase(f"saving {'the model' if method == 'full' else 'the adapter and the merged model'} to {outp}"):
             summary.update(export_model(model, lm, method, outp))
     summary["seconds"] = time.perf_counter() - t0

@@ -1,16 +1,40 @@
 """Tour section of the fine-tuning lab: LoRA on the default model with the country facts, held-out accuracy
-before and after, the loss curve, and the memory of an NF4 base against the fp32 one."""
+before and after, the loss curve, and the memory of an NF4 base against the fp32 one; then a short DPO run
+on the SFT model with on-policy pairs (its own wrong answers), held-out accuracy after it and the reward curves."""
 
 from __future__ import annotations
 
 import html
 from typing import Any
 
-from llmcourse.finetune.lora import LoraSettings, quantize_base_nf4
+from llmcourse.core.models import LoadedModel
+from llmcourse.finetune.lora import LoraSettings, merge, quantize_base_nf4
 from llmcourse.finetune.nf4 import nf4_bytes
-from llmcourse.finetune.run import clone_model, finetune
+from llmcourse.finetune.pref_data import build_default_pairs, write_pairs
+from llmcourse.finetune.pref_train import PreferenceConfig, plot_rewards
+from llmcourse.finetune.run import capital_accuracy, clone_model, finetune
 from llmcourse.finetune.sft_data import default_split
 from llmcourse.finetune.trainer import TrainConfig, plot_loss
+
+
+def dpo_after_sft(ctx: Any, sft_model: Any, quick: bool) -> dict[str, Any]:
+    """DPO (LoRA, sigmoid, beta 0.1) on the merged SFT model with pairs sampled from it: quick mode 12 training
+    countries' questions and 3 steps, full mode every training country and 40 steps."""
+    lm = LoadedModel(merge(sft_model).eval(), ctx.lm.tokenizer, "sft", None, "hf", {})
+    countries = default_split()[0][:12] if quick else None
+    pairs, stats = build_default_pairs(lm.model, lm.tokenizer, samples=1 if quick else 2, countries=countries,
+                                       max_new_tokens=16 if quick else 32)
+    data = ctx.out_dir / "finetune_dpo_pairs.jsonl"
+    write_pairs(data, pairs)
+    cfg = TrainConfig(batch_size=4, lr=5e-4, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=0.3,
+                      max_steps=3 if quick else 40, seq_len=256)
+    r = finetune("sft", str(data), "lora", LoraSettings(r=16, alpha=32, dropout=0.0), cfg, None, lm=lm,
+                 export=False, show_progress=False, preference=PreferenceConfig(beta=0.1))
+    plot_rewards(r.state.metrics, ctx.out_dir / "finetune_dpo_rewards.png", "DPO after SFT: implicit rewards")
+    after = capital_accuracy(r.model, lm.tokenizer)
+    return {"pairs": stats, "steps": r.state.step, "accuracy_after_dpo": after["accuracy"],
+            "first_loss": r.summary["first_loss"], "last_loss": r.summary["last_loss"],
+            "margin_last": r.state.metrics[-1].get("rewards/margins"), "tokens_per_s": r.summary["tokens_per_s"]}
 
 
 def section(ctx: Any) -> Any:
@@ -56,7 +80,21 @@ def section(ctx: Any) -> Any:
         + "<p>Run it yourself: <code>llmcourse finetune --method qlora --max-steps 60 --out out/ft</code>, then "
         "<code>llmcourse chat --model out/ft/merged</code>.</p>"
     )
+    dpo = dpo_after_sft(ctx, r.model, ctx.quick)
+    body += (
+        "<h3>DPO after SFT</h3><p>The SFT model answers the training countries' questions; its own wrong answers "
+        f"become the rejected side of {dpo['pairs']['pairs']} pairs (the facts are the chosen side, no "
+        f"annotator), and {dpo['steps']} DPO steps (LoRA, beta 0.1) push them down against the SFT model as "
+        "the reference (the same weights with the adapters off).</p>"
+        + html_table([{"": "held-out capitals after SFT", "value": f"{acc.get('after', 0):.1%}"},
+                      {"": "held-out capitals after SFT + DPO", "value": f"{dpo['accuracy_after_dpo']:.1%}"},
+                      {"": "DPO loss first -> last", "value": f"{dpo['first_loss']:.3f} -> {dpo['last_loss']:.3f}"},
+                      {"": "reward margin, last step", "value": round(dpo["margin_last"] or 0.0, 3)}])
+        + img("finetune_dpo_rewards.png", "DPO reward curves")
+        + "<p>Run it yourself: <code>llmcourse finetune --model out/ft/merged --method dpo --data default "
+        "--max-steps 40 --out out/dpo</code>.</p>")
     summary = {k: v for k, v in s.items() if k != "held_out_accuracy"}
+    summary["dpo"] = dpo
     summary.update(accuracy_before=acc.get("before"), accuracy_after=acc.get("after"),
                    fp32_base_bytes=fp32_bytes, nf4_base_bytes=q_bytes)
     return TourSection("Fine-tuning: LoRA and QLoRA", body, summary)

@@ -38,7 +38,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -141,19 +141,68 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, rows: list[Row], cfg: TrainConfig, pad_id: int) -> float | None:
-    """Mean token loss of ``rows`` (eval mode: no dropout)."""
+def eval_loss(model: nn.Module, rows: list[Any], cfg: TrainConfig, pad_id: int,
+              objective: Objective | None = None) -> float | None:
+    """The objective's loss over ``rows`` (eval mode: no dropout); SFT: the mean token loss."""
     if not rows:
         return None
+    obj = objective or SFT
     was = model.training
     model.eval()
-    total, n = 0.0, 0
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     batches = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     for b in batches[: cfg.eval_batches]:
-        s, k = loss_sum(model, batch_tensors(b, pad_id, cfg))
-        total, n = total + float(s), n + k
+        t = obj.batch(b, pad_id, cfg)
+        for k, v in obj.counts(t).items():
+            counts[k] = counts.get(k, 0) + v
+        for k, v in obj.sums(model, t)[0].items():
+            sums[k] = sums.get(k, 0.0) + float(v)
     model.train(was)
-    return total / max(1, n)
+    return sum(v / max(1, counts[k]) for k, v in sums.items())
+
+
+class Objective(Protocol):
+    """What one training step minimises, so that SFT and preference tuning share one loop.
+
+    The step's loss is ``sum_k S_k / N_k``: ``S_k`` the sum of the loss terms counted in unit ``k`` over the
+    step's micro-batches (and processes), ``N_k`` the step's count of that unit (SFT: predicted tokens; DPO:
+    pairs; ORPO: chosen tokens for its NLL term and pairs for its odds-ratio term). Metrics are sums too,
+    divided by ``N[metric_unit]``.
+    """
+
+    metric_unit: str
+
+    def batch(self, rows: list[Any], pad_id: int, cfg: TrainConfig) -> dict[str, torch.Tensor]: ...
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]: ...
+
+    def sums(self, model: nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+
+    def tokens(self, rows: list[Any]) -> int: ...
+
+
+class SFTObjective:
+    """Supervised fine-tuning: the mean negative log-likelihood of the response tokens."""
+
+    metric_unit = "tokens"
+
+    def batch(self, rows: list[Row], pad_id: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+        return batch_tensors(rows, pad_id, cfg)
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        return {"tokens": int((batch["labels"][:, 1:] != IGNORE).sum())}
+
+    def sums(self, model: nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        return {"tokens": loss_sum(model, batch)[0]}, {}
+
+    def tokens(self, rows: list[Row]) -> int:
+        return count_tokens(rows)
+
+
+SFT = SFTObjective()
 
 
 def batch_tensors(rows: list[Row], pad_id: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -289,14 +338,15 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
 # ---------------------------------------------------------------- the loop
 
 
-def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: TrainConfig, pad_id: int,
+def train(model: nn.Module, train_rows: list[Any], eval_rows: list[Any], cfg: TrainConfig, pad_id: int,
           out_dir: str | Path | None = None, resume: str | Path | None = None,
           extra_meta: dict[str, Any] | None = None, show_progress: bool = True,
-          tensorboard: str | Path | None = None) -> TrainState:
-    """Train the parameters of ``model`` that require grad; checkpoints go to ``out_dir/checkpoints``, a
-    TensorBoard event log to ``tensorboard`` (a folder) when given."""
+          tensorboard: str | Path | None = None, objective: Objective | None = None) -> TrainState:
+    """Train the parameters of ``model`` that require grad on ``objective`` (default: SFT); checkpoints go to
+    ``out_dir/checkpoints``, a TensorBoard event log to ``tensorboard`` (a folder) when given."""
     if not train_rows:
         raise UserError("the training set is empty after tokenization", "check --data and --seq-len")
+    obj = objective or SFT
     rank, world = _world()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(params, cfg)
@@ -316,26 +366,35 @@ def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: Tr
         for g in opt.param_groups:
             g["lr"] = cfg.lr * cosine_lr(state.step, total, warmup)
         micro = [micro_batch(train_rows, cfg, state.step * cfg.grad_accum + a) for a in range(cfg.grad_accum)]
-        batches = [batch_tensors(m[rank::world], pad_id, cfg) for m in micro if m[rank::world]]
-        n_pred = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        n_tok = sum(count_tokens(m) for m in micro)
-        if world > 1:
-            c = torch.tensor([n_pred], dtype=torch.long)
-            torch.distributed.all_reduce(c)
-            n_pred = int(c)
-        step_loss = 0.0
+        batches = [obj.batch(m[rank::world], pad_id, cfg) for m in micro if m[rank::world]]
+        counts: dict[str, int] = {}
         for b in batches:
-            s, _ = loss_sum(model, b)
-            (s / max(1, n_pred)).backward()
-            step_loss += float(s.detach()) / max(1, n_pred)
+            for k, v in obj.counts(b).items():
+                counts[k] = counts.get(k, 0) + v
+        n_tok = sum(obj.tokens(m) for m in micro)
+        if world > 1:
+            keys = sorted(counts)
+            c = torch.tensor([counts[k] for k in keys], dtype=torch.long)
+            torch.distributed.all_reduce(c)
+            counts = dict(zip(keys, c.tolist(), strict=True))
+        step_loss = 0.0
+        msums: dict[str, float] = {}
+        for b in batches:
+            sums, metrics = obj.sums(model, b)
+            loss = sum(s / max(1, counts[k]) for k, s in sums.items())
+            loss.backward()
+            step_loss += float(loss.detach())
+            for k, v in metrics.items():
+                msums[k] = msums.get(k, 0.0) + v
         if world > 1:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
-            lt = torch.tensor([step_loss])
+            keys = sorted(msums)
+            lt = torch.tensor([step_loss] + [msums[k] for k in keys], dtype=torch.float64)
             torch.distributed.all_reduce(lt)
-            step_loss = float(lt)
+            step_loss, msums = float(lt[0]), dict(zip(keys, lt[1:].tolist(), strict=True))
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -345,13 +404,14 @@ def train(model: nn.Module, train_rows: list[Row], eval_rows: list[Row], cfg: Tr
         state.tokens += n_tok
         row: dict[str, Any] = {"step": state.step, "loss": step_loss, "lr": opt.param_groups[0]["lr"],
                                "grad_norm": float(norm), "tokens": n_tok, "tokens_per_s": n_tok / dt}
+        row.update({k: v / max(1, counts.get(obj.metric_unit, 0)) for k, v in msums.items()})
         last = state.step == total
         if bar is not None:  # the step is done: the bar says so before evaluating or saving
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{n_tok / dt:.0f}")
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
             with stage(bar, f"evaluating on {len(eval_rows)} held-out rows"):
-                row["eval_loss"] = eval_loss(model, eval_rows, cfg, pad_id)
+                row["eval_loss"] = eval_loss(model, eval_rows, cfg, pad_id, obj)
         state.metrics.append(row)
         if tb is not None:
             log_tensorboard(tb, row)
@@ -394,6 +454,9 @@ def log_tensorboard(writer: Any, row: dict[str, Any]) -> None:
     writer.add_scalar("train/grad_norm", row["grad_norm"], step)
     if row.get("eval_loss") is not None:
         writer.add_scalar("eval/loss", row["eval_loss"], step)
+    for k, v in row.items():
+        if "/" in k:  # the preference metrics, e.g. rewards/margins (TRL's names)
+            writer.add_scalar(f"train/{k}", v, step)
     writer.flush()
 
 
