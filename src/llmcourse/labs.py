@@ -29,6 +29,7 @@ LAB_PACKAGES: list[str] = [
     "llmcourse.kg",
     "llmcourse.finetune",
     "llmcourse.serve",
+    "llmcourse.evaluation",
 ]
 
 # Command groups: `llmcourse <group> <kind>`; a lab adds kinds to them.
