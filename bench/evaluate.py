@@ -37,7 +37,7 @@ ROOT = HERE.parent
 VENV = HERE / "venvs" / "lmeval"
 PY = VENV / "bin" / "python"
 PINS = ["lm_eval[hf]==0.4.13", "transformers==5.24.0", "tokenizers==0.23.3", "safetensors==0.8.0",
-        "accelerate==1.15.0"]
+        "accelerate==1.15.0", "gguf==0.19.0"]  # gguf: our backend (--backend) imports llmcourse there
 TOL = 1e-4
 
 # our task -> (lm-eval YAML under lm_eval/tasks, the raw columns lm-eval reads, the splits its YAML names)
@@ -186,6 +186,7 @@ def main() -> int:
     ap.add_argument("--lm-eval-batch-sizes", default="1,16")
     ap.add_argument("--backend", action="store_true", help="also run our lm-eval backend under lm-eval")
     ap.add_argument("--save", default=str(HERE / "results" / "evaluate.json"), help="raw figures (JSON)")
+    ap.add_argument("--name", default="evaluate", help="result section: bench/results/NAME.md")
     args = ap.parse_args()
     if args.setup:
         setup()
@@ -243,7 +244,7 @@ def main() -> int:
                      f"{sum(int(r['same acc'].split('/')[0]) for r in brow)}/{n} examples, "
                      f"{n / backend['loglikelihood_seconds']:.2f} examples/s.")
     table = md_table(rows) + "\n\n" + md_table(speed)
-    write_result("evaluate", "Evaluation: ours vs lm-evaluation-harness 0.4.13 hf (bench/evaluate.py)", table,
+    write_result(args.name, "Evaluation: ours vs lm-evaluation-harness 0.4.13 hf (bench/evaluate.py)", table,
                  "\n\n".join(notes))
     save = Path(args.save)
     save.parent.mkdir(parents=True, exist_ok=True)
