@@ -77,3 +77,23 @@ def test_missing_data_and_vocabulary(folder, tmp_path, capsys, monkeypatch):
     _fails(capsys, ["eval", "bench", "--model", str(small), "--tasks", "piqa", "--limit", "1", "--out", str(out)],
            "vocabulary")
     assert not out.exists()
+
+
+def test_leaderboard(folder, tmp_path, capsys):
+    """Two models on one table: the first is the KL reference; a bad spec fails before any output."""
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1, vocab_size=49152).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir() / name, other / name)
+    out = tmp_path / "lb"
+    assert main(["eval", "leaderboard", "--models", f"{folder},{other}", "--tasks", "arc_easy,piqa",
+                 "--limit", "2", "--ppl-tokens", "64", "--ppl-window", "32", "--decode-tokens", "3",
+                 "--threads", "1", "--out", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["rows"]
+    assert [r["model"] for r in rows] == [str(folder), str(other)]
+    assert rows[0]["kl"] == 0.0 and rows[0]["top1"] == 1.0 and rows[1]["kl"] > 0
+    assert rows[0]["bytes"] > 0 and all(r["decode tok/s"] > 0 and "arc_easy acc_norm se" in r for r in rows)
+    assert {p.name for p in out.iterdir()} >= {"leaderboard.json", "leaderboard.txt", "leaderboard.png"}
+    _fails(capsys, ["eval", "leaderboard", "--models", f"{folder},{folder}", "--out", str(tmp_path / "x")],
+           "twice")
