@@ -3,7 +3,8 @@
 Registration: lm-eval 0.4.13 offers external packages its model registry — the ``@register_model(name)``
 decorator of ``lm_eval.api.registry`` (a lazy ``model_registry.register(name, target="module:Class")`` works
 too). It has no entry-point discovery: its ``MODEL_MAPPING`` lists only its own backends, so the class must be
-imported in the process before lm-eval looks the name up. Importing this module registers ``"llmcourse"``;
+imported in the process before lm-eval looks the name up (and lm-eval's own ``lm_eval.models`` before it:
+``get_model`` registers lm-eval's backends only while the registry is empty). Importing this module registers ``"llmcourse"``;
 ``python -m llmcourse.evaluation.lm_eval_cli ...`` imports it and then runs lm-eval's own CLI
 (``lm_eval.__main__.cli_evaluate``) with the arguments unchanged, e.g.::
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lm_eval.models  # noqa: F401  lm-eval's own backends first: it fills its registry only while it is empty
 import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
