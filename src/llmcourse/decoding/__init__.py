@@ -34,6 +34,7 @@ _PUBLIC = {
     "engine": ("GeneratedSequence", "GenerationConfig", "GenerationOutput", "StepRecord", "chat_prompt_ids",
                "generate", "make_decoder", "model_eos_ids", "prepare", "TextStream"),
     "samplers": ("CHAINS", "SamplerSettings", "apply_chain"),
+    "speculative": ("PromptLookup", "SpeculativeConfig", "SpeculativeOutput", "draw_strip", "speculative_generate"),
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)
 __all__ = ["LAB", *_names]
