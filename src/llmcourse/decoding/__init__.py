@@ -35,6 +35,7 @@ _PUBLIC = {
                "generate", "make_decoder", "model_eos_ids", "prepare", "TextStream", "CHAT_DEFAULTS",
                "sampling_defaults"),
     "samplers": ("CHAINS", "SamplerSettings", "apply_chain", "sample"),
+    "speculative": ("PromptLookup", "SpeculativeConfig", "SpeculativeOutput", "draw_strip", "speculative_generate"),
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)
 __all__ = ["LAB", *_names]

@@ -34,6 +34,7 @@ from llmcourse.decoding.engine import (
     check_prompt_text,
     generate,
 )
+from llmcourse.decoding.speculative import SpeculativeConfig
 
 
 def _add_generation_args(p: argparse.ArgumentParser, default_strategy: str, default_tokens: int) -> None:
@@ -52,7 +53,7 @@ def _check_tree_path(args: argparse.Namespace) -> Path | None:
     path = Path(args.tree)
     if path.suffix.lower() not in (".png", ".svg"):
         raise UserError(f"--tree {path} must end in .png or .svg", "pass e.g. --tree tree.png")
-    check_not_input(path, [args.model if args.model != "default" else None])
+    check_not_input(path, [args.model if args.model != "default" else None, getattr(args, "draft_model", None)])
     return path
 
 
@@ -101,6 +102,10 @@ def cmd_generate(args: argparse.Namespace) -> Result:
     from llmcourse.core.models import load_model
 
     cfg = _config(args)
+    spec = config_from_args(SpeculativeConfig, args)
+    if spec.enabled and cfg.strategy == "beam":
+        raise UserError("speculative decoding verifies one sequence: it does not run beam search",
+                        "use --strategy greedy or sample with --speculative")
     tree_path = _check_tree_path(args)
     if args.prompt is None or args.prompt == "":
         raise UserError("--prompt is empty", "pass --prompt TEXT")
@@ -108,6 +113,8 @@ def cmd_generate(args: argparse.Namespace) -> Result:
     _check_prompt_fits(args.model, args.prompt)
     lm = load_model(args.model, **model_kwargs(args))
     stream = not args.json and cfg.strategy != "beam" and cfg.num_return_sequences == 1
+    if spec.enabled:
+        return _speculative(args, cfg, spec, lm, tree_path, stream)
     out = generate(lm.model, lm.tokenizer, args.prompt, cfg, on_text=_stream_writer(stream),
                    record=tree_path is not None)
     data = out.to_json()
@@ -118,6 +125,33 @@ def cmd_generate(args: argparse.Namespace) -> Result:
         tree_mod.draw_tree(t, tree_path, title=f"{cfg.strategy}: {args.prompt!r}")
         data["tree"] = str(tree_path)
     return Result(data, _summary_text(out, stream))
+
+
+def _speculative(args: argparse.Namespace, cfg: GenerationConfig, spec: SpeculativeConfig, lm: Any,
+                 tree_path: Path | None, stream: bool) -> Result:
+    """``generate --speculative``: the same tokens (greedy) or distribution (sampling), fewer target forwards."""
+    from llmcourse.core.models import load_model
+    from llmcourse.decoding import speculative
+
+    draft = None
+    if spec.speculative == "draft":
+        draft = load_model(spec.draft_model, **model_kwargs(args))
+        speculative.check_draft_model(lm.model, draft.model, lm.tokenizer, draft.tokenizer)
+    out = speculative.speculative_generate(
+        lm.model, lm.tokenizer, args.prompt, cfg, spec, draft_model=draft.model if draft else None,
+        draft_tokenizer=draft.tokenizer if draft else None, on_text=_stream_writer(stream),
+        record=tree_path is not None)
+    data = out.to_json()
+    if tree_path is not None:
+        st = out.stats
+        speculative.draw_strip(out.rounds[0], lm.tokenizer, tree_path,
+                               title=f"{spec.speculative}, {spec.draft_tokens} drafted per round: {st.generated} tokens "
+                               f"in {st.target_forwards} forwards, {100 * st.acceptance_rate:.0f}% of drafts accepted")
+        data["tree"] = str(tree_path)
+    st = out.stats
+    text = _summary_text(out, stream) + (f"\n(speculative {spec.speculative}: {st.accepted}/{st.drafted} drafted "
+                                         f"tokens accepted, {st.tokens_per_target_forward:.2f} tokens per forward)")
+    return Result(data, text)
 
 
 def cmd_chat(args: argparse.Namespace) -> Result:
@@ -252,7 +286,9 @@ EXAMPLES = {
     "generate": "examples:\n  llmcourse generate --prompt \"I have a dream\"\n"
                 "  llmcourse generate --prompt \"I have a dream\" --strategy beam --num-beams 2 --max-new-tokens 5 "
                 "--tree beam.png\n"
-                "  llmcourse generate --prompt \"Once upon a time\" --strategy sample --top-p 0.9 --seed 1 --json",
+                "  llmcourse generate --prompt \"Once upon a time\" --strategy sample --top-p 0.9 --seed 1 --json\n"
+                "  llmcourse generate --prompt \"$(cat article.txt) Summary:\" --speculative lookup --json\n"
+                "  llmcourse generate --prompt \"Hi\" --speculative draft --draft-model ./small --tree strip.png",
     "chat": "examples:\n  llmcourse chat\n  llmcourse chat --prompt \"Hi!\" --system \"Answer briefly.\"\n"
             "  llmcourse chat --strategy greedy --max-new-tokens 64\n"
             "  llmcourse chat --prompt \"Hi!\" --chat-template none\n\n" + CHAT_HELP.replace("\n", " "),
@@ -268,8 +304,10 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="the text to continue (used as is, no chat template)")
     _add_generation_args(p, "greedy", 32)
+    add_config_args(p.add_argument_group("speculative decoding (greedy or sample)"), SpeculativeConfig)
     p.add_argument("--tree", default=None, metavar="FILE.png",
-                   help="also draw this run's search tree to FILE (.png or .svg)")
+                   help="also draw this run's search tree to FILE (.png or .svg); with --speculative, the strip "
+                   "of drafted tokens, accepted or rejected, per forward of the model")
     add_common_args(p)
     p.set_defaults(func=cmd_generate)
 
