@@ -20,8 +20,9 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     if cfg.get("model") == "llmcourse":  # our backend, registered through lm-eval's registry
-        import llmcourse.evaluation.lm_eval_backend  # noqa: F401  (registers "llmcourse")
         from lm_eval.api.registry import get_model
+
+        import llmcourse.evaluation.lm_eval_backend  # noqa: F401  (registers "llmcourse")
 
         lm = get_model("llmcourse")(model=cfg["model_dir"], batch_size=cfg["batch_size"])
     else:
