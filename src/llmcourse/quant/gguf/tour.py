@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcourse.core.data import load_text, tokenize_stream
+from llmcourse.core.errors import UserError
 from llmcourse.core.evaluate import compare, perplexity
 from llmcourse.core.report import TourSection, html_table
 from llmcourse.quant.gguf.convert import from_hf
@@ -68,7 +69,12 @@ def section(ctx: Any) -> TourSection:
     n_tokens = 64 if ctx.quick else 4 * WINDOW
     ids = tokenize_stream(lm.tokenizer, load_text("default", "eval"))[:, :n_tokens]
     t0 = time.perf_counter()
-    g = from_hf(lm.model, lm.tokenizer, "f32", folder=lm.path if lm.path and Path(lm.path).is_dir() else None)
+    try:
+        g = from_hf(lm.model, lm.tokenizer, "f32", folder=lm.path if lm.path and Path(lm.path).is_dir() else None)
+    except UserError as e:  # a model this converter cannot write (a SentencePiece vocabulary: Gemma 3's)
+        body = (f"<p>This model cannot be written as a GGUF file here: {html.escape(str(e))}. Its weights load from "
+                "GGUF (<code>llmcourse eval perplexity --model FILE.gguf</code>), and the other sections ran.</p>")
+        return TourSection("GGUF: llama.cpp presets, size vs quality", body, {"skipped": str(e)})
     convert_s = time.perf_counter() - t0
     n_weights = sum(t.numel() for _, t in g.weights)
     fp32_ppl = _scores(lm.model, lm.model, ids)["perplexity"]
