@@ -317,7 +317,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     c.add_argument("--prompt", default=None, help="one user turn: answer it and exit")
     c.add_argument("--system", default=None, help="an optional system message")
     add_chat_template_args(c)
-    g = c.add_argument_group("decoding (chat defaults: sampling at temperature 0.7, top-p 0.9, repetition "
+    g = c.add_argument_group("decoding (chat defaults: sampling at temperature 0.5, top-p 0.9, repetition "
                              "penalty 1.1 over the last 64 tokens, as chat front-ends use; greedy loops on small "
                              "models)")
     add_config_args(g, GenerationConfig, defaults=CHAT_DEFAULTS)

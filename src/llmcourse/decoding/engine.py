@@ -302,8 +302,10 @@ def make_decoder(model: Any, backend: str = "auto", steps: int | None = None) ->
 
 # What `llmcourse chat` samples with, and what the server uses for requests that set no sampling field when
 # the model has no generation_config.json: plain temperature-1 sampling of a small model wanders off into
-# other languages ("The capital of France?" -> "PréférencesSaint-Germain-..."), these answer.
-CHAT_DEFAULTS = {"strategy": "sample", "max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9,
+# other languages ("The capital of France?" -> "PréférencesSaint-Germain-..."). With top-p 0.9 and the
+# repetition penalty, the default model answered "Paris" in 6 of 10 seeded samples at temperature 0.7 and in
+# 10 of 10 at 0.5 (and at 0.3): 0.5 keeps some variety and answers.
+CHAT_DEFAULTS = {"strategy": "sample", "max_new_tokens": 256, "temperature": 0.5, "top_p": 0.9,
                  "repetition_penalty": 1.1, "penalty_last_n": 64}
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
