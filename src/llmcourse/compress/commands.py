@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmcourse.core.cli_common import Result, add_common_args, add_model_args, model_kwargs, positive_int
+from llmcourse.core.cli_common import (
+    Result,
+    add_common_args,
+    add_data_args,
+    add_model_args,
+    model_kwargs,
+    positive_int,
+)
 from llmcourse.core.data import calibration_windows, check_calibration
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input
@@ -29,12 +36,7 @@ def _add_calibration(p: argparse.ArgumentParser, samples: int, seq_len: int) -> 
     p.add_argument("--samples", type=positive_int, default=samples, help="calibration windows. Default: %(default)s")
     p.add_argument("--seq-len", type=positive_int, default=seq_len,
                    help="tokens per calibration window. Default: %(default)s")
-    p.add_argument("--data", default="default",
-                   help="calibration text: 'default' (Wikipedia extracts, offline) or a .txt/.jsonl/.csv/.parquet "
-                   "file. Default: %(default)s")
-    p.add_argument("--field", default=None, help="column / JSON key holding the text (default: 'text')")
-    p.add_argument("--split", default="calibration", choices=["eval", "calibration", "train", "all"],
-                   help="split of the default data. Default: %(default)s")
+    add_data_args(p, default_split="calibration")  # --data --field --split, calibration text
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows. Default: %(default)s")
 
 

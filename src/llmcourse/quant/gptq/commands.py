@@ -10,6 +10,7 @@ from llmcourse.core.cli_common import (
     Result,
     add_common_args,
     add_config_args,
+    add_data_args,
     add_model_args,
     config_from_args,
     model_kwargs,
@@ -110,12 +111,7 @@ def _add_options(p: argparse.ArgumentParser, rtn: bool) -> None:
                    + ". Default: %(default)s")
     p.add_argument("--seq-len", type=positive_int, default=512, action=act,
                    help="tokens per calibration window. Default: %(default)s")
-    p.add_argument("--data", default="default",
-                   help="calibration text: 'default' (Wikipedia extracts, offline) or a .txt/.jsonl/.csv/.parquet "
-                   "file. Default: %(default)s")
-    p.add_argument("--field", default=None, help="column / JSON key holding the text (default: 'text')")
-    p.add_argument("--split", default="calibration", choices=["eval", "calibration", "train", "all"],
-                   help="split of the default data. Default: %(default)s")
+    add_data_args(p, default_split="calibration")  # --data --field --split, calibration text
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows. Default: %(default)s")
     add_common_args(p)
     p.set_defaults(func=_cmd_rtn if rtn else _cmd_gptq, samples_given=False, log_errors=False)
