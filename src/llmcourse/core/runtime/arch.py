@@ -56,7 +56,6 @@ class Arch:
     qk_norm: bool
     sandwich_norms: bool
     norm_offset: float  # the norms multiply by (offset + w): 1.0 for Gemma, else 0.0
-    embed_scale: float | None
     attn_scale: float
     rotary_dim: int  # leading dims of each head that RoPE rotates (partial rotary); the rest pass through
     attn_softcap: float | None
@@ -135,7 +134,6 @@ def arch_of(model: Any) -> Arch:
         model_type=mt, n_heads=n_heads, n_kv=getattr(cfg, "num_key_value_heads", None) or n_heads,
         head_dim=head_dim, eps=cfg.rms_norm_eps, act=ACTIVATIONS[act_name],
         qk_norm=mt in ("qwen3", "gemma3_text"), sandwich_norms=gemma, norm_offset=1.0 if gemma else 0.0,
-        embed_scale=cfg.hidden_size ** 0.5 if gemma else None,
         attn_scale=(cfg.query_pre_attn_scalar ** -0.5) if gemma else head_dim ** -0.5,
         rotary_dim=int(head_dim * (partial or 1.0)),
         attn_softcap=getattr(cfg, "attn_logit_softcapping", None),

@@ -167,14 +167,6 @@ class FastModel:
             post_attn=self._norm_weight(m["post_attn"]), post_mlp=self._norm_weight(m["post_mlp"]))
 
     @property
-    def n_kv(self) -> int:
-        return self.arch.n_kv
-
-    @property
-    def head_dim(self) -> int:
-        return self.arch.head_dim
-
-    @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
