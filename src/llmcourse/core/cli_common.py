@@ -92,6 +92,8 @@ def option(default: Any, help: str, **cli: Any) -> Any:
     """A dataclass field that is also a CLI option: ``help`` is its ``--help`` text; ``cli`` may set
     ``flag`` (default ``--field-name``), ``choices``, ``type``, ``metavar``, ``action`` ("append"
     for a tuple of strings). The default lives here only; the CLI shows it."""
+    if isinstance(default, (list, dict, set)):  # a mutable default: each instance gets its own copy
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **cli})
     return field(default=default, metadata={"help": help, **cli})
 
 
@@ -133,7 +135,9 @@ def add_config_args(p: Any, cls: type, defaults: dict[str, Any] | None = None,
             continue
         flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
         kw: dict[str, Any] = {"dest": f.name, "help": meta.pop("help")}
-        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        own = (f.default if f.default is not dataclasses.MISSING
+               else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = defaults.get(f.name, own)
         action = meta.pop("action", None)
         if action == "append":
             kw.update(action="append", default=list(default or []))

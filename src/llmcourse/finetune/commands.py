@@ -9,25 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llmcourse.core.cli_common import Result, add_common_args, positive_int
+from llmcourse.core.cli_common import Result, add_common_args, add_config_args, config_from_args, positive_int
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, check_not_input
 from llmcourse.core.lab import add_parser
 from llmcourse.core.models import save_hf
-from llmcourse.finetune.lora import DEFAULT_TARGETS, METHODS, LoraSettings
+from llmcourse.finetune.lora import METHODS, LoraSettings
 from llmcourse.finetune.pref_train import PREFERENCE_METHODS, PreferenceConfig
-from llmcourse.finetune.preference import DPO_LOSSES
 from llmcourse.finetune.run import finetune, merge_adapter
 from llmcourse.finetune.trainer import PRESETS, TrainConfig
 
 GGUF_CONVERT_TYPES = ("f32", "f16", "bf16")
-
-
-def _float(s: str) -> float:
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+PRESET_FIELDS = tuple(sorted({k for values in PRESETS.values() for k in values}))  # flags a --preset fills in
 
 
 def _int(s: str) -> int:
@@ -38,15 +31,11 @@ def _int(s: str) -> int:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The options, over the preset's values where given."""
-    base = dict(PRESETS[args.preset]) if args.preset else {}
-    for k in ("batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs"):
-        v = getattr(args, k)
-        if v is not None:
-            base[k] = v
-    return TrainConfig(**base, max_steps=args.max_steps, seq_len=args.seq_len, packing=args.packing,
-                       full_loss=args.full_loss, eval_every=args.eval_every, save_every=args.save_every,
-                       seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
+    """The options, over the preset's values where given (a preset-able flag left unset is None)."""
+    preset = PRESETS[args.preset] if args.preset else {}
+    fill = {k: v if (v := getattr(args, k)) is not None else preset.get(k, getattr(TrainConfig, k))
+            for k in PRESET_FIELDS}
+    return config_from_args(TrainConfig, args, **fill)
 
 
 def objective(args: argparse.Namespace) -> tuple[str, PreferenceConfig | None]:
@@ -59,9 +48,7 @@ def objective(args: argparse.Namespace) -> tuple[str, PreferenceConfig | None]:
     adapter = args.adapter or "lora"
     if args.method == "sft":
         return adapter, None
-    return adapter, PreferenceConfig(method=args.method, beta=args.beta, loss_type=args.loss_type,
-                                     label_smoothing=args.label_smoothing, orpo_lambda=args.orpo_lambda,
-                                     precompute_ref=args.precompute_ref)
+    return adapter, config_from_args(PreferenceConfig, args, method=args.method)
 
 
 def _processes(args: argparse.Namespace) -> Result:
@@ -88,10 +75,7 @@ def cmd_finetune(args: argparse.Namespace) -> Result:
     if args.processes > 1:
         return _processes(args)
     _init_distributed()
-    targets = args.targets.split(",") if args.targets else list(DEFAULT_TARGETS)
-    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r,
-                        dropout=args.lora_dropout, targets=[t.strip() for t in targets if t.strip()],
-                        rslora=args.rslora, dora=args.dora)
+    lora = config_from_args(LoraSettings, args)
     cfg = train_config(args)
     adapter, pref = objective(args)
     tb = (Path(args.out) / "tensorboard" if args.tensorboard == "" else args.tensorboard) if args.tensorboard is not None \
@@ -255,53 +239,16 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--adapter", default=None, choices=METHODS,
                    help="what trains with --method sft/dpo/orpo: LoRA, LoRA on an NF4 base, or every weight "
                    "(default: lora)")
-    p.add_argument("--beta", type=_float, default=0.1,
-                   help="DPO's beta: strength of the KL pull to the reference (IPO: tau). Default: 0.1")
-    p.add_argument("--loss-type", default="sigmoid", choices=DPO_LOSSES,
-                   help="DPO loss: sigmoid (the paper's), ipo, hinge, robust. Default: sigmoid")
-    p.add_argument("--label-smoothing", type=_float, default=0.0,
-                   help="probability that a preference label is wrong, in [0, 0.5): conservative DPO with "
-                   "sigmoid, robust DPO with robust. Default: 0")
-    p.add_argument("--orpo-lambda", type=_float, default=0.1, help="ORPO's lambda (weight of the odds-ratio term). "
-                   "Default: 0.1")
-    p.add_argument("--precompute-ref", action="store_true",
-                   help="DPO: compute the reference log-probabilities once before training (always with "
-                   "--adapter full) instead of with the adapters off in each step")
+    add_config_args(p, PreferenceConfig)
     p.add_argument("--pair-samples", type=positive_int, default=2,
                    help="dpo/orpo with --data default: answers sampled per question to find wrong ones. Default: 2")
     p.add_argument("--out", required=True, help="output folder (adapter/, merged/, metrics, checkpoints)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="'course': notebook 4's values (batch 4, lr 2e-4, warmup 0.03, weight decay 0.001, max "
                    "grad norm 0.3, 1 epoch); explicit options override it. Default: none")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (default: --epochs)")
-    p.add_argument("--epochs", type=_float, default=None, help="passes over the data (default: 1)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="rows per micro-batch (default: 4)")
-    p.add_argument("--grad-accum", type=positive_int, default=None,
-                   help="micro-batches per optimizer step (default: 1)")
-    p.add_argument("--lr", type=_float, default=None, help="peak learning rate (default: 2e-4)")
-    p.add_argument("--warmup-ratio", type=_float, default=None,
-                   help="fraction of the steps with a linear warmup, then cosine decay to 0 (default: 0.03)")
-    p.add_argument("--weight-decay", type=_float, default=None, help="AdamW weight decay (default: 0.001)")
-    p.add_argument("--max-grad-norm", type=_float, default=None, help="gradient clipping, 0 = off (default: 0.3)")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per example / packed row (default: 256)")
-    p.add_argument("--packing", action="store_true",
-                   help="pack examples into rows of --seq-len (own position ids, block-diagonal mask)")
-    p.add_argument("--full-loss", action="store_true", help="loss on every token, prompt included")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each decoder block in the backward: less memory, about one more forward "
-                   "(default: off)")
-    p.add_argument("--lora-r", type=_int, default=16, help="LoRA rank r (default: 16)")
-    p.add_argument("--lora-alpha", type=_float, default=None, help="LoRA alpha; scale alpha/r (default: 2 r)")
-    p.add_argument("--lora-dropout", type=_float, default=0.05, help="dropout on the LoRA input (default: 0.05)")
-    p.add_argument("--targets", default=None,
-                   help=f"comma-separated module names, or all-linear (default: {','.join(DEFAULT_TARGETS)})")
-    p.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(r)")
-    p.add_argument("--dora", action="store_true", help="DoRA: learn a magnitude per output too")
-    p.add_argument("--eval-every", type=_int, default=0, help="eval loss every N steps; 0 = at the end (default: 0)")
-    p.add_argument("--save-every", type=_int, default=0,
-                   help="checkpoint every N steps; 0 = at the end (default: 0)")
+    add_config_args(p, TrainConfig, defaults=dict.fromkeys(PRESET_FIELDS))  # unset: the preset's, else the field's
+    add_config_args(p, LoraSettings)
     p.add_argument("--resume", default=None, help="a finetune --out folder or its checkpoints/step-N (default: none)")
-    p.add_argument("--seed", type=_int, default=0, help="data order, LoRA init and dropout (default: 0)")
     p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
                    help="write TensorBoard event logs (loss, learning rate, tokens/s, grad norm, eval loss) to DIR; "
                    "without DIR: OUT/tensorboard. Default: off")

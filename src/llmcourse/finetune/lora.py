@@ -23,33 +23,42 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from llmcourse.core.cli_common import option
 from llmcourse.core.errors import UserError
 from llmcourse.core.modules import linear_layers, matches, set_module
 from llmcourse.finetune.nf4 import NF4Linear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def split_targets(text: str) -> list[str]:
+    """``--targets q_proj, v_proj`` -> ``["q_proj", "v_proj"]`` (``all-linear`` is resolved against the model)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
 METHODS = ("lora", "qlora", "full")
 
 
 @dataclass
 class LoraSettings:
-    """LoRA hyper-parameters, validated at construction."""
+    """LoRA hyper-parameters, validated at construction. Fields with help text are ``finetune``'s flags."""
 
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    rslora: bool = False
-    dora: bool = False
+    r: int = option(16, "LoRA rank r. Default: 16", flag="--lora-r", type=int)
+    alpha: float | None = option(None, "LoRA alpha; scale alpha/r. Default: 2 r", flag="--lora-alpha")
+    dropout: float = option(0.05, "dropout on the LoRA input. Default: 0.05", flag="--lora-dropout")
+    targets: list[str] = option(list(DEFAULT_TARGETS), "comma-separated module names, or all-linear. Default: "
+                                + ",".join(DEFAULT_TARGETS), type=split_targets)
+    rslora: bool = option(False, "rank-stabilised scale alpha/sqrt(r)")
+    dora: bool = option(False, "DoRA: learn a magnitude per output too")
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
             raise UserError(f"LoRA rank r must be a positive integer, got {self.r}", "pass --lora-r 8 (or 16, 64)")
+        if self.alpha is None:
+            self.alpha = 2.0 * self.r
         if self.alpha <= 0:
             raise UserError(f"LoRA alpha must be > 0, got {self.alpha}", "pass --lora-alpha 16 (often 2 r)")
         if not 0 <= self.dropout < 1:

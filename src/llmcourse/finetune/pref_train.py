@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcourse.core.cli_common import option
 from llmcourse.core.errors import UserError
 from llmcourse.finetune.pref_data import PairRow, collate_pairs, pair_tokens
 from llmcourse.finetune.preference import (
@@ -40,14 +41,19 @@ PREFERENCE_METHODS = ("dpo", "orpo")
 
 @dataclass
 class PreferenceConfig:
-    """DPO / ORPO settings (validated at construction; errors name the flag)."""
+    """DPO / ORPO settings (validated at construction; errors name the flag). Fields with help text are
+    ``finetune``'s flags (``method`` comes from ``--method``)."""
 
     method: str = "dpo"
-    beta: float = 0.1  # DPO's beta (IPO's tau)
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    orpo_lambda: float = 0.1  # ORPO's lambda (TRL's ORPOConfig.beta)
-    precompute_ref: bool = False
+    beta: float = option(0.1, "DPO's beta: strength of the KL pull to the reference (IPO: tau). Default: 0.1")
+    loss_type: str = option("sigmoid", "DPO loss: sigmoid (the paper's), ipo, hinge, robust. Default: sigmoid",
+                            choices=DPO_LOSSES)
+    label_smoothing: float = option(0.0, "probability that a preference label is wrong, in [0, 0.5): conservative "
+                                    "DPO with sigmoid, robust DPO with robust. Default: 0")
+    orpo_lambda: float = option(0.1, "ORPO's lambda (weight of the odds-ratio term; TRL's ORPOConfig.beta). "
+                                "Default: 0.1")
+    precompute_ref: bool = option(False, "DPO: compute the reference log-probabilities once before training "
+                                  "(always with --adapter full) instead of with the adapters off in each step")
 
     def __post_init__(self) -> None:
         if self.method not in PREFERENCE_METHODS:

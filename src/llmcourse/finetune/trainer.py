@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcourse.core.cli_common import option, positive_int
 from llmcourse.core.errors import UserError
 from llmcourse.core.io import atomic_dir, atomic_file
 from llmcourse.core.progress import progress, stage
@@ -60,25 +61,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    """Optimization settings (validated at construction)."""
+    """Optimization settings (validated at construction). Fields with help text are ``finetune``'s flags."""
 
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.001
-    max_grad_norm: float = 0.3
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    seq_len: int = 256
-    packing: bool = False
+    batch_size: int = option(4, "rows per micro-batch. Default: 4", type=positive_int)
+    grad_accum: int = option(1, "micro-batches per optimizer step. Default: 1", type=positive_int)
+    lr: float = option(2e-4, "peak learning rate. Default: 2e-4")
+    warmup_ratio: float = option(0.03, "fraction of the steps with a linear warmup, then cosine decay to 0. "
+                                 "Default: 0.03")
+    weight_decay: float = option(0.001, "AdamW weight decay. Default: 0.001")
+    max_grad_norm: float = option(0.3, "gradient clipping, 0 = off. Default: 0.3")
+    epochs: float = option(1.0, "passes over the data. Default: 1")
+    max_steps: int | None = option(None, "optimizer steps; overrides --epochs. Default: from --epochs",
+                                   type=positive_int)
+    seq_len: int = option(256, "tokens per example / packed row. Default: 256", type=positive_int)
+    packing: bool = option(False, "pack examples into rows of --seq-len (own position ids, block-diagonal mask)")
     padding_free: bool = True  # one row per micro-batch, no pad tokens (same function as padding)
-    gradient_checkpointing: bool = False  # recompute each decoder block in the backward
-    full_loss: bool = False
-    eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # 0: only at the end
+    gradient_checkpointing: bool = option(False, "recompute each decoder block in the backward: less memory, "
+                                          "about one more forward. Default: off")
+    full_loss: bool = option(False, "loss on every token, prompt included")
+    eval_every: int = option(0, "eval loss every N steps; 0 = at the end. Default: 0")
+    save_every: int = option(0, "checkpoint every N steps; 0 = at the end. Default: 0")
     log_every: int = 1
-    seed: int = 0
+    seed: int = option(0, "data order, LoRA init and dropout. Default: 0")
     eval_batches: int | None = None  # cap on eval batches (None: all)
 
     def __post_init__(self) -> None:

@@ -345,16 +345,16 @@ def _quantize_layer(m: nn.Module, cfg: GPTQConfig, H: GPTQ | None) -> tuple[Quan
     return ql, row
 
 
-_ADDS_LINEARLY: dict[type, bool] = {}
-
-
 @torch.no_grad()
-def adds_linearly(block: nn.Module, name: str, layer: nn.Module, inp: BlockInput) -> bool:
+def adds_linearly(block: nn.Module, name: str, layer: nn.Module, inp: BlockInput,
+                  known: dict[type, bool] | None = None) -> bool:
     """Whether ``layer``'s output enters ``block``'s output linearly (``out(W + ΔW) = out(W) + x ΔWᵀ``,
     true of a pre-norm block's last projection, which adds into the residual stream; false where a
-    norm follows it), checked on one window with ``ΔW = W``, once per block class."""
-    if type(block) in _ADDS_LINEARLY:
-        return _ADDS_LINEARLY[type(block)]
+    norm follows it), checked on one window with ``ΔW = W``; ``known`` (the caller's, one per run)
+    remembers the answer per block class."""
+    known = {} if known is None else known
+    if type(block) in known:
+        return known[type(block)]
     xs: list[torch.Tensor] = []
     with input_hooks({name: layer}, lambda _n, x: xs.append(x)):
         out0 = run_block(block, inp)
@@ -368,7 +368,7 @@ def adds_linearly(block: nn.Module, name: str, layer: nn.Module, inp: BlockInput
     expected = (xs[0].float() @ W.t()).view_as(out0)
     gap = float(((out1 - out0) - expected).abs().max())
     ok = len(xs) == 1 and gap <= 1e-3 * (float(expected.abs().max()) or 1.0)
-    _ADDS_LINEARLY[type(block)] = ok
+    known[type(block)] = ok
     if not ok:
         log.info("%s's last layer does not add into its output: its outputs need one more pass", type(block).__name__)
     return ok
@@ -389,6 +389,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: GPTQConf
     t0 = time.perf_counter()
     inputs = block_inputs(model, windows) if windows is not None else None
     rows: list[dict[str, Any]] = []
+    linear_out: dict[type, bool] = {}  # adds_linearly's answer per block class, for this run
     bar = progress(total=len(blocks), desc=f"{cfg.method} {cfg.bits}-bit", unit="block")
     for b, block in enumerate(blocks):
         if load_block is not None:
@@ -409,7 +410,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor | None, cfg: GPTQConf
             # the last layer of a true-sequential block, if it adds into the block's output: its pass
             # runs the whole block, whose outputs are then corrected by x ΔWᵀ (no pass after it)
             fused = (inputs is not None and cfg.true_sequential and pi == len(passes) - 1 and len(passes) > 1
-                     and len(pass_groups[0]) == 1 and adds_linearly(block, last, layers[last], inputs[0]))
+                     and len(pass_groups[0]) == 1 and adds_linearly(block, last, layers[last], inputs[0], linear_out))
             if fused:
                 kept = collect_last(block, last, layers[last], hessians[last], inputs)
             elif inputs is not None:

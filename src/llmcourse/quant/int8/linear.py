@@ -64,7 +64,6 @@ def _rowdot_words_zero(words: torch.Tensor, inv_scale: torch.Tensor, zero: torch
 
 _KERNELS = {"rowdot": _rowdot, "rowdot_zero": _rowdot_zero, "rowdot_words": _rowdot_words,
             "rowdot_words_zero": _rowdot_words_zero}
-_COMPILED: dict[tuple, Callable[..., torch.Tensor]] = {}
 
 
 def _compile(name: str, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
@@ -73,7 +72,7 @@ def _compile(name: str, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.T
     The traced graph goes straight to ``torch._inductor.compile``: calling the result skips
     TorchDynamo's guard checks, which cost about as much as the kernel itself for the small
     matrices of a 135M model (measured: 0.26 ms -> 0.14 ms per 576 x 576 call). Our callers
-    guarantee what those guards would check: :func:`_kernel` keys the compiled code on every
+    guarantee what those guards would check: :class:`RowKernels` keys the compiled code on every
     argument's shape, strides and dtype, and calls it only without autograd. If that private entry point fails, ``torch.compile`` is used instead.
     """
     import torch._inductor
@@ -90,16 +89,25 @@ def _compile(name: str, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.T
         return torch.compile(fn, dynamic=False)
 
 
-def _kernel(name: str, *args: torch.Tensor) -> torch.Tensor:
-    """Run row-wise kernel ``name`` on ``args`` (compiled once per shape; eager with
-    ``LLMCOURSE_INT8_COMPILE=0``)."""
-    if not KernelOptions.detect().compile_kernels:
-        return _KERNELS[name](*args)
-    key = (name, *((a.shape, a.stride(), a.dtype) for a in args))  # what the compiled code assumes
-    fn = _COMPILED.get(key)
-    if fn is None:
-        fn = _COMPILED[key] = _compile(name, args)
-    return fn(*args)
+class RowKernels:
+    """The compiled row-wise kernels of one model, keyed by kernel name and argument shapes.
+
+    A model's :class:`Int8Linear` modules share one instance (its 7 x 30 layers have a handful of
+    shapes, so a handful of compilations); a module built alone gets its own."""
+
+    def __init__(self) -> None:
+        self.compiled: dict[tuple, Callable[..., torch.Tensor]] = {}
+
+    def __call__(self, name: str, *args: torch.Tensor) -> torch.Tensor:
+        """Run row-wise kernel ``name`` on ``args`` (compiled once per shape; eager with
+        ``LLMCOURSE_INT8_COMPILE=0``)."""
+        if not KernelOptions.detect().compile_kernels:
+            return _KERNELS[name](*args)
+        key = (name, *((a.shape, a.stride(), a.dtype) for a in args))  # what the compiled code assumes
+        fn = self.compiled.get(key)
+        if fn is None:
+            fn = self.compiled[key] = _compile(name, args)
+        return fn(*args)
 
 
 class Int8Linear(nn.Module):
@@ -113,8 +121,10 @@ class Int8Linear(nn.Module):
     weight_buffers = ("qweight",)  # counted as weights by LoadedModel.n_params
     conv1d = False  # it replaced GPT-2's Conv1D (set by .model, whose dequantize_model restores one)
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 kernels: RowKernels | None = None):
         super().__init__()
+        self.kernels = kernels if kernels is not None else RowKernels()  # shared by a model's modules
         self.out_features, self.in_features = qt.q.shape
         self.granularity, self.group_size = qt.granularity, qt.group_size
         self.register_buffer("qweight", qt.q)
@@ -153,12 +163,12 @@ class Int8Linear(nn.Module):
             xf = x2[0].float().contiguous()
             if KernelOptions.detect().byte_words and self.in_features % 4 == 0 and self.qweight.is_contiguous():
                 words, xq = self.qweight.view(torch.float32), xf.view(-1, 4).t().contiguous()
-                y = (_kernel("rowdot_words", words, self.inv_scale, xq) if self.zero is None
-                     else _kernel("rowdot_words_zero", words, self.inv_scale, self.zero_row, xq))
+                y = (self.kernels("rowdot_words", words, self.inv_scale, xq) if self.zero is None
+                     else self.kernels("rowdot_words_zero", words, self.inv_scale, self.zero_row, xq))
             elif self.zero is None:
-                y = _kernel("rowdot", self.qweight, self.inv_scale, xf)
+                y = self.kernels("rowdot", self.qweight, self.inv_scale, xf)
             else:
-                y = _kernel("rowdot_zero", self.qweight, self.inv_scale, self.zero_row, xf)
+                y = self.kernels("rowdot_zero", self.qweight, self.inv_scale, self.zero_row, xf)
             y = y.reshape(1, self.out_features).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias

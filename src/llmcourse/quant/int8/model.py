@@ -60,7 +60,7 @@ from llmcourse.quant.int8.formulas import (
     check_granularity,
     quantize_tensor,
 )
-from llmcourse.quant.int8.linear import Int8Embedding, Int8Linear
+from llmcourse.quant.int8.linear import Int8Embedding, Int8Linear, RowKernels
 from llmcourse.quant.int8.llm_int8 import LLMInt8Linear
 
 log = logging.getLogger(__name__)
@@ -186,14 +186,16 @@ def quantized_state_dict(model: nn.Module, cfg: Int8Config) -> tuple[dict[str, t
 
 
 def runtime_module(kind: str, qt: QuantizedTensor, bias: torch.Tensor | None, cfg: Int8Config,
-                   dtype: torch.dtype, padding_idx: int | None = None) -> nn.Module:
-    """The runtime module for one quantized module of kind ``kind`` (see :func:`quantized_state_dict`)."""
+                   dtype: torch.dtype, padding_idx: int | None = None,
+                   kernels: RowKernels | None = None) -> nn.Module:
+    """The runtime module for one quantized module of kind ``kind`` (see :func:`quantized_state_dict`);
+    weight-only linears share ``kernels``, their model's compiled row-wise kernels."""
     if kind == "embedding":
         return Int8Embedding(qt, padding_idx=padding_idx, dtype=dtype)
     if cfg.method == "llm.int8" and kind != "weight_only":
         mod: nn.Module = LLMInt8Linear(qt, bias, threshold=cfg.threshold, dtype=dtype)
     else:
-        mod = Int8Linear(qt, bias, dtype=dtype)
+        mod = Int8Linear(qt, bias, dtype=dtype, kernels=kernels)
     mod.conv1d = kind == "conv1d"
     return mod
 
@@ -204,6 +206,7 @@ def swap_modules(model: nn.Module, state: dict[str, torch.Tensor], modules: dict
     tensors of ``state`` (a :func:`quantized_state_dict`), in place. A tied head (``tied[1]``) gets
     the embedding's very tensors. Raises KeyError if ``state`` lacks a module's codes or scales."""
     dtype = dtype or _float_dtype(model)
+    kernels = RowKernels()  # one compiled kernel per weight shape, shared by this model's modules
     for name, kind in modules.items():
         src = tied[0] if tied and name == tied[1] else name
         zero = state.get(f"{src}.zero")
@@ -212,7 +215,8 @@ def swap_modules(model: nn.Module, state: dict[str, torch.Tensor], modules: dict
         bias = state.get(f"{name}.bias")
         bias = None if bias is None else bias.to(dtype)
         old = model.get_submodule(name)
-        set_module(model, name, runtime_module(kind, qt, bias, cfg, dtype, getattr(old, "padding_idx", None)))
+        set_module(model, name, runtime_module(kind, qt, bias, cfg, dtype, getattr(old, "padding_idx", None),
+                                               kernels))
 
 
 def quantize_model(model: nn.Module, cfg: Int8Config) -> dict[str, Any]:
