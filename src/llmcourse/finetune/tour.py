@@ -19,7 +19,7 @@ from llmcourse.finetune.trainer import TrainConfig, plot_loss
 
 def dpo_after_sft(ctx: Any, sft_model: Any, quick: bool) -> dict[str, Any]:
     """DPO (LoRA, sigmoid, beta 0.1) on the merged SFT model with pairs sampled from it: quick mode 12 training
-    countries' questions and 3 steps, full mode every training country and 40 steps."""
+    countries' questions and 3 steps, full mode every training country and 20 steps."""
     lm = LoadedModel(merge(sft_model).eval(), ctx.lm.tokenizer, "sft", None, "hf", {})
     countries = default_split()[0][:12] if quick else None
     pairs, stats = build_default_pairs(lm.model, lm.tokenizer, samples=1 if quick else 2, countries=countries,
@@ -27,7 +27,7 @@ def dpo_after_sft(ctx: Any, sft_model: Any, quick: bool) -> dict[str, Any]:
     data = ctx.out_dir / "finetune_dpo_pairs.jsonl"
     write_pairs(data, pairs)
     cfg = TrainConfig(batch_size=4, lr=5e-4, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=0.3,
-                      max_steps=3 if quick else 40, seq_len=256)
+                      max_steps=3 if quick else 20, seq_len=256)
     r = finetune("sft", str(data), "lora", LoraSettings(r=16, alpha=32, dropout=0.0), cfg, None, lm=lm,
                  export=False, show_progress=False, preference=PreferenceConfig(beta=0.1))
     plot_rewards(r.state.metrics, ctx.out_dir / "finetune_dpo_rewards.png", "DPO after SFT: implicit rewards")
@@ -92,7 +92,7 @@ def section(ctx: Any) -> Any:
                       {"": "reward margin, last step", "value": round(dpo["margin_last"] or 0.0, 3)}])
         + img("finetune_dpo_rewards.png", "DPO reward curves")
         + "<p>Run it yourself: <code>llmcourse finetune --model out/ft/merged --method dpo --data default "
-        "--max-steps 40 --out out/dpo</code>.</p>")
+        "--max-steps 40 --out out/dpo</code> (the tour runs 20 steps).</p>")
     summary = {k: v for k, v in s.items() if k != "held_out_accuracy"}
     summary["dpo"] = dpo
     summary.update(accuracy_before=acc.get("before"), accuracy_after=acc.get("after"),
