@@ -72,3 +72,31 @@ def md_table(rows: list[dict], columns: list[str] | None = None) -> str:
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(out)
+
+
+def trl_timed(make_trainer: Callable[[list], object]) -> tuple[list[int], list[float], list[float]]:
+    """Train the TRL trainer that ``make_trainer(callbacks)`` builds (seed 0) and return, per optimizer step,
+    (tokens, seconds, losses): tokens from TRL's cumulative ``num_tokens`` (the attention-mask sum), seconds
+    from a callback around each step."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.t0, self.seconds = 0.0, {}
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.seconds[state.global_step] = time.perf_counter() - self.t0
+
+    cb = StepTimes()
+    torch.manual_seed(0)
+    trainer = make_trainer([cb])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h and "num_tokens" in h]
+    seen = {h["step"]: int(h["num_tokens"]) for h in logs}
+    steps_done = sorted(cb.seconds)
+    tokens = [seen[s] - seen.get(s - 1, 0) for s in steps_done]
+    return tokens, [cb.seconds[s] for s in steps_done], [h["loss"] for h in logs]

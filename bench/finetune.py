@@ -81,10 +81,8 @@ def run_ours(steps: int, warmup: int, checkpointing: bool) -> dict:
 
 
 def run_trl(steps: int, warmup: int, checkpointing: bool) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from llmcourse.core.models import load_model
@@ -107,26 +105,12 @@ def run_trl(steps: int, warmup: int, checkpointing: bool) -> dict:
                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
                      seed=0, completion_only_loss=True)
 
-    class StepTimes(TrainerCallback):
-        def __init__(self) -> None:
-            self.t0, self.seconds = 0.0, {}
+    from common import trl_timed
 
-        def on_step_begin(self, a, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            self.seconds[state.global_step] = time.perf_counter() - self.t0
-
-    cb = StepTimes()
-    torch.manual_seed(0)
-    trainer = SFTTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer,
-                         peft_config=peft_cfg, callbacks=[cb])
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h and "num_tokens" in h]
-    seen = {h["step"]: int(h["num_tokens"]) for h in logs}
-    steps_done = sorted(cb.seconds)
-    tokens = [seen[s] - seen.get(s - 1, 0) for s in steps_done]  # num_tokens: cumulative attention-mask sum
-    return summarize("trl", tokens, [cb.seconds[s] for s in steps_done], warmup, [h["loss"] for h in logs])
+    tokens, seconds, losses = trl_timed(lambda callbacks: SFTTrainer(
+        model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer, peft_config=peft_cfg,
+        callbacks=callbacks))
+    return summarize("trl", tokens, seconds, warmup, losses)
 
 
 def machine_line() -> str:

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -68,18 +69,16 @@ def make(d: Path, layers: int, hidden: int, inter: int, vocab: int) -> int:
     return total
 
 
-def quantize(d: Path, out: Path, samples: int, seq_len: int) -> dict:
-    """Quantize ``d`` one block at a time into ``out``; returns figures (run in a fresh process)."""
+def stream_blocks(d: Path, out: Path, keep: Callable[[dict], None] | None = None) -> tuple:
+    """(config, tokenizer, model, load_block, done_block) for a block-by-block pass over the sharded folder
+    ``d`` (``make``'s layout) into ``out``: the model sits on the meta device with only its non-block
+    tensors loaded (written to ``out`` in fp16 at once); ``load_block(b, block)`` reads block ``b`` from its
+    shard, ``done_block(b, block)`` writes it to ``out`` in fp16 (after ``keep(state)``) and frees it."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from llmcourse.core.data import calibration_windows
-    from llmcourse.quant.gptq import GPTQConfig, quantize_model
-    from llmcourse.quant.gptq.model import QUANTIZE_CONFIG
-
-    t0 = time.perf_counter()
     cfg = AutoConfig.from_pretrained(d)
     tok = AutoTokenizer.from_pretrained(d)
     with torch.device("meta"):
@@ -103,9 +102,22 @@ def quantize(d: Path, out: Path, samples: int, seq_len: int) -> dict:
     def done_block(b: int, block: torch.nn.Module) -> None:
         state = {f"model.layers.{b}.{k}": (v.half() if v.is_floating_point() else v).contiguous()
                  for k, v in block.state_dict().items()}
+        if keep is not None:
+            keep(state)
         save_file(state, str(out / f"model-{b + 1:05d}.safetensors"))
         block.to("meta")
 
+    return cfg, tok, model, load_block, done_block
+
+
+def quantize(d: Path, out: Path, samples: int, seq_len: int) -> dict:
+    """Quantize ``d`` one block at a time into ``out``; returns figures (run in a fresh process)."""
+    from llmcourse.core.data import calibration_windows
+    from llmcourse.quant.gptq import GPTQConfig, quantize_model
+    from llmcourse.quant.gptq.model import QUANTIZE_CONFIG
+
+    t0 = time.perf_counter()
+    cfg, tok, model, load_block, done_block = stream_blocks(d, out)
     qcfg = GPTQConfig(bits=4, group_size=128)
     windows = calibration_windows(tok, samples, seq_len, seed=0) % cfg.vocab_size  # random weights: any ids do
     report = quantize_model(model, windows, qcfg, load_block=load_block, done_block=done_block)

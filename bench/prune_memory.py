@@ -28,45 +28,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def prune(d: Path, out: Path, method: str, samples: int, seq_len: int) -> dict:
     """Prune ``d`` one block at a time into ``out``; returns figures (run in a fresh process)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from gptq_memory import stream_blocks
 
     from llmcourse.compress import PruneConfig, prune_model
     from llmcourse.core.data import calibration_windows
 
     t0 = time.perf_counter()
-    cfg = AutoConfig.from_pretrained(d)
-    tok = AutoTokenizer.from_pretrained(d)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.eval()
-
-    def read(file: Path, prefix: str = "") -> dict[str, torch.Tensor]:
-        with safe_open(str(file), "pt") as f:
-            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys()}
-
-    rest = read(d / "model-00000.safetensors")
-    model.load_state_dict(rest, strict=False, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # non-persistent buffers, off meta
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half() for k, v in rest.items()}, str(out / "model-00000.safetensors"))
-    del rest
     zeros = {"n": 0, "total": 0}
 
-    def load_block(b: int, block: torch.nn.Module) -> None:
-        block.load_state_dict(read(d / f"model-{b + 1:05d}.safetensors", f"model.layers.{b}."), assign=True)
-
-    def done_block(b: int, block: torch.nn.Module) -> None:
-        state = {f"model.layers.{b}.{k}": v.half().contiguous() for k, v in block.state_dict().items()}
+    def count_zeros(state: dict) -> None:
         for k, v in state.items():
             if k.endswith("proj.weight"):
                 zeros["n"] += int((v == 0).sum())
                 zeros["total"] += v.numel()
-        save_file(state, str(out / f"model-{b + 1:05d}.safetensors"))
-        block.to("meta")
 
+    cfg, tok, model, load_block, done_block = stream_blocks(d, out, count_zeros)
     windows = calibration_windows(tok, samples, seq_len, seed=0) % cfg.vocab_size  # random weights: any ids do
     report = prune_model(model, windows if method != "magnitude" else None, PruneConfig(method, sparsity=0.5),
                          load_block=load_block, done_block=done_block)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,8 +177,9 @@ def _read_txt(path: Path) -> list[str]:
     return docs
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    texts = []
+def jsonl_objects(path: Path) -> Iterator[tuple[str, Any]]:
+    """(``"PATH line N"``, parsed object) for each non-blank line of a JSON-lines file; a line that is not
+    UTF-8, too long, not JSON or nested too deeply: a one-line error naming it."""
     for n, line in _lines(path):
         if not line.strip():
             continue
@@ -188,10 +191,27 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
             raise UserError(f"{path} line {n} is not valid JSON ({e.msg})", "fix or remove that line") from None
         except RecursionError:
             raise UserError(f"{path} line {n} is nested too deeply", "flatten that line's JSON") from None
+        yield f"{path} line {n}", obj
+
+
+def jsonl_file(path: str | Path, holds: str) -> Path:
+    """``path`` as a ``.jsonl`` / ``.ndjson`` file that exists (``--data``), else a one-line error whose fix
+    says what its lines must hold (``holds``: "'messages' or 'prompt'/'response'")."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist", "check the path, or use --data default")
+    if path.is_dir() or path.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise UserError(f"--data {path} is not a .jsonl file", f"pass a .jsonl file with {holds}")
+    return path
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    texts = []
+    for where, obj in jsonl_objects(path):
         if not isinstance(obj, dict) or field not in obj:
-            raise UserError(f"{path} line {n} has no field {field!r}", "pass --field with the key holding the text")
+            raise UserError(f"{where} has no field {field!r}", "pass --field with the key holding the text")
         if not isinstance(obj[field], str):
-            raise UserError(f"{path} line {n}: field {field!r} is not a string", "fix that line")
+            raise UserError(f"{where}: field {field!r} is not a string", "fix that line")
         texts.append(obj[field])
     return texts
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from llmcourse.core.data import jsonl_file, jsonl_objects
 from llmcourse.core.errors import UserError
 from llmcourse.finetune.sft_data import capital_question, default_split, normalize
 
@@ -129,21 +130,8 @@ def parse_pair(obj: Any, where: str) -> PreferenceExample:
 
 def read_pairs(path: str | Path) -> list[PreferenceExample]:
     """The pairs of a ``.jsonl`` file (TRL's formats, see the module docstring)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist", "check the path, or use --data default")
-    if path.is_dir() or path.suffix.lower() not in (".jsonl", ".ndjson"):
-        raise UserError(f"--data {path} is not a .jsonl file", "pass a .jsonl file with prompt/chosen/rejected")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n} is not valid JSON ({e.msg})", "fix or remove that line") from None
-            out.append(parse_pair(obj, f"{path} line {n}"))
+    path = jsonl_file(path, "prompt/chosen/rejected")
+    out = [parse_pair(obj, where) for where, obj in jsonl_objects(path)]
     if not out:
         raise UserError(f"{path} has no pairs", "add lines with prompt/chosen/rejected")
     return out

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from llmcourse.core.data import jsonl_file, jsonl_objects
 from llmcourse.core.errors import UserError
 from llmcourse.core.models import package_dir
 
@@ -49,21 +50,8 @@ class Tokenized:
 
 def read_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     """The examples of a ``.jsonl`` file as message lists; a line without the fields names its number."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist", "check the path, or use --data default")
-    if path.is_dir() or path.suffix.lower() not in (".jsonl", ".ndjson"):
-        raise UserError(f"--data {path} is not a .jsonl file", "pass a .jsonl file with 'messages' or 'prompt'/'response'")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n} is not valid JSON ({e.msg})", "fix or remove that line") from None
-            out.append(_messages(obj, f"{path} line {n}"))
+    path = jsonl_file(path, "'messages' or 'prompt'/'response'")
+    out = [_messages(obj, where) for where, obj in jsonl_objects(path)]
     if not out:
         raise UserError(f"{path} has no examples", "add lines with 'messages' or 'prompt'/'response'")
     return out
