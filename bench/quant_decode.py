@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -152,11 +151,15 @@ def bytes_per_token(path: Path) -> int:
 
 def peak_rss(path: Path, threads: int) -> int:
     """Peak RSS (bytes) of ``llmcourse generate`` on ``path`` (64 tokens), a child process."""
-    exe = str(Path(sys.executable).with_name("llmcourse"))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run([exe, "generate", "--model", str(path), "--prompt", PROMPT, "--max-new-tokens", "64",
-                    "--threads", str(threads)], check=True, capture_output=True, env=env, timeout=900)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    cmd = [sys.executable, "-m", "llmcourse.cli", "generate", "--model", str(path), "--prompt", PROMPT,
+           "--max-new-tokens", "64", "--threads", str(threads)]
+    # a wrapper process whose only child is the command: its RUSAGE_CHILDREN peak is the command's
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
+    r = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True, text=True, env=env,
+                       timeout=900)
+    return int(r.stdout.split()[-1])
 
 
 def main() -> None:

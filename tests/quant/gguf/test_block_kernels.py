@@ -129,3 +129,15 @@ def test_bad_arguments_are_errors():
         kernels.block_mm(torch.randn(1, 64), blocks, int(QT.Q8_0), 5)  # wrong byte count
     with pytest.raises(RuntimeError):
         kernels.block_rows(blocks, torch.tensor([4]), int(QT.Q8_0), 64)  # row out of range
+
+
+def test_several_weights_in_one_call_equal_separate_calls():
+    """``mm_many`` (q/k/v, gate/up: one activation quantization, one parallel pass) gives each weight's own product."""
+    cols = 512
+    ws = [(QT.Q5_0, 96), (QT.Q6_K, 17), (QT.Q8_0, 40), (QT.Q4_K, 64)]
+    blocks = [random_blocks(t, rows, cols, seed=k) for k, (t, rows) in enumerate(ws)]
+    x = torch.randn(6, cols)
+    for level in range(kernels.cpu_level() + 1):
+        got = kernels.block_mm_many(x, blocks, [int(t) for t, _ in ws], [rows for _, rows in ws], level=level)
+        for (t, rows), b, y in zip(ws, blocks, got, strict=True):
+            assert torch.equal(y, kernels.block_mm(x, b, int(t), rows, level=level))

@@ -79,14 +79,14 @@ def test_greedy_tokens_equal_llama_cpp_on_q8_0(files):
     compared = 0
     for text in PROMPTS:
         ids = lm.tokenizer(text).input_ids
-        ours, gaps = greedy(fast, ids, 64, None)
-        theirs = llama_greedy(files["Q8_0"], ids, 64, None)
+        ours, gaps = greedy(fast, ids, 32, None)
+        theirs = llama_greedy(files["Q8_0"], ids, 32, None)
         for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):
             if gaps[k] < 1e-3:  # a near-tie: the summation order may break it either way; stop comparing
                 break
             assert a == b, f"{text!r}: token {k} differs ({a} vs llama.cpp's {b}); gap {gaps[k]:.4f}"
             compared += 1
-    assert compared >= 160  # most of the 5 x 64 tokens were compared
+    assert compared >= 100  # most of the 5 x 32 tokens were compared (all 5 x 64 were equal, 2026-12-07)
 
 
 def test_compiled_step_runs_the_blocks(files):
@@ -97,8 +97,8 @@ def test_compiled_step_runs_the_blocks(files):
         pytest.skip("no C++ compiler for TorchInductor")
     lm = load_model(files["Q4_K_M"])
     ids = lm.tokenizer(PROMPTS[2]).input_ids
-    eager, _ = greedy(FastModel(lm.model, matvec="mm"), ids, 8, None)
-    compiled, _ = greedy(FastModel(lm.model, matvec="compiled"), ids, 8, None)
+    eager, _ = greedy(FastModel(lm.model, matvec="mm"), ids, 4, None)
+    compiled, _ = greedy(FastModel(lm.model, matvec="compiled"), ids, 4, None)
     assert compiled == eager
 
 

@@ -97,6 +97,11 @@ def _register_fakes() -> None:
     def _mm(x: torch.Tensor, w: torch.Tensor, qtype: int, out_features: int, level: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], out_features)
 
+    @torch.library.register_fake("llmcourse_blocks::mm_many")
+    def _mm_many(x: torch.Tensor, ws: list[torch.Tensor], qtypes: list[int], out_features: list[int],
+                 level: int) -> list[torch.Tensor]:
+        return [x.new_empty(x.shape[0], o) for o in out_features]
+
     @torch.library.register_fake("llmcourse_blocks::rows")
     def _rows(w: torch.Tensor, ids: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
         return w.new_empty(ids.numel(), in_features, dtype=torch.float32)
@@ -126,6 +131,14 @@ def row_bytes(qtype: int, in_features: int) -> int:
 def block_mm(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int, level: int | None = None) -> torch.Tensor:
     """``x Wᵀ`` for ``x`` (N, I) fp32 and ``W`` (O, I) stored as ``blocks`` (O · row_bytes) uint8 -> (N, O) fp32."""
     return torch.ops.llmcourse_blocks.mm(x, blocks, qtype, out_features, forced_level() if level is None else level)
+
+
+def block_mm_many(x: torch.Tensor, blocks: list[torch.Tensor], qtypes: list[int], out_features: list[int],
+                  level: int | None = None) -> list[torch.Tensor]:
+    """:func:`block_mm` for several weights sharing ``x`` (q/k/v, gate/up): ``x`` quantized once, one
+    parallel pass over all their output rows."""
+    return torch.ops.llmcourse_blocks.mm_many(x, blocks, qtypes, out_features,
+                                              forced_level() if level is None else level)
 
 
 def block_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:

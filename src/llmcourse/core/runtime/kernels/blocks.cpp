@@ -158,41 +158,85 @@ DotSet dot_for(int64_t level, int64_t type) {
   return portable::pick(type);
 }
 
-at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features, int64_t level) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be (N, I) contiguous fp32");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "w must be contiguous uint8 blocks");
-  const TypeInfo ti = type_info(type);
-  const int64_t n = x.size(0), in = x.size(1);
-  TORCH_CHECK(in % ti.block == 0, "inputs ", in, " are not a multiple of the block size ", ti.block);
-  const int64_t nb = in / ti.block, rb = nb * ti.bytes;
-  TORCH_CHECK(w.numel() == out_features * rb, "w holds ", w.numel(), " bytes, expected ", out_features * rb);
-  level = effective(level);
-  const DotSet dot = dot_for(level, type);
+struct Quantized {  // a batch of activation rows as 8-bit blocks of one size
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> s16;
+  std::vector<ActRow> rows;
+};
+
+void quantize_rows(const float* xp, int64_t n, int64_t in, int64_t block, int64_t level, Quantized& out) {
+  const int64_t nb = in / block;
+  out.q.resize(n * in);
+  out.d.resize(n * nb);
+  out.s16.resize(n * in / 16);
   const QuantFn quant = quant_for(level);
-  std::vector<int8_t> q(n * in);
-  std::vector<float> d(n * nb);
-  std::vector<int32_t> s16(n * in / 16);
-  const float* xp = x.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)
-      quant(xp + r * in, in, (int)ti.block, !ti.k, q.data() + r * in, d.data() + r * nb, s16.data() + r * in / 16);
+      quant(xp + r * in, in, (int)block, block == 32, out.q.data() + r * in, out.d.data() + r * nb,
+            out.s16.data() + r * in / 16);
   });
-  at::Tensor y = at::empty({n, out_features}, x.options());
-  float* yp = y.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  std::vector<ActRow> acts(n);
-  for (int64_t r = 0; r < n; ++r) acts[r] = {q.data() + r * in, d.data() + r * nb, s16.data() + r * in / 16};
-  const int64_t grain = std::max<int64_t>(ROWS, out_features / (8 * std::max(1, at::get_num_threads())));
-  at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-    for (int64_t r0 = b; r0 < e; r0 += ROWS) {
-      const int64_t r1 = std::min(e, r0 + ROWS);
-      for (int64_t t = 0; t < n; t += 4) {
-        const int64_t k = std::min<int64_t>(4, n - t);
-        for (int64_t r = r0; r < r1; ++r) dot.f[k - 1](wp + r * rb, acts.data() + t, nb, yp + t * out_features + r, out_features);
+  out.rows.resize(n);
+  for (int64_t r = 0; r < n; ++r) out.rows[r] = {out.q.data() + r * in, out.d.data() + r * nb, out.s16.data() + r * in / 16};
+}
+
+struct Job {  // one weight's product: its blocks, row bytes, kernels and output
+  const uint8_t* w;
+  int64_t rb, nb, out;
+  DotSet dot;
+  const ActRow* acts;
+  float* y;
+};
+
+// y_j = x W_j^T for several weights sharing the input x (q/k/v, gate/up): the activations are quantized once
+// per block size and all the weights' output rows are split over the threads in one parallel region.
+std::vector<at::Tensor> block_mm_many(const at::Tensor& x, at::TensorList ws, at::IntArrayRef types,
+                                      at::IntArrayRef outs, int64_t level) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be (N, I) contiguous fp32");
+  TORCH_CHECK(ws.size() == types.size() && ws.size() == outs.size() && !ws.empty(), "one type and size per weight");
+  const int64_t n = x.size(0), in = x.size(1);
+  level = effective(level);
+  Quantized q32, q256;
+  bool need32 = false, need256 = false;
+  std::vector<Job> jobs;
+  std::vector<at::Tensor> ys;
+  int64_t total = 0;
+  for (size_t j = 0; j < ws.size(); ++j) {
+    const TypeInfo ti = type_info(types[j]);
+    TORCH_CHECK(in % ti.block == 0, "inputs ", in, " are not a multiple of the block size ", ti.block);
+    TORCH_CHECK(ws[j].scalar_type() == at::kByte && ws[j].is_contiguous(), "w must be contiguous uint8 blocks");
+    const int64_t nb = in / ti.block, rb = nb * ti.bytes;
+    TORCH_CHECK(ws[j].numel() == outs[j] * rb, "w holds ", ws[j].numel(), " bytes, expected ", outs[j] * rb);
+    (ti.k ? need256 : need32) = true;
+    ys.push_back(at::empty({n, outs[j]}, x.options()));
+    jobs.push_back({ws[j].data_ptr<uint8_t>(), rb, nb, outs[j], dot_for(level, types[j]), nullptr,
+                    ys.back().data_ptr<float>()});
+    total += outs[j];
+  }
+  if (need32) quantize_rows(x.data_ptr<float>(), n, in, 32, level, q32);
+  if (need256) quantize_rows(x.data_ptr<float>(), n, in, 256, level, q256);
+  for (size_t j = 0; j < jobs.size(); ++j) jobs[j].acts = type_info(types[j]).k ? q256.rows.data() : q32.rows.data();
+  const int64_t grain = std::max<int64_t>(ROWS, total / (8 * std::max(1, at::get_num_threads())));
+  at::parallel_for(0, total, grain, [&](int64_t b, int64_t e) {
+    int64_t base = 0;
+    for (const Job& job : jobs) {  // the part of [b, e) that falls in this weight's rows
+      const int64_t lo = std::max(b, base) - base, hi = std::min(e, base + job.out) - base;
+      base += job.out;
+      for (int64_t r0 = lo; r0 < hi; r0 += ROWS) {
+        const int64_t r1 = std::min(hi, r0 + ROWS);
+        for (int64_t t = 0; t < n; t += 4) {
+          const int64_t k = std::min<int64_t>(4, n - t);
+          for (int64_t r = r0; r < r1; ++r)
+            job.dot.f[k - 1](job.w + r * job.rb, job.acts + t, job.nb, job.y + t * job.out + r, job.out);
+        }
       }
     }
   });
-  return y;
+  return ys;
+}
+
+at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features, int64_t level) {
+  return block_mm_many(x, {w}, {type}, {out_features}, level)[0];
 }
 
 // The weight rows `ids` as fp32 (an embedding lookup of a quantized table): exact ggml de-quantization.
@@ -273,11 +317,13 @@ int64_t block_level() { return detected_level(); }
 
 TORCH_LIBRARY(llmcourse_blocks, m) {
   m.def("mm(Tensor x, Tensor w, int qtype, int out_features, int level) -> Tensor");
+  m.def("mm_many(Tensor x, Tensor[] ws, int[] qtypes, int[] out_features, int level) -> Tensor[]");
   m.def("rows(Tensor w, Tensor ids, int qtype, int in_features) -> Tensor");
   m.def("level() -> int", &block_level);
 }
 
 TORCH_LIBRARY_IMPL(llmcourse_blocks, CPU, m) {
   m.impl("mm", block_mm);
+  m.impl("mm_many", block_mm_many);
   m.impl("rows", block_rows);
 }
