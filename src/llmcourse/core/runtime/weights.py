@@ -10,6 +10,8 @@ kind is a frozen dataclass, told apart by its class, never by its shape):
   ``W[o, i] = (q[o, i] - z[o, g]) · s[o, g]`` (3-bit GPTQ);
 * :class:`PackedCodes` — the same with ``bits`` in {2, 4, 8} codes packed ``32 / bits`` to a 32-bit word
   (:func:`pack_words`; 2/4/8-bit GPTQ: half a byte read per 4-bit weight);
+* :class:`BlockCodes` — ggml's quantized blocks as stored in a GGUF file (Q8_0, Q4_0 ... Q6_K), multiplied
+  by the block kernels of :mod:`~llmcourse.core.runtime.kernels` with 8-bit activations;
 * :class:`ModuleWeight` — any other module (LLM.int8(), a layer of another lab), called as ``module(x)``
   on the eager path only.
 
@@ -119,14 +121,27 @@ class PackedCodes:
 
 
 @dataclass(frozen=True)
+class BlockCodes:
+    """A weight (O, I) as ggml blocks of type ``qtype`` (a ``GGMLQuantizationType`` value the kernels run,
+    :data:`~llmcourse.core.runtime.kernels.BLOCK_TYPES`): ``blocks`` uint8 (O, row bytes), usually mapped
+    from the file. ``level`` caps the kernels' instruction set (-1: the best the CPU has)."""
+
+    blocks: torch.Tensor
+    qtype: int
+    out_features: int
+    bias: torch.Tensor | None = None
+    level: int = -1
+
+
+@dataclass(frozen=True)
 class ModuleWeight:
     """Any other module, run as ``module(x)`` (eager only: it has no compiled form)."""
 
     module: nn.Module
 
 
-Weight = Dense | RowCodes | GroupCodes | PackedCodes | ModuleWeight
-COMPILED_KINDS = (Dense, RowCodes, GroupCodes, PackedCodes)
+Weight = Dense | RowCodes | GroupCodes | PackedCodes | BlockCodes | ModuleWeight
+COMPILED_KINDS = (Dense, RowCodes, GroupCodes, PackedCodes, BlockCodes)
 
 
 @runtime_checkable
@@ -174,6 +189,9 @@ def project(w: Weight, x: torch.Tensor) -> torch.Tensor:
         y = matvec(w.weight, rows)
     elif isinstance(w, Dense):
         y = rows_dot(w.weight, rows)
+    elif isinstance(w, BlockCodes):  # an opaque call of the C++ kernel, compiled or not
+        y = torch.ops.llmcourse_blocks.mm(rows.float().contiguous(), w.blocks, w.qtype, w.out_features,
+                                          w.level).to(rows.dtype)
     elif isinstance(w, PackedCodes):
         y = packed_dot(w.words, w.scale, w.zero, rows)
     elif isinstance(w, GroupCodes):

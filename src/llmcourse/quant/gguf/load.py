@@ -9,6 +9,7 @@ inverts the converter's names and q/k permutation (:mod:`.names`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -315,8 +316,13 @@ def _tensor_fp32(mm: np.ndarray, t: TensorInfo) -> torch.Tensor:
     return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1, n))
 
 
-def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
+def load_model(path: str | Path, dtype: str = "fp32", blocks: bool | None = None) -> LoadedModel:
     """A GGUF file as a Hugging Face model, identical to transformers' GGUF path, in about a second.
+
+    ``blocks`` (default: on for fp32 unless ``LLMCOURSE_GGUF_BLOCKS=0``, when the block kernels build):
+    projections and the token-embedding table stored in a quantized type the kernels run stay as the
+    file's blocks, memory-mapped (:mod:`.execute`), instead of fp32 copies; ``blocks=False`` de-quantizes
+    everything (the exact float model of the file, as transformers builds it).
 
     The header is parsed once (:func:`llmcourse.core.formats.read_gguf_model`, which checks it
     structurally and semantically), the data memory-mapped, every tensor the architecture needs
@@ -344,6 +350,13 @@ def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     used = {"rope_freqs.weight"} if "rope_freqs.weight" in by_name and "rope_parameters" in cfg_dict else set()
     todo: list[tuple[str, torch.Size, str, TensorInfo]] = []
+    kept: list[tuple[str, TensorInfo]] = []  # tensors executed as stored blocks (module name, tensor)
+    if blocks is None:
+        blocks = dtype == "fp32" and os.environ.get("LLMCOURSE_GGUF_BLOCKS", "1") != "0"
+    if blocks:
+        from llmcourse.core.runtime.kernels import load as load_kernels
+
+        blocks = load_kernels()
     for hf_name, param in model.state_dict().items():
         g = gguf_tensor_name(hf_name, arch)
         if g is None:
@@ -356,8 +369,11 @@ def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
         if math.prod(t.shape) != param.numel():
             raise UserError(f"GGUF {path}: tensor {g} is {t.shape}, the metadata implies {tuple(param.shape)}",
                             "re-convert the model")
-        todo.append((hf_name, param.shape, g, t))
         used.add(g)
+        if blocks and _executable(model, arch, hf_name, t):
+            kept.append((hf_name.removesuffix(".weight"), t))
+        else:
+            todo.append((hf_name, param.shape, g, t))
     extra = sorted(set(by_name) - used)
     if extra:
         raise UserError(f"GGUF {path} holds {len(extra)} tensors its architecture does not use (e.g. {extra[0]})",
@@ -374,8 +390,54 @@ def load_model(path: str | Path, dtype: str = "fp32") -> LoadedModel:
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.tie_weights()
+    if kept:
+        _keep_blocks(model, mm, kept, n_head, n_kv, arch.permute_qk, torch_dtype)
     _rebuild_meta_buffers(model)
     return LoadedModel(model.eval(), tok, str(path), path, kind="gguf")
+
+
+def _executable(model: Any, arch: Any, hf_name: str, t: TensorInfo) -> bool:
+    """Whether tensor ``t`` (for ``hf_name``) can stay as blocks: an ``nn.Linear`` weight or the token
+    embeddings, of a type the kernels run (GPT-2's Conv1D weights are stored transposed: de-quantized)."""
+    from llmcourse.quant.gguf.execute import runnable
+
+    if not hf_name.endswith(".weight") or not runnable(int(t.qtype), t.shape[-1]) or len(t.shape) != 2:
+        return False
+    module = model.get_submodule(hf_name.removesuffix(".weight"))
+    return type(module) is torch.nn.Linear or isinstance(module, torch.nn.Embedding)
+
+
+def _keep_blocks(model: Any, mm: np.ndarray, kept: list[tuple[str, TensorInfo]], n_head: int, n_kv: int,
+                 permute_qk: bool, dtype: torch.dtype) -> None:
+    """Swap in :class:`~.execute.BlockLinear`/:class:`~.execute.BlockEmbedding` modules over the mapped
+    blocks; q/k rows are put back from ggml's RoPE pair order by a row gather (blocks never straddle rows);
+    a tied output head multiplies by the embedding's blocks."""
+    from llmcourse.quant.gguf.execute import BlockEmbedding, BlockLinear
+
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    emb_blocks = None
+    for name, t in kept:
+        rows, n = t.shape
+        raw = torch.from_numpy(mm[t.offset:t.offset + t.nbytes]).view(rows, -1)
+        g = t.name
+        if permute_qk and (".attn_q." in g or ".attn_k." in g):
+            from llmcourse.quant.gguf.names import unpermute_rope
+
+            order = unpermute_rope(torch.arange(rows).view(rows, 1), n_head if ".attn_q." in g else n_kv).view(-1)
+            raw = raw[order]
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if isinstance(old, torch.nn.Embedding):
+            scale = getattr(old, "scalar_embed_scale", None)
+            setattr(parent, child, BlockEmbedding(raw, int(t.qtype), n, scale=scale, dtype=dtype))
+            emb_blocks = (raw, int(t.qtype), n, rows)
+        else:
+            bias = old.bias.detach() if old.bias is not None and not old.bias.is_meta else None
+            setattr(parent, child, BlockLinear(raw, int(t.qtype), n, rows, bias))
+    if tied and emb_blocks is not None and type(model.lm_head) is torch.nn.Linear:
+        raw, qtype, n, rows = emb_blocks
+        model.lm_head = BlockLinear(raw, qtype, n, rows, tied=True)
 
 
 def _rebuild_meta_buffers(model: Any) -> None:

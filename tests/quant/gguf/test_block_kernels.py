@@ -1,0 +1,143 @@
+"""The GGUF block kernels (``core/runtime/kernels``) against de-quantize-then-multiply, every type and
+instruction-set level, and GGUF models executed as stored blocks against llama.cpp.
+
+Tolerances. The kernels' only intended difference from ``x @ dequantize(W).T`` is the 8-bit rounding of the
+activations (per 32-value block for the legacy types, per 256 for the k-quants). So:
+
+* tight: against ``dequantize(Q8(x)) @ dequantize(W).T`` in float64, ``|y - ref| <= 2e-6 · (|a| @ |W|.T) + 1e-6``
+  (fp32 accumulation of exact integer block sums);
+* loose: against the fp32 product ``x @ W.T``, relative error of each output vector below 2 %;
+* the levels (portable C++, AVX2, AVX-512 VNNI) agree to the same tight bound (their integer sums are
+  equal; only the fp32 summation order differs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+kernels = pytest.importorskip("llmcourse.core.runtime.kernels")
+if not kernels.load():
+    pytest.skip("the block kernels could not be built (no C++ compiler)", allow_module_level=True)
+
+from llmcourse.quant.gguf.quantize import dequantize  # noqa: E402  (after the build check)
+
+LEGACY = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
+KQUANTS = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
+HALF_FIELDS = {QT.Q8_0: (0,), QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2),
+               QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
+
+
+def random_blocks(qtype: QT, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random stored rows (rows, row bytes): every code bit pattern, fp16 scales of either sign in [1e-3, 1e-2]."""
+    values, nbytes = kernels.BLOCK_TYPES[int(qtype)]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // values, nbytes), dtype=np.uint8)
+    for off in HALF_FIELDS[qtype]:
+        scale = (rng.uniform(1e-3, 1e-2, raw.shape[:2]) * rng.choice([-1, 1], raw.shape[:2])).astype(np.float16)
+        raw[:, :, off:off + 2] = scale.view(np.uint8).reshape(*raw.shape[:2], 2)
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
+def weight(qtype: QT, blocks: torch.Tensor) -> torch.Tensor:
+    """The lab's (ggml-exact) de-quantization of the rows."""
+    return torch.from_numpy(np.asarray(dequantize(blocks.numpy(), qtype), dtype=np.float32))
+
+
+def q8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What the kernels multiply by (llama.cpp's activation blocks, rounded half to even): legacy types (Q8_0)
+    ``q = round(x · 127 / max|x|)``, ``d = fp16(max|x| / 127)``; k-quants (Q8_K) with ``m`` the value of largest
+    magnitude, ``q = min(127, round(x · (-127 / m)))``, ``d = 1 / (-127 / m)``."""
+    n, i = x.shape
+    xb = x.view(n, i // block, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    zero = torch.zeros_like(amax)
+    if block == 32:
+        q = torch.round(xb * torch.where(amax != 0, 127 / amax, zero))
+        d = (amax / 127).half().float()
+    else:
+        m = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
+        inv = torch.where(amax != 0, -127 / m, zero)
+        q = torch.round(inv * xb).clamp(max=127)
+        d = torch.where(amax != 0, 1 / inv, zero)
+    return (q * d).view(n, i)
+
+
+def check(qtype: QT, rows: int, cols: int, n: int, seed: int = 0) -> torch.Tensor:
+    blocks = random_blocks(qtype, rows, cols, seed)
+    w = weight(qtype, blocks)
+    x = torch.randn(n, cols, generator=torch.Generator().manual_seed(seed))
+    block = kernels.BLOCK_TYPES[int(qtype)][0]
+    a = q8_activations(x, block)
+    ref = a.double() @ w.double().T
+    bound = 2e-6 * (a.abs().double() @ w.abs().double().T) + 1e-6
+    got = {}
+    for level in range(kernels.cpu_level() + 1):
+        y = kernels.block_mm(x, blocks, int(qtype), rows, level=level)
+        assert y.shape == (n, rows) and y.dtype == torch.float32
+        err = (y.double() - ref).abs()
+        assert bool((err <= bound).all()), f"{qtype.name} level {level}: max excess {(err - bound).max():.3g}"
+        got[level] = y
+    exact = x.double() @ w.double().T
+    rel = (got[0].double() - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert float(rel.max()) < 0.02, f"{qtype.name}: {float(rel.max()):.4f}"
+    return blocks
+
+
+@pytest.mark.parametrize("qtype", LEGACY + KQUANTS, ids=lambda t: t.name)
+def test_each_type_equals_dequantize_then_multiply(qtype):
+    cols = 96 if qtype in LEGACY else 768  # an odd number of blocks
+    for rows, n in [(1, 1), (17, 1), (576, 1), (37, 5), (64, 19)]:  # decode, ragged tiles, prompts
+        check(qtype, rows, cols, n, seed=rows + n)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
+def test_model_shapes(qtype):
+    """The default model's row counts: 576, 1536 and the 49152-row head (one block per row: cheap)."""
+    cols = kernels.BLOCK_TYPES[int(qtype)][0]
+    for rows in (576, 1536, 49152):
+        check(qtype, rows, cols, 2, seed=rows)
+
+
+@pytest.mark.parametrize("qtype", LEGACY + KQUANTS, ids=lambda t: t.name)
+def test_rows_are_the_lab_dequantization(qtype):
+    cols = 64 if qtype in LEGACY else 512
+    blocks = random_blocks(qtype, 40, cols, seed=3)
+    ids = torch.tensor([0, 39, 7, 7, 12])
+    got = kernels.block_rows(blocks, ids, int(qtype), cols)
+    assert torch.equal(got, weight(qtype, blocks)[ids])
+
+
+def test_zero_rows_and_forced_level_from_the_environment(monkeypatch):
+    blocks = random_blocks(QT.Q4_0, 8, 64)
+    assert torch.equal(kernels.block_mm(torch.zeros(2, 64), blocks, int(QT.Q4_0), 8), torch.zeros(2, 8))
+    x = torch.randn(3, 64)
+    monkeypatch.setenv("LLMCOURSE_BLOCK_ISA", "portable")
+    kernels.forced_level.cache_clear()
+    try:
+        assert kernels.forced_level() == 0
+        assert torch.equal(kernels.block_mm(x, blocks, int(QT.Q4_0), 8), kernels.block_mm(x, blocks, 2, 8, level=0))
+    finally:
+        kernels.forced_level.cache_clear()
+
+
+def test_bad_arguments_are_errors():
+    blocks = random_blocks(QT.Q8_0, 4, 64)
+    with pytest.raises(RuntimeError):
+        kernels.block_mm(torch.randn(1, 64), blocks, int(QT.Q8_0), 5)  # wrong byte count
+    with pytest.raises(RuntimeError):
+        kernels.block_rows(blocks, torch.tensor([4]), int(QT.Q8_0), 64)  # row out of range
+
+
+def test_several_weights_in_one_call_equal_separate_calls():
+    """``mm_many`` (q/k/v, gate/up: one activation quantization, one parallel pass) gives each weight's own product."""
+    cols = 512
+    ws = [(QT.Q5_0, 96), (QT.Q6_K, 17), (QT.Q8_0, 40), (QT.Q4_K, 64)]
+    blocks = [random_blocks(t, rows, cols, seed=k) for k, (t, rows) in enumerate(ws)]
+    x = torch.randn(6, cols)
+    for level in range(kernels.cpu_level() + 1):
+        got = kernels.block_mm_many(x, blocks, [int(t) for t, _ in ws], [rows for _, rows in ws], level=level)
+        for (t, rows), b, y in zip(ws, blocks, got, strict=True):
+            assert torch.equal(y, kernels.block_mm(x, b, int(t), rows, level=level))
