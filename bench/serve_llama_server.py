@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -174,6 +175,26 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
+def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen:
+    """``py-spy record`` of our server (all threads, without pausing it) as collapsed stacks into ``out``."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    try:
+        return subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--threads", "--nonblocking",
+                                 "--rate", "50", "--duration", str(int(seconds) + 5), "--output", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as e:
+        raise BenchError(f"cannot run py-spy ({e}): pip install py-spy, or drop --profile") from None
+
+
+def stop_profile(spy: subprocess.Popen, out: Path) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes what it has sampled so far
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+    print(f"py-spy profile of our server: {out}", file=sys.stderr)
+
+
 def make_gguf(source: str, fmt: str, tmp: Path, env: dict[str, str]) -> Path:
     """Our GGUF lab's file of ``source``: Q8_0 (``quantize gguf``) or F32 (``convert gguf``)."""
     cli = [sys.executable, "-m", "llmcourse"]
@@ -230,7 +251,12 @@ def run(args: argparse.Namespace, clients: list[int], tmp: Path, servers: list[S
                 if srv.proc.poll() is not None:
                     raise BenchError(f"{srv.name} died (exit {srv.proc.returncode}): {_log_tail(srv.log)}")
                 asyncio.run(load(srv.url, 1, 1, 8, 60))  # warm-up: one short request
+                spy = None
+                if args.profile and srv is ours and rnd == 0 and n == width:
+                    spy = start_profile(ours.proc.pid, Path(args.profile), args.time_limit)
                 r = asyncio.run(load(srv.url, n, args.requests, args.max_tokens, args.time_limit))
+                if spy is not None:
+                    stop_profile(spy, Path(args.profile))
                 rows.append({"round": rnd + 1, "server": srv.name, "clients": n, **r})
                 print(f"round {rnd + 1}, {n} clients, {srv.name}: {r['tokens'] / r['wall']:.1f} tok/s, "
                       f"TTFT p50 {pct(r['ttfts'], 0.5):.3f} s p95 {pct(r['ttfts'], 0.95):.3f} s, "
@@ -289,6 +315,8 @@ def main() -> int:
     ap.add_argument("--start-timeout", type=float, default=900, help="seconds each server may take to be ready "
                     "(ours compiles its step buckets first; default: %(default)s)")
     ap.add_argument("--jobs", type=int, default=2, help="compile jobs if llama-server must be built (default: 2)")
+    ap.add_argument("--profile", default=None, metavar="FILE", help="record our server with py-spy during the "
+                    "first round's row with the most clients, as collapsed stacks (py-spy --format raw) into FILE")
     ap.add_argument("--quick", action="store_true", help="a smoke run: --clients 1,2 --rounds 1 --requests 1 "
                     "--max-tokens 8")
     args = ap.parse_args()
