@@ -124,14 +124,14 @@ async def one_request(client, question: str, max_tokens: int) -> dict:
     import openai
 
     t0 = time.perf_counter()
-    ttft, chunks, usage, finished = None, 0, None, False
+    ttft, chunks, usage, prompt, finished = None, 0, None, None, False
     try:
         stream = await client.chat.completions.create(
             model="default", messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
             temperature=0, stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
             if chunk.usage is not None:
-                usage = chunk.usage.completion_tokens
+                usage, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
             for c in chunk.choices:
                 if c.delta is not None and c.delta.content:
                     chunks += 1
@@ -140,11 +140,11 @@ async def one_request(client, question: str, max_tokens: int) -> dict:
                 if c.finish_reason is not None:
                     finished = True
     except openai.APIStatusError:
-        return {"ttft": None, "tokens": 0, "chunks": 0, "error": True, "broken": False}
+        return {"ttft": None, "tokens": 0, "chunks": 0, "prompt": None, "error": True, "broken": False}
     except Exception:  # a dropped connection or a stream cut short (httpx's errors are not wrapped mid-stream)
-        return {"ttft": ttft, "tokens": chunks, "chunks": chunks, "error": False, "broken": True}
-    return {"ttft": ttft, "tokens": usage if usage is not None else chunks, "chunks": chunks, "error": False,
-            "broken": not finished}
+        return {"ttft": ttft, "tokens": chunks, "chunks": chunks, "prompt": None, "error": False, "broken": True}
+    return {"ttft": ttft, "tokens": usage if usage is not None else chunks, "chunks": chunks, "prompt": prompt,
+            "error": False, "broken": not finished}
 
 
 async def load(url: str, clients: int, requests: int, max_tokens: int, time_limit: float) -> dict:
@@ -165,6 +165,7 @@ async def load(url: str, clients: int, requests: int, max_tokens: int, time_limi
     wall = time.perf_counter() - t0
     return {"requests": len(results), "tokens": sum(r["tokens"] for r in results),
             "chunks": sum(r["chunks"] for r in results), "wall": wall,
+            "prompt": sum(r["prompt"] or 0 for r in results) / max(1, sum(r["prompt"] is not None for r in results)),
             "ttfts": [r["ttft"] for r in results if r["ttft"] is not None],
             "errors": sum(r["error"] for r in results), "broken": sum(r["broken"] for r in results)}
 
@@ -261,12 +262,12 @@ def run(args: argparse.Namespace, clients: list[int], tmp: Path, servers: list[S
                 print(f"round {rnd + 1}, {n} clients, {srv.name}: {r['tokens'] / r['wall']:.1f} tok/s, "
                       f"TTFT p50 {pct(r['ttfts'], 0.5):.3f} s p95 {pct(r['ttfts'], 0.95):.3f} s, "
                       f"{r['errors']} errors, {r['broken']} broken", file=sys.stderr)
-    return rows, {"gguf": gguf.name, "ours_model": ours_model, "ready": ready}
+    return rows, {"gguf": gguf.name, "ours_model": args.model or "the same file", "ready": ready}
 
 
 def summarise(rows: list[dict], clients: list[int]) -> tuple[list[dict], list[dict], list[str]]:
     per_round = [{"round": r["round"], "server": r["server"], "clients": r["clients"], "requests": r["requests"],
-                  "tokens": r["tokens"], "tok/s": r["tokens"] / r["wall"], "ttft p50 s": pct(r["ttfts"], 0.5),
+                  "prompt tokens (mean)": r["prompt"], "tokens": r["tokens"], "tok/s": r["tokens"] / r["wall"], "ttft p50 s": pct(r["ttfts"], 0.5),
                   "ttft p95 s": pct(r["ttfts"], 0.95), "errors": r["errors"], "broken": r["broken"]} for r in rows]
     summary, notes = [], []
     for n in clients:
