@@ -186,3 +186,30 @@ def test_short_generations_skip_compiling_until_a_compiled_step_is_warm(monkeypa
     assert engine.make_decoder(model, steps=2).fast.matvec == "compiled"  # now reused, even for short runs
     out_short = generate(model, None, prompt, GenerationConfig(max_new_tokens=8))
     assert out_short.sequences[0].token_ids == out_long.sequences[0].token_ids[:8]
+
+
+def test_compiled_multi_token_step_matches_eager(arch: str = "llama") -> None:
+    """Verifying T tokens in one compiled call (padded to a width bucket) gives the eager forward's logits at
+    every position and leaves the session where the eager one does; near the cache's end it runs eagerly."""
+    model = tiny_model(arch, seed=10)
+    fast, eager = FastModel(model, matvec="compiled"), FastModel(model, matvec="mm")
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 256, (1, 7), generator=gen)
+    with torch.inference_mode():
+        s, e = fast.session(1, 20), eager.session(1, 20)
+        s.prefill(prompt), e.prefill(prompt)
+        for t in (2, 4):  # width 4: padded, then exact
+            ids = torch.randint(3, 256, (1, t), generator=gen)
+            a, b = s.forward(ids, all_logits=True), e.forward(ids, all_logits=True)
+            assert a.shape == (1, t, model.config.vocab_size) and s.pos == e.pos
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+            s.rollback(s.pos - 1), e.rollback(e.pos - 1)  # drop the last token, as a rejected draft
+        nxt = torch.tensor([9])
+        torch.testing.assert_close(s.step(nxt), e.step(nxt), rtol=0, atol=1e-4)  # the pads were overwritten
+        assert (1, 64, 4) in fast._warm
+        long = torch.randint(3, 256, (1, 60), generator=gen)
+        s, e = fast.session(1, 63), eager.session(1, 63)
+        s.prefill(long), e.prefill(long)
+        ids = torch.tensor([[4, 5, 6]])  # 60 + 4 positions would overrun the 64-position cache: run eagerly
+        torch.testing.assert_close(s.forward(ids, all_logits=True), e.forward(ids, all_logits=True), rtol=0, atol=1e-4)
+        assert s.pos == 63 and len(fast._warm) == 2

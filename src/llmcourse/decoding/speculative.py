@@ -145,7 +145,11 @@ class DraftModel:
         The cache holds a prefix of ``tokens``; what it lacks (the last token, and after a fully accepted
         round the last draft too) is run first, in one forward."""
         s = self.session
-        logits = s.forward(torch.tensor([tokens[s.pos:]]))
+        new = tokens[s.pos:]
+        # one token, or two after a fully accepted round (the last draft, then the target's token): the
+        # multi-token step, which the compiled runtime runs as one compiled call
+        logits = s.forward(torch.tensor([new]), all_logits=True)[:, -1] if len(new) > 1 else s.forward(
+            torch.tensor([new]))
         drafted: list[int] = []
         qs: list[torch.Tensor] = []
         for i in range(k):
@@ -232,6 +236,12 @@ def _runtime(model: Any, backend: str, steps: int) -> FastModel:
     return prepare(model, "mm" if steps < COMPILE_MIN_STEPS else "auto")
 
 
+def _capacity(fast: FastModel, prompt: int, cfg: GenerationConfig, spec: SpeculativeConfig) -> int:
+    """KV cache positions for a sequence: the prompt, the new tokens, and room for the padding of the last
+    verification (the compiled multi-token step pads to :meth:`~llmcourse.core.runtime.FastModel.verify_width`)."""
+    return prompt + cfg.max_new_tokens + fast.verify_width(spec.draft_tokens + 1)
+
+
 def _accept(ps: torch.Tensor, drafted: list[int], qs: list[torch.Tensor] | None, greedy: bool,
             generator: torch.Generator | None) -> tuple[int, int]:
     """Verification: ``ps`` (γ + 1, V) the target's processed distributions (or processed logits, greedy),
@@ -273,7 +283,7 @@ def _one_sequence(fast: FastModel, drafter: PromptLookup | DraftModel | None, pr
         z = samplers.apply_chain(logits.view(1, -1).float(), torch.tensor([context]), cfg, order, sampling=not greedy)
         return z[0] if greedy else torch.softmax(z[0], dim=-1)
 
-    capacity = len(prompt) + cfg.max_new_tokens
+    capacity = _capacity(fast, len(prompt), cfg, spec)
     target = fast.session(1, capacity)
     logits = target.prefill(torch.tensor([prompt]))  # (1, V): the first new token's
     stats.target_forwards += 1
@@ -368,15 +378,15 @@ def speculative_generate(model: Any, tokenizer: Any, prompt: str | list[int], co
     eos_list = list(cfg.eos_token_ids) if cfg.eos_token_ids is not None else model_eos_ids(model, tokenizer)
     steps = cfg.num_return_sequences * cfg.max_new_tokens
     fast = _runtime(model, cfg.backend, steps)
-    capacity = len(prompt_ids) + cfg.max_new_tokens
+    capacity = _capacity(fast, len(prompt_ids), cfg, spec)
     drafter: PromptLookup | DraftModel | None
     if spec.speculative == "draft":
         check_draft_model(model, draft_model, tokenizer, draft_tokenizer)
         drafter = DraftModel(_runtime(draft_model, cfg.backend, steps))
-        drafter.fast.warmup(1, capacity)
+        drafter.fast.warmup(1, capacity, tokens=2)  # after a fully accepted round it runs 2 tokens
     else:
         drafter = PromptLookup(spec.lookup_ngram)
-    fast.warmup(1, capacity)  # compiles the one-token step outside the timing
+    fast.warmup(1, capacity, tokens=spec.draft_tokens + 1)  # compiles the steps outside the timing
     stats = SpeculativeStats(spec.speculative, spec.draft_tokens)
     sequences: list[GeneratedSequence] = []
     rounds: list[list[Round]] = []

@@ -18,6 +18,15 @@ from llmcourse.decoding import GenerationConfig, generate
 from llmcourse.decoding import tree as tree_mod
 
 PROMPT = "I have a dream"
+# an input-grounded request (the answer copies spans of the text: what prompt lookup drafts from)
+GROUNDED = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+            "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889 as the "
+            "centerpiece of the 1889 World's Fair. Locally nicknamed \"La dame de fer\" (French for \"Iron Lady\"), "
+            "it was initially criticised by some of France's leading artists and intellectuals for its design, but "
+            "it has become a global cultural icon of France and one of the most recognisable structures in the "
+            "world. The tower is 330 metres tall, about the same height as an 81-storey building, and it was the "
+            "tallest man-made structure in the world for 41 years, until the Chrysler Building in New York City "
+            "was finished in 1930.\n\nSummarise the text above in a few sentences.")
 
 
 def _img(name: str, alt: str) -> str:
@@ -90,6 +99,7 @@ def section(ctx: TourContext) -> TourSection:
     ours = generate(model, tok, PROMPT, GenerationConfig(max_new_tokens=n_speed, eos_token_ids=()))
     speed = [{"decoder": "transformers generate()", "tokens/s": hf_tps},
              {"decoder": f"llmcourse ({ours.backend} backend)", "tokens/s": ours.tokens_per_second}]
+    spec_rows, spec_summary = _speculative(model, tok, out_dir, n_new=32 if ctx.quick else 128)
 
     parts += [
         html_table(rows, ["strategy", "text", "score", "same as generate()"]),
@@ -108,9 +118,41 @@ def section(ctx: TourContext) -> TourSection:
         "<h3>Temperature</h3>", _img("decoding_temperature.png", "temperature demo"),
         html_table([{"T": t, **{f"p{i}": p for i, p in enumerate(ps)}} for t, ps in temps.items()]),
         f"<h3>Speed (greedy, {n_speed} tokens, this machine)</h3>", html_table(speed),
+        "<h3>Speculative decoding: prompt lookup</h3><p>A request to summarise a paragraph given in the prompt "
+        "(chat template): the draft is what followed the text's last 3 tokens earlier in the prompt or the "
+        "answer, and the model checks all drafted tokens in one forward. The tokens are those of plain greedy "
+        f"decoding; {spec_summary['lookup_new_tokens']} new tokens.</p>", html_table(spec_rows),
+        _img("decoding_speculative.png", "speculative rounds"),
     ]
     summary = {"greedy_text": greedy.sequences[0].text, "greedy_same_as_hf": same_greedy,
                "beam_text": beam.sequences[0].text, "beam_same_as_hf": same_beam,
                "fulltree_best": tree_mod.best_path_text(full), "hf_tokens_per_second": hf_tps,
-               "ours_tokens_per_second": ours.tokens_per_second}
+               "ours_tokens_per_second": ours.tokens_per_second, **spec_summary}
     return TourSection("Decoding strategies", "\n".join(parts), summary)
+
+
+def _speculative(model: Any, tok: Any, out_dir: Any, n_new: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Plain greedy vs prompt lookup on :data:`GROUNDED`: tokens/s, acceptance, tokens per forward, and the
+    strip of the lookup's rounds (``decoding_speculative.png``)."""
+    from llmcourse.decoding import SpeculativeConfig, chat_prompt_ids, draw_strip, speculative_generate
+
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": GROUNDED}])
+    cfg = GenerationConfig(max_new_tokens=n_new)
+    plain = generate(model, tok, ids, cfg)
+    spec = SpeculativeConfig("lookup")
+    look = speculative_generate(model, tok, ids, cfg, spec, record=True)
+    st = look.stats
+    draw_strip(look.rounds[0], tok, out_dir / "decoding_speculative.png",
+               title=f"prompt lookup, up to {spec.draft_tokens} drafted per forward: {st.generated} tokens in "
+               f"{st.target_forwards} forwards")
+    same = plain.sequences[0].token_ids == look.sequences[0].token_ids
+    rows = [{"decoder": "plain greedy", "tokens/s": plain.tokens_per_second, "tokens per forward": 1.0,
+             "acceptance": "", "same tokens": ""},
+            {"decoder": f"prompt lookup (--draft-tokens {spec.draft_tokens}, --lookup-ngram {spec.lookup_ngram})",
+             "tokens/s": look.tokens_per_second, "tokens per forward": st.tokens_per_target_forward,
+             "acceptance": st.acceptance_rate, "same tokens": same}]
+    summary = {"lookup_same_as_greedy": same, "lookup_new_tokens": st.generated,
+               "lookup_tokens_per_second": look.tokens_per_second, "lookup_plain_tokens_per_second":
+               plain.tokens_per_second, "lookup_acceptance": st.acceptance_rate,
+               "lookup_tokens_per_forward": st.tokens_per_target_forward}
+    return rows, summary

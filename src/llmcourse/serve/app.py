@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcourse.core.errors import UserError
-from llmcourse.decoding import GenerationConfig, chat_prompt_ids, sampling_defaults
+from llmcourse.decoding import GenerationConfig, SpeculativeConfig, chat_prompt_ids, sampling_defaults
 from llmcourse.serve.batch import BatchRequest, ContinuousBatcher, QueueFull
 from llmcourse.serve.page import PAGE
 
@@ -52,8 +52,16 @@ class ServeSettings:
     # what a request that sets no sampling field gets (create_app: the model's generation_config.json, else
     # the chat command's defaults)
     sampling: dict[str, Any] = field(default_factory=dict)
+    # speculative decoding by prompt lookup for greedy requests while one sequence runs (ContinuousBatcher)
+    speculative: str = "off"
+    draft_tokens: int = SpeculativeConfig.draft_tokens
+    lookup_ngram: int = SpeculativeConfig.lookup_ngram
 
     def __post_init__(self) -> None:
+        if self.speculative not in ("off", "lookup"):
+            raise UserError(f"--speculative {self.speculative!r} is not served",
+                            "pass --speculative lookup (the server drafts by prompt lookup only) or off")
+        SpeculativeConfig(self.speculative, self.draft_tokens, self.lookup_ngram)  # checks K and n
         for name in ("max_batch", "ctx", "max_body", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1", f"pass --{name.replace('_', '-')} 1 or more")
@@ -236,6 +244,9 @@ class Metrics:
              b.stats["cached_prompt_tokens"]),
             ("completion_tokens_total", "counter", "Tokens generated.", b.stats["completion_tokens"]),
             ("decode_steps_total", "counter", "Batched decode steps.", b.stats["steps"]),
+            ("speculative_drafted_tokens_total", "counter", "Tokens drafted by prompt lookup (--speculative).",
+             b.stats["drafted"]),
+            ("speculative_accepted_tokens_total", "counter", "Drafted tokens the model accepted.", b.stats["accepted"]),
             ("queue_depth", "gauge", "Requests waiting for a slot.", b.queue_depth),
             ("batch_size", "gauge", "Sequences in the running batch.", b.batch_size),
             ("free_slots", "gauge", "Free KV cache slots.", b.free_slots),
@@ -266,7 +277,8 @@ def create_app(lm: Any, settings: ServeSettings | None = None) -> FastAPI:
     ctx_limit = getattr(lm.model.config, "max_position_embeddings", None) or s.ctx
     s.ctx = min(s.ctx, ctx_limit)
     batcher = ContinuousBatcher(lm.model, tokenizer, max_batch=s.max_batch, ctx=s.ctx, max_queue=s.max_queue,
-                                prefill_chunk=s.prefill_chunk, matvec=s.matvec)
+                                prefill_chunk=s.prefill_chunk, matvec=s.matvec,
+                                speculative=SpeculativeConfig(s.speculative, s.draft_tokens, s.lookup_ngram))
     metrics = Metrics()
     state = {"draining": False}
 

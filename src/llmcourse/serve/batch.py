@@ -39,7 +39,16 @@ import torch
 
 from llmcourse.core.runtime import CAPACITY_STEP, FastModel, runtime_for
 from llmcourse.core.runtime.compile import compile_settings, mark_dynamic
-from llmcourse.decoding import CHAINS, GenerationConfig, TextStream, apply_chain, model_eos_ids, sample
+from llmcourse.decoding import (
+    CHAINS,
+    GenerationConfig,
+    PromptLookup,
+    SpeculativeConfig,
+    TextStream,
+    apply_chain,
+    model_eos_ids,
+    sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +94,7 @@ class BatchSession:
         self.buckets = step_buckets(max_batch)
         self._warm: set[int] = set()  # buckets (rows) the compiled step has run
         self._failed: set[int] = set()  # buckets whose compilation failed (they run eagerly)
+        self._verify_ok = True  # whether the compiled multi-token step (verify) works
 
     # --- slots -----------------------------------------------------------------------------------
     def acquire(self, prompt: list[int] | None = None) -> int:
@@ -248,6 +258,53 @@ class BatchSession:
             self.pos[s] += 1
         return logits
 
+    @torch.inference_mode()
+    def verify(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Run ``ids`` (a token and the drafts after it) at ``slot``'s next positions -> every position's
+        logits (T, V) fp32: a speculative round's verification, in one pass over the weights.
+
+        Compiled, it is the runtime's multi-token step: the tokens padded to
+        :meth:`~llmcourse.core.runtime.FastModel.verify_width` (the padding's keys land past the new
+        position, hidden by the causal mask and overwritten later), the window a symbol as in :meth:`step`;
+        eagerly (or if compiling fails), the prompt's forward. Roll back by setting ``pos[slot]``."""
+        f = self.fast
+        t, p0 = len(ids), self.pos[slot]
+        n = f.verify_width(t)
+        compiled = self.compiled and self._verify_ok and p0 + n <= self.capacity
+        if p0 + t > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, asked for {p0 + t}")
+        del self.cached[slot][p0:]
+        if compiled:
+            try:
+                logits = self._verify(slot, ids + [ids[-1]] * (n - t), compiled=True)[:t]
+            except Exception as exc:  # an Inductor failure: verify eagerly from now on
+                log.warning("torch.compile failed for the multi-token step (%s); verifying eagerly",
+                            type(exc).__name__)
+                self._verify_ok = False
+                logits = self._verify(slot, ids, compiled=False)
+        else:
+            logits = self._verify(slot, ids, compiled=False)
+        self.pos[slot] = p0 + t
+        return logits
+
+    def _verify(self, slot: int, ids: list[int], compiled: bool) -> torch.Tensor:
+        f = self.fast
+        t, p0 = len(ids), self.pos[slot]
+        pos = torch.arange(p0, p0 + t)
+        width = self.window(p0 + t) if compiled else p0 + t
+        caches = [(k[slot:slot + 1, :, :width], v[slot:slot + 1, :, :width])
+                  for k, v in zip(self.k_cache, self.v_cache, strict=True)]
+        if compiled:  # one kernel for every window size
+            for kc, vc in caches:
+                mark_dynamic(kc, 2)
+                mark_dynamic(vc, 2)
+        import torch._inductor.config as inductor_config
+
+        with compile_settings(), inductor_config.patch(compile_threads=1):
+            x = f.run(f.embed_ids(torch.tensor([ids])), caches, pos, None, pos.view(1, t), width,
+                      compiled=compiled, dynamic_width=compiled)
+            return f.logits(x[0], compiled=compiled)  # (T, V)
+
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     """How many first tokens ``a`` and ``b`` share, at most ``limit``."""
@@ -306,6 +363,7 @@ class _Choice:
     tokens: int = 0
     next_token: int | None = None
     done: bool = False
+    lookup: PromptLookup | None = None  # the prompt-lookup index of its text (speculative serving)
 
 
 @dataclass
@@ -332,7 +390,8 @@ class ContinuousBatcher:
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, ctx: int = 2048, max_queue: int = 64,
-                 prefill_chunk: int = 128, matvec: str = "auto", eos_token_ids: list[int] | None = None) -> None:
+                 prefill_chunk: int = 128, matvec: str = "auto", eos_token_ids: list[int] | None = None,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.fast = model if isinstance(model, FastModel) else runtime_for(model, matvec)
         self.tokenizer = tokenizer
         self.session = BatchSession(self.fast, max_batch, ctx)
@@ -353,7 +412,10 @@ class ContinuousBatcher:
         self._warm_todo: deque[tuple[int, int]] = deque()  # (bucket, end) compilations left to do when idle
         self._warm_total = 0
         self.stats = {"steps": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
-                      "requests": 0}
+                      "requests": 0, "drafted": 0, "accepted": 0}
+        if speculative is not None and speculative.speculative not in ("off", "lookup"):
+            raise ValueError("the server drafts by prompt lookup only")
+        self.spec = speculative if speculative is not None and speculative.enabled else None
 
     # --- the public side (any thread) ------------------------------------------------------------
     @property
@@ -383,6 +445,8 @@ class ContinuousBatcher:
         2-thread regions, 29 ms when it had not (and 29 ms in the main thread)."""
         threads = threads or torch.get_num_threads()
         self._warm_todo = deque(self.session.warm_tasks()) if warmup else deque()
+        if warmup and self.spec is not None and self.session.compiled:
+            self._warm_todo.appendleft((-(self.spec.draft_tokens + 1), 0))  # the verification (see _warm_one)
         self._warm_total = len(self._warm_todo)
 
         def run() -> None:
@@ -408,7 +472,11 @@ class ContinuousBatcher:
         bucket, end = self._warm_todo.popleft()
         t0 = time.monotonic()
         try:
-            self.session.warm(bucket, end)
+            if bucket < 0:  # speculative serving's multi-token step of -bucket tokens, on the scratch slot
+                self.session.verify(self.session.max_batch, [0] * -bucket)
+                self.session.pos[self.session.max_batch] = 0
+            else:
+                self.session.warm(bucket, end)
         except Exception:  # the step compiles on demand (or runs eagerly) instead
             log.exception("compiling the step for %d rows failed", bucket)
             self._warm_todo.clear()
@@ -532,6 +600,8 @@ class ContinuousBatcher:
         if not live:
             self.running = []
             return
+        if self.spec is not None and len(live) == 1 and self._speculative_round(live[0]):
+            return
         tokens = torch.tensor([c.next_token for c in live])
         logits = self.session.step([c.slot for c in live], tokens)
         self.stats["steps"] += 1
@@ -542,6 +612,41 @@ class ContinuousBatcher:
             touched[c.request.id] = job
         for job in touched.values():
             self._after_tokens(job)
+
+    def _speculative_round(self, c: _Choice) -> bool:
+        """Prompt-lookup speculative decoding for the one running sequence (greedy): draft the tokens that
+        followed the text's last n-gram earlier, verify them and the next token in one multi-token forward,
+        and take the drafts while they are the tokens greedy decoding picks, then the model's own token —
+        the very tokens of plain steps (:mod:`llmcourse.decoding.speculative`). With several running
+        sequences the batched step already shares each pass over the weights, so they take it instead.
+        Returns False (nothing done) when the sequence samples or nothing is drafted."""
+        cfg = c.request.config
+        if cfg.strategy == "sample":
+            return False
+        s = self.session
+        base = s.pos[c.slot]  # the cache holds everything but c.next_token
+        k = min(self.spec.draft_tokens, cfg.max_new_tokens - c.tokens - 1, s.capacity - base - 1)
+        if c.lookup is None:
+            c.lookup = PromptLookup(self.spec.lookup_ngram)
+        drafted = c.lookup.propose(c.ids[0].tolist(), k) if k > 0 else []
+        if not drafted:
+            return False
+        logits = s.verify(c.slot, [c.next_token, *drafted])  # (γ + 1, V)
+        self.stats["steps"] += 1
+        job = self.jobs[c.request.id]
+        accepted = 0
+        for i in range(len(drafted) + 1):
+            s.pos[c.slot] = base + i + 1  # as after the plain step that gave logits i
+            self._accept(job, c, logits[i:i + 1])
+            if i == len(drafted) or int(c.ids[0, -1]) != drafted[i]:
+                break  # the model's own token: the round ends
+            accepted += 1
+            if c.done:
+                break
+        self.stats["drafted"] += len(drafted)
+        self.stats["accepted"] += accepted
+        self._after_tokens(job)
+        return True
 
     def _accept(self, job: _Job, c: _Choice, logits: torch.Tensor) -> None:
         """Sample choice ``c``'s next token from ``logits`` (1, V); report its text; finish it if due."""

@@ -11,6 +11,7 @@ from llmcourse.core.cli_common import (
     Result,
     add_chat_template_args,
     add_common_args,
+    add_config_args,
     add_model_args,
     model_kwargs,
     positive_int,
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 EPILOG = """examples:
   llmcourse serve                                   # the default model on http://127.0.0.1:8000
   llmcourse serve --model m.gguf --max-batch 4 --port 8080 --api-key secret
+  llmcourse serve --speculative lookup --draft-tokens 8  # greedy answers that quote the prompt, faster
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Hi"}], "stream": true}'"""
 
@@ -50,6 +52,16 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--prefill-chunk", type=positive_int, default=128,
                    help="prompt tokens prefilled between two decode steps. Default: %(default)s")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the --model value)")
+    from llmcourse.decoding import SpeculativeConfig
+
+    g = p.add_argument_group("speculative decoding (greedy requests, while one sequence runs)")
+    g.add_argument("--speculative", choices=("off", "lookup"), default="off",
+                   help="lookup: prompt-lookup speculative decoding (draft the tokens that followed the text's last "
+                   "n-gram earlier, verify them in one forward) for a greedy request (temperature 0) while it is "
+                   "the only running sequence; the tokens are those of plain greedy decoding. Sampled requests, "
+                   "and every request while several run (the batched step shares each pass over the weights "
+                   "already), decode as usual. Default: %(default)s")
+    add_config_args(g, SpeculativeConfig, exclude=("speculative", "draft_model"))
     add_chat_template_args(p)
     add_common_args(p)
     # OpenMP keeps its default wait policy (its threads spin ~3 ms at a barrier before they sleep): with all
@@ -71,7 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> Result:
     torch.set_num_threads(1)
     settings = ServeSettings(max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, api_key=args.api_key,
                              timeout=args.timeout, max_body=args.max_body, prefill_chunk=args.prefill_chunk,
-                             model_name=args.name or args.model, threads=threads)
+                             model_name=args.name or args.model, threads=threads, speculative=args.speculative,
+                             draft_tokens=args.draft_tokens, lookup_ngram=args.lookup_ngram)
     from llmcourse.core.chat_template import set_chat_template
 
     lm = load_model(args.model, **model_kwargs(args))

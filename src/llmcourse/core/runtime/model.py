@@ -16,6 +16,12 @@ Two ways to run a decode step (one new token per row), chosen by ``matvec``:
 - ``mm`` (no compiler needed): the same layer eagerly, its products through ``matvec`` (a chunked
   ``torch.bmm``: a one-row ``F.linear`` runs at half the bandwidth here, shared/MACHINE.md).
 
+A multi-token step (``forward(ids, all_logits=True)``: verifying a few drafted tokens, speculative
+decoding) runs the same compiled layer over T positions, padded to a width of :data:`VERIFY_WIDTHS`
+(one compilation per width and cache size): the products meet the T rows while each tile of a weight is
+in cache (:func:`~llmcourse.core.runtime.weights.rows_dot`), so the weights are still read once, and T
+tokens cost little more than one.
+
 Prompts (prefill) run eagerly: many rows make the products compute-bound, where ``F.linear``'s GEMM is
 the right tool. State is per call: each generation opens its own :class:`DecodeSession` (KV cache,
 position), so several generations may run on one model at once, from several threads.
@@ -50,6 +56,7 @@ log = logging.getLogger(__name__)
 MATVECS = ("auto", "compiled", "mm")
 CAPACITY_STEP = 64  # the compiled step's KV cache grows in these steps (one compilation per size)
 AUTO_MIN_BYTES = 32 * 2**20  # "auto" compiles the step for models with at least this many weight bytes
+VERIFY_WIDTHS = (4, 8, 12, 16)  # a compiled multi-token step pads its T tokens to the next of these widths
 STEP_PROMPT = 6  # prompts up to this long run as one-token compiled steps on models with packed codes
 
 
@@ -147,6 +154,7 @@ class FastModel:
         self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # RoPE (L, rd) per table, grown on demand
         self._warm: set[tuple[int, int]] = set()  # (rows, capacity) shapes the compiled step has run
         self.head_compiled = False  # whether the compiled head has run (a step of either session kind)
+        self.multi_ok = True  # whether the compiled multi-token step works (else it runs eagerly)
         self._lock = threading.Lock()  # compiling (first run of a shape) happens in one thread at a time
         self._layer_fn = compile_fn(decoder_layer) if matvec == "compiled" else None
         self._head_fn = compile_fn(head) if matvec == "compiled" else None
@@ -242,7 +250,8 @@ class FastModel:
         return x
 
     def logits(self, x: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-        """Final norm and output head for a few rows, ``x`` (B, H) -> fp32 logits (B, V): the compiled head
+        """Final norm and output head for a few rows, ``x`` (B, H) -> fp32 logits (B, V) (or a multi-token
+        step's (B, T, H) -> (B, T, V)): the compiled head
         once a compiled step has run (one pass over the head in its stored dtype), else eagerly."""
         a = self.arch
         if (compiled or self.head_compiled) and self.matvec == "compiled":
@@ -262,6 +271,9 @@ class FastModel:
         if p0 + t > state.capacity:
             raise ValueError(f"KV cache holds {state.capacity} positions, asked for {p0 + t}")
         if all_logits:
+            width = self.verify_width(t)
+            if self.matvec == "compiled" and self.multi_ok and 1 < t and p0 + width <= state.capacity:
+                return self._compiled(state, ids, width)
             return self._forward_eager(state, ids, all_logits=True)
         if self.matvec == "compiled" and (t == 1 or t <= self.step_prompt):
             logits = None
@@ -269,6 +281,12 @@ class FastModel:
                 logits = self._compiled_step(state, ids[:, j])
             return logits
         return self._forward_eager(state, ids)
+
+    @staticmethod
+    def verify_width(t: int) -> int:
+        """The compiled multi-token step's width for ``t`` tokens: ``t`` rounded up to a bucket of
+        :data:`VERIFY_WIDTHS` (one compilation per bucket and cache size), or ``t`` itself beyond them."""
+        return next((w for w in VERIFY_WIDTHS if w >= t), t)
 
     def _forward_eager(self, state: DecodeSession, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         t, p0 = ids.shape[1], state.pos
@@ -283,44 +301,69 @@ class FastModel:
         return self.logits(x[:, -1])
 
     @torch.inference_mode()
-    def warmup(self, rows: int, capacity: int) -> None:
-        """Compile the step for ``rows`` x ``capacity`` now (a no-op when done, or on the eager path)."""
-        key = (rows, self.cache_size(capacity))
-        if self.matvec != "compiled" or key in self._warm:
+    def warmup(self, rows: int, capacity: int, tokens: int = 1) -> None:
+        """Compile the step for ``rows`` x ``capacity`` now (a no-op when done, or on the eager path); with
+        ``tokens`` > 1, the multi-token step that verifies that many tokens (:meth:`verify_width`) too."""
+        cap = self.cache_size(capacity)
+        keys = [(rows, cap)] + ([(rows, cap, self.verify_width(tokens))] if tokens > 1 else [])
+        if self.matvec != "compiled" or all(k in self._warm for k in keys):
             return
         s = self.session(rows, capacity)  # a throw-away session: no generation's state is touched
         s.pos = 1
         s.forward(torch.zeros(rows, 1, dtype=torch.long))
+        if tokens > 1 and self.matvec == "compiled":
+            s.pos = 1
+            s.forward(torch.zeros(rows, tokens, dtype=torch.long), all_logits=True)
 
     def _compiled_step(self, state: DecodeSession, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row through the compiled layer and head (the first run of a shape compiles)."""
-        key = (tokens.shape[0], state.capacity)
+        return self._compiled(state, tokens.view(-1, 1), 0)
+
+    def _compiled(self, state: DecodeSession, ids: torch.Tensor, width: int) -> torch.Tensor:
+        """``ids`` (B, T) through the compiled layer and head: one token per row (``width`` 0; logits (B, V)),
+        or a multi-token step of ``width`` >= T positions (logits (B, T, V)). The first run of a shape
+        compiles, in one thread at a time; if compiling fails the model falls back to its eager path."""
+        key = (ids.shape[0], state.capacity) if not width else (ids.shape[0], state.capacity, width)
         if key in self._warm:
-            return self._run_compiled(state, tokens)
+            return self._run_compiled(state, ids, width)
         with self._lock:  # the first run of a shape compiles: one thread at a time
             if self.matvec != "compiled":  # another thread found that compiling fails
-                return self.forward(state, tokens.view(-1, 1))
+                return self.forward(state, ids, all_logits=bool(width))
             try:
-                logits = self._run_compiled(state, tokens)
+                logits = self._run_compiled(state, ids, width)
             except Exception as exc:  # no working compiler, or an Inductor failure: stay correct, run eagerly
+                if width and self._warm:  # the one-token step works: only multi-token steps run eagerly
+                    log.warning("torch.compile failed for the multi-token step (%s); it runs eagerly",
+                                type(exc).__name__)
+                    self.multi_ok = False
+                    return self._forward_eager(state, ids, all_logits=True)
                 if self._warm:  # it compiled and ran before: this is a real error
                     raise
                 log.warning("torch.compile failed (%s: %s); decoding eagerly, which is slower",
                             type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 self.matvec = "eager"  # the eager weights from now on
-                return self.forward(state, tokens.view(-1, 1))
+                return self.forward(state, ids, all_logits=bool(width))
             self._warm.add(key)
             return logits
 
-    def _run_compiled(self, state: DecodeSession, tokens: torch.Tensor) -> torch.Tensor:
+    def _run_compiled(self, state: DecodeSession, ids: torch.Tensor, width: int) -> torch.Tensor:
+        """The compiled forward of ``ids`` (B, T) at ``state.pos``. A multi-token step pads the tokens to
+        ``width`` positions (repeating the last): the padding's keys land past the new position, where the
+        causal mask hides them from every real query and the next forward overwrites them."""
+        b, t = ids.shape
         p = state.pos
-        pos = torch.tensor([p])
+        n = max(width, 1)
+        if n > t:
+            ids = torch.cat([ids, ids[:, -1:].expand(b, n - t)], dim=1)
+        pos = torch.arange(p, p + n)
         caches = list(zip(state.k_cache, state.v_cache, strict=True))
         with compile_settings():
-            x = self.run(self.embed_ids(tokens.view(-1, 1)), caches, pos, None, pos.view(1, 1), state.capacity,
-                         compiled=True)
-            logits = self.logits(x[:, 0], compiled=True)
-        state.pos = p + 1
+            x = self.run(self.embed_ids(ids), caches, pos, None, pos.view(1, n), state.capacity, compiled=True)
+            if not width:
+                logits = self.logits(x[:, 0], compiled=True)
+            else:  # every position's logits, in one compiled call of the head
+                logits = self.logits(x, compiled=True)[:, :t]
+        state.pos = p + t
         return logits
 
 
