@@ -120,7 +120,7 @@ def test_prune_command_folders_load_everywhere_and_refusals(tmp_path, capsys):
 
     src = _tiny_folder(tmp_path)
     capsys.readouterr()
-    cal = ["--samples", "4", "--seq-len", "64", "--json"]
+    cal = ["--samples", "4", "--seq-len", "64", "--json", "--threads", "1"]
     runs = {"sg": ["--method", "sparsegpt", "--nm", "2:4"], "wa": ["--method", "wanda", "--sparsity", "0.5"],
             "depth": ["--layers", "1"], "width": ["--width", "0.5"]}
     for name, flags in runs.items():
@@ -139,12 +139,13 @@ def test_prune_command_folders_load_everywhere_and_refusals(tmp_path, capsys):
             assert hf.config.intermediate_size == 64 and lm.model.model.layers[0].mlp.up_proj.weight.shape == (64, 64)
             assert data["parameters_after"] < data["parameters_before"]
     assert main(["eval", "perplexity", "--model", str(tmp_path / "sg"), "--max-tokens", "64", "--max-length", "32",
-                 "--stride", "16", "--json"]) == 0
+                 "--stride", "16", "--json", "--threads", "1"]) == 0
     capsys.readouterr()
     bad = tmp_path / "bad"
     for flags in (["--sparsity", "0"], ["--sparsity", "1"], ["--sparsity", "1.5"], ["--nm", "4:4"], ["--nm", "5:4"],
                   ["--layers", "3"], ["--width", "1.0"], ["--layers", "1", "--nm", "2:4"]):
-        assert main(["prune", "--model", str(src), "--out", str(bad), *flags, "--samples", "2", "--seq-len", "32"]) == 2
+        assert main(["prune", "--model", str(src), "--out", str(bad), *flags, "--samples", "2", "--seq-len", "32",
+                     "--threads", "1"]) == 2
         assert not bad.exists()
     err = capsys.readouterr().err
     assert err.count("llmcourse: error:") == 8 and len(err.strip().splitlines()) == 8

@@ -279,20 +279,41 @@ def _as_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: tu
     return argv
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _distill_processes(args: argparse.Namespace) -> Result:
-    """Run this command in ``--processes`` CPU processes under torchrun (gloo on 127.0.0.1): the fine-tuning
-    lab's launcher, the global batch kept (see ``llmcourse.compress.distill``)."""
+    """Run this command in ``--processes`` CPU processes that join one gloo process group on 127.0.0.1
+    (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT``, as torchrun sets them); the global batch
+    is kept (see ``llmcourse.compress.distill``). If one process fails, the others are stopped."""
     import torch
 
     argv = _as_argv(args._parser, args, skip=("processes", "func", "json"))
     if args.threads is None:  # the cores this process chose, shared out
         argv += ["--threads", str(max(1, torch.get_num_threads() // args.processes))]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
-           "-m", "llmcourse", "distill", *argv, "--json"]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE)
-    if proc.returncode:
-        raise UserError(f"the {args.processes}-process run failed (exit {proc.returncode})",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": str(args.processes)}
+    procs = [subprocess.Popen([sys.executable, "-m", "llmcourse", "distill", *argv],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL)
+             for r in range(args.processes)]
+    failed = None
+    try:
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+            time.sleep(0.2)
+        failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), failed)
+    finally:
+        for p in procs:  # a failed rank leaves the others waiting in a collective: stop them
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    if failed is not None:
+        raise UserError(f"process {failed} of the {args.processes}-process run failed (exit {procs[failed].returncode})",
                         "see its messages above")
     summary = json.loads((Path(args.out) / "summary.json").read_text())
     return Result({**summary, "processes": args.processes},
@@ -310,7 +331,14 @@ def _init_distributed() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _evals(row: dict[str, Any]) -> dict[str, float]:
+    """The held-out measurements of a metrics row (the per-window lists stay in metrics.jsonl)."""
+    return {k: v for k, v in row.items() if k.startswith("eval_") and not k.startswith("eval_window")}
+
+
 def cmd_distill(args: argparse.Namespace) -> Result:
+    import torch
+
     from llmcourse.compress.distill import (
         DistillConfig,
         check_pair,
@@ -356,6 +384,8 @@ def cmd_distill(args: argparse.Namespace) -> Result:
     n_student = n_parameters(student.model)
     res = distill_model(student.model, teacher.model, train, held, cfg, out, resume=args.resume,
                         meta={"teacher": args.teacher, **{k: v for k, v in info.items() if k != "depth"}})
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if rank > 0:  # rank 0 writes the outputs and the report
         return Result({}, "")
     with atomic_dir(out / "student") as tmp:
@@ -368,9 +398,7 @@ def cmd_distill(args: argparse.Namespace) -> Result:
                "student_parameters": n_student, "teacher_parameters": n_parameters(teacher.model),
                "steps": res.steps, "tokens": res.tokens, "train_seconds": res.seconds,
                "processes": int(os.environ.get("WORLD_SIZE", "1")),
-               "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "before": {k: v for k, v in first.items()
-                                                                              if k.startswith("eval_")},
-               "after": {k: v for k, v in last.items() if k.startswith("eval_")},
+               "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "before": _evals(first), "after": _evals(last),
                "student": str(out / "student"), "seconds": time.perf_counter() - t0}
     write_json(out / "summary.json", summary)
     b, a = summary["before"], summary["after"]
@@ -430,8 +458,8 @@ def _register_distill(sub: argparse._SubParsersAction, groups: dict) -> None:
     add_config_args(p, DistillConfig)
     p.add_argument("--dtype", default="fp32", choices=["fp32"], help="compute dtype (default: fp32)")
     p.add_argument("--processes", type=positive_int, default=1,
-                   help="CPU processes (data parallel over gloo through torchrun; the global batch is kept: each "
-                   "process takes every N-th window of a step). Default: 1")
+                   help="CPU processes (data parallel: one gloo process group on 127.0.0.1; the global batch is "
+                   "kept: each process takes every N-th window of a step). Default: 1")
     add_common_args(p)
     p.set_defaults(func=cmd_distill, trust_pickle=False, trust_remote_code=False, _parser=p)
 

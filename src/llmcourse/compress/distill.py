@@ -27,7 +27,7 @@ student) and top-1 agreement at ``τ = 1`` — the curves in ``metrics.jsonl`` a
 window's mean NLL and KL kept, so that two runs on the same windows compare by the mean and standard error
 of their per-window differences (``paired_gap``).
 
-Data parallel (``torchrun``, gloo on CPUs, ``llmcourse distill --processes N``): process ``r`` of ``W`` takes
+Data parallel (``llmcourse distill --processes N``, or torchrun; gloo on CPUs): process ``r`` of ``W`` takes
 rows ``r, r + W, ...`` of every step's batch and weights its mean loss by its share of the rows, gradients are
 summed over processes (``all_reduce``) before clipping, so the update is the single-process update with the
 same global batch; the held-out windows are split the same way and their sums reduced.
