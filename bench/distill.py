@@ -10,6 +10,15 @@ Run: ``.venv/bin/python bench/distill.py [--steps 4] [--configs forward-full,lm-
 
 ``--curves OUT1 OUT2 ...`` instead prints the held-out curves of finished ``llmcourse distill`` runs side by
 side (perplexity and KL to the teacher against training tokens) and draws them into ``--plot FILE``.
+
+``--compare`` is the acceptance experiment: the same student (``--drop-layers 8`` by ``--drop-criterion``)
+trained by each of ``--runs`` (default: distillation with forward KL vs the plain LM loss), one process after
+the other, with the same windows, token budget, optimizer and schedule; it prints each run's tokens/s and
+peak RSS, the curves, and the final per-window differences against the last run (the LM baseline) with
+their standard error (``paired_gap``: the held-out windows are the same for every run). Example::
+
+    .venv/bin/python bench/distill.py --compare --tokens 16384 --batch-size 4 --seq-len 256 --eval-windows 32 \
+        --eval-every 4 --lr 2e-4 --runs "kd:--loss forward" "lm:--loss lm" --keep out/compare --plot curves.png
 """
 
 from __future__ import annotations
@@ -47,6 +56,82 @@ def run(config: str, steps: int, batch: int, seq_len: int, threads: int) -> dict
             "peak_rss_gb": peak * 1024 / 1e9, "wall_s": wall}
 
 
+def run_compare(name: str, flags: list[str], common: list[str], out: Path, threads: int) -> dict:
+    """One ``llmcourse distill`` run of the comparison, in its own process: (tokens/s, peak RSS, wall)."""
+    cmd = [sys.executable, "-m", "llmcourse.cli", "distill", "--teacher", "default", "--student-from", "default",
+           *common, *flags, "--threads", str(threads), "--out", str(out), "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "LLMCOURSE_PROGRESS": "0"})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{name} failed: {proc.stderr.read().decode()[-800:]}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
+    return {"run": name, "tokens_per_s": statistics.median(speeds) if speeds else None,
+            "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "wall_s": wall}
+
+
+def criteria(eval_windows: int, seq_len: int, samples: int) -> None:
+    """The starting student of each layer-choice criterion (8 of 30 layers): which layers, held-out perplexity
+    and KL to the teacher before any training, on the windows ``--compare`` evaluates on."""
+    import copy
+
+    from llmcourse.compress import (
+        block_distances,
+        choose_block,
+        choose_layers,
+        drop_layers,
+        layer_similarities,
+        measure,
+        token_windows,
+    )
+    from llmcourse.core.data import calibration_windows
+    from llmcourse.core.models import load_model
+
+    lm = load_model("default")
+    cal = calibration_windows(lm.tokenizer, samples, 256, seed=0)  # what distill --samples 16 uses
+    held = token_windows(lm.tokenizer, "default", "eval", seq_len)[:eval_windows]
+    print(f"| criterion | dropped layers | perplexity | KL to teacher | top-1 | ({eval_windows} x {seq_len} tokens)")
+    print("|---|---|---:|---:|---:|")
+    t = measure(lm.model, lm.model, held)
+    print(f"| none (teacher) | | {t['eval_perplexity']:.2f} | 0 | 1 |", flush=True)
+    for name, choose in (("layer", lambda m: choose_layers(layer_similarities(m, cal), 8)),
+                         ("block", lambda m: choose_block(block_distances(m, cal, 8), 8))):
+        idx = choose(lm.model)
+        student = copy.deepcopy(lm.model)
+        drop_layers(student, idx)
+        r = measure(student, lm.model, held)
+        print(f"| {name} | {idx} | {r['eval_perplexity']:.2f} | {r['eval_kl']:.3f} | {r['eval_top1']:.3f} |",
+              flush=True)
+        del student
+
+
+def gaps(dirs: list[str]) -> None:
+    """Each run's final held-out NLL and KL minus the last run's: the mean per-window difference ± its
+    standard error (the runs score the same windows)."""
+    from llmcourse.compress import paired_gap
+
+    finals = {Path(d).name: [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()][-1]
+              for d in dirs}
+    names = list(finals)
+    base = finals[names[-1]]
+    n = len(base["eval_window_nll"])
+    print(f"\nfinal, per-window differences vs {names[-1]} ({n} windows; mean ± standard error):")
+    print("| run | perplexity | KL to teacher | Δ NLL (nats/token) | Δ NLL / se | Δ KL | Δ KL / se |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        f = finals[name]
+        if name == names[-1]:
+            print(f"| {name} | {f['eval_perplexity']:.3f} | {f['eval_kl']:.4f} | | | | |")
+            continue
+        dn, sn = paired_gap(f["eval_window_nll"], base["eval_window_nll"])
+        dk, sk = paired_gap(f["eval_window_kl"], base["eval_window_kl"])
+        print(f"| {name} | {f['eval_perplexity']:.3f} | {f['eval_kl']:.4f} | {dn:+.4f} ± {sn:.4f} | {dn / sn:+.1f} "
+              f"| {dk:+.4f} ± {sk:.4f} | {dk / sk:+.1f} |")
+
+
 def curves(dirs: list[str], plot: str | None) -> None:
     """The held-out measurements of finished runs, as one markdown table (and a PNG with ``plot``)."""
     runs = {}
@@ -77,10 +162,50 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--configs", default="forward-full,lm-full,forward-lora")
     ap.add_argument("--curves", nargs="+", default=None, help="print the curves of these distill --out folders")
-    ap.add_argument("--plot", default=None, help="with --curves: draw them into this PNG")
+    ap.add_argument("--plot", default=None, help="with --curves / --compare: draw them into this PNG")
+    ap.add_argument("--compare", action="store_true", help="train the same student with each of --runs and compare")
+    ap.add_argument("--runs", nargs="+", default=["kd:--loss forward", "lm:--loss lm"],
+                    help="NAME:FLAGS of each run (the last one is the baseline of the differences)")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--lr", default="2e-4")
+    ap.add_argument("--warmup-ratio", default="0.1")
+    ap.add_argument("--eval-every", type=int, default=4)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--drop-criterion", default="layer")
+    ap.add_argument("--criteria", action="store_true", help="the starting student of each --drop-criterion")
+    ap.add_argument("--keep", default=None, help="with --compare: keep the run folders here (else a temporary one)")
     args = ap.parse_args()
+    if args.criteria:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        criteria(args.eval_windows, args.seq_len, 16)
+        return
     if args.curves:
         curves(args.curves, args.plot)
+        gaps(args.curves)
+        return
+    if args.compare:
+        common = ["--drop-layers", "8", "--drop-criterion", args.drop_criterion, "--tokens", str(args.tokens),
+                  "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", args.lr,
+                  "--warmup-ratio", args.warmup_ratio, "--eval-every", str(args.eval_every),
+                  "--eval-windows", str(args.eval_windows)]
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.keep or tmp)
+            root.mkdir(parents=True, exist_ok=True)
+            print(f"common flags: {' '.join(common)}")
+            print("| run | flags | tokens/s (median of steps 2..) | peak RSS GB | wall s |")
+            print("|---|---|---:|---:|---:|")
+            dirs = []
+            for spec in args.runs:
+                name, _, flags = spec.partition(":")
+                r = run_compare(name, flags.split(), common, root / name, args.threads)
+                dirs.append(str(root / name))
+                print(f"| {name} | `{flags}` | {r['tokens_per_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['wall_s']:.0f} |",
+                      flush=True)
+            print()
+            curves(dirs, args.plot)
+            gaps(dirs)
         return
     print("| run | tokens/s (median of steps 2..) | peak RSS GB | wall s |")
     print("|---|---:|---:|---:|")

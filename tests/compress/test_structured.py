@@ -9,7 +9,15 @@ import shutil
 import pytest
 import torch
 
-from llmcourse.compress import drop_layers, layer_similarities, mlp_importance, parse_layers, shrink_mlp
+from llmcourse.compress import (
+    block_distances,
+    choose_block,
+    drop_layers,
+    layer_similarities,
+    mlp_importance,
+    parse_layers,
+    shrink_mlp,
+)
 from llmcourse.core.errors import UserError
 from llmcourse.core.modules import block_inputs, decoder_blocks, run_block
 from tests.conftest import tiny_model
@@ -46,6 +54,22 @@ def test_similarities_rank_a_near_identity_layer_first():
         model.model.layers[1].mlp.down_proj.weight.mul_(1e-4)
     sims = layer_similarities(model, _windows())
     assert max(range(3), key=lambda i: sims[i]) == 1 and sims[1] > 0.999
+
+
+def test_block_distances_are_gromovs_angular_distance_and_find_a_near_identity_run():
+    model = tiny_model("llama", seed=5, num_hidden_layers=4)
+    with torch.no_grad():  # layers 1 and 2 add almost nothing to the residual stream
+        for i in (1, 2):
+            model.model.layers[i].self_attn.o_proj.weight.mul_(1e-4)
+            model.model.layers[i].mlp.down_proj.weight.mul_(1e-4)
+    windows = _windows()
+    dist = block_distances(model, windows, 2)
+    assert len(dist) == 3 and choose_block(dist, 2) == [1, 2] and dist[1] < 1e-2
+    with torch.no_grad():  # hidden_states[l] is the input of layer l (the last one is after the final norm)
+        hs = [model(input_ids=w[None], output_hidden_states=True).hidden_states for w in windows]
+    for l in (0, 1):
+        cos = torch.cat([torch.nn.functional.cosine_similarity(h[l], h[l + 2], dim=-1).flatten() for h in hs])
+        assert dist[l] == pytest.approx(float(torch.arccos(cos.clamp(-1, 1)).mean() / torch.pi), abs=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -96,7 +120,7 @@ def test_prune_command_folders_load_everywhere_and_refusals(tmp_path, capsys):
 
     src = _tiny_folder(tmp_path)
     capsys.readouterr()
-    cal = ["--samples", "4", "--seq-len", "64", "--json"]
+    cal = ["--samples", "4", "--seq-len", "64", "--json", "--threads", "1"]
     runs = {"sg": ["--method", "sparsegpt", "--nm", "2:4"], "wa": ["--method", "wanda", "--sparsity", "0.5"],
             "depth": ["--layers", "1"], "width": ["--width", "0.5"]}
     for name, flags in runs.items():
@@ -115,12 +139,13 @@ def test_prune_command_folders_load_everywhere_and_refusals(tmp_path, capsys):
             assert hf.config.intermediate_size == 64 and lm.model.model.layers[0].mlp.up_proj.weight.shape == (64, 64)
             assert data["parameters_after"] < data["parameters_before"]
     assert main(["eval", "perplexity", "--model", str(tmp_path / "sg"), "--max-tokens", "64", "--max-length", "32",
-                 "--stride", "16", "--json"]) == 0
+                 "--stride", "16", "--json", "--threads", "1"]) == 0
     capsys.readouterr()
     bad = tmp_path / "bad"
     for flags in (["--sparsity", "0"], ["--sparsity", "1"], ["--sparsity", "1.5"], ["--nm", "4:4"], ["--nm", "5:4"],
                   ["--layers", "3"], ["--width", "1.0"], ["--layers", "1", "--nm", "2:4"]):
-        assert main(["prune", "--model", str(src), "--out", str(bad), *flags, "--samples", "2", "--seq-len", "32"]) == 2
+        assert main(["prune", "--model", str(src), "--out", str(bad), *flags, "--samples", "2", "--seq-len", "32",
+                     "--threads", "1"]) == 2
         assert not bad.exists()
     err = capsys.readouterr().err
     assert err.count("llmcourse: error:") == 8 and len(err.strip().splitlines()) == 8

@@ -25,8 +25,9 @@ LAB = Lab(
 _PUBLIC = {
     "prune": ("PruneConfig", "prune_model", "prune_layer", "sparsegpt", "wanda_mask", "wanda_score", "magnitude_mask",
               "row_mask", "nm_mask", "parse_nm", "FeatureNorms", "SparseLayer", "model_sparsity", "METHODS"),
-    "structured": ("layer_similarities", "drop_layers", "mlp_importance", "shrink_mlp", "parse_layers"),
-    "distill": ("DistillConfig", "distill_model", "kd_loss", "plot_curves", "measure", "token_windows"),
+    "structured": ("layer_similarities", "block_distances", "choose_block", "choose_layers", "drop_layers",
+                   "mlp_importance", "shrink_mlp", "parse_layers"),
+    "distill": ("DistillConfig", "distill_model", "kd_loss", "plot_curves", "measure", "paired_gap", "token_windows"),
 }
 __getattr__, _names = lazy_exports(__name__, _PUBLIC)
 __all__ = ["LAB", *_names]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -212,12 +215,22 @@ def _register_prune(sub: argparse._SubParsersAction, groups: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def rank_layers(model: Any, windows: Any, count: int, criterion: str) -> tuple[list[int], list[float]]:
+    """The ``count`` layers to drop and the scores they were chosen by: ``layer`` (each layer's input/output
+    cosine similarity, the highest go) or ``block`` (Gromov et al.'s angular distance of a contiguous run)."""
+    from llmcourse.compress.structured import block_distances, choose_block, choose_layers, layer_similarities
+
+    if criterion == "block":
+        dist = block_distances(model, windows, count)
+        return choose_block(dist, count), dist
+    sims = layer_similarities(model, windows)
+    return choose_layers(sims, count), sims
+
+
 def make_student(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The student: --student loaded as it is, or --student-from with --drop-layers / --width applied."""
     from llmcourse.compress.structured import (
-        choose_layers,
         drop_layers,
-        layer_similarities,
         mlp_importance,
         parse_layers,
         shrink_mlp,
@@ -242,15 +255,90 @@ def make_student(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if args.width is not None:
         info["width"] = shrink_mlp(lm.model, mlp_importance(lm.model, windows), args.width)
     if count:
-        sims = None
+        scores = None
         if idx is None:
-            sims = layer_similarities(lm.model, windows)
-            idx = choose_layers(sims, count)
-        info["depth"] = {**drop_layers(lm.model, idx), "similarities": sims}
+            idx, scores = rank_layers(lm.model, windows, count, args.drop_criterion)
+        info["depth"] = {**drop_layers(lm.model, idx), "criterion": args.drop_criterion if scores else "indices",
+                         "similarities" if args.drop_criterion == "layer" else "distances": scores}
     return lm, info
 
 
+def _as_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: tuple[str, ...]) -> list[str]:
+    """The options of ``args`` that differ from ``parser``'s defaults, as a command line for it."""
+    argv: list[str] = []
+    for a in parser._actions:
+        if not a.option_strings or a.dest in skip or a.dest == "help" or not hasattr(args, a.dest):
+            continue
+        v = getattr(args, a.dest)
+        if v == a.default:
+            continue
+        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            argv.append(a.option_strings[0])
+        else:
+            argv += [a.option_strings[0], str(v)]
+    return argv
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _distill_processes(args: argparse.Namespace) -> Result:
+    """Run this command in ``--processes`` CPU processes that join one gloo process group on 127.0.0.1
+    (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT``, as torchrun sets them); the global batch
+    is kept (see ``llmcourse.compress.distill``). If one process fails, the others are stopped."""
+    import torch
+
+    argv = _as_argv(args._parser, args, skip=("processes", "func", "json"))
+    if args.threads is None:  # the cores this process chose, shared out
+        argv += ["--threads", str(max(1, torch.get_num_threads() // args.processes))]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": str(args.processes)}
+    procs = [subprocess.Popen([sys.executable, "-m", "llmcourse", "distill", *argv],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL)
+             for r in range(args.processes)]
+    failed = None
+    try:
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+            time.sleep(0.2)
+        failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), failed)
+    finally:
+        for p in procs:  # a failed rank leaves the others waiting in a collective: stop them
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    if failed is not None:
+        raise UserError(f"process {failed} of the {args.processes}-process run failed (exit {procs[failed].returncode})",
+                        "see its messages above")
+    summary = json.loads((Path(args.out) / "summary.json").read_text())
+    return Result({**summary, "processes": args.processes},
+                  f"{args.processes}-process distillation wrote {args.out}: held-out perplexity "
+                  f"{summary['before']['eval_perplexity']:.2f} -> {summary['after']['eval_perplexity']:.2f}, "
+                  f"{summary['tokens_per_s']:.0f} tokens/s")
+
+
+def _init_distributed() -> int:
+    """Join the process group torchrun set up (gloo); this process's rank (0 without torchrun)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return int(os.environ.get("RANK", "0"))
+
+
+def _evals(row: dict[str, Any]) -> dict[str, float]:
+    """The held-out measurements of a metrics row (the per-window lists stay in metrics.jsonl)."""
+    return {k: v for k, v in row.items() if k.startswith("eval_") and not k.startswith("eval_window")}
+
+
 def cmd_distill(args: argparse.Namespace) -> Result:
+    import torch
+
     from llmcourse.compress.distill import (
         DistillConfig,
         check_pair,
@@ -269,11 +357,19 @@ def cmd_distill(args: argparse.Namespace) -> Result:
         raise UserError("--drop-layers/--width shape a student made with --student-from", "drop them, or use "
                         "--student-from")
     cfg = config_from_args(DistillConfig, args)
+    if cfg.batch_size < args.processes:
+        raise UserError(f"--batch-size {cfg.batch_size} gives some of the {args.processes} processes no window",
+                        f"use --batch-size {args.processes} or more")
     out = Path(args.out)
     inputs = [s for s in (args.teacher, args.student, args.student_from) if s and s != "default"]
     check_not_input(out, [*inputs, args.data if args.data != "default" else None])
-    if args.resume is None and out.exists() and any(out.iterdir()) and not getattr(args, "overwrite", False):
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a rank of a --processes run: the launcher checked --out
+    if not launched and args.resume is None and out.exists() and any(out.iterdir()) \
+            and not getattr(args, "overwrite", False):
         raise UserError(f"--out {out} is not empty", "pass a new folder, --overwrite, or --resume it")
+    if args.processes > 1:
+        return _distill_processes(args)
+    rank = _init_distributed()
     t0 = time.perf_counter()
     teacher = _load_plain(args.teacher, args)
     student, info = make_student(args)
@@ -283,10 +379,15 @@ def cmd_distill(args: argparse.Namespace) -> Result:
     check_pair(teacher.model, student.model, cfg)
     train = token_windows(student.tokenizer, args.data, "train", cfg.seq_len, args.field)
     held = token_windows(student.tokenizer, args.data, "eval", cfg.seq_len, args.field)[: cfg.eval_windows]
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     n_student = n_parameters(student.model)
     res = distill_model(student.model, teacher.model, train, held, cfg, out, resume=args.resume,
-                  meta={"teacher": args.teacher, **{k: v for k, v in info.items() if k != "depth"}})
+                        meta={"teacher": args.teacher, **{k: v for k, v in info.items() if k != "depth"}})
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if rank > 0:  # rank 0 writes the outputs and the report
+        return Result({}, "")
     with atomic_dir(out / "student") as tmp:
         save_hf(res.student, student.tokenizer, tmp)
     plot_curves({cfg.loss: res.metrics}, out / "curves.png",
@@ -296,9 +397,8 @@ def cmd_distill(args: argparse.Namespace) -> Result:
     summary = {"teacher": args.teacher, **info, "config": {**cfg.__dict__, "steps": cfg.steps},
                "student_parameters": n_student, "teacher_parameters": n_parameters(teacher.model),
                "steps": res.steps, "tokens": res.tokens, "train_seconds": res.seconds,
-               "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "before": {k: v for k, v in first.items()
-                                                                              if k.startswith("eval_")},
-               "after": {k: v for k, v in last.items() if k.startswith("eval_")},
+               "processes": int(os.environ.get("WORLD_SIZE", "1")),
+               "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "before": _evals(first), "after": _evals(last),
                "student": str(out / "student"), "seconds": time.perf_counter() - t0}
     write_json(out / "summary.json", summary)
     b, a = summary["before"], summary["after"]
@@ -315,6 +415,9 @@ EXAMPLES_DISTILL = """examples:
   llmcourse distill --teacher default --student-from default --drop-layers 8 --tokens 65536 --out out/distill
   llmcourse distill --teacher default --student-from default --drop-layers 8 --loss lm --out out/lm-baseline
   llmcourse distill --teacher default --student out/depth-22 --loss mix --temperature 2 --method lora --out out/d2
+  llmcourse distill --teacher default --student-from default --drop-layers 8 --loss forward --ce-weight 0.5 \\
+      --out out/kd-ce                     (Hinton's weighted average of soft and hard targets)
+  llmcourse distill --teacher default --student-from default --drop-layers 8 --processes 2 --out out/ddp
   llmcourse distill --teacher default --student-from default --drop-layers 8 --out out/distill --resume out/distill"""
 
 
@@ -336,6 +439,10 @@ def _register_distill(sub: argparse._SubParsersAction, groups: dict) -> None:
                    "--drop-layers and/or --width")
     p.add_argument("--drop-layers", default=None, help="with --student-from: a count K (the K layers whose output is "
                    "most similar to their input) or indices, e.g. 20,21,22")
+    p.add_argument("--drop-criterion", choices=["layer", "block"], default="layer",
+                   help="with a --drop-layers count: drop the layers whose output is most similar to their input "
+                   "(layer), or the contiguous run of layers with the smallest angular distance between its input "
+                   "and output (block: Gromov et al. 2024). Default: %(default)s")
     p.add_argument("--width", type=_float, default=None, help="with --student-from: keep this fraction of every "
                    "MLP's neurons")
     p.add_argument("--samples", type=positive_int, default=16, help="calibration windows for choosing layers / "
@@ -350,8 +457,11 @@ def _register_distill(sub: argparse._SubParsersAction, groups: dict) -> None:
                    "checkpoints/step-N")
     add_config_args(p, DistillConfig)
     p.add_argument("--dtype", default="fp32", choices=["fp32"], help="compute dtype (default: fp32)")
+    p.add_argument("--processes", type=positive_int, default=1,
+                   help="CPU processes (data parallel: one gloo process group on 127.0.0.1; the global batch is "
+                   "kept: each process takes every N-th window of a step). Default: 1")
     add_common_args(p)
-    p.set_defaults(func=cmd_distill, trust_pickle=False, trust_remote_code=False)
+    p.set_defaults(func=cmd_distill, trust_pickle=False, trust_remote_code=False, _parser=p)
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:

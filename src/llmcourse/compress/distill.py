@@ -10,6 +10,10 @@ gradient scale does not shrink with ``τ``, as Hinton et al.):
     mix          β KL(p || q) + (1 - β) KL(q || p)
     lm           -log q_{x_{t+1}} at τ = 1                      no teacher: the plain language-modelling loss
 
+and, with ``ce_weight`` ``a > 0``, Hinton et al.'s weighted average of the soft and the hard targets,
+``(1 - a) · τ² · KD + a · CE`` (CE: the ``lm`` loss on the same tokens; DistilBERT and MiniLLM's baselines
+mix them the same way),
+
 plus, optionally, ``w_h · ||h_S - h_T||² / H`` on the last hidden states (Minitron's intermediate-state loss,
 here on the final one, which a depth- or width-pruned student shares with its teacher in size).
 
@@ -19,7 +23,14 @@ The *token budget* fixes the number of optimizer steps: ``ceil(tokens / (batch �
 fine-tuning lab's cosine schedule and checkpoints (``checkpoints/step-N``: trainable weights, AdamW moments,
 RNG; ``--resume`` continues the same run: the window order depends only on the seed and the step).
 Every ``eval_every`` steps the student is measured on held-out windows: perplexity, and KL(teacher ||
-student) and top-1 agreement at ``τ = 1`` — the curves in ``metrics.jsonl`` and ``curves.png``.
+student) and top-1 agreement at ``τ = 1`` — the curves in ``metrics.jsonl`` and ``curves.png`` — with each
+window's mean NLL and KL kept, so that two runs on the same windows compare by the mean and standard error
+of their per-window differences (``paired_gap``).
+
+Data parallel (``llmcourse distill --processes N``, or torchrun; gloo on CPUs): process ``r`` of ``W`` takes
+rows ``r, r + W, ...`` of every step's batch and weights its mean loss by its share of the rows, gradients are
+summed over processes (``all_reduce``) before clipping, so the update is the single-process update with the
+same global batch; the held-out windows are split the same way and their sums reduced.
 """
 
 from __future__ import annotations
@@ -52,6 +63,8 @@ class DistillConfig:
                        "lm (no teacher: the plain language-modelling loss, the baseline)", choices=list(LOSSES))
     mix: float = option(0.5, "mix: weight of the forward KL (the reverse KL gets 1 - it)")
     temperature: float = option(1.0, "softmax temperature of both distributions (the loss is scaled by T²)")
+    ce_weight: float = option(0.0, "weight a of the hard-label cross-entropy: (1 - a) KD + a CE (Hinton et al.'s "
+                              "weighted average; 0: the teacher's distributions only)")
     hidden_weight: float = option(0.0, "weight of the MSE between the last hidden states (0: logits only)")
     method: str = option("full", "train every weight (full) or LoRA adapters, merged at the end",
                          choices=["full", "lora"])
@@ -70,6 +83,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise UserError(f"unknown --loss {self.loss!r}", f"use one of {', '.join(LOSSES)}")
+        if not 0 <= self.ce_weight <= 1:
+            raise UserError(f"--ce-weight must be in [0, 1] (got {self.ce_weight})", "pass e.g. --ce-weight 0.5")
         if not 0 <= self.mix <= 1:
             raise UserError(f"--mix must be in [0, 1] (got {self.mix})", "pass e.g. --mix 0.5")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -157,31 +172,67 @@ def batch_at(windows: torch.Tensor, cfg: DistillConfig, step: int) -> torch.Tens
 
 
 # --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless ``torch.distributed`` is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over the processes (in place), a no-op in one process."""
+    if world()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+# --------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def measure(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor) -> dict[str, float]:
-    """Held-out perplexity of the student, and KL(teacher || student) and top-1 agreement at τ = 1."""
+def measure(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor) -> dict[str, Any]:
+    """Held-out perplexity of the student, and KL(teacher || student) and top-1 agreement at τ = 1, with each
+    window's mean NLL (and KL): ``eval_window_nll`` / ``eval_window_kl`` (for ``paired_gap``). Under
+    ``torch.distributed`` each process scores every ``world``-th window and the sums are reduced."""
+    rank, size = world()
     was = student.training
     student.eval()
-    nll, kl, agree, n = 0.0, 0.0, 0, 0
-    for w in windows:
-        ids = w.reshape(1, -1)
+    n_w, T = windows.shape
+    w_nll = torch.zeros(n_w, dtype=torch.float64)  # per window: summed NLL over its T - 1 targets
+    w_kl = torch.zeros(n_w, dtype=torch.float64)  # summed KL over its T positions
+    w_agree = torch.zeros(n_w, dtype=torch.float64)
+    for i in range(rank, n_w, size):
+        ids = windows[i].reshape(1, -1)
         ls = F.log_softmax(student(input_ids=ids, use_cache=False).logits[0].float(), -1)  # (T, V)
-        nll += float(F.nll_loss(ls[:-1], ids[0, 1:], reduction="sum"))
+        w_nll[i] = float(F.nll_loss(ls[:-1], ids[0, 1:], reduction="sum"))
         if teacher is not None:
             lt = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits[0].float(), -1)
-            kl += float((lt.exp() * (lt - ls)).sum())
-            agree += int((lt.argmax(-1) == ls.argmax(-1)).sum())
-        n += ids.shape[1]
+            w_kl[i] = float((lt.exp() * (lt - ls)).sum())
+            w_agree[i] = float((lt.argmax(-1) == ls.argmax(-1)).sum())
+    for t in (w_nll, w_kl, w_agree):
+        _all_reduce(t)
     student.train(was)
-    scored = n - windows.shape[0]
-    out = {"eval_nll": nll / scored, "eval_perplexity": math.exp(nll / scored)}
+    nll = float(w_nll.sum()) / (n_w * (T - 1))
+    out: dict[str, Any] = {"eval_nll": nll, "eval_perplexity": math.exp(nll),
+                           "eval_window_nll": (w_nll / (T - 1)).tolist()}
     if teacher is not None:
-        out.update(eval_kl=kl / n, eval_top1=agree / n)
+        out.update(eval_kl=float(w_kl.sum()) / (n_w * T), eval_top1=float(w_agree.sum()) / (n_w * T),
+                   eval_window_kl=(w_kl / T).tolist())
     return out
+
+
+def paired_gap(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of the per-window differences ``a - b`` of two runs on the same windows, and its standard error
+    (the windows are the unit of sampling: tokens within a window are correlated)."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    se = float(d.std(unbiased=True)) / math.sqrt(len(d)) if len(d) > 1 else float("inf")
+    return float(d.mean()), se
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,33 +250,39 @@ class DistillResult:
 
 
 def _step_loss(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor,
-               cfg: DistillConfig) -> tuple[torch.Tensor, dict[str, float]]:
+               cfg: DistillConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean loss over the rows ``ids`` (n, seq_len) and its parts (detached)."""
     hidden = cfg.hidden_weight > 0
     out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
     V = out.logits.shape[-1]
-    parts: dict[str, float] = {}
+    parts: dict[str, torch.Tensor] = {}
+    ce = None
+    if cfg.loss == "lm" or cfg.ce_weight > 0:
+        ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1))
+        parts["lm"] = ce.detach()
     if cfg.loss == "lm":
-        loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1))
-        parts["lm"] = float(loss.detach())
-        return loss, parts
+        assert ce is not None
+        return ce, parts
     assert teacher is not None
     with torch.no_grad():
         tout = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-    loss = kd_loss(out.logits.reshape(-1, V), tout.logits.reshape(-1, V), cfg.loss, cfg.temperature, cfg.mix)
-    parts["kd"] = float(loss.detach())
+    kd = kd_loss(out.logits.reshape(-1, V), tout.logits.reshape(-1, V), cfg.loss, cfg.temperature, cfg.mix)
+    parts["kd"] = kd.detach()
+    loss = kd if ce is None else (1 - cfg.ce_weight) * kd + cfg.ce_weight * ce
     if hidden:
         hs, ht = out.hidden_states[-1], tout.hidden_states[-1]
         h_loss = F.mse_loss(hs.float(), ht.float())
-        parts["hidden"] = float(h_loss.detach())
+        parts["hidden"] = h_loss.detach()
         loss = loss + cfg.hidden_weight * h_loss
     return loss, parts
 
 
 def distill_model(student: nn.Module, teacher: nn.Module | None, train_windows: torch.Tensor, eval_windows: torch.Tensor,
-            cfg: DistillConfig, out_dir: str | Path | None = None, resume: str | Path | None = None,
-            meta: dict[str, Any] | None = None, show_progress: bool = True) -> DistillResult:
+                  cfg: DistillConfig, out_dir: str | Path | None = None, resume: str | Path | None = None,
+                  meta: dict[str, Any] | None = None, show_progress: bool = True) -> DistillResult:
     """Train ``student`` on ``train_windows`` (n, seq_len) with ``cfg.loss`` against ``teacher`` (None for
-    ``lm``); checkpoints and metrics go to ``out_dir``. The student returned has any LoRA merged."""
+    ``lm``); checkpoints and metrics go to ``out_dir`` (written by rank 0 only under ``torch.distributed``).
+    The student returned has any LoRA merged."""
     from llmcourse.finetune import (
         LoraSettings,
         TrainState,
@@ -238,8 +295,12 @@ def distill_model(student: nn.Module, teacher: nn.Module | None, train_windows: 
         write_metrics,
     )
 
+    rank, size = world()
     if cfg.loss != "lm" and teacher is None:
         raise UserError(f"--loss {cfg.loss} needs a teacher", "pass --teacher, or --loss lm")
+    if cfg.batch_size < size:
+        raise UserError(f"--batch-size {cfg.batch_size} gives a process no window ({size} processes)",
+                        f"use --batch-size {size} or more, or fewer --processes")
     if teacher is not None:
         check_pair(teacher, student, cfg)
         teacher.eval()
@@ -262,29 +323,39 @@ def distill_model(student: nn.Module, teacher: nn.Module | None, train_windows: 
     if resume is not None:
         state = load_checkpoint(latest_checkpoint(resume), student, opt)
         state.total_steps = total
-    out = Path(out_dir) if out_dir is not None else None
+    out = Path(out_dir) if out_dir is not None and rank == 0 else None
     if state.step == 0:
         state.metrics.append({"step": 0, "tokens": 0, **measure(student, teacher, eval_windows)})
     student.train()
-    bar = progress(total=total, initial=state.step, desc=f"distill ({cfg.loss})", unit="step") if show_progress \
-        else None
+    bar = progress(total=total, initial=state.step, desc=f"distill ({cfg.loss})", unit="step") \
+        if show_progress and rank == 0 else None
     while state.step < total:
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * cosine_lr(state.step, total, warmup)
-        ids = batch_at(train_windows, cfg, state.step)
+        batch = batch_at(train_windows, cfg, state.step)
+        ids = batch[rank::size]  # this process's rows of the global batch
+        share = ids.shape[0] / batch.shape[0]  # every row is seq_len tokens: row shares are token shares
         loss, parts = _step_loss(student, teacher, ids, cfg)
-        loss.backward()
+        (loss * share).backward()
+        logged = torch.stack([loss.detach(), *parts.values()]).double() * share
+        if size > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+            torch.distributed.all_reduce(logged)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         state.step += 1
         state.seconds += dt
-        state.tokens += ids.numel()
-        row: dict[str, Any] = {"step": state.step, "tokens": state.tokens, "loss": float(loss.detach()), **parts,
+        state.tokens += batch.numel()
+        row: dict[str, Any] = {"step": state.step, "tokens": state.tokens, "loss": float(logged[0]),
+                               **{k: float(v) for k, v in zip(parts, logged[1:], strict=True)},
                                "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm),
-                               "tokens_per_s": ids.numel() / dt}
+                               "tokens_per_s": batch.numel() / dt}
         last = state.step == total
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
             row.update(measure(student, teacher, eval_windows))

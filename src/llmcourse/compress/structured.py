@@ -8,7 +8,13 @@ redundancy is the mean cosine similarity over calibration tokens,
     s_l = mean_t  <h_in,t , h_out,t> / (||h_in,t|| ||h_out,t||)
 
 and the ``K`` layers with the highest ``s_l`` are removed (one shot, from the unpruned model's
-activations, which run block by block: one block's activations at a time).
+activations, which run block by block: one block's activations at a time). Gromov et al.'s criterion
+instead removes one contiguous run of ``n`` layers, the one whose input and output are closest by the
+angular distance
+
+    d(l, n) = mean_t  arccos(cos(h_l,t , h_{l+n},t)) / π          (h_l: the input of layer l)
+
+and ``l* = argmin_l d(l, n)`` (they score the last token of each window; we average over every token).
 
 *Width* (Minitron, Muralidharan et al. 2024 / Sreenivas et al. 2024, "activation-based importance"): the
 importance of MLP neuron ``j`` (a row of ``gate_proj``/``up_proj``, a column of ``down_proj``) is the
@@ -25,6 +31,7 @@ key/value group).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -79,6 +86,39 @@ def layer_similarities(model: nn.Module, windows: torch.Tensor) -> list[float]:
         bar.update(1)
     bar.close()
     return sims
+
+
+@torch.no_grad()
+def block_distances(model: nn.Module, windows: torch.Tensor, n: int) -> list[float]:
+    """Gromov et al.'s angular distance ``d(l, n)`` between the input of layer ``l`` and the output of layer
+    ``l + n - 1``, for every ``l`` in ``0 .. L - n`` (keeps ``n + 1`` layers' hidden states at a time)."""
+    _, blocks = decoder_blocks(model)
+    if not 1 <= n < len(blocks):
+        raise UserError(f"a run of {n} of the model's {len(blocks)} layers", f"drop 1 to {len(blocks) - 1} layers")
+    inputs = block_inputs(model, windows)
+    states = [[inp.hidden for inp in inputs]]  # states[j]: the input of layer j (the last n + 1 kept)
+    dist: list[float] = []
+    bar = progress(total=len(blocks), desc="block distance", unit="block")
+    for block in blocks:
+        for inp in inputs:
+            inp.hidden = run_block(block, inp)
+        states.append([inp.hidden for inp in inputs])
+        if len(states) == n + 1:
+            total, count = 0.0, 0
+            for a, b in zip(states[0], states[-1], strict=True):
+                cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1, 1)  # (1, T)
+                total, count = total + float(torch.arccos(cos).sum() / math.pi), count + cos.numel()
+            dist.append(total / max(1, count))
+            states.pop(0)
+        bar.update(1)
+    bar.close()
+    return dist
+
+
+def choose_block(dist: list[float], n: int) -> list[int]:
+    """The ``n`` contiguous layers ``l*, ..., l* + n - 1`` with the smallest angular distance ``d(l*, n)``."""
+    start = min(range(len(dist)), key=lambda i: dist[i])
+    return list(range(start, start + n))
 
 
 def choose_layers(sims: list[float], k: int) -> list[int]:

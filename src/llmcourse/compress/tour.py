@@ -47,7 +47,11 @@ def section(ctx: Any) -> TourSection:
     if ctx.quick:
         from llmcourse.core.modules import decoder_blocks
 
-        model = copy.deepcopy(lm.model)
+        # a copy that owns block 0 and shares every other tensor with the tour's model (pruning touches only
+        # block 0): not a 0.5 GB copy of the whole model
+        first = {id(t) for t in decoder_blocks(lm.model)[1][0].state_dict(keep_vars=True).values()}
+        shared = {id(t): t for t in lm.model.state_dict(keep_vars=True).values() if id(t) not in first}
+        model = copy.deepcopy(lm.model, shared)
         _, blocks = decoder_blocks(model)
         del blocks[1:]
         rep = prune_model(model, windows, PruneConfig("wanda", nm=(2, 4)))
