@@ -114,7 +114,15 @@ def write_local_tasks(datas: list[Any], where: Path, tasks_dir: Path, limit_mmlu
     return names
 
 
-def run_ours(datas: list[Any], threads: int) -> dict[str, Any]:
+OURS = {  # label -> Scorer options
+    "packed": {"packed": True},  # the default: questions as trees, many per forward, the head on read rows only
+    "cached": {"packed": False},  # one question per forward: prefix K/V cache, then its choices as one batch
+}
+
+
+def run_ours(datas: list[Any], threads: int, modes: list[str], max_tokens: int) -> dict[str, dict[str, Any]]:
+    """Each of our scorers (``OURS``) on every task: records, results, wall and CPU seconds (the model is
+    loaded once)."""
     import torch
 
     from llmcourse.core.models import load_model
@@ -122,19 +130,62 @@ def run_ours(datas: list[Any], threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     lm = load_model("default")
-    scorer = Scorer(lm.model, lm.tokenizer)
-    out: dict[str, Any] = {"tasks": {}, "seconds": 0.0, "cpu_seconds": 0.0}
+    outs = {}
+    for mode in modes:
+        scorer = Scorer(lm.model, lm.tokenizer, max_tokens=max_tokens, **OURS[mode])
+        out: dict[str, Any] = {"tasks": {}, "seconds": 0.0, "cpu_seconds": 0.0, "task_cpu": {}}
+        for d in datas:
+            c0 = time.process_time()
+            recs, res = score_task(scorer, d)
+            out["tasks"][d.task.name] = {"records": recs, "result": res}
+            out["seconds"] += res.seconds
+            out["task_cpu"][d.task.name] = time.process_time() - c0
+            out["cpu_seconds"] += out["task_cpu"][d.task.name]
+        if mode == "packed":
+            out["work"] = token_counts(scorer, datas, max_tokens)
+        print(f"  ours ({mode}): {out['seconds']:.1f} s, {out['cpu_seconds']:.1f} CPU s", flush=True)
+        outs[mode] = out
+    return outs
+
+
+def token_counts(scorer: Any, datas: list[Any], max_tokens: int) -> list[dict[str, Any]]:
+    """Per task, the work each side does: tokens through the model body and rows through the LM head. lm-eval:
+    every request's input ``(ctx + cont)[-(L+1):][:-1]`` at every position (requests of one context and a
+    one-token continuation counted once, as its cache does; its batch padding not counted); ours: the packed
+    batches, padding included, and the head on the read rows only."""
+    from llmcourse.evaluation.packing import batches, build_tree
+
+    out = []
     for d in datas:
-        c0 = time.process_time()
-        recs, res = score_task(scorer, d)
-        out["tasks"][d.task.name] = {"records": recs, "result": res}
-        out["seconds"] += res.seconds
-        out["cpu_seconds"] += time.process_time() - c0
+        body = head = 0
+        seen: set[tuple[int, ...]] = set()
+        trees = []
+        for ex in d.examples:
+            enc = scorer.encode(ex.requests)
+            for c, t in enc:
+                inp = tuple((c + t)[-(scorer.max_length + 1):][:-1])
+                if len(t) == 1 and inp in seen:
+                    continue
+                seen.add(inp)
+                body += len(inp)
+            trees.append(build_tree(enc, scorer.max_length))
+        lengths = [len(t.tokens) for t in trees]
+        ours_body = sum(len(b) * lengths[b[0]] for b in batches(lengths, max_tokens))
+        ours_head = sum(len(r) for t in trees for r in t.reads)
+        head = body
+        out.append({"task": d.task.name, "lm-eval body tokens": body, "ours body tokens (padded)": ours_body,
+                    "lm-eval head rows": head, "ours head rows": ours_head, "body ratio": body / ours_body})
     return out
 
 
-def run_lm_eval(names: list[str], include: Path, batch_size: int, threads: int, model: str = "hf") -> dict[str, Any]:
+def run_lm_eval(names: list[str], include: Path, batch_size: int, threads: int, model: str = "hf",
+                cache: Path | None = None) -> dict[str, Any]:
+    """lm-eval's run at one batch size; with ``cache`` (a JSON file) a finished run is read back instead of
+    repeated (the same documents: the file name carries the sample's key), and a new one is saved there."""
     from llmcourse.core.models import default_model_dir
+
+    if cache is not None and cache.exists():
+        return json.loads(cache.read_text())
 
     cfg = {"model_dir": str(default_model_dir()), "include": str(include), "tasks": names,
            "batch_size": batch_size, "threads": threads, "model": model}
@@ -151,6 +202,11 @@ def run_lm_eval(names: list[str], include: Path, batch_size: int, threads: int, 
             raise RuntimeError(f"lm-eval failed ({p.returncode}):\n{p.stderr[-4000:]}")
         res = json.loads((Path(tmp) / "out.json").read_text())
         res["process_seconds"] = time.perf_counter() - t0
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = cache.with_suffix(".tmp")
+        tmp_file.write_text(json.dumps(res))
+        tmp_file.replace(cache)
     return res
 
 
@@ -183,7 +239,14 @@ def main() -> int:
     ap.add_argument("--mmlu-limit", type=int, default=40, help="documents per MMLU subject")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1: robust on a shared machine)")
-    ap.add_argument("--lm-eval-batch-sizes", default="1,16")
+    ap.add_argument("--lm-eval-batch-sizes", default="1,8")
+    ap.add_argument("--lm-eval-cache", default=str(HERE / "results" / "lmeval_cache"),
+                    help="folder of finished lm-eval runs (per batch size and sample), read back instead of rerun; "
+                         "'' to always rerun")
+    ap.add_argument("--only-lm-eval", action="store_true", help="run (and cache) lm-eval's side only, then exit")
+    ap.add_argument("--ours", default="packed,cached", help=f"our scorers to time, the first one compared in "
+                    f"full: {', '.join(OURS)}")
+    ap.add_argument("--batch-size", type=int, default=1024, help="our packed forward's size in tokens")
     ap.add_argument("--backend", action="store_true", help="also run our lm-eval backend under lm-eval")
     ap.add_argument("--save", default=str(HERE / "results" / "evaluate.json"), help="raw figures (JSON)")
     ap.add_argument("--name", default="evaluate", help="result section: bench/results/NAME.md")
@@ -203,55 +266,90 @@ def main() -> int:
     tasks, _ = resolve(args.tasks)
     datas = [build(t, args.mmlu_limit if t.group else args.limit, args.seed) for t in tasks]
     n = sum(len(d.examples) for d in datas)
+    key = f"{'-'.join(t.name for t in tasks)}_l{args.limit}_m{args.mmlu_limit}_s{args.seed}_t{args.threads}"
+    cache_dir = Path(args.lm_eval_cache) if args.lm_eval_cache else None
     with tempfile.TemporaryDirectory() as tmp:
         names = write_local_tasks(datas, Path(tmp), lm_eval_tasks_dir())
-        print(f"{n} examples in {len(datas)} tasks; ours...", flush=True)
-        ours = run_ours(datas, args.threads)
-        print(f"  ours {ours['seconds']:.1f} s ({n / ours['seconds']:.2f} ex/s)", flush=True)
         runs = {}
         for bs in [int(b) for b in args.lm_eval_batch_sizes.split(",")]:
             print(f"lm-eval hf, batch {bs}...", flush=True)
-            runs[bs] = run_lm_eval(names, Path(tmp), bs, args.threads)
-            print(f"  lm-eval batch {bs}: {runs[bs]['loglikelihood_seconds']:.1f} s in loglikelihood", flush=True)
+            cache = cache_dir / f"hf_b{bs}_{key}.json" if cache_dir is not None else None
+            runs[bs] = run_lm_eval(names, Path(tmp), bs, args.threads, cache=cache)
+            print(f"  lm-eval batch {bs}: {runs[bs]['loglikelihood_seconds']:.1f} s in loglikelihood "
+                  f"({runs[bs]['loglikelihood_cpu_seconds']:.1f} CPU s)", flush=True)
+        if args.only_lm_eval:
+            return 0
+        print(f"{n} examples in {len(datas)} tasks; ours...", flush=True)
+        modes = args.ours.split(",")
+        outs = run_ours(datas, args.threads, modes, args.batch_size)
+        ours = outs[modes[0]]
         backend = None
         if args.backend:
             print("our backend under lm-eval...", flush=True)
             backend = run_lm_eval(names, Path(tmp), 64, args.threads, model="llmcourse")
-    rows = compare(ours, runs[min(runs)])
-    base_cpu = runs[min(runs)]["loglikelihood_cpu_seconds"]
-    speed = [{"scorer": "llmcourse eval bench (prefix sharing)", "wall s": ours["seconds"],
-              "examples/s (wall)": n / ours["seconds"], "CPU s": ours["cpu_seconds"],
-              "examples per CPU-s": n / ours["cpu_seconds"], "speed-up (CPU) vs lm-eval batch 1":
-              base_cpu / ours["cpu_seconds"]}]
+    b1 = min(runs)
+    rows = compare(ours, runs[b1])
+    agree = []  # every scorer of ours against every lm-eval run: the largest difference and acc agreement
+    for mode, o in outs.items():
+        for bs, r in runs.items():
+            c = compare(o, r)
+            agree.append({"ours": mode, "lm-eval batch": bs, "examples": sum(x["n"] for x in c),
+                          "max |Δll|": max(x["max |Δll|"] for x in c),
+                          "same acc": sum(int(x["same acc"].split("/")[0]) for x in c),
+                          "same acc_norm": sum(int(x["same acc_norm"].split("/")[0]) for x in c
+                                               if x["same acc_norm"] != "-")})
+    for bs, r in runs.items():  # lm-eval against itself: the floating-point noise floor of batching
+        if bs != b1:
+            d = max(abs(a - b) for t in r["samples"] for x, y in zip(r["samples"][t], runs[b1]["samples"][t], strict=True)
+                    for a, b in zip(x["lls"], y["lls"], strict=True))
+            agree.append({"ours": f"(lm-eval batch {bs})", "lm-eval batch": b1, "examples": n, "max |Δll|": d,
+                          "same acc": sum(x["acc"] == y["acc"] for t in r["samples"] for x, y in
+                                          zip(r["samples"][t], runs[b1]["samples"][t], strict=True)),
+                          "same acc_norm": "-"})
+    base_cpu = runs[b1]["loglikelihood_cpu_seconds"]
+    best = min(runs, key=lambda b: runs[b]["loglikelihood_cpu_seconds"])
+    best_cpu = runs[best]["loglikelihood_cpu_seconds"]
+    speed = []
+    for mode, o in outs.items():
+        speed.append({"scorer": f"ours, {mode}" + (f" (--batch-size {args.batch_size} tokens)" if mode == "packed"
+                                                   else ""),
+                      "wall s": o["seconds"], "examples/s (wall)": n / o["seconds"], "CPU s": o["cpu_seconds"],
+                      "examples per CPU-s": n / o["cpu_seconds"],
+                      f"speed-up (CPU) vs lm-eval batch {b1}": base_cpu / o["cpu_seconds"],
+                      f"vs lm-eval batch {best}": best_cpu / o["cpu_seconds"]})
     for bs, r in runs.items():
         speed.append({"scorer": f"lm-eval 0.4.13 hf, batch {bs}", "wall s": r["loglikelihood_seconds"],
                       "examples/s (wall)": n / r["loglikelihood_seconds"], "CPU s": r["loglikelihood_cpu_seconds"],
                       "examples per CPU-s": n / r["loglikelihood_cpu_seconds"],
-                      "speed-up (CPU) vs lm-eval batch 1": base_cpu / r["loglikelihood_cpu_seconds"]})
-    best = min(runs, key=lambda b: runs[b]["loglikelihood_cpu_seconds"])
+                      f"speed-up (CPU) vs lm-eval batch {b1}": base_cpu / r["loglikelihood_cpu_seconds"],
+                      f"vs lm-eval batch {best}": best_cpu / r["loglikelihood_cpu_seconds"]})
+    work = {w["task"]: w for w in outs.get("packed", {}).get("work", [])}
+    per_task = [{"task": name, **{f"{mode} CPU s": o["task_cpu"][name] for mode, o in outs.items()},
+                 **{k: v for k, v in work.get(name, {}).items() if k != "task"}} for name in ours["task_cpu"]]
     notes = [f"Seeded samples (seed {args.seed}): {args.limit} documents per task, {args.mmlu_limit} per MMLU "
              f"subject; the same documents, written as JSONL, are read by lm-eval through YAMLs that include its "
              f"own task files. {args.threads} torch thread(s) for both. Times are the scoring only (tokenisation "
              f"and forwards: lm-eval's `loglikelihood`), not model loading; on this shared 2-core machine the wall "
-             f"time depends on the other processes, so the ratio is taken on CPU time (one thread each). Ours is "
-             f"{runs[best]['loglikelihood_cpu_seconds'] / ours['cpu_seconds']:.2f}x lm-eval at its best batch size "
-             f"({best}) and {base_cpu / ours['cpu_seconds']:.2f}x at batch {min(runs)} (CPU time; wall: "
-             f"{runs[min(runs)]['loglikelihood_seconds'] / ours['seconds']:.2f}x at batch {min(runs)})."]
+             f"time depends on the other processes, so the ratio is taken on CPU time (one thread each). Ours "
+             f"({modes[0]}) is {best_cpu / ours['cpu_seconds']:.2f}x lm-eval at its best batch size ({best}) and "
+             f"{base_cpu / ours['cpu_seconds']:.2f}x at batch {b1} (CPU time; wall: "
+             f"{runs[b1]['loglikelihood_seconds'] / ours['seconds']:.2f}x at batch {b1})."]
     if backend is not None:
         brow = compare(ours, backend)
         notes.append("Our backend under lm-eval's evaluator (`--model llmcourse`): max |Δll| vs ours "
                      f"{max(r['max |Δll|'] for r in brow):.2e}, acc identical on "
                      f"{sum(int(r['same acc'].split('/')[0]) for r in brow)}/{n} examples, "
                      f"{n / backend['loglikelihood_seconds']:.2f} examples/s.")
-    table = md_table(rows) + "\n\n" + md_table(speed)
+    table = "\n\n".join(md_table(t) for t in (rows, agree, speed, per_task))
     write_result(args.name, "Evaluation: ours vs lm-evaluation-harness 0.4.13 hf (bench/evaluate.py)", table,
                  "\n\n".join(notes))
     save = Path(args.save)
     save.parent.mkdir(parents=True, exist_ok=True)
-    save.write_text(json.dumps({"compare": rows, "speed": speed, "notes": notes,
+    save.write_text(json.dumps({"compare": rows, "agree": agree, "speed": speed, "per_task": per_task, "notes": notes,
                                 "backend": None if backend is None else compare(ours, backend)}, indent=2,
                                default=str))
-    bad = [r["task"] for r in rows if r["max |Δll|"] > TOL or r["same acc"].split("/")[0] != str(r["n"])]
+    bad = [f"{r['ours']} vs batch {r['lm-eval batch']}" for r in agree
+           if r["ours"] in OURS and (r["max |Δll|"] > TOL or r["same acc"] != r["examples"])]
     if bad:
         print(f"MISMATCH beyond {TOL} or in acc: {bad}", file=sys.stderr)
         return 1

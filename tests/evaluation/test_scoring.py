@@ -14,6 +14,7 @@ from conftest import tiny_model
 
 from llmcourse.core.errors import UserError
 from llmcourse.core.models import default_model_dir
+from llmcourse.evaluation.packing import batches, build_tree, packable, tree_mask
 from llmcourse.evaluation.scoring import (
     Scorer,
     choice_metrics,
@@ -85,7 +86,8 @@ def test_empty_context_uses_prefix_token(tokenizer):
 @pytest.mark.parametrize("max_rows", [64, 1])
 def test_prefix_shared_scores_equal_full_forwards(tokenizer, arch, max_rows):
     model = tiny_model(arch, vocab_size=49152)
-    scorer = Scorer(model, tokenizer, max_rows=max_rows)
+    scorer = Scorer(model, tokenizer, max_rows=max_rows, packed=False)
+    assert not scorer.packed
     for name, reqs in REQUESTS.items():
         enc = scorer.encode(reqs)
         got = scorer.score(enc)
@@ -95,10 +97,60 @@ def test_prefix_shared_scores_equal_full_forwards(tokenizer, arch, max_rows):
             assert s.is_greedy == greedy and s.n_tokens == len(t)
 
 
-def test_left_truncation_as_lm_eval(tokenizer):
-    model = tiny_model("llama", vocab_size=49152, max_position_embeddings=16)
+@pytest.mark.parametrize(("arch", "max_tokens"), [("llama", 4096), ("llama", 1), ("qwen2", 40), ("gpt2", 40)])
+def test_packed_trees_equal_full_forwards(tokenizer, arch, max_tokens):
+    """Every question at once (max_tokens 4096: one forward; 40: a few, short trees sharing rows; 1: one tree
+    per forward)."""
+    model = tiny_model(arch, vocab_size=49152)
+    scorer = Scorer(model, tokenizer, max_tokens=max_tokens)
+    assert scorer.packed
+    questions = [scorer.encode(reqs) for reqs in REQUESTS.values()]
+    done = []
+    got = scorer.score_many(questions, on_done=done.append)
+    assert sum(done) == len(questions)
+    for name, enc, scored in zip(REQUESTS, questions, got, strict=True):
+        for (c, t), s in zip(enc, scored, strict=True):
+            ll, greedy = full_forward_ll(model, c, t, scorer.max_length)
+            assert s.ll == pytest.approx(ll, abs=1e-4), (arch, name)
+            assert s.is_greedy == greedy and s.n_tokens == len(t)
+
+
+def test_tree_layout():
+    """Shared prefix once, each branch continuing its positions, reads inside the prefix where a continuation
+    starts there, and a mask where branches never see each other."""
+    enc = [([5, 6, 7], [8, 9]), ([5, 6, 7], [8, 4, 2]), ([5, 6, 7], [3])]
+    t = build_tree(enc, max_length=100)
+    # inputs: 5 6 7 8 | 5 6 7 8 4 | 5 6 7 -> common prefix 5 6 7 (3 tokens)
+    assert t.tokens == [5, 6, 7, 8, 8, 4] and t.positions == [0, 1, 2, 3, 3, 4]
+    assert t.branch == [-1, -1, -1, 0, 1, 1]
+    assert t.reads == [[2, 3], [2, 4, 5], [2]] and t.targets == [[8, 9], [8, 4, 2], [3]]
+    # the tree, then a one-token tree packed after it in the same row, then padding
+    br = torch.tensor([t.branch + [-1, -2]])
+    seg = torch.tensor([[0] * 6 + [1, -1]])
+    allowed = tree_mask(seg, br, torch.float32)[0, 0] == 0
+    want = [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 1, 0, 0, 0], [1, 1, 1, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, 0, 1]]
+    assert allowed.int().tolist() == want
+    # longest first: 9 and 7 fill two rows of width 9 (18 tokens); 5 opens a batch of width 5 where 2 gets a row
+    assert batches([5, 9, 2, 7], max_tokens=18) == [[[1], [3]], [[0], [2]]]
+    assert batches([9, 7, 2], max_tokens=18) == [[[0], [1, 2]]]  # 2 fits in the room 7 left
+
+
+def test_models_the_tree_cannot_run_take_the_cached_path(tokenizer):
+    model = tiny_model("gemma3_text", vocab_size=49152)
+    assert not packable(model)
     scorer = Scorer(model, tokenizer)
-    assert scorer.max_length == 16
+    assert not scorer.packed
+    enc = scorer.encode(REQUESTS["shared context"])
+    for (c, t), s in zip(enc, scorer.score_many([enc])[0], strict=True):
+        assert s.ll == pytest.approx(full_forward_ll(model, c, t, scorer.max_length)[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_left_truncation_as_lm_eval(tokenizer, packed):
+    model = tiny_model("llama", vocab_size=49152, max_position_embeddings=16)
+    scorer = Scorer(model, tokenizer, packed=packed)
+    assert scorer.max_length == 16 and scorer.packed == packed
     reqs = [("one two three four five six seven eight nine ten eleven twelve thirteen", c)
             for c in (" fourteen fifteen", " zero")]
     enc = scorer.encode(reqs)

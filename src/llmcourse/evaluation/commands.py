@@ -42,7 +42,7 @@ def cmd_bench(args: argparse.Namespace) -> Result:
     t0 = time.perf_counter()
     datas, groups = prepare(cfg)  # bad tasks / data fail here, before the model loads
     lm = load_model(args.model, **model_kwargs(args))
-    scorer = Scorer(lm.model, lm.tokenizer, max_rows=cfg.batch_size)
+    scorer = Scorer(lm.model, lm.tokenizer, max_tokens=cfg.batch_size)
     records, results = evaluate(scorer, datas, groups)
     shown = headline(results, groups)
     n = sum(r.n for r in results if not r.members)

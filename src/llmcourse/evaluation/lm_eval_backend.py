@@ -12,11 +12,12 @@ imported in the process before lm-eval looks the name up (and lm-eval's own ``lm
         --tasks hellaswag arc_easy --limit 100
 
 ``model`` is anything :func:`llmcourse.core.models.load_model` opens (``default``, HF folders, int8 / GPTQ /
-fine-tuned folders, ``.gguf`` files), ``dtype`` is ``fp32`` or ``bf16``, ``batch_size`` caps the continuation
-rows of one forward.
+fine-tuned folders, ``.gguf`` files), ``dtype`` is ``fp32`` or ``bf16``, ``max_tokens`` is the
+packed forward's size in tokens (``eval bench --batch-size``), ``batch_size`` caps the continuation rows of one
+forward where the model takes the cached path.
 
-* ``loglikelihood`` — requests grouped by (task, document): each question's choices share one prefix forward
-  (:class:`~llmcourse.evaluation.scoring.Scorer`), results returned in lm-eval's order;
+* ``loglikelihood`` — requests grouped by (task, document): each question is one tree of its choices, many
+  questions per forward (:class:`~llmcourse.evaluation.scoring.Scorer`), results returned in lm-eval's order;
 * ``loglikelihood_rolling`` — lm-eval's disjoint rolling windows (``get_rolling_token_windows`` with context 1,
   ``make_disjoint_window``), each window scored as a (context, continuation) pair, summed per document;
 * ``generate_until`` — greedy decoding with transformers' ``generate`` (``max_gen_toks`` from the request or
@@ -45,11 +46,11 @@ class LLMCourseLM(LM):
     """An lm-eval model backed by ``load_model(model)`` and the prefix-sharing :class:`Scorer`."""
 
     def __init__(self, model: str = "default", dtype: str = "fp32", batch_size: int | str = 64,
-                 max_gen_toks: int = 256, **_: Any) -> None:
+                 max_gen_toks: int = 256, max_tokens: int | str = 1024, **_: Any) -> None:
         super().__init__()
         self.lm = load_model(str(model), dtype=dtype)
         rows = int(batch_size) if str(batch_size).isdigit() else 64  # "auto" -> our default
-        self.scorer = Scorer(self.lm.model, self.lm.tokenizer, max_rows=rows)
+        self.scorer = Scorer(self.lm.model, self.lm.tokenizer, max_rows=rows, max_tokens=int(max_tokens))
         self.max_gen_toks = int(max_gen_toks)
 
     @property
@@ -62,8 +63,10 @@ class LLMCourseLM(LM):
             key = (getattr(r, "task_name", None), getattr(r, "doc_id", None))
             groups.setdefault(key if key != (None, None) else ("#", i), []).append(i)
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for idx in groups.values():
-            scored = self.scorer.score(self.scorer.encode([tuple(requests[i].args[:2]) for i in idx]))
+        idxs = list(groups.values())
+        all_scored = self.scorer.score_many([self.scorer.encode([tuple(requests[i].args[:2]) for i in idx])
+                                             for idx in idxs])
+        for idx, scored in zip(idxs, all_scored, strict=True):
             for i, s in zip(idx, scored, strict=True):
                 out[i] = (s.ll, s.is_greedy)
         return [o for o in out if o is not None]

@@ -39,9 +39,10 @@ class TaskResult:
 def score_task(scorer: Scorer, data: TaskData, bar: Any = None) -> tuple[list[dict[str, Any]], TaskResult]:
     """Score every example of ``data``: per-example records and the task's result."""
     t0 = time.perf_counter()
+    encoded = [scorer.encode(ex.requests) for ex in data.examples]
+    all_scored = scorer.score_many(encoded, on_done=bar.update if bar is not None else None)
     records = []
-    for ex in data.examples:
-        scored = scorer.score(scorer.encode(ex.requests))
+    for ex, scored in zip(data.examples, all_scored, strict=True):
         lls = [s.ll for s in scored]
         m = choice_metrics(lls, ex.choices, ex.gold)
         records.append({
@@ -51,8 +52,6 @@ def score_task(scorer: Scorer, data: TaskData, bar: Any = None) -> tuple[list[di
             "context": ex.requests[0][0] if len({r[0] for r in ex.requests}) == 1 else [r[0] for r in ex.requests],
             "continuations": [r[1] for r in ex.requests],
         })
-        if bar is not None:
-            bar.update(1)
     secs = time.perf_counter() - t0
     task = data.task
     res = TaskResult(task.name, task.split, len(records), data.n_docs, seconds=secs,
@@ -176,8 +175,10 @@ class BenchConfig:
     seed: int = option(1234, "seed of the --limit sample", type=int)
     num_fewshot: int = option(0, "few-shot examples in each context (MMLU only: the first K of its dev split)",
                               type=int)
-    batch_size: int = option(64, "most continuation rows in one forward (the choices of a question share "
-                             "one prefix forward, then run as one batch)", type=int)
+    batch_size: int = option(1024, "most tokens in one forward (rows x width, padding included): questions, "
+                             "each written once as a tree of its choices, are packed up to this size; models the "
+                             "packed path cannot run score one question per forward (prefix K/V cache, then its "
+                             "choices as one batch)", type=int)
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:

@@ -12,7 +12,11 @@ log-likelihood is
 ``add_special_tokens=False`` when the text already starts with the prefix token; an empty context is replaced
 by the prefix token (BOS, else EOS).
 
-**Prefix sharing.** The choices of one question share their context, so their token sequences share a prefix
+**Two paths, one result.** By default (:mod:`.packing`, for the transformers families whose forward takes a 4D
+mask and position ids) each question is written once as a tree of its choices and many questions run in one
+forward, the LM head only on the rows read. Every other model takes the cached path below, one question per call.
+
+**Prefix sharing (the cached path).** The choices of one question share their context, so their token sequences share a prefix
 of ``c`` tokens (the longest common prefix, at most the shortest context). We run it once with the K/V cache
 on (``past_key_values`` (``cache`` since transformers 5.24) of the ordinary transformers forward, keeping only its last position's logits), then
 score every choice's remaining tokens in one right-padded batch that reads the prefix from a copy of that
@@ -32,7 +36,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcourse.core.errors import UserError
+from llmcourse.evaluation.packing import build_tree, common_prefix, packable, score_trees
 
 # --- tokenisation -------------------------------------------------------------------------------------------
 
@@ -111,26 +116,23 @@ def _forward_params(model: Any) -> set[str]:
         return set()
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        t = seqs[0][i]
-        if any(s[i] != t for s in seqs[1:]):
-            return i
-    return n
-
-
 class Scorer:
-    """Scores (context tokens, continuation tokens) requests of one question with a causal LM.
+    """Scores (context tokens, continuation tokens) requests of questions with a causal LM.
 
-    ``max_rows`` caps the rows of one batched forward (the choices of a question are split into chunks
-    of at most that many).
+    Two paths with the same results: **packed** (:mod:`.packing`, the default where :func:`packable` allows it):
+    each question's choices as one tree sequence, many questions per forward, at most ``max_tokens`` tokens
+    (rows x width) each, the LM head only on the rows read; **cached** (every other model, or ``packed=False``):
+    one question at a time, its shared prefix once through the K/V cache, then its choices as one right-padded
+    batch of at most ``max_rows`` rows.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, max_rows: int = 64) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_rows: int = 64, max_tokens: int = 1024,
+                 packed: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_rows = max(1, max_rows)
+        self.max_tokens = max(1, max_tokens)
+        self.packed = packable(model) if packed is None else (packed and packable(model))
         self.max_length = model_max_length(model)
         self.vocab = _vocab_size(model)
         params = _forward_params(model)
@@ -172,9 +174,28 @@ class Scorer:
         new = getattr(out, "cache", None)
         return logits.float(), new if new is not None else getattr(out, "past_key_values", None)
 
-    @torch.inference_mode()
+    def score_many(self, questions: Sequence[Sequence[tuple[list[int], list[int]]]],
+                   on_done: Callable[[int], None] | None = None) -> list[list[Scored]]:
+        """Each question's continuations scored (``on_done(k)`` after every ``k`` questions scored)."""
+        if not self.packed:
+            out = []
+            for q in questions:
+                out.append(self._score_cached(q))
+                if on_done is not None:
+                    on_done(1)
+            return out
+        trees = [build_tree(q, self.max_length) for q in questions]
+        scored = score_trees(self.model, trees, self.max_tokens, on_batch=on_done)
+        return [[Scored(ll, greedy, len(tg)) for (ll, greedy), tg in zip(res, t.targets, strict=True)]
+                for res, t in zip(scored, trees, strict=True)]
+
     def score(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[Scored]:
-        """Log-likelihood and greediness of each continuation (prefix shared, choices batched)."""
+        """Log-likelihood and greediness of each continuation of one question."""
+        return self.score_many([encoded])[0]
+
+    @torch.inference_mode()
+    def _score_cached(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[Scored]:
+        """One question: its shared prefix once with the K/V cache, then its choices as one padded batch."""
         L = self.max_length
         seqs, ctx_lens = [], []
         for c, t in encoded:
@@ -182,7 +203,7 @@ class Scorer:
             seqs.append(s)
             ctx_lens.append(len(s) - len(t))
         inputs = [s[:-1] for s in seqs]
-        c = min(_common_prefix(inputs), min(ctx_lens))
+        c = min(common_prefix(inputs), min(ctx_lens))
         prefix_logp, past = None, None
         if c > 0:
             logits, past = self._forward(torch.tensor([inputs[0][:c]], device=self.device), None, keep_last=True)

@@ -37,8 +37,8 @@ def section(ctx: TourContext) -> TourSection:
         "<p>The benchmarks people quote, offline: each question's prompt, choices and gold answer as "
         "lm-evaluation-harness 0.4.13 defines them, each choice's log-likelihood after lm-eval's tokenisation of "
         "the request, <code>acc</code> (largest log-likelihood) and <code>acc_norm</code> (divided by the choice's "
-        "length in characters). The question's shared context runs once; its choices are scored from its K/V "
-        "cache in one batch. A seeded sample keeps the tour short: the error bars (one standard error, "
+        "length in characters). Each question is written once as a tree of its choices (the shared context once, "
+        "each choice attending to it and to itself only) and many questions run in one forward. A seeded sample keeps the tour short: the error bars (one standard error, "
         "sqrt(p(1-p)/n)) show how little a small sample can tell apart.</p>",
         html_table(rows),
         f"<p class=\"muted\">{n} examples in {secs:.1f} s ({n / secs:.2f} examples/s). "
