@@ -9,7 +9,7 @@ batching (``llama_cpp.server`` answers one request at a time). Steps, each skipp
 2. extract ``vendor/llama.cpp`` only;
 3. ``cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DBUILD_SHARED_LIBS=OFF`` (no network at build time: no
-   web UI download, no HTTPS), then ``cmake --build --target llama-server -j JOBS`` (about 10 minutes on 2 cores);
+   web UI download, no HTTPS), then ``cmake --build --target llama-server -j JOBS`` (206 steps: 31 minutes with ``-j 2`` on 2 busy cores);
 4. copy the one static binary to ``$LLMCOURSE_HOME/llama-server/<version>/llama-server`` (default
    ``~/.cache/llmcourse``, as ``make setup-test`` caches llama-cpp-python's wheel in ``.../wheels``), with
    ``build.json`` beside it (flags, compiler, the CPU's instruction-set flags). ``-march=native`` code may not

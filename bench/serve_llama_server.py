@@ -141,10 +141,11 @@ async def one_request(client, question: str, max_tokens: int) -> dict:
                     finished = True
     except openai.APIStatusError:
         return {"ttft": None, "tokens": 0, "chunks": 0, "prompt": None, "error": True, "broken": False}
-    except Exception:  # a dropped connection or a stream cut short (httpx's errors are not wrapped mid-stream)
-        return {"ttft": ttft, "tokens": chunks, "chunks": chunks, "prompt": None, "error": False, "broken": True}
+    except Exception as e:  # a dropped connection or a stream cut short (httpx's errors are not wrapped mid-stream)
+        return {"ttft": ttft, "tokens": chunks, "chunks": chunks, "prompt": None, "error": False, "broken": True,
+                "why": type(e).__name__}
     return {"ttft": ttft, "tokens": usage if usage is not None else chunks, "chunks": chunks, "prompt": prompt,
-            "error": False, "broken": not finished}
+            "error": False, "broken": not finished, "why": None if finished else "no finish_reason"}
 
 
 async def load(url: str, clients: int, requests: int, max_tokens: int, time_limit: float) -> dict:
@@ -167,7 +168,8 @@ async def load(url: str, clients: int, requests: int, max_tokens: int, time_limi
             "chunks": sum(r["chunks"] for r in results), "wall": wall,
             "prompt": sum(r["prompt"] or 0 for r in results) / max(1, sum(r["prompt"] is not None for r in results)),
             "ttfts": [r["ttft"] for r in results if r["ttft"] is not None],
-            "errors": sum(r["error"] for r in results), "broken": sum(r["broken"] for r in results)}
+            "errors": sum(r["error"] for r in results), "broken": sum(r["broken"] for r in results),
+            "why": sorted({r["why"] for r in results if r.get("why")})}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -350,6 +352,10 @@ def main() -> int:
     per_round, summary, notes = summarise(rows, clients)
     bad = sum(r["errors"] + r["broken"] for r in rows if r["server"] == OURS)
     notes.append(f"llmcourse serve: {bad} errors + broken streams (target 0)")
+    for name in (OURS, THEIRS):
+        why = sorted({w for r in rows if r["server"] == name for w in r["why"]})
+        if why:
+            notes.append(f"{name}: broken streams ended with: {', '.join(why)}")
     cmd = "bench/serve_llama_server.py " + " ".join(sys.argv[1:])
     write_result(
         "serve_llama_server", f"Serving: llmcourse serve vs llama.cpp's llama-server ({args.format.upper()} GGUF)",
@@ -357,7 +363,8 @@ def main() -> int:
         f"Both on `{info['gguf']}` (written by our GGUF lab from `{args.source}`"
         f"{', given' if args.gguf else ''}); ours loads `{info['ours_model']}`. llama-server {VERSION} "
         f"(llama-cpp-python's vendored llama.cpp, built by bench/llama_server.py) with -np {max(clients)} -cb "
-        f"-c {args.ctx * max(clients)}; ours --max-batch {max(clients)} --ctx {args.ctx}; {args.threads} threads each. "
+        f"-c {args.ctx * max(clients)}; ours --max-batch {max(clients)} --ctx {args.ctx}; {args.threads} thread(s) per "
+        f"server (the header's thread count is this script's). "
         f"{args.rounds} interleaved rounds; per row each client sends {args.requests} requests (none after "
         f"{args.time_limit:.0f} s), max_tokens {args.max_tokens}, greedy, streaming (openai client). "
         f"tok/s: median over rounds; TTFT: over all rounds' requests. Started {started}; "
