@@ -199,3 +199,16 @@ def test_products_equal_llama_cpps_own_kernels():
             if qtype == QT.Q8_0 and level > 0:
                 assert err == 0, f"{qtype.name} level {level}: {err}"
             assert err < 1e-5, f"{qtype.name} level {level}: {err}"
+
+
+def test_block_linear_runs_long_inputs_as_a_float_gemm():
+    """From ``GEMM_ROWS`` rows on (a long prompt), ``BlockLinear`` de-quantizes row chunks and uses the fp32 GEMM:
+    the float model's product (no 8-bit activations); fewer rows go through the block kernels."""
+    from llmcourse.quant.gguf import execute
+
+    blocks = random_blocks(QT.Q4_K, 4100, 256, seed=9)  # more rows than one de-quantized chunk
+    lin = execute.BlockLinear(blocks, int(QT.Q4_K), 256, 4100)
+    w = weight(QT.Q4_K, blocks)
+    x = torch.randn(execute.GEMM_ROWS, 256)
+    torch.testing.assert_close(lin(x), x @ w.T, atol=1e-4, rtol=1e-5)
+    assert torch.equal(lin(x[:3]), kernels.block_mm(x[:3], blocks, int(QT.Q4_K), 4100))
