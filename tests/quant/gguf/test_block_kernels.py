@@ -46,10 +46,11 @@ def weight(qtype: QT, blocks: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(dequantize(blocks.numpy(), qtype), dtype=np.float32))
 
 
-def q8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+def q8_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What the kernels multiply by (llama.cpp's activation blocks, rounded half to even): legacy types (Q8_0)
     ``q = round(x · 127 / max|x|)``, ``d = fp16(max|x| / 127)``; k-quants (Q8_K) with ``m`` the value of largest
-    magnitude, ``q = min(127, round(x · (-127 / m)))``, ``d = 1 / (-127 / m)``."""
+    magnitude, ``q = min(127, round(x · (-127 / m)))``, ``d = 1 / (-127 / m)``. Also, per legacy block, what
+    Q4_1/Q5_1's minima meet: ``fp16(max|x| / 127 · Σ q)`` (ggml's Q8_1 ``s``)."""
     n, i = x.shape
     xb = x.view(n, i // block, block)
     amax = xb.abs().amax(-1, keepdim=True)
@@ -57,12 +58,14 @@ def q8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
     if block == 32:
         q = torch.round(xb * torch.where(amax != 0, 127 / amax, zero))
         d = (amax / 127).half().float()
+        sums = ((amax / 127) * q.sum(-1, keepdim=True)).half().float().view(n, -1)
     else:
         m = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
         inv = torch.where(amax != 0, -127 / m, zero)
         q = torch.round(inv * xb).clamp(max=127)
         d = torch.where(amax != 0, 1 / inv, zero)
-    return (q * d).view(n, i)
+        sums = None
+    return (q * d).view(n, i), sums
 
 
 def check(qtype: QT, rows: int, cols: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -70,8 +73,14 @@ def check(qtype: QT, rows: int, cols: int, n: int, seed: int = 0) -> torch.Tenso
     w = weight(qtype, blocks)
     x = torch.randn(n, cols, generator=torch.Generator().manual_seed(seed))
     block = kernels.BLOCK_TYPES[int(qtype)][0]
-    a = q8_activations(x, block)
-    ref = a.double() @ w.double().T
+    a, sums = q8_activations(x, block)
+    if qtype in (QT.Q4_1, QT.Q5_1):  # w = d q + m: the minima meet the fp16 block sums of the activations
+        m = torch.from_numpy(blocks.numpy().reshape(rows, cols // 32, -1)[:, :, 2:4].copy().view(np.float16)[..., 0])
+        m = m.float()
+        w_dq = w - m.repeat_interleave(32, dim=1)
+        ref = a.double() @ w_dq.double().T + sums.double() @ m.double().T
+    else:
+        ref = a.double() @ w.double().T
     bound = 2e-6 * (a.abs().double() @ w.abs().double().T) + 1e-6
     got = {}
     for level in range(kernels.cpu_level() + 1):
@@ -141,3 +150,65 @@ def test_several_weights_in_one_call_equal_separate_calls():
         got = kernels.block_mm_many(x, blocks, [int(t) for t, _ in ws], [rows for _, rows in ws], level=level)
         for (t, rows), b, y in zip(ws, blocks, got, strict=True):
             assert torch.equal(y, kernels.block_mm(x, b, int(t), rows, level=level))
+
+
+def test_products_equal_llama_cpps_own_kernels():
+    """llama.cpp's CPU kernels (libggml-cpu from llama-cpp-python: the type's ``from_float`` for the activations,
+    ``vec_dot`` for the product) on the same rows: Q8_0 bit for bit, the others within fp32 summation order."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    import ctypes
+    from pathlib import Path
+
+    import llama_cpp
+
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    if not (libdir / "libggml-cpu.so").exists():
+        pytest.skip("libggml-cpu.so not found in the llama_cpp package")
+    ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+
+    class Traits(ctypes.Structure):  # ggml-cpu.h: struct ggml_type_traits_cpu
+        _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                    ("nrows", ctypes.c_int64)]
+
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(Traits)
+    cpu.ggml_cpu_init()
+    from_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+    vec_dot = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                               ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    x = np.random.default_rng(1).standard_normal(1536).astype(np.float32)
+    for qtype in LEGACY + KQUANTS:
+        traits = cpu.ggml_get_type_traits_cpu(int(qtype)).contents
+        quant = from_float(cpu.ggml_get_type_traits_cpu(traits.vec_dot_type).contents.from_float)
+        dot = vec_dot(traits.vec_dot)
+        w = random_blocks(qtype, 32, 1536, seed=5).numpy()
+        if qtype == QT.Q8_0:  # llama.cpp's own Q8_0 codes lie in [-127, 127]
+            codes = w.reshape(32, -1, 34)[:, :, 2:].view(np.int8)
+            codes[codes == -128] = -127
+        act = np.zeros(2 * 1536, np.uint8)
+        quant(x.ctypes.data, act.ctypes.data, 1536)
+        ref = np.zeros(32, np.float32)
+        s = ctypes.c_float()
+        for r in range(32):
+            row = np.ascontiguousarray(w[r])
+            dot(1536, ctypes.byref(s), 0, row.ctypes.data, 0, act.ctypes.data, 0, 1)
+            ref[r] = s.value
+        for level in range(kernels.cpu_level() + 1):
+            got = kernels.block_mm(torch.from_numpy(x).view(1, -1), torch.from_numpy(w), int(qtype), 32, level=level)
+            err = np.abs(got[0].numpy() - ref).max() / np.abs(ref).max()
+            if qtype == QT.Q8_0 and level > 0:
+                assert err == 0, f"{qtype.name} level {level}: {err}"
+            assert err < 1e-5, f"{qtype.name} level {level}: {err}"
+
+
+def test_block_linear_runs_long_inputs_as_a_float_gemm():
+    """From ``GEMM_ROWS`` rows on (a long prompt), ``BlockLinear`` de-quantizes row chunks and uses the fp32 GEMM:
+    the float model's product (no 8-bit activations); fewer rows go through the block kernels."""
+    from llmcourse.quant.gguf import execute
+
+    blocks = random_blocks(QT.Q4_K, 4100, 256, seed=9)  # more rows than one de-quantized chunk
+    lin = execute.BlockLinear(blocks, int(QT.Q4_K), 256, 4100)
+    w = weight(QT.Q4_K, blocks)
+    x = torch.randn(execute.GEMM_ROWS, 256)
+    torch.testing.assert_close(lin(x), x @ w.T, atol=1e-4, rtol=1e-5)
+    assert torch.equal(lin(x[:3]), kernels.block_mm(x[:3], blocks, int(QT.Q4_K), 4100))

@@ -32,6 +32,7 @@ struct ActRow {  // one activation row as 8-bit blocks
   const int8_t* q;     // the codes (n)
   const float* d;      // one scale per block
   const int32_t* s16;  // sums of the codes per 16 values
+  const float* sd;     // legacy blocks: fp16(d · Σ q) (ggml's Q8_1 s)
 };
 using DotFn = float (*)(const uint8_t*, const ActRow&, int64_t);  // one weight row . one activation row
 using RowsFn = void (*)(const uint8_t*, const ActRow*, int64_t, float*, int64_t);  // . NR activation rows
@@ -140,7 +141,7 @@ TypeInfo type_info(int64_t t) {
   return {0, 0, false};
 }
 
-using QuantFn = void (*)(const float*, int64_t, int, bool, int8_t*, float*, int32_t*);
+using QuantFn = void (*)(const float*, int64_t, int, bool, int8_t*, float*, int32_t*, float*);
 
 QuantFn quant_for(int64_t level) {
 #ifdef BLK_X86
@@ -162,6 +163,7 @@ struct Quantized {  // a batch of activation rows as 8-bit blocks of one size
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int32_t> s16;
+  std::vector<float> sd;
   std::vector<ActRow> rows;
 };
 
@@ -170,14 +172,16 @@ void quantize_rows(const float* xp, int64_t n, int64_t in, int64_t block, int64_
   out.q.resize(n * in);
   out.d.resize(n * nb);
   out.s16.resize(n * in / 16);
+  out.sd.resize(n * nb);
   const QuantFn quant = quant_for(level);
   at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)
       quant(xp + r * in, in, (int)block, block == 32, out.q.data() + r * in, out.d.data() + r * nb,
-            out.s16.data() + r * in / 16);
+            out.s16.data() + r * in / 16, out.sd.data() + r * nb);
   });
   out.rows.resize(n);
-  for (int64_t r = 0; r < n; ++r) out.rows[r] = {out.q.data() + r * in, out.d.data() + r * nb, out.s16.data() + r * in / 16};
+  for (int64_t r = 0; r < n; ++r)
+    out.rows[r] = {out.q.data() + r * in, out.d.data() + r * nb, out.s16.data() + r * in / 16, out.sd.data() + r * nb};
 }
 
 struct Job {  // one weight's product: its blocks, row bytes, kernels and output

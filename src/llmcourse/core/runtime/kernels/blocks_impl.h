@@ -6,11 +6,12 @@
 // scales are applied in fp32 per block (legacy types) or per 256-value super-block (k-quants).
 
 static inline void quantize_row(const float* x, int64_t n, int bs, bool legacy, int8_t* q, float* d,
-                                int32_t* s16) {
+                                int32_t* s16, float* sd) {
   // 8-bit blocks of bs values, rounded half to even, as llama.cpp's CPU backend quantizes activations:
   // legacy (Q8_0): q = round(x · 127 / max|x|), d = fp16(max|x| / 127);
   // k-quants (Q8_K): with m the value of largest magnitude, q = min(127, round(x · (-127 / m))), d = 1 / (-127 / m).
-  // s16: sums of q per 16 values.
+  // s16: sums of q per 16 values; sd (legacy): fp16(max|x| / 127 · Σ q) per block, as ggml's Q8_1 ``s`` (the
+  // minima of Q4_1/Q5_1 meet it).
   for (int64_t b = 0; b < n / bs; ++b) {
     const float* xb = x + b * bs;
     float amax = 0.f, m = 0.f;
@@ -31,11 +32,14 @@ static inline void quantize_row(const float* x, int64_t n, int bs, bool legacy, 
       d[b] = 1.f / is;
       for (int i = 0; i < bs; ++i) qb[i] = (int8_t)std::min(127.f, std::nearbyint(is * xb[i]));
     }
+    int32_t total = 0;
     for (int k = 0; k < bs / 16; ++k) {
       int32_t s = 0;
       for (int i = 0; i < 16; ++i) s += qb[16 * k + i];
       s16[b * (bs / 16) + k] = s;
+      total += s;
     }
+    if (legacy) sd[b] = fp16_to_fp32(fp32_to_fp16(amax / 127.f * (float)total));
   }
 }
 
@@ -83,7 +87,7 @@ static float dot_legacy(const uint8_t* w, const ActRow& a, int64_t nb) {
     const int32_t s = dot32(u, a.q + 32 * b);
     if (TYPE == Q4_0) sum += dd * (float)(s - 8 * sa);
     else if (TYPE == Q5_0) sum += dd * (float)(s - 16 * sa);
-    else sum += dd * (float)s + fp16_at(blk + 2) * a.d[b] * (float)sa;
+    else sum += dd * (float)s + fp16_at(blk + 2) * a.sd[b];
   }
   return sum;
 }
@@ -251,7 +255,7 @@ static void dot_legacy(const uint8_t* w, const ActRow* a, int64_t nb, float* y, 
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(u, yq)), _mm256_set1_ps(dd), acc[r]);
       if (TYPE == Q4_0) corr[r] -= dd * (float)(8 * sa);
       else if (TYPE == Q5_0) corr[r] -= dd * (float)(16 * sa);
-      else corr[r] += fp16_at(blk + 2) * a[r].d[b] * (float)sa;
+      else corr[r] += fp16_at(blk + 2) * a[r].sd[b];
     }
   }
   for (int r = 0; r < NR; ++r) y[r * ys] = hsum(acc[r]) + corr[r];
