@@ -75,7 +75,7 @@ class SpeculativeConfig:
                               "the last n-gram earlier in the text) or draft (a smaller --draft-model with the "
                               "same tokenizer); output is unchanged (greedy) or has the same distribution "
                               "(sampling). Default: %(default)s", choices=MODES)
-    draft_tokens: int = option(5, "drafted tokens per round (γ): at most this many are verified in one forward "
+    draft_tokens: int = option(3, "drafted tokens per round (γ): at most this many are verified in one forward "
                                "of the model. Default: %(default)s")
     lookup_ngram: int = option(3, "--speculative lookup: the n-gram (the last N tokens) whose earlier occurrence "
                                "is looked up. Default: %(default)s")
