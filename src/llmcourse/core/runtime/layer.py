@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from llmcourse.core.runtime.arch import Arch
 from llmcourse.core.runtime.weights import Weight, project
 
-
 FEW_QUERIES = 16  # a compiled step with up to this many tokens per row takes the few-token forms (attention, product)
 
 
