@@ -58,6 +58,16 @@ def test_prompt_lookup_takes_the_most_recent_occurrence() -> None:
     assert PromptLookup(1).propose([7, 8, 7], 5) == [8, 7]
 
 
+def test_lookup_drafts_longer_after_a_fully_accepted_round() -> None:
+    from llmcourse.decoding.speculative import lookup_gamma
+
+    assert lookup_gamma(3, drafted=3, accepted=3, asked=3) == 7  # 4 -> 8 verified positions
+    assert lookup_gamma(3, drafted=7, accepted=7, asked=7) == 7
+    assert lookup_gamma(3, drafted=7, accepted=6, asked=7) == 3  # a rejection: back to --draft-tokens
+    assert lookup_gamma(3, drafted=2, accepted=2, asked=3) == 3  # the copied span ended
+    assert lookup_gamma(3, drafted=0, accepted=0, asked=3) == 3
+
+
 def test_greedy_is_token_identical_to_plain_greedy(models) -> None:
     totals = {name: [0, 0] for name in ("lookup", "lookup-repeats", "self", "wrong")}
     for i, prompt in enumerate(_prompts()):

@@ -75,7 +75,7 @@ class SpeculativeConfig:
                               "the last n-gram earlier in the text) or draft (a smaller --draft-model with the "
                               "same tokenizer); output is unchanged (greedy) or has the same distribution "
                               "(sampling). Default: %(default)s", choices=MODES)
-    draft_tokens: int = option(5, "drafted tokens per round (γ): at most this many are verified in one forward "
+    draft_tokens: int = option(3, "drafted tokens per round (γ): at most this many are verified in one forward "
                                "of the model. Default: %(default)s")
     lookup_ngram: int = option(3, "--speculative lookup: the n-gram (the last N tokens) whose earlier occurrence "
                                "is looked up. Default: %(default)s")
@@ -236,10 +236,22 @@ def _runtime(model: Any, backend: str, steps: int) -> FastModel:
     return prepare(model, "mm" if steps < COMPILE_MIN_STEPS else "auto")
 
 
+def lookup_gamma(base: int, drafted: int, accepted: int, asked: int) -> int:
+    """Prompt lookup's next draft length: ``2 γ + 1`` after a round whose ``asked`` drafts were all found and
+    accepted (a copied span tends to go on: with γ = 3, 4 then 8 verified positions, the runtime's widths),
+    else ``base``. A verification of 8 positions costs more than one of 4, so only likely drafts get it."""
+    return 2 * base + 1 if 0 < drafted == asked and accepted == drafted else base
+
+
+def _widest(spec: SpeculativeConfig) -> int:
+    """The most tokens one verification runs (the last token and the drafts)."""
+    return (2 * spec.draft_tokens + 1 if spec.speculative == "lookup" else spec.draft_tokens) + 1
+
+
 def _capacity(fast: FastModel, prompt: int, cfg: GenerationConfig, spec: SpeculativeConfig) -> int:
     """KV cache positions for a sequence: the prompt, the new tokens, and room for the padding of the last
     verification (the compiled multi-token step pads to :meth:`~llmcourse.core.runtime.FastModel.verify_width`)."""
-    return prompt + cfg.max_new_tokens + fast.verify_width(spec.draft_tokens + 1)
+    return prompt + cfg.max_new_tokens + fast.verify_width(_widest(spec))
 
 
 def _accept(ps: torch.Tensor, drafted: list[int], qs: list[torch.Tensor] | None, greedy: bool,
@@ -317,8 +329,9 @@ def _one_sequence(fast: FastModel, drafter: PromptLookup | DraftModel | None, pr
     # the first token comes from the prompt's forward, as in the plain loop
     _, first = _accept(processed(logits[0], tokens).view(1, -1), [], None, greedy, generator)
     done = emit(first, logits[0])
+    gamma = spec.draft_tokens
     while not done:
-        k = min(spec.draft_tokens, cfg.max_new_tokens - len(out) - 1)  # the target's own token always fits
+        k = min(gamma, cfg.max_new_tokens - len(out) - 1)  # the target's own token always fits
         qs = None
         drafted: list[int] = []
         if k > 0 and isinstance(drafter, DraftModel):
@@ -334,6 +347,8 @@ def _one_sequence(fast: FastModel, drafter: PromptLookup | DraftModel | None, pr
         stats.target_forwards += 1
         ps = torch.stack([processed(raw[i], tokens + drafted[:i]) for i in range(len(drafted) + 1)])
         n, t = _accept(ps, drafted, qs, greedy, generator)
+        if isinstance(drafter, PromptLookup):
+            gamma = lookup_gamma(spec.draft_tokens, len(drafted), n, k)
         stats.drafted += len(drafted)
         stats.accepted += n
         rounds.append(Round(len(out), drafted, n, t))
@@ -386,7 +401,8 @@ def speculative_generate(model: Any, tokenizer: Any, prompt: str | list[int], co
         drafter.fast.warmup(1, capacity, tokens=2)  # after a fully accepted round it runs 2 tokens
     else:
         drafter = PromptLookup(spec.lookup_ngram)
-    fast.warmup(1, capacity, tokens=spec.draft_tokens + 1)  # compiles the steps outside the timing
+    for n in sorted({spec.draft_tokens + 1, _widest(spec)}):  # compiles the steps outside the timing
+        fast.warmup(1, capacity, tokens=n)
     stats = SpeculativeStats(spec.speculative, spec.draft_tokens)
     sequences: list[GeneratedSequence] = []
     rounds: list[list[Round]] = []
