@@ -68,7 +68,8 @@ def _data():
 
 def test_distillation_lowers_kl_and_resume_continues_the_same_run(tmp_path):
     train, held = _data()
-    cfg = DistillConfig(tokens=4 * 2 * 32, batch_size=2, seq_len=32, lr=1e-2, eval_every=0, save_every=2)
+    cfg = DistillConfig(tokens=4 * 2 * 32, batch_size=2, seq_len=32, lr=1e-2, eval_every=0, save_every=2,
+                        ce_weight=0.0)
     student, teacher = _student_teacher()
     whole = distill_model(student, teacher, train, held, cfg, tmp_path / "a", show_progress=False)
     assert whole.steps == 4 and whole.tokens == 256

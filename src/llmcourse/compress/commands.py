@@ -415,8 +415,8 @@ EXAMPLES_DISTILL = """examples:
   llmcourse distill --teacher default --student-from default --drop-layers 8 --tokens 65536 --out out/distill
   llmcourse distill --teacher default --student-from default --drop-layers 8 --loss lm --out out/lm-baseline
   llmcourse distill --teacher default --student out/depth-22 --loss mix --temperature 2 --method lora --out out/d2
-  llmcourse distill --teacher default --student-from default --drop-layers 8 --loss forward --ce-weight 0.5 \\
-      --out out/kd-ce                     (Hinton's weighted average of soft and hard targets)
+  llmcourse distill --teacher default --student-from default --drop-layers 8 --ce-weight 0 --out out/kd
+      (the teacher's distributions only; the default --ce-weight 0.5 also trains on the data's next tokens)
   llmcourse distill --teacher default --student-from default --drop-layers 8 --processes 2 --out out/ddp
   llmcourse distill --teacher default --student-from default --drop-layers 8 --out out/distill --resume out/distill"""
 
@@ -429,8 +429,8 @@ def _register_distill(sub: argparse._SubParsersAction, groups: dict) -> None:
     p = add_parser(
         sub, groups, LAB, "distill", epilog=EXAMPLES_DISTILL,
         description="Distil --teacher into a student (--student, or --student-from the teacher with --drop-layers / "
-        "--width) on the token stream of --data: forward KL, reverse KL or their mix at a temperature, optionally "
-        "with a hidden-state loss; --loss lm trains the same student on the plain language-modelling loss (the "
+        "--width) on the token stream of --data: forward KL, reverse KL or their mix at a temperature, averaged "
+        "with the data's next-token cross-entropy (--ce-weight), optionally with a hidden-state loss; --loss lm trains the same student on the plain language-modelling loss (the "
         "baseline). Writes OUT/student (a Hugging Face folder), metrics.jsonl (held-out perplexity and KL to the "
         "teacher every --eval-every steps), curves.png, checkpoints/ (--resume OUT continues) and summary.json.")
     add_model_args(p, "--teacher", help_prefix="teacher model")

@@ -63,8 +63,9 @@ class DistillConfig:
                        "lm (no teacher: the plain language-modelling loss, the baseline)", choices=list(LOSSES))
     mix: float = option(0.5, "mix: weight of the forward KL (the reverse KL gets 1 - it)")
     temperature: float = option(1.0, "softmax temperature of both distributions (the loss is scaled by T²)")
-    ce_weight: float = option(0.0, "weight a of the hard-label cross-entropy: (1 - a) KD + a CE (Hinton et al.'s "
-                              "weighted average; 0: the teacher's distributions only)")
+    ce_weight: float = option(0.5, "weight a of the hard-label cross-entropy: (1 - a) KD + a CE (Hinton et al.'s "
+                              "weighted average; 0: the teacher's distributions only, which trailed the LM loss in "
+                              "held-out perplexity: docs/compression.md)")
     hidden_weight: float = option(0.0, "weight of the MSE between the last hidden states (0: logits only)")
     method: str = option("full", "train every weight (full) or LoRA adapters, merged at the end",
                          choices=["full", "lora"])
