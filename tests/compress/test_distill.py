@@ -99,10 +99,13 @@ def test_lm_baseline_and_lora_run():
 
 def test_refusals():
     train, held = _data()
-    student, _ = _student_teacher()
+    student, teacher = _student_teacher()
     other = tiny_model("llama", seed=1, vocab_size=300)
     with pytest.raises(UserError, match="vocabulary"):
         distill_model(student, other, train, held, DistillConfig(tokens=64, batch_size=2, seq_len=32), show_progress=False)
+    with pytest.raises(UserError, match="fewer than --batch-size"):  # one window cannot fill a batch of 2
+        distill_model(student, teacher, train[:1], held, DistillConfig(tokens=64, batch_size=2, seq_len=32),
+                      show_progress=False)
     for bad in (dict(temperature=0), dict(mix=1.5), dict(loss="js"), dict(tokens=0), dict(ce_weight=1.5)):
         with pytest.raises(UserError):
             DistillConfig(**bad)

@@ -164,6 +164,14 @@ def token_windows(tokenizer: Any, data: str, split: str, seq_len: int, field: st
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
+def check_windows(train_windows: torch.Tensor, cfg: DistillConfig) -> None:
+    """A one-line error unless the training text fills one batch (else every step would be short of rows)."""
+    if train_windows.shape[0] < cfg.batch_size:
+        raise UserError(f"the training text makes {train_windows.shape[0]} window(s) of --seq-len {cfg.seq_len} tokens, "
+                        f"fewer than --batch-size {cfg.batch_size}", "use more text, a shorter --seq-len or a smaller "
+                        "--batch-size")
+
+
 def batch_at(windows: torch.Tensor, cfg: DistillConfig, step: int) -> torch.Tensor:
     """The windows of optimizer step ``step``: epochs of a permutation seeded by (seed, epoch) only."""
     per_epoch = max(1, windows.shape[0] // cfg.batch_size)
@@ -302,6 +310,7 @@ def distill_model(student: nn.Module, teacher: nn.Module | None, train_windows: 
     if cfg.batch_size < size:
         raise UserError(f"--batch-size {cfg.batch_size} gives a process no window ({size} processes)",
                         f"use --batch-size {size} or more, or fewer --processes")
+    check_windows(train_windows, cfg)
     if teacher is not None:
         check_pair(teacher, student, cfg)
         teacher.eval()
