@@ -12,13 +12,15 @@ Run: ``.venv/bin/python bench/distill.py [--steps 4] [--configs forward-full,lm-
 side (perplexity and KL to the teacher against training tokens) and draws them into ``--plot FILE``.
 
 ``--compare`` is the acceptance experiment: the same student (``--drop-layers 8`` by ``--drop-criterion``)
-trained by each of ``--runs`` (default: distillation with forward KL vs the plain LM loss), one process after
-the other, with the same windows, token budget, optimizer and schedule; it prints each run's tokens/s and
-peak RSS, the curves, and the final per-window differences against the last run (the LM baseline) with
-their standard error (``paired_gap``: the held-out windows are the same for every run). Example::
+trained by each of ``--runs`` (default: forward KL alone, forward KL averaged with the LM loss, and the plain
+LM loss), one process after the other, with the same windows, token budget, optimizer and schedule; it
+prints each run's tokens/s and peak RSS, the curves, and the final per-window differences against the last
+run (the LM baseline) with their standard error (``paired_gap``: the held-out windows are the same for every run). Example::
 
-    .venv/bin/python bench/distill.py --compare --tokens 16384 --batch-size 4 --seq-len 256 --eval-windows 32 \
-        --eval-every 4 --lr 2e-4 --runs "kd:--loss forward" "lm:--loss lm" --keep out/compare --plot curves.png
+    .venv/bin/python bench/distill.py --compare --tokens 8192 --batch-size 4 --seq-len 256 --lr 2e-4 \\
+        --warmup-ratio 0 --eval-every 4 --eval-windows 16 --threads 1 --keep out/compare --plot curves.png
+
+(the defaults of ``--compare``'s flags are that measurement's, docs/compression.md).
 """
 
 from __future__ import annotations
@@ -164,13 +166,14 @@ def main() -> None:
     ap.add_argument("--curves", nargs="+", default=None, help="print the curves of these distill --out folders")
     ap.add_argument("--plot", default=None, help="with --curves / --compare: draw them into this PNG")
     ap.add_argument("--compare", action="store_true", help="train the same student with each of --runs and compare")
-    ap.add_argument("--runs", nargs="+", default=["kd:--loss forward", "lm:--loss lm"],
+    ap.add_argument("--runs", nargs="+", default=["kd:--loss forward --ce-weight 0",
+                                                   "kd-ce:--loss forward --ce-weight 0.5", "lm:--loss lm"],
                     help="NAME:FLAGS of each run (the last one is the baseline of the differences)")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--lr", default="2e-4")
-    ap.add_argument("--warmup-ratio", default="0.1")
+    ap.add_argument("--warmup-ratio", default="0")
     ap.add_argument("--eval-every", type=int, default=4)
-    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--drop-criterion", default="layer")
     ap.add_argument("--criteria", action="store_true", help="the starting student of each --drop-criterion")
     ap.add_argument("--keep", default=None, help="with --compare: keep the run folders here (else a temporary one)")

@@ -68,7 +68,8 @@ def _data():
 
 def test_distillation_lowers_kl_and_resume_continues_the_same_run(tmp_path):
     train, held = _data()
-    cfg = DistillConfig(tokens=4 * 2 * 32, batch_size=2, seq_len=32, lr=1e-2, eval_every=0, save_every=2)
+    cfg = DistillConfig(tokens=4 * 2 * 32, batch_size=2, seq_len=32, lr=1e-2, eval_every=0, save_every=2,
+                        ce_weight=0.0)
     student, teacher = _student_teacher()
     whole = distill_model(student, teacher, train, held, cfg, tmp_path / "a", show_progress=False)
     assert whole.steps == 4 and whole.tokens == 256
@@ -98,10 +99,13 @@ def test_lm_baseline_and_lora_run():
 
 def test_refusals():
     train, held = _data()
-    student, _ = _student_teacher()
+    student, teacher = _student_teacher()
     other = tiny_model("llama", seed=1, vocab_size=300)
     with pytest.raises(UserError, match="vocabulary"):
         distill_model(student, other, train, held, DistillConfig(tokens=64, batch_size=2, seq_len=32), show_progress=False)
+    with pytest.raises(UserError, match="fewer than --batch-size"):  # one window cannot fill a batch of 2
+        distill_model(student, teacher, train[:1], held, DistillConfig(tokens=64, batch_size=2, seq_len=32),
+                      show_progress=False)
     for bad in (dict(temperature=0), dict(mix=1.5), dict(loss="js"), dict(tokens=0), dict(ce_weight=1.5)):
         with pytest.raises(UserError):
             DistillConfig(**bad)

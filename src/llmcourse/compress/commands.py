@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -263,22 +262,6 @@ def make_student(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return lm, info
 
 
-def _as_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: tuple[str, ...]) -> list[str]:
-    """The options of ``args`` that differ from ``parser``'s defaults, as a command line for it."""
-    argv: list[str] = []
-    for a in parser._actions:
-        if not a.option_strings or a.dest in skip or a.dest == "help" or not hasattr(args, a.dest):
-            continue
-        v = getattr(args, a.dest)
-        if v == a.default:
-            continue
-        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            argv.append(a.option_strings[0])
-        else:
-            argv += [a.option_strings[0], str(v)]
-    return argv
-
-
 def _free_port() -> int:
     import socket
 
@@ -287,33 +270,52 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _rank_main(args: argparse.Namespace, rank: int, world: int, port: int, threads: int) -> None:
+    """One process of a ``--processes`` run (forked): join the gloo group on 127.0.0.1 and run the command."""
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(threads)
+    args.processes, args.threads = 1, threads
+    try:
+        cmd_distill(args)
+    except UserError as e:
+        print(f"llmcourse: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(UserError.exit_code)
+
+
 def _distill_processes(args: argparse.Namespace) -> Result:
     """Run this command in ``--processes`` CPU processes that join one gloo process group on 127.0.0.1
     (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT``, as torchrun sets them); the global batch
-    is kept (see ``llmcourse.compress.distill``). If one process fails, the others are stopped."""
+    is kept (see ``llmcourse.compress.distill``). The processes are forked from this one before any model is
+    loaded (no second start-up of Python, torch and transformers); if one fails, the others are stopped."""
+    import multiprocessing
+
     import torch
 
-    argv = _as_argv(args._parser, args, skip=("processes", "func", "json"))
-    if args.threads is None:  # the cores this process chose, shared out
-        argv += ["--threads", str(max(1, torch.get_num_threads() // args.processes))]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": str(args.processes)}
-    procs = [subprocess.Popen([sys.executable, "-m", "llmcourse", "distill", *argv],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL)
+    threads = args.threads or max(1, torch.get_num_threads() // args.processes)  # the chosen cores, shared out
+    port = _free_port()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(args, r, args.processes, port, threads), daemon=True)
              for r in range(args.processes)]
+    for p in procs:
+        p.start()
     failed = None
     try:
-        while failed is None and any(p.poll() is None for p in procs):
-            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        while failed is None and any(p.exitcode is None for p in procs):
+            failed = next((r for r, p in enumerate(procs) if p.exitcode not in (None, 0)), None)
             time.sleep(0.2)
-        failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), failed)
+        failed = next((r for r, p in enumerate(procs) if p.exitcode not in (None, 0)), failed)
     finally:
-        for p in procs:  # a failed rank leaves the others waiting in a collective: stop them
-            if p.poll() is None:
+        for p in procs:  # a failed process leaves the others waiting in a collective: stop them
+            if p.exitcode is None:
                 p.terminate()
-                p.wait()
+            p.join()
     if failed is not None:
-        raise UserError(f"process {failed} of the {args.processes}-process run failed (exit {procs[failed].returncode})",
+        raise UserError(f"process {failed} of the {args.processes}-process run failed (exit {procs[failed].exitcode})",
                         "see its messages above")
     summary = json.loads((Path(args.out) / "summary.json").read_text())
     return Result({**summary, "processes": args.processes},
@@ -342,6 +344,7 @@ def cmd_distill(args: argparse.Namespace) -> Result:
     from llmcourse.compress.distill import (
         DistillConfig,
         check_pair,
+        check_windows,
         distill_model,
         plot_curves,
         same_tokenizer,
@@ -378,6 +381,7 @@ def cmd_distill(args: argparse.Namespace) -> Result:
                         "distil into a student that shares the teacher's tokenizer")
     check_pair(teacher.model, student.model, cfg)
     train = token_windows(student.tokenizer, args.data, "train", cfg.seq_len, args.field)
+    check_windows(train, cfg)
     held = token_windows(student.tokenizer, args.data, "eval", cfg.seq_len, args.field)[: cfg.eval_windows]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -415,8 +419,8 @@ EXAMPLES_DISTILL = """examples:
   llmcourse distill --teacher default --student-from default --drop-layers 8 --tokens 65536 --out out/distill
   llmcourse distill --teacher default --student-from default --drop-layers 8 --loss lm --out out/lm-baseline
   llmcourse distill --teacher default --student out/depth-22 --loss mix --temperature 2 --method lora --out out/d2
-  llmcourse distill --teacher default --student-from default --drop-layers 8 --loss forward --ce-weight 0.5 \\
-      --out out/kd-ce                     (Hinton's weighted average of soft and hard targets)
+  llmcourse distill --teacher default --student-from default --drop-layers 8 --ce-weight 0 --out out/kd
+      (the teacher's distributions only; the default --ce-weight 0.5 also trains on the data's next tokens)
   llmcourse distill --teacher default --student-from default --drop-layers 8 --processes 2 --out out/ddp
   llmcourse distill --teacher default --student-from default --drop-layers 8 --out out/distill --resume out/distill"""
 
@@ -429,8 +433,8 @@ def _register_distill(sub: argparse._SubParsersAction, groups: dict) -> None:
     p = add_parser(
         sub, groups, LAB, "distill", epilog=EXAMPLES_DISTILL,
         description="Distil --teacher into a student (--student, or --student-from the teacher with --drop-layers / "
-        "--width) on the token stream of --data: forward KL, reverse KL or their mix at a temperature, optionally "
-        "with a hidden-state loss; --loss lm trains the same student on the plain language-modelling loss (the "
+        "--width) on the token stream of --data: forward KL, reverse KL or their mix at a temperature, averaged "
+        "with the data's next-token cross-entropy (--ce-weight), optionally with a hidden-state loss; --loss lm trains the same student on the plain language-modelling loss (the "
         "baseline). Writes OUT/student (a Hugging Face folder), metrics.jsonl (held-out perplexity and KL to the "
         "teacher every --eval-every steps), curves.png, checkpoints/ (--resume OUT continues) and summary.json.")
     add_model_args(p, "--teacher", help_prefix="teacher model")
@@ -461,7 +465,7 @@ def _register_distill(sub: argparse._SubParsersAction, groups: dict) -> None:
                    help="CPU processes (data parallel: one gloo process group on 127.0.0.1; the global batch is "
                    "kept: each process takes every N-th window of a step). Default: 1")
     add_common_args(p)
-    p.set_defaults(func=cmd_distill, trust_pickle=False, trust_remote_code=False, _parser=p)
+    p.set_defaults(func=cmd_distill, trust_pickle=False, trust_remote_code=False)
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:

@@ -63,8 +63,9 @@ class DistillConfig:
                        "lm (no teacher: the plain language-modelling loss, the baseline)", choices=list(LOSSES))
     mix: float = option(0.5, "mix: weight of the forward KL (the reverse KL gets 1 - it)")
     temperature: float = option(1.0, "softmax temperature of both distributions (the loss is scaled by T²)")
-    ce_weight: float = option(0.0, "weight a of the hard-label cross-entropy: (1 - a) KD + a CE (Hinton et al.'s "
-                              "weighted average; 0: the teacher's distributions only)")
+    ce_weight: float = option(0.5, "weight a of the hard-label cross-entropy: (1 - a) KD + a CE (Hinton et al.'s "
+                              "weighted average; 0: the teacher's distributions only, which trailed the LM loss in "
+                              "held-out perplexity: docs/compression.md)")
     hidden_weight: float = option(0.0, "weight of the MSE between the last hidden states (0: logits only)")
     method: str = option("full", "train every weight (full) or LoRA adapters, merged at the end",
                          choices=["full", "lora"])
@@ -161,6 +162,14 @@ def token_windows(tokenizer: Any, data: str, split: str, seq_len: int, field: st
         raise UserError(f"--data {data} ({split}) has {ids.numel()} tokens, fewer than --seq-len {seq_len}",
                         "use more text or a shorter --seq-len")
     return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def check_windows(train_windows: torch.Tensor, cfg: DistillConfig) -> None:
+    """A one-line error unless the training text fills one batch (else every step would be short of rows)."""
+    if train_windows.shape[0] < cfg.batch_size:
+        raise UserError(f"the training text makes {train_windows.shape[0]} window(s) of --seq-len {cfg.seq_len} tokens, "
+                        f"fewer than --batch-size {cfg.batch_size}", "use more text, a shorter --seq-len or a smaller "
+                        "--batch-size")
 
 
 def batch_at(windows: torch.Tensor, cfg: DistillConfig, step: int) -> torch.Tensor:
@@ -301,6 +310,7 @@ def distill_model(student: nn.Module, teacher: nn.Module | None, train_windows: 
     if cfg.batch_size < size:
         raise UserError(f"--batch-size {cfg.batch_size} gives a process no window ({size} processes)",
                         f"use --batch-size {size} or more, or fewer --processes")
+    check_windows(train_windows, cfg)
     if teacher is not None:
         check_pair(teacher, student, cfg)
         teacher.eval()

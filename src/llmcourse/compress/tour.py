@@ -3,7 +3,7 @@ depth-pruned default model before and after a short distillation.
 
 Quick mode: the similarities on 2 x 128 calibration tokens and Wanda 2:4 on a copy of the first block (a few
 seconds). Full mode: the 8 most redundant of 30 layers dropped, perplexity and KL to the original before and
-after distilling 8 steps x 2 x 256 tokens (forward KL), and Wanda at 50% / 2:4 on the whole model.
+after distilling 8 steps x 2 x 256 tokens (forward KL and the LM loss, half and half), and Wanda at 50% / 2:4 on the whole model.
 """
 
 from __future__ import annotations
@@ -83,6 +83,6 @@ def section(ctx: Any) -> TourSection:
         rows.append(row(f"Wanda {pc.pattern}", model))
         del model
     body += (html_table(rows) + "<p class=\"muted\">Perplexity on the tour's evaluation span; KL and top-1 on its "
-             "first 512 tokens. Distillation: forward KL, full fine-tuning, 8 steps of 2 x 256 tokens.</p>")
+             "first 512 tokens. Distillation: forward KL averaged half and half with the LM loss (--ce-weight 0.5), full fine-tuning, 8 steps of 2 x 256 tokens.</p>")
     summary.update(table=rows, seconds=time.perf_counter() - t0)
     return TourSection("Pruning and distillation", body, summary)
