@@ -170,7 +170,7 @@ def token_counts(scorer: Any, datas: list[Any], max_tokens: int) -> list[dict[st
                 body += len(inp)
             trees.append(build_tree(enc, scorer.max_length))
         lengths = [len(t.tokens) for t in trees]
-        ours_body = sum(len(b) * lengths[b[0]] for b in batches(lengths, max_tokens))
+        ours_body = sum(len(b) * lengths[b[0][0]] for b in batches(lengths, max_tokens))  # rows x width
         ours_head = sum(len(r) for t in trees for r in t.reads)
         head = body
         out.append({"task": d.task.name, "lm-eval body tokens": body, "ours body tokens (padded)": ours_body,
