@@ -30,10 +30,10 @@ def _int8_weights(model):
 
 
 def section(ctx: TourContext) -> TourSection:
-    """Quick mode: a 5x5 grid on one 16-token window and a 5-point line; full: 11x11 on 2 windows of 128."""
+    """Quick mode: a 5x5 grid on one 16-token window and a 5-point line; full: 9x9 on 2 windows of 128."""
     lm = ctx.lm
     model = lm.model
-    n, (windows, window), line_n = (5, (1, 16), 5) if ctx.quick else (11, (2, 128), 9)
+    n, (windows, window), line_n = (5, (1, 16), 5) if ctx.quick else (9, (2, 128), 9)
     ids = eval_windows(lm.tokenizer, None, n_windows=windows, window=window)
     base = batched_loss(model, ids)
     xs = np.linspace(-1, 1, n)
