@@ -100,3 +100,19 @@ def trl_timed(make_trainer: Callable[[list], object]) -> tuple[list[int], list[f
     steps_done = sorted(cb.seconds)
     tokens = [seen[s] - seen.get(s - 1, 0) for s in steps_done]
     return tokens, [cb.seconds[s] for s in steps_done], [h["loss"] for h in logs]
+
+
+def anchor_venv(venv: Path) -> list[str]:
+    """Create the anchor's virtual environment ``venv`` (git-ignored beside the others) with the CPU build of
+    torch 2.13.0 installed first, and return its ``pip install --quiet`` command for the anchor's own pins."""
+    import subprocess
+    import sys
+
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    (venv.parent / ".gitignore").write_text("*\n")
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)  # the configured index serves the CPU build here
+    return pip

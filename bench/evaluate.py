@@ -56,12 +56,10 @@ LM_EVAL_YAML = {
 
 def setup() -> None:
     """Create bench/venvs/lmeval: CPU torch first, then lm-eval 0.4.13 with its hf extra."""
-    VENV.parent.mkdir(parents=True, exist_ok=True)
-    (VENV.parent / ".gitignore").write_text("*\n")
-    if not PY.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    pip = [str(PY), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    sys.path.insert(0, str(HERE))
+    from common import anchor_venv
+
+    pip = anchor_venv(VENV)
     subprocess.run([*pip, *PINS], check=True)
 
 

@@ -42,19 +42,16 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 VENV = HERE / "venvs" / "gptqmodel"
 PY = VENV / "bin" / "python"
-TORCH_PIN = "torch==2.13.0"
 GPTQMODEL_PIN = "gptqmodel==7.6.0"
 OPTIMUM_PIN = "optimum==2.3.0"  # transformers' GPTQ loader needs it (and gptqmodel)
 
 
 def setup() -> None:
     """Create bench/venvs/gptqmodel with GPTQModel 7.6.0 on a CPU-only torch."""
-    VENV.parent.mkdir(parents=True, exist_ok=True)
-    (VENV.parent / ".gitignore").write_text("*\n")
-    if not PY.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    pip = [str(PY), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, TORCH_PIN], check=True)  # the configured index serves the CPU build here
+    sys.path.insert(0, str(HERE))
+    from common import anchor_venv
+
+    pip = anchor_venv(VENV)
     subprocess.run([*pip, "setuptools", "wheel"], check=True)
     subprocess.run([*pip, "--no-build-isolation", GPTQMODEL_PIN], check=True,
                    env={**os.environ, "BUILD_CUDA_EXT": "0"})
