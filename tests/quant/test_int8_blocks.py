@@ -94,6 +94,7 @@ def test_compiled_w8a8_greedy_equals_weight_only(monkeypatch):
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, 4:].tolist()
     monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "blocks")
     assert all(isinstance(m.decode_weight(), BlockCodes) for m in model.modules() if isinstance(m, Int8Linear))
-    out = dec.generate(model, None, prompt, dec.GenerationConfig(max_new_tokens=32, eos_token_ids=()))
-    assert out.backend == "fast" and fl.held_runtime(model, "compiled").warm
+    fast = fl.FastModel(model, "compiled")
+    out = dec.generate(fast, None, prompt, dec.GenerationConfig(max_new_tokens=32, eos_token_ids=()))
+    assert out.backend == "fast" and fast.matvec == "compiled" and fast.warm
     assert out.sequences[0].token_ids == ref

@@ -120,8 +120,8 @@ def test_block_product_equals_the_packed_product(sym, act_order, monkeypatch):
 def test_layouts_the_blocks_cannot_hold_keep_the_packed_path():
     """A group size that is not a multiple of 32 (runs of 32 inputs across two groups) or 3 bits: no blocks."""
     assert layer(16, 96, 48, True, False).decode_weight().__class__.__name__ == "PackedCodes"
-    t = pack_layer(torch.randint(0, 8, (16, 96)), torch.rand(16, 3), torch.full((16, 3), 4.0), torch.arange(96) // 32, 3)
-    assert not isinstance(GPTQLinear(96, 16, 3, t).decode_weight(), BlockCodes)
+    t = pack_layer(torch.randint(0, 8, (32, 96)), torch.rand(32, 3), torch.full((32, 3), 4.0), torch.arange(96) // 32, 3)
+    assert not isinstance(GPTQLinear(96, 32, 3, t).decode_weight(), BlockCodes)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,33 @@ def test_compiled_block_step_greedy_equals_weight_only(act_order_model, monkeypa
     with torch.no_grad():
         ref = act_order_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, 4:].tolist()
     monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "blocks")
-    out = generate(act_order_model, None, prompt, GenerationConfig(max_new_tokens=32, eos_token_ids=()))
-    assert out.backend == "fast" and fl.held_runtime(act_order_model, "compiled").warm
+    fast = fl.FastModel(act_order_model, "compiled")
+    out = generate(fast, None, prompt, GenerationConfig(max_new_tokens=32, eos_token_ids=()))
+    assert out.backend == "fast" and fast.matvec == "compiled" and fast.warm
     assert out.sequences[0].token_ids == ref
+
+
+def test_q8_0_head_is_ggml_q8_0_of_the_fp16_table(monkeypatch):
+    """``LLMCOURSE_GPTQ_HEAD=q8_0``: the tied fp16 table re-quantized to Q8_0 blocks, byte for byte what the gguf
+    package's (llama.cpp's) quantizer writes; lookups keep the fp16 table."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from llmcourse.quant.gptq.blocks import q8_0_quantize
+    from llmcourse.quant.gptq.linear import HalfHead, HalfTable
+
+    table = (torch.randn(300, 64, generator=torch.Generator().manual_seed(0)) * 0.05).half()
+    ref = gguf.quantize(table.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(q8_0_quantize(table).numpy(), ref.reshape(300, -1))
+    head = HalfHead(HalfTable(table))
+    assert isinstance(head.decode_weight(), fl.Dense)  # the default: the fp16 table itself
+    monkeypatch.setenv("LLMCOURSE_GPTQ_HEAD", "q8_0")
+    bw = head.decode_weight()
+    assert isinstance(bw, BlockCodes) and bw.qtype == 8
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y, exact = head(x), x @ table.float().T
+    assert torch.equal(y, project(bw, x))
+    w_q = kernels.block_rows(bw.blocks, torch.arange(300), 8, 64)
+    bound = rounding_bound(x, w_q) + x.abs().double() @ (w_q - table.float()).abs().double().T + 1e-5
+    assert bool(((y.double() - exact.double()).abs() <= bound).all())

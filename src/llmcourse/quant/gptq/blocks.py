@@ -120,12 +120,15 @@ def head_choice() -> str:
 
 def q8_0_quantize(w: torch.Tensor) -> torch.Tensor:
     """ggml's Q8_0 of a float weight (O, I), I a multiple of 32 -> (O, I / 32 · 34) uint8: per block of 32,
-    ``d = fp16(max|w| / 127)``, ``q = round(w / d)`` (half to even), as llama.cpp's quantize_row_q8_0."""
+    ``d = fp16(max|w| / 127)``, ``q = roundf(w · (1 / d))`` (half away from zero), as ggml's reference
+    quantize_row_q8_0, which llama.cpp's file quantizer runs."""
     o, i = w.shape
     wb = w.float().view(o, i // BLOCK, BLOCK)
-    amax = wb.abs().amax(-1, keepdim=True)
-    d = amax / 127
-    q = torch.round(wb * torch.where(d != 0, 1 / d, torch.zeros_like(d))).clamp(-127, 127).to(torch.int8)
+    d = wb.abs().amax(-1, keepdim=True) / 127
+    v = wb * torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    a = v.abs()
+    whole = torch.floor(a)
+    q = (torch.sign(v) * (whole + torch.floor(2 * (a - whole)))).clamp(-127, 127).to(torch.int8)
     head = d.to(torch.float16).view(torch.uint8)  # (O, nb, 2)
     return torch.cat([head, q.view(torch.uint8)], dim=-1).view(o, -1).contiguous()
 
