@@ -43,11 +43,24 @@ def agreement(folder: str, windows: int, width: int = 48) -> dict[str, float]:
             os.environ[var] = value
             logits[name] = torch.cat([lm.model(w[None]).logits[0] for w in ids]).double()
     os.environ.pop(var)
-    p, q = logits["weight-only"].log_softmax(-1), logits["blocks"].log_softmax(-1)
-    kl = (p.exp() * (p - q)).sum(-1)
-    return {"positions": float(kl.numel()), "mean KL": float(kl.mean()), "max KL": float(kl.max()),
-            "top-1 agreement": float((p.argmax(-1) == q.argmax(-1)).double().mean()),
-            "max |dlogit|": float((logits["blocks"] - logits["weight-only"]).abs().max())}
+    ref = load_model("default").model
+    with torch.no_grad():
+        logits["fp32"] = torch.cat([ref(w[None]).logits[0] for w in ids]).double()
+
+    def kl(a: str, b: str) -> torch.Tensor:
+        p, q = logits[a].log_softmax(-1), logits[b].log_softmax(-1)
+        return (p.exp() * (p - q)).sum(-1)
+
+    def top1(a: str, b: str) -> float:
+        return float((logits[a].argmax(-1) == logits[b].argmax(-1)).double().mean())
+
+    d = kl("weight-only", "blocks")
+    return {"positions": float(d.numel()), "mean KL(weight-only || blocks)": float(d.mean()),
+            "max KL": float(d.max()), "top-1 agreement": top1("weight-only", "blocks"),
+            "max |dlogit|": float((logits["blocks"] - logits["weight-only"]).abs().max()),
+            "mean KL(fp32 || weight-only)": float(kl("fp32", "weight-only").mean()),
+            "mean KL(fp32 || blocks)": float(kl("fp32", "blocks").mean()),
+            "top-1 vs fp32, weight-only": top1("fp32", "weight-only"), "top-1 vs fp32, blocks": top1("fp32", "blocks")}
 
 
 def main() -> None:

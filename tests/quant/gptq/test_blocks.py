@@ -152,8 +152,8 @@ def test_compiled_block_step_greedy_equals_weight_only(act_order_model, monkeypa
 
 
 def test_q8_0_head_is_ggml_q8_0_of_the_fp16_table(monkeypatch):
-    """``LLMCOURSE_GPTQ_HEAD=q8_0``: the tied fp16 table re-quantized to Q8_0 blocks, byte for byte what the gguf
-    package's (llama.cpp's) quantizer writes; lookups keep the fp16 table."""
+    """The default head (``LLMCOURSE_GPTQ_HEAD=q8_0``): the tied fp16 table re-quantized to Q8_0 blocks, byte
+    for byte what the gguf package's (llama.cpp's) quantizer writes; lookups keep the fp16 table."""
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
@@ -164,8 +164,9 @@ def test_q8_0_head_is_ggml_q8_0_of_the_fp16_table(monkeypatch):
     ref = gguf.quantize(table.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
     assert np.array_equal(q8_0_quantize(table).numpy(), ref.reshape(300, -1))
     head = HalfHead(HalfTable(table))
-    assert isinstance(head.decode_weight(), fl.Dense)  # the default: the fp16 table itself
-    monkeypatch.setenv("LLMCOURSE_GPTQ_HEAD", "q8_0")
+    monkeypatch.setenv("LLMCOURSE_GPTQ_HEAD", "fp16")
+    assert isinstance(head.decode_weight(), fl.Dense)  # the fp16 table itself
+    monkeypatch.delenv("LLMCOURSE_GPTQ_HEAD")
     bw = head.decode_weight()
     assert isinstance(bw, BlockCodes) and bw.qtype == 8
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))

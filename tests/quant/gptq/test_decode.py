@@ -103,8 +103,10 @@ def test_compiled_greedy_equals_eager(quantized, monkeypatch):
     assert out.sequences[0].token_ids == ref
 
 
-def test_half_table_is_the_fp16_checkpoint_table_for_lookup_and_tied_head():
-    """A tied fp16 embedding stays fp16: lookups and the head give what an fp32 copy of it gives."""
+def test_half_table_is_the_fp16_checkpoint_table_for_lookup_and_tied_head(monkeypatch):
+    """A tied fp16 embedding stays fp16: lookups and the head give what an fp32 copy of it gives (the head in
+    fp16, ``LLMCOURSE_GPTQ_HEAD=fp16``; its default Q8_0 blocks: test_blocks.py)."""
+    monkeypatch.setenv("LLMCOURSE_GPTQ_HEAD", "fp16")
     from llmcourse.core.runtime.weights import step_weight
     from llmcourse.quant.gptq.linear import HEAD_SLICE, HalfHead, HalfTable
 

@@ -310,9 +310,11 @@ def test_rtn_calibrates_only_with_log_errors(tmp_path, capsys, monkeypatch):
     assert len(calls) == 1 and "output errors logged" in capsys.readouterr().out
 
 
-def test_reload_is_exact(tmp_path):
+def test_reload_is_exact(tmp_path, monkeypatch):
     """The folder reloads to the very model that was quantized (same logits, bit for bit, in fp32),
-    apart from the fp16 storage of the embedding and norms, which the test applies to the original too."""
+    apart from the fp16 storage of the embedding and norms, which the test applies to the original too
+    (the tied head in fp16: its default for decoding is Q8_0 blocks, test_blocks.py)."""
+    monkeypatch.setenv("LLMCOURSE_GPTQ_HEAD", "fp16")
     from llmcourse.core.models import load_model
     from llmcourse.quant.gptq.model import save_quantized
 

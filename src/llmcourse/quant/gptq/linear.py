@@ -241,8 +241,8 @@ class HalfHead(nn.Module):
         return self.tied[0].weight
 
     def block_weight(self) -> BlockCodes | None:
-        """The table re-quantized to Q8_0 blocks (once) when ``LLMCOURSE_GPTQ_HEAD=q8_0`` asks for it
-        (:func:`~llmcourse.quant.gptq.blocks.head_choice`) and the kernels are there; else None."""
+        """The table re-quantized to Q8_0 blocks (once) unless ``LLMCOURSE_GPTQ_HEAD=fp16``
+        (:func:`~llmcourse.quant.gptq.blocks.head_choice`) or the kernels are missing; else None."""
         if head_choice() != "q8_0":
             return None
         if self._blocks is None:
