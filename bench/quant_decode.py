@@ -8,6 +8,12 @@ one core kept busy by a spinning process. Then the peak RSS of ``llmcourse gener
 and the physical limit of decoding: weight bytes read per token / measured memory read bandwidth.
 
     PYTHONPATH=src .venv/bin/python bench/quant_decode.py [--threads 2] [--rounds 2] [--busy] [--isa avx2]
+        [--folders int8,gptq4]
+
+``--folders`` adds our own labs' folders of the same model as extra rows, decoded by the same block kernels
+(made once by ``llmcourse quantize int8`` / ``quantize gptq``, cached beside the GGUFs): the int8 folder
+(absmax per row) against our Q8_0, the GPTQ 4-bit g128 folder against our Q4_0 (issue 26's targets:
+>= 1.0x and >= 0.9x), in the same interleaved rounds.
 
 ``--isa`` caps our kernels' instruction set (LLMCOURSE_BLOCK_ISA: portable, avx2, vnni). Writes
 bench/results/quant_decode.md.
@@ -50,13 +56,38 @@ def files() -> dict[str, Path]:
     return out
 
 
+# our labs' folders (--folders): name -> (the CLI's arguments, the GGUF preset it is compared with)
+FOLDERS = {
+    "int8": (["quantize", "int8", "--method", "absmax", "--granularity", "row"], "Q8_0"),
+    "gptq4": (["quantize", "gptq", "--bits", "4", "--group-size", "128", "--samples", "32", "--seq-len", "256"],
+              "Q4_0"),
+}
+
+
+def folders(names: list[str], threads: int) -> dict[str, Path]:
+    """The default model's int8 / GPTQ folders (made once by our CLI, cached under CACHE)."""
+    out = {}
+    for name in names:
+        path = CACHE / f"default-{name}"
+        if not path.exists():
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LLMCOURSE_THREADS": str(threads)}
+            subprocess.run([sys.executable, "-m", "llmcourse.cli", *FOLDERS[name][0], "--model", "default",
+                            "--out", str(path)], check=True, env=env)
+        out[name] = path
+    return out
+
+
 def ours(path: Path, n: int, pp: int) -> dict[str, float]:
     import torch
 
     from llmcourse.core.runtime import runtime_for
-    from llmcourse.quant.gguf.load import load_model
 
-    lm = load_model(path)
+    if path.is_dir():  # a lab's folder (--folders)
+        from llmcourse.core.models import load_model
+    else:
+        from llmcourse.quant.gguf.load import load_model
+
+    lm = load_model(str(path)) if path.is_dir() else load_model(path)
     fast = runtime_for(lm.model)
     ids = torch.tensor([lm.tokenizer(PROMPT).input_ids])
     long_ids = torch.randint(100, 40000, (1, pp), generator=torch.Generator().manual_seed(0))
@@ -172,8 +203,11 @@ def main() -> None:
     p.add_argument("--busy", action="store_true", help="also measure with one core kept busy")
     p.add_argument("--isa", default="", help="cap our kernels' instruction set (portable, avx2, vnni)")
     p.add_argument("--no-rss", action="store_true")
+    p.add_argument("--folders", default="", help=f"also our labs' folders, compared with our GGUF rows: "
+                   f"{','.join(FOLDERS)}")
     args = p.parse_args()
     paths = {k: v for k, v in files().items() if k in args.presets.split(",")}
+    extra = folders([f for f in args.folders.split(",") if f], args.threads)
     bw = bandwidth()
     rows = []
     for busy in ([False, True] if args.busy else [False]):
@@ -184,6 +218,8 @@ def main() -> None:
                 for preset, path in paths.items():
                     for engine in ("ours", "llama.cpp"):
                         res.setdefault((preset, engine), []).append(one(engine, path, args))
+                for name, path in extra.items():
+                    res.setdefault((name, "ours"), []).append(one("ours", path, args))
         finally:
             if spinner is not None:
                 spinner.kill()
@@ -206,6 +242,18 @@ def main() -> None:
                 "limit tok/s": f"{limit:.0f}",
                 "share ours / llama.cpp": f"{max(od) / limit:.0%} / {max(ld) / limit:.0%}",
             })
+        for name in extra:  # our folders against our own GGUF row of the same kind, round by round
+            base = FOLDERS[name][1]
+            o = res[(name, "ours")]
+            od = [r["decode"] for r in o]
+            row = {"file": f"our {name} folder vs our {base}" + (" (1 core busy)" if busy else ""),
+                   "ours decode tok/s": ", ".join(f"{v:.1f}" for v in od),
+                   "ours pp512 tok/s": ", ".join(f"{r['pp']:.0f}" for r in o)}
+            if (base, "ours") in res:
+                bd = [r["decode"] for r in res[(base, "ours")]]
+                ratios = [a / b for a, b in zip(od, bd, strict=True)]
+                row["decode ratio"] = f"{min(ratios):.2f}–{max(ratios):.2f}x (vs ours {', '.join(f'{v:.1f}' for v in bd)})"
+            rows.append(row)
     notes = (f"{machine()}; {args.threads} threads both sides; our kernels' ISA: {args.isa or 'best'}; memory read "
              f"bandwidth {bw / 1e9:.1f} GB/s (a torch.sum over 512 MB); limit = bandwidth / weight bytes per token.")
     if not args.no_rss and "Q4_K_M" in paths:

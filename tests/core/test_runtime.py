@@ -86,6 +86,7 @@ def test_int8_linears_plug_into_the_compiled_step(words, monkeypatch) -> None:
     """One-byte codes read as bytes (AVX-512 CPUs) or as 4-byte words (others, :func:`byte_dot`)."""
     from llmcourse.quant.int8 import Int8Config, quantize_model
 
+    monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "rows")  # the weight-only RowCodes (not the W8A8 block kernel)
     kernels = rt.KernelOptions(byte_words=words)
 
     model = tiny_model("llama", seed=6)

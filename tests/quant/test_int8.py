@@ -27,8 +27,10 @@ from llmcourse.quant.int8.linear import Int8Embedding, Int8Linear
 @pytest.fixture(autouse=True)
 def _eager_kernels(monkeypatch):
     """Most tests run the row-wise kernel eagerly (same maths; compiling costs seconds per shape);
-    test_compiled_kernel_matches_eager covers the compiled one."""
+    test_compiled_kernel_matches_eager covers the compiled one. They pin the weight-only product (fp32
+    activations): the W8A8 block kernel, the default for decoding, is tested in test_int8_blocks.py."""
     monkeypatch.setenv("LLMCOURSE_INT8_COMPILE", "0")
+    monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "rows")
 
 
 # --- closed forms ------------------------------------------------------------------------------

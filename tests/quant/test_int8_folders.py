@@ -42,6 +42,7 @@ ALLOWED = {
 @pytest.fixture(autouse=True)
 def _eager_kernels(monkeypatch):
     monkeypatch.setenv("LLMCOURSE_INT8_COMPILE", "0")
+    monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "rows")  # the weight-only product (W8A8: test_int8_blocks.py)
 
 
 def _package_imports(path: Path) -> set[str]:

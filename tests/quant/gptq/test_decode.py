@@ -8,6 +8,7 @@ import torch
 from llmcourse.core import runtime as fl
 from llmcourse.core.runtime import model as rt_model
 from llmcourse.core.runtime import pack_words, packed_dot, unpack_words
+from llmcourse.core.runtime.weights import BlockCodes
 from llmcourse.decoding import GenerationConfig, generate
 from llmcourse.quant.gptq.linear import GPTQLinear
 from llmcourse.quant.gptq.model import GPTQConfig, quantize_model
@@ -41,10 +42,14 @@ def test_decode_weights_are_the_same_weight_in_equal_groups(quantized):
         assert torch.equal(w, before)
         assert torch.equal(x.dequantize(), before)  # now from the words, in one compiled pass
         assert x._codes is None  # the words replaced the one-byte codes
-    # act-order: a permuted g_idx has no equal runs, so the layer offers nothing (the step calls forward())
+    # act-order: a permuted g_idx has no equal runs, so the packed words' layer offers nothing (the step calls
+    # forward()); the block kernels take it with the inputs sorted by group (test_blocks.py)
     g_idx = torch.randperm(64, generator=torch.Generator().manual_seed(0)) // 32
     t = pack_layer(torch.randint(0, 16, (32, 64)), torch.rand(32, 2), torch.full((32, 2), 8.0), g_idx, 4)
-    assert GPTQLinear(64, 32, 4, t).decode_weight() is None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMCOURSE_GPTQ_KERNEL", "packed")
+        assert GPTQLinear(64, 32, 4, t).decode_weight() is None
+    assert isinstance(GPTQLinear(64, 32, 4, t).decode_weight(), BlockCodes)
 
 
 @pytest.mark.parametrize("order", ["natural", "act-order"])
@@ -98,8 +103,10 @@ def test_compiled_greedy_equals_eager(quantized, monkeypatch):
     assert out.sequences[0].token_ids == ref
 
 
-def test_half_table_is_the_fp16_checkpoint_table_for_lookup_and_tied_head():
-    """A tied fp16 embedding stays fp16: lookups and the head give what an fp32 copy of it gives."""
+def test_half_table_is_the_fp16_checkpoint_table_for_lookup_and_tied_head(monkeypatch):
+    """A tied fp16 embedding stays fp16: lookups and the head give what an fp32 copy of it gives (the head in
+    fp16, ``LLMCOURSE_GPTQ_HEAD=fp16``; its default Q8_0 blocks: test_blocks.py)."""
+    monkeypatch.setenv("LLMCOURSE_GPTQ_HEAD", "fp16")
     from llmcourse.core.runtime.weights import step_weight
     from llmcourse.quant.gptq.linear import HEAD_SLICE, HalfHead, HalfTable
 

@@ -11,7 +11,8 @@ kind is a frozen dataclass, told apart by its class, never by its shape):
 * :class:`PackedCodes` — the same with ``bits`` in {2, 4, 8} codes packed ``32 / bits`` to a 32-bit word
   (:func:`pack_words`; 2/4/8-bit GPTQ: half a byte read per 4-bit weight);
 * :class:`BlockCodes` — ggml's quantized blocks as stored in a GGUF file (Q8_0, Q4_0 ... Q6_K), multiplied
-  by the block kernels of :mod:`~llmcourse.core.runtime.kernels` with 8-bit activations;
+  by the block kernels of :mod:`~llmcourse.core.runtime.kernels` with 8-bit activations (also other codes
+  repacked into blocks at load, with an optional per-output scale and input permutation);
 * :class:`ModuleWeight` — any other module (LLM.int8(), a layer of another lab), called as ``module(x)``
   on the eager path only.
 
@@ -131,6 +132,11 @@ class BlockCodes:
     out_features: int
     bias: torch.Tensor | None = None
     level: int = -1
+    # Other labs' codes repacked as blocks (the 8-bit lab's int8 rows as Q8_0 with d = 1, GPTQ's 4-bit groups
+    # as Q4_0 / Q4_1): ``scale`` (O,) fp32 multiplies each output (a per-row scale the blocks do not hold),
+    # ``perm`` (I,) int64 takes the inputs in that order first (GPTQ's act-order, its groups made contiguous).
+    scale: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -190,8 +196,11 @@ def project(w: Weight, x: torch.Tensor) -> torch.Tensor:
     elif isinstance(w, Dense):
         y = rows_dot(w.weight, rows)
     elif isinstance(w, BlockCodes):  # an opaque call of the C++ kernel, compiled or not
-        y = torch.ops.llmcourse_blocks.mm(rows.float().contiguous(), w.blocks, w.qtype, w.out_features,
-                                          w.level).to(rows.dtype)
+        xb = rows.float() if w.perm is None else rows.float().index_select(-1, w.perm)
+        y = torch.ops.llmcourse_blocks.mm(xb.contiguous(), w.blocks, w.qtype, w.out_features, w.level)
+        if w.scale is not None:
+            y = y * w.scale
+        y = y.to(rows.dtype)
     elif isinstance(w, PackedCodes):
         y = packed_dot(w.words, w.scale, w.zero, rows)
     elif isinstance(w, GroupCodes):

@@ -16,6 +16,10 @@ not divide ends in a shorter group (576 inputs at g128: 4 groups of 128 and one 
 inputs lies in one group, so the same values, repeated, are scales for ``I / s`` equal groups of
 ``s`` (576 at g128: 9 groups of 64). Under act-order ``g_idx`` is permuted and no such run exists:
 the layer then offers nothing and the step runs it through its own ``forward``.
+
+By default 4-bit layers are decoded by the GGUF block kernels instead (:mod:`llmcourse.quant.gptq.blocks`):
+the codes repacked once into ggml Q4_0 (symmetric) or Q4_1 blocks, act-order included (the inputs sorted
+by group), multiplied with 8-bit activations; ``LLMCOURSE_GPTQ_KERNEL=packed`` selects the packed words.
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcourse.core.runtime import PACKED_BITS, Dense, GroupCodes, PackedCodes, WordsDequantizer, pack_words
+from llmcourse.core.runtime.kernels import forced_level
+from llmcourse.core.runtime.weights import BlockCodes, project
+from llmcourse.quant.gptq.blocks import (
+    GEMM_ROWS,
+    Q8_0,
+    block_linear,
+    head_choice,
+    kernel_choice,
+    kernels_ready,
+    q8_0_quantize,
+)
+from llmcourse.quant.gptq.blocks import block_weight as gptq_block_weight
 from llmcourse.quant.gptq.pack import unpack
 
 
@@ -52,6 +68,7 @@ class GPTQLinear(nn.Module):
         self._decode: GroupCodes | PackedCodes | None = None  # decode_weight(), built once
         self._words: tuple | None = None  # (words, scale, zero) fp32 when decode_weight packed the codes
         self._dequantize_words = WordsDequantizer()  # the words' compiled de-quantization (a prompt's)
+        self._blocks: BlockCodes | bool | None = None  # block_weight(): None not built yet, False impossible
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes (O, I) int8, scales (O, G) fp32, zeros (O, G) int8 with the v1 +1, g_idx (I,) long):
@@ -95,13 +112,37 @@ class GPTQLinear(nn.Module):
         s = self.equal_groups()
         return self.bits in PACKED_BITS and s is not None and s % (32 // self.bits) == 0
 
-    def decode_weight(self) -> GroupCodes | PackedCodes | None:
+    def block_weight(self) -> BlockCodes | None:
+        """The layer as ggml Q4_0 / Q4_1 blocks for the block kernels (:mod:`llmcourse.quant.gptq.blocks`):
+        4 bits, runs of 32 (group-sorted) inputs within one group, the kernels built; else None. Built once;
+        the one-byte codes cached by :meth:`parts` are dropped then (the blocks serve every product)."""
+        if self._blocks is None:
+            bw = None
+            if self.bits == 4:
+                codes, scales, zeros, g_idx = self.parts()
+                bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+                bw = gptq_block_weight(codes, scales, zeros, g_idx, bias)
+            self._blocks = bw if bw is not None else False
+            if bw is not None:
+                self._codes = self._zeros = None
+                self._equal = None
+        return self._blocks or None
+
+    def uses_blocks(self) -> BlockCodes | None:
+        """:meth:`block_weight` when the block kernels are chosen (``LLMCOURSE_GPTQ_KERNEL``, default) and fit."""
+        return self.block_weight() if kernel_choice() == "blocks" else None
+
+    def decode_weight(self) -> BlockCodes | GroupCodes | PackedCodes | None:
         """The model runtime's compiled view (``DecodePlugin``): the codes with scales and zeros for
         ``G' = I / gcd(g, I)`` equal groups (:meth:`equal_group_parts`), ``W[o, i] = (q[o, i] - zero[o, g]) ·
         scale[o, g]``; None under act-order. The codes are 32-bit words packing ``32 / bits`` codes each
         (:class:`PackedCodes`, :meth:`packs_words`: 2/4/8 bits; the step unpacks them inside its reduction,
         one read of the packed weight per token), else one byte each (:class:`GroupCodes`, 3 bits).
-        Built once; the words replace the cached one-byte codes (half the memory at 4 bits)."""
+        Built once; the words replace the cached one-byte codes (half the memory at 4 bits).
+        With the block kernels (:meth:`uses_blocks`): the :class:`BlockCodes`, act-order included."""
+        bw = self.uses_blocks()
+        if bw is not None:
+            return bw
         if self._decode is None:
             equal = self.equal_group_parts()
             if equal is None:
@@ -143,6 +184,10 @@ class GPTQLinear(nn.Module):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bw = self.uses_blocks()
+        if bw is not None:  # a few rows: the block kernel; many: de-quantized blocks and the GEMM
+            y = block_linear(bw, x.reshape(-1, self.in_features), self.in_features)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
@@ -189,17 +234,34 @@ class HalfHead(nn.Module):
         super().__init__()
         self.out_features, self.in_features = table.table.shape
         self.tied = [table]  # a list: not a submodule, so the table is not counted or saved twice
+        self._blocks: BlockCodes | bool | None = None  # block_weight(): None not built yet, False impossible
 
     @property
     def weight(self) -> torch.Tensor:
         return self.tied[0].weight
 
-    def decode_weight(self) -> Dense:
-        """The compiled step's view (``DecodePlugin``): the fp16 weight itself, converted inside the loads."""
-        return Dense(self.tied[0].table)
+    def block_weight(self) -> BlockCodes | None:
+        """The table re-quantized to Q8_0 blocks (once) unless ``LLMCOURSE_GPTQ_HEAD=fp16``
+        (:func:`~llmcourse.quant.gptq.blocks.head_choice`) or the kernels are missing; else None."""
+        if head_choice() != "q8_0":
+            return None
+        if self._blocks is None:
+            table = self.tied[0].table
+            self._blocks = (BlockCodes(q8_0_quantize(table), Q8_0, self.out_features, level=forced_level())
+                            if table.shape[1] % 32 == 0 and kernels_ready() else False)
+        return self._blocks or None
+
+    def decode_weight(self) -> Dense | BlockCodes:
+        """The compiled step's view (``DecodePlugin``): the fp16 weight itself, converted inside the loads (or
+        its Q8_0 blocks, :meth:`block_weight`)."""
+        return self.block_weight() or Dense(self.tied[0].table)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x Tᵀ``, converting the table in slices of :data:`HEAD_SLICE` rows (no whole fp32 copy)."""
+        bw = self.block_weight()
+        if bw is not None and x.reshape(-1, self.in_features).shape[0] < GEMM_ROWS:
+            y = project(bw, x.reshape(-1, self.in_features))
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         table = self.tied[0].table
         return torch.cat([F.linear(x, table[r:r + HEAD_SLICE].to(x.dtype))
                           for r in range(0, self.out_features, HEAD_SLICE)], dim=-1)

@@ -238,7 +238,9 @@ def collect_hessians(block: nn.Module, groups: list[list[str]], layers: dict[str
 
 
 # Inputs of the last layer kept for the output correction: fp16 (half the memory of fp32) where
-# every value fits; the correction they enter is the small ``ΔW x``.
+# every value fits; the correction they enter is the small ``ΔW x``. Its rounding (2⁻¹¹ of ``x ΔWᵀ``) is
+# passed to the next block's inputs, so the fused pass equals another pass through the block only up to
+# that (with fp32 here, up to float rounding: tests/quant/gptq/test_gptq.py, fused_last_pass).
 _KEEP_DTYPE = torch.float16
 
 

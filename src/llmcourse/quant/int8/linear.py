@@ -15,11 +15,25 @@ Several rows (prefill, perplexity) de-quantize the weight once per call and use 
 which is compute-bound there anyway. Group-wise statistics always take that second path.
 
 Set ``LLMCOURSE_INT8_COMPILE=0`` to run the eager (slower, same result) row-wise path instead.
+
+W8A8 through the GGUF block kernels (the default for decoding absmax per-row / per-tensor weights;
+``LLMCOURSE_INT8_KERNEL=rows`` keeps the weight-only reduction above): int8 codes with one fp32 scale per
+row are ggml Q8_0 blocks of 32 codes with the block scale ``d = 1`` (exact in fp16), followed by the
+row's ``1/s``. They are repacked once (34 bytes per 32 weights: the codes and a constant 2-byte scale)
+and multiplied by the Q8_0 kernel with the activations quantized on the fly to 8 bits per 32 values
+(``d_a = fp16(max|x| / 127)``, as llama.cpp's CPU backend), an exact integer dot product per block:
+
+    y_o = (1 / s_o) · Σ_b d_a,b Σ_{i∈b} q_oi q_a,i          (W8A8)
+
+so the result differs from the weight-only product only by the activations' 8-bit rounding (and fp32
+summation order). A few rows (decoding, short prompts) take it; many rows (a long prompt, perplexity)
+keep the de-quantized fp32 GEMM. Zero-point and group-wise statistics keep the weight-only paths.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -27,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcourse.core.runtime import KernelOptions, RowCodes
+from llmcourse.core.runtime.weights import BlockCodes, project
 from llmcourse.quant.int8.formulas import QuantizedTensor, expand_stat
 
 log = logging.getLogger(__name__)
@@ -89,6 +104,38 @@ def _compile(name: str, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.T
         return torch.compile(fn, dynamic=False)
 
 
+Q8_0 = 8  # ggml's type id
+BLOCK_ROWS_MAX = 64  # below this many rows the block kernel runs; from it, the de-quantized GEMM
+KERNELS = ("blocks", "rows")
+
+
+def kernel_choice() -> str:
+    """``blocks`` (W8A8 through the Q8_0 block kernel, the default) or ``rows`` (weight-only int8, the
+    compiled row reduction): ``LLMCOURSE_INT8_KERNEL``, read at each call so tests can switch it."""
+    name = os.environ.get("LLMCOURSE_INT8_KERNEL", "blocks").strip().lower()
+    return name if name in KERNELS else "blocks"
+
+
+def q8_0_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """int8 ``codes`` (O, I), I a multiple of 32, as ggml Q8_0 rows (O, I / 32 · 34) uint8: per block of 32
+    codes, the fp16 scale 1.0 then the codes as they are."""
+    o, i = codes.shape
+    nb = i // 32
+    one = torch.ones(o, nb, 1, dtype=torch.float16).view(torch.uint8)  # (O, nb, 2): fp16 1.0, little endian
+    return torch.cat([one, codes.contiguous().view(torch.uint8).view(o, nb, 32)], dim=-1).view(o, nb * 34)
+
+
+def q8_0_weight(codes: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None) -> BlockCodes | None:
+    """absmax int8 ``codes`` (O, I) with ``inv_scale`` (O, 1) as a :class:`BlockCodes` for the Q8_0 kernel (the
+    per-row ``1/s`` as its ``scale``); None when ``I`` is not a multiple of 32 or the kernels are missing."""
+    from llmcourse.core.runtime.kernels import forced_level, load
+
+    if codes.dtype != torch.int8 or codes.shape[1] % 32 or not load():
+        return None
+    return BlockCodes(q8_0_blocks(codes), Q8_0, codes.shape[0], bias, forced_level(),
+                      scale=inv_scale.reshape(-1).float().contiguous())
+
+
 class RowKernels:
     """The compiled row-wise kernels of one model, keyed by kernel name and argument shapes.
 
@@ -137,6 +184,7 @@ class Int8Linear(nn.Module):
         zero_row = qt.zero.expand(self.out_features, 1).contiguous() if qt.zero is not None and inv is not None else None
         self.register_buffer("zero_row", zero_row, persistent=False)
         self.compute_dtype = dtype
+        self._blocks: BlockCodes | bool | None = None  # block_weight(): None not built yet, False impossible
 
     @property
     def weight(self) -> torch.Tensor:
@@ -148,18 +196,36 @@ class Int8Linear(nn.Module):
         qt = QuantizedTensor(self.qweight, self.scale, self.zero, self.granularity, self.group_size)
         return qt.dequantize(dtype or self.compute_dtype)
 
-    def decode_weight(self) -> RowCodes | None:
-        """The model runtime's compiled view (its ``DecodePlugin``): the int8 codes with 1/s and the zero
-        point per row, de-quantized inside the step's loads; None for group-wise statistics, which it does
-        not run (they take this module's own forward)."""
+    def block_weight(self) -> BlockCodes | None:
+        """The codes as Q8_0 blocks with the row scales (W8A8, module docstring) when the block kernels are
+        chosen (:func:`kernel_choice`) and the weight allows it (absmax per row or tensor, a width that is a
+        multiple of 32); else None. Repacked once, at the first call."""
+        if kernel_choice() != "blocks" or self.inv_scale is None or self.zero is not None:
+            return None
+        if self._blocks is None:
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            self._blocks = q8_0_weight(self.qweight, self.inv_scale, bias) or False
+        return self._blocks or None
+
+    def decode_weight(self) -> BlockCodes | RowCodes | None:
+        """The model runtime's compiled view (its ``DecodePlugin``): Q8_0 blocks with the row scales
+        (:meth:`block_weight`, W8A8), else the int8 codes with 1/s and the zero point per row, de-quantized
+        inside the step's loads; None for group-wise statistics, which it does not run (they take this
+        module's own forward)."""
         if self.inv_scale is None:
             return None
+        bw = self.block_weight()
+        if bw is not None:
+            return bw
         return RowCodes(self.qweight, self.inv_scale, self.zero_row, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] == 1 and self.inv_scale is not None and not torch.is_grad_enabled():
+        bw = self.block_weight() if x2.shape[0] < BLOCK_ROWS_MAX and not torch.is_grad_enabled() else None
+        if bw is not None:
+            y = project(bw, x2)
+        elif x2.shape[0] == 1 and self.inv_scale is not None and not torch.is_grad_enabled():
             xf = x2[0].float().contiguous()
             if KernelOptions.detect().byte_words and self.in_features % 4 == 0 and self.qweight.is_contiguous():
                 words, xq = self.qweight.view(torch.float32), xf.view(-1, 4).t().contiguous()
