@@ -50,7 +50,7 @@ def test_compiled_step_logits_match_transformers(arch: str, overrides: dict, row
 
 
 def test_step_in_runs_of_layers_equals_the_whole_stack() -> None:
-    """``layers_per_call`` splits the compiled step into runs of layers (the head in the last): the same logits
+    """``layers_per_call`` splits the compiled step into runs of layers (then the head, its own call): the same logits
     as the one-call stack and as transformers."""
     model = tiny_model("llama", seed=4, num_hidden_layers=3)
     ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))

@@ -305,7 +305,8 @@ class FastModel:
     def _stack(self, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], pos: torch.Tensor,
                rows: torch.Tensor | None, qpos: torch.Tensor, width: int, dynamic_width: bool,
                with_head: bool, per_call: int | None = None) -> torch.Tensor:
-        """:func:`decode_stack` compiled, over runs of :attr:`layers_per_call` layers (the head in the last)."""
+        """:func:`decode_stack` compiled, over runs of ``per_call`` layers (default :attr:`layers_per_call`); the
+        head in the same call when it is the whole stack."""
         masks = self.masks(qpos, width)
         if dynamic_width:
             for m in masks.values():
@@ -315,11 +316,14 @@ class FastModel:
         mask_t = tuple(masks[w] for w in self.arch.windows)
         n = len(self.step_layers)
         g = self.layers_per_call if per_call is None else (n if per_call <= 0 else min(per_call, n))
-        for i in range(0, n, g):
+        fused = with_head and g == n  # the head joins a whole-stack call; after runs of layers it is its own
+        for i in range(0, n, g):  # call, which depends on the rows only, not on the window (fewer compilations)
             j = min(n, i + g)
-            last = with_head and j == n
             x = self._stack_fn(x, tuple(self.step_layers[i:j]), self.plan[i:j], self.arch, tuple(caches[i:j]), pos,
-                               rows, rope_t, mask_t, self.norm if last else None, self.head_step if last else None)
+                               rows, rope_t, mask_t, self.norm if fused else None, self.head_step if fused else None)
+        if with_head and not fused:
+            a = self.arch
+            x = self._head_fn(x, self.norm, self.head_step, a.eps, a.final_softcap)
         if with_head:
             self.head_compiled = True
         return x
