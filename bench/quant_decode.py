@@ -5,7 +5,9 @@ under ~/.cache/llmcourse/bench-gguf): greedy decode tokens/s (64 tokens after a 
 tokens/s (one 512-token prompt), ours (``load_model`` + the runtime, compiled step) and llama.cpp
 (llama-cpp-python, F32 KV cache like ours), the same thread count, in interleaved rounds; optionally again with
 one core kept busy by a spinning process. Then the peak RSS of ``llmcourse generate`` on the Q4_K_M file,
-and the physical limit of decoding: weight bytes read per token / measured memory read bandwidth.
+and the physical limit of decoding: weight bytes read per token / measured memory read bandwidth, with the
+time of one token's products alone (every projection through its kernel, no layer glue) against it, and the
+time our first step takes to compile (or to load Inductor's cached code).
 
     PYTHONPATH=src .venv/bin/python bench/quant_decode.py [--threads 2] [--rounds 2] [--busy] [--isa avx2]
         [--folders int8,gptq4]
@@ -92,7 +94,10 @@ def ours(path: Path, n: int, pp: int) -> dict[str, float]:
     ids = torch.tensor([lm.tokenizer(PROMPT).input_ids])
     long_ids = torch.randint(100, 40000, (1, pp), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        for _ in range(2):  # the first run compiles the step
+        t0 = time.perf_counter()
+        fast.warmup(1, ids.shape[1] + n + 8)  # compiles the step (or loads it from Inductor's cache)
+        first = time.perf_counter() - t0
+        for _ in range(2):
             s = fast.session(1, ids.shape[1] + n + 8)
             logits = s.prefill(ids)
             t0 = time.perf_counter()
@@ -105,7 +110,33 @@ def ours(path: Path, n: int, pp: int) -> dict[str, float]:
             t0 = time.perf_counter()
             s.prefill(long_ids)
             times.append(time.perf_counter() - t0)
-    return {"decode": decode, "pp": pp / min(times), "matvec": fast.matvec}
+    return {"decode": decode, "pp": pp / min(times), "matvec": fast.matvec, "warmup_s": first,
+            **kernels_only(path)}
+
+
+def kernels_only(path: Path, reps: int = 5) -> dict[str, float]:
+    """One decode token's products alone: every projection of the file's model (q, k, v, o, gate, up, down per
+    layer, then the head) through its block kernel on one random row, in the model's order, so each weight
+    streams from memory once per pass as in a real step. Best of ``reps`` passes (ms) and the weight bytes read."""
+    import torch
+
+    from llmcourse.core.runtime.model import projections
+    from llmcourse.core.runtime.weights import project
+    from llmcourse.quant.gguf.load import load_model
+
+    lm = load_model(path)
+    ws = [m.decode_weight() for m in projections(lm.model)]
+    ins = [m.in_features for m in projections(lm.model)]
+    xs = [torch.randn(1, i) for i in ins]
+    nbytes = sum(w.blocks.numel() for w in ws)
+    best = 1e9
+    with torch.inference_mode():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for w, x in zip(ws, xs, strict=True):
+                project(w, x)
+            best = min(best, time.perf_counter() - t0)
+    return {"kernels_ms": best * 1e3, "kernel_bytes": nbytes}
 
 
 def llama(path: Path, n: int, pp: int, threads: int) -> dict[str, float]:
@@ -241,6 +272,10 @@ def main() -> None:
                 "MB/token": f"{nbytes / 1e6:.1f}",
                 "limit tok/s": f"{limit:.0f}",
                 "share ours / llama.cpp": f"{max(od) / limit:.0%} / {max(ld) / limit:.0%}",
+                "our kernels ms/token": ", ".join(f"{r['kernels_ms']:.1f}" for r in o),
+                # the products alone (kernels_only) against the same bandwidth: their read rate / bandwidth
+                "kernels' share": f"{o[0]['kernel_bytes'] / (min(r['kernels_ms'] for r in o) / 1e3) / bw:.0%}",
+                "ours warm-up s": ", ".join(f"{r['warmup_s']:.0f}" for r in o),
             })
         for name in extra:  # our folders against our own GGUF row of the same kind, round by round
             base = FOLDERS[name][1]

@@ -49,6 +49,22 @@ def test_compiled_step_logits_match_transformers(arch: str, overrides: dict, row
     assert cap % rt.CAPACITY_STEP == 0 and cap >= 9
 
 
+def test_step_in_runs_of_layers_equals_the_whole_stack() -> None:
+    """``layers_per_call`` splits the compiled step into runs of layers (then the head, its own call): the same logits
+    as the one-call stack and as transformers."""
+    model = tiny_model("llama", seed=4, num_hidden_layers=3)
+    ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits.float()[:, 1:]
+    whole = FastModel(model, matvec="compiled", layers_per_call=0)  # 0: all layers (a float model's default is 1)
+    runs = FastModel(model, matvec="compiled", layers_per_call=2)
+    assert (whole.layers_per_call, runs.layers_per_call) == (3, 2)
+    with torch.inference_mode():
+        a, b = _stepped_logits(whole, ids), _stepped_logits(runs, ids)
+    torch.testing.assert_close(a, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(b, ref, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_compiled_greedy_and_beam_identical(arch: str, monkeypatch) -> None:
     monkeypatch.setenv("LLMCOURSE_COMPILE", "1")  # tiny models would run uncompiled under "auto"

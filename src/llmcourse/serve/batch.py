@@ -53,6 +53,11 @@ from llmcourse.decoding import (
 log = logging.getLogger(__name__)
 
 EXACT_ROWS = 8  # up to this many rows, each row count compiles its own step (no padding rows)
+# Steps of up to this many rows take the runtime's layers_per_call (the whole stack in one compiled call for a
+# GGUF model); wider ones one call per layer: every bucket x window compiles its own graph, and the whole stack's
+# first compilation (~60 s against ~11 s for a layer, under load) for 24 of them would keep a server warming up
+# for ~25 minutes. One stream's step, the one whose per-call overhead weighs most, gets the whole stack.
+STACK_ROWS = 1
 
 
 def step_buckets(max_batch: int) -> list[int]:
@@ -231,9 +236,12 @@ class BatchSession:
             for kc, vc in caches:
                 mark_dynamic(kc, 2)
                 mark_dynamic(vc, 2)
-        x = f.run(f.embed_ids(tokens.view(-1, 1)), caches, pos, rows, pos.view(-1, 1), width, compiled=compiled,
-                  dynamic_width=compiled)
-        return f.logits(x[:, 0], compiled=compiled)
+        x = f.embed_ids(tokens.view(-1, 1))
+        if compiled:  # the whole step (layers, norm, head) in the runtime's compiled call(s)
+            per_call = None if len(slots) <= STACK_ROWS else 1
+            return f.step_logits(x, caches, pos, rows, pos.view(-1, 1), width, dynamic_width=True,
+                                 layers_per_call=per_call)[:, 0]
+        return f.logits(f.run(x, caches, pos, rows, pos.view(-1, 1), width, compiled=False)[:, 0])
 
     def _compiled_step(self, slots: list[int], tokens: torch.Tensor, bucket: int) -> torch.Tensor:
         b = len(slots)
@@ -301,9 +309,10 @@ class BatchSession:
         import torch._inductor.config as inductor_config
 
         with compile_settings(), inductor_config.patch(compile_threads=1):
-            x = f.run(f.embed_ids(torch.tensor([ids])), caches, pos, None, pos.view(1, t), width,
-                      compiled=compiled, dynamic_width=compiled)
-            return f.logits(x[0], compiled=compiled)  # (T, V)
+            x = f.embed_ids(torch.tensor([ids]))
+            if compiled:
+                return f.step_logits(x, caches, pos, None, pos.view(1, t), width, dynamic_width=True)[0]  # (T, V)
+            return f.logits(f.run(x, caches, pos, None, pos.view(1, t), width, compiled=False)[0])
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:

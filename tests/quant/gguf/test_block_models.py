@@ -90,16 +90,24 @@ def test_greedy_tokens_equal_llama_cpp_on_q8_0(files):
 
 
 def test_compiled_step_runs_the_blocks(files):
-    """The runtime's compiled decode step calls the same kernels (an opaque op inside the graph)."""
+    """The runtime's compiled decode step (the whole stack, norm and head in one compiled call) calls the same
+    kernels (an opaque op inside the graph): its logits equal the eager step's within fp32 summation order."""
     from llmcourse.core.runtime.compile import can_compile
 
     if not can_compile():
         pytest.skip("no C++ compiler for TorchInductor")
     lm = load_model(files["Q4_K_M"])
     ids = lm.tokenizer(PROMPTS[2]).input_ids
-    eager, _ = greedy(FastModel(lm.model, matvec="mm"), ids, 4, None)
-    compiled, _ = greedy(FastModel(lm.model, matvec="compiled"), ids, 4, None)
-    assert compiled == eager
+    eager, compiled = FastModel(lm.model, matvec="mm"), FastModel(lm.model, matvec="compiled")
+    assert compiled.layers_per_call == len(compiled.layers)
+    with torch.inference_mode():
+        s, e = compiled.session(1, 32), eager.session(1, 32)
+        a, b = s.prefill(torch.tensor([ids])), e.prefill(torch.tensor([ids]))
+        for _ in range(4):
+            t = a.argmax(-1)
+            a, b = s.step(t), e.step(t)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert (1, 64) in compiled._warm
 
 
 @pytest.mark.slow
@@ -131,3 +139,26 @@ def test_default_model_q8_0_greedy_equals_llama_cpp(default_lm, tmp_path):
             assert gaps[diff] < 0.25, f"{text!r}: token {diff} differs ({ours[diff]} vs {theirs[diff]}), gap {gaps[diff]:.3f}"
         compared += diff
     assert compared >= 100
+
+
+def test_server_step_runs_the_blocks_in_one_compiled_call(files):
+    """The batch server's one-row step on a GGUF model is the runtime's whole compiled stack over the block
+    kernels (the attention window a symbol): the eager server step's logits within fp32 summation order."""
+    from llmcourse.core.runtime.compile import can_compile
+    from llmcourse.serve.batch import BatchSession
+
+    if not can_compile():
+        pytest.skip("no C++ compiler for TorchInductor")
+    lm = load_model(files["Q8_0"])
+    ids = lm.tokenizer(PROMPTS[0]).input_ids
+    compiled = BatchSession(FastModel(lm.model, matvec="compiled"), 2, 64)
+    eager = BatchSession(FastModel(lm.model, matvec="mm"), 2, 64)
+    assert compiled.compiled and compiled.fast.layers_per_call == len(compiled.fast.layers)
+    with torch.inference_mode():
+        slots = [s.acquire() for s in (compiled, eager)]
+        a, b = (s.prefill(slot, ids) for s, slot in zip((compiled, eager), slots, strict=True))
+        for _ in range(3):
+            t = a.argmax(-1)
+            a, b = compiled.step([slots[0]], t), eager.step([slots[1]], t)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert compiled._warm == {1}

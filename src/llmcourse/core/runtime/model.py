@@ -8,11 +8,14 @@ kinds). Every forward — a prompt, one token per row, a batch of slots — runs
 
 Two ways to run a decode step (one new token per row), chosen by ``matvec``:
 
-- ``compiled`` (the default for models of 32 MB and more, "auto"): each layer is one call of the
-  TorchInductor-compiled :func:`decoder_layer`: a product with a weight becomes one row-parallel pass
-  over it (decoding one token is bound by reading every weight once); the norms, RoPE, the cache write
-  and attention fuse into a few loops around it. The KV cache is a static tensor; a session's step
-  attends over all of it with a mask, so each cache size (rounded up to 64) compiles once.
+- ``compiled`` (the default for models of 32 MB and more, "auto"): the whole step — every layer's
+  :func:`decoder_layer`, the final norm and the head — is one call of the TorchInductor-compiled
+  :func:`decode_stack` for a model with GGUF block weights; one call per layer for the others, whose
+  first compilation would take minutes for no gain (``layers_per_call``, ``LLMCOURSE_STEP_LAYERS``): a product with
+  a weight becomes one row-parallel pass over it (decoding one token is bound by reading every weight
+  once); the norms, RoPE, the cache write and attention fuse into a few loops around it. The KV cache is a
+  static tensor; a session's step attends over all of it with a mask, so each cache size (rounded up to 64)
+  compiles once.
 - ``mm`` (no compiler needed): the same layer eagerly, its products through ``matvec`` (a chunked
   ``torch.bmm``: a one-row ``F.linear`` runs at half the bandwidth here, shared/MACHINE.md).
 
@@ -33,6 +36,7 @@ products sum in a different order, so they are not bit-identical.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -44,6 +48,7 @@ from llmcourse.core.runtime.compile import can_compile, compile_fn, compile_sett
 from llmcourse.core.runtime.layer import LayerWeights, attention_mask, decoder_layer, head
 from llmcourse.core.runtime.weights import (
     COMPILED_KINDS,
+    BlockCodes,
     KernelOptions,
     PackedCodes,
     Weight,
@@ -58,6 +63,41 @@ CAPACITY_STEP = 64  # the compiled step's KV cache grows in these steps (one com
 AUTO_MIN_BYTES = 32 * 2**20  # "auto" compiles the step for models with at least this many weight bytes
 VERIFY_WIDTHS = (4, 8, 12, 16)  # a compiled multi-token step pads its T tokens to the next of these widths
 STEP_PROMPT = 6  # prompts up to this long run as one-token compiled steps on models with packed codes
+
+
+def default_layers_per_call(blocks: bool) -> int:
+    """Layers per compiled call of the decode step, 0 = all of them (the whole stack, final norm and head in one
+    call; see :func:`decode_stack`): ``LLMCOURSE_STEP_LAYERS`` if set (read per model), else 0 for a model with
+    GGUF block weights and 1 for the others.
+
+    Measured on the default model (1 thread, 2-core machine under load): the whole stack took a Q8_0 step from
+    ~47 to ~25 ms and Q4_0 from ~34 to ~17 ms, for a first compilation of 50-60 s instead of ~15 s (~16 s once
+    Inductor's cache holds it); the fp32 weights' step (bound by reading 538 MB) gained nothing measurable
+    (47 vs 54 ms, noise) and its first compilation went from ~15 s to 106 s, so float and codes models keep one
+    call per layer."""
+    raw = os.environ.get("LLMCOURSE_STEP_LAYERS", "").strip()
+    if raw.isdigit():
+        return int(raw)
+    return 0 if blocks else 1
+
+
+def decode_stack(x: torch.Tensor, layers: tuple[LayerWeights, ...], plan: tuple[tuple[int, int], ...], arch: Arch,
+                 caches: tuple[tuple[torch.Tensor, torch.Tensor], ...], pos: torch.Tensor, rows: torch.Tensor | None,
+                 ropes: tuple[tuple[torch.Tensor, torch.Tensor], ...], masks: tuple[torch.Tensor, ...],
+                 norm: torch.Tensor | None, head_w: Weight | None) -> torch.Tensor:
+    """The compiled decode step: :func:`~llmcourse.core.runtime.layer.decoder_layer` over ``layers`` (a run of
+    consecutive layers, each with its (kc, vc) of ``caches``), then, with ``head_w``, the final norm and head.
+
+    ``plan`` holds each layer's index into ``ropes`` (-1: NoPE) and ``masks`` (its window). Compiled as one
+    function, the loop unrolls into one graph: one Python call, one set of guards and one Inductor wrapper per
+    step instead of one per layer (30 calls of the default model's layer cost ~15 ms of a ~38 ms 8-bit step
+    in dispatch and glue). Returns (B, T, H), or fp32 logits (B, T, V) with the head."""
+    for i, lw in enumerate(layers):
+        (r, m), (kc, vc) = plan[i], caches[i]
+        x = decoder_layer(x, lw, arch, kc, vc, pos, rows, ropes[r] if r >= 0 else None, masks[m])
+    if head_w is None:
+        return x
+    return head(x, norm, head_w, arch.eps, arch.final_softcap)
 
 
 def layer_modules(blk: nn.Module) -> dict[str, Any]:
@@ -119,7 +159,8 @@ class FastModel:
     ``s.prefill(prompt)``, ``s.step(tokens)``.
     """
 
-    def __init__(self, model: nn.Module, matvec: str = "auto", kernels: KernelOptions | None = None) -> None:
+    def __init__(self, model: nn.Module, matvec: str = "auto", kernels: KernelOptions | None = None,
+                 layers_per_call: int | None = None) -> None:
         if matvec not in MATVECS:
             raise ValueError(f"matvec must be one of {MATVECS}, not {matvec!r}")
         check_supported(model_type(model))
@@ -156,7 +197,14 @@ class FastModel:
         self.head_compiled = False  # whether the compiled head has run (a step of either session kind)
         self.multi_ok = True  # whether the compiled multi-token step works (else it runs eagerly)
         self._lock = threading.Lock()  # compiling (first run of a shape) happens in one thread at a time
-        self._layer_fn = compile_fn(decoder_layer) if matvec == "compiled" else None
+        n = len(self.layers)
+        blocks = any(isinstance(w, BlockCodes) for lw in self.step_layers for w in (*lw.qkv, lw.o, *lw.gate_up, lw.down))
+        per_call = default_layers_per_call(blocks) if layers_per_call is None else layers_per_call
+        self.layers_per_call = n if per_call <= 0 else min(per_call, n)
+        # each layer's (RoPE table, mask) as indices into the tuples the step passes (-1: no RoPE)
+        self.plan = tuple((self.arch.rope_tables.index(k.rope) if k.rope is not None else -1,
+                           self.arch.windows.index(k.window)) for k in self.arch.layers)
+        self._stack_fn = compile_fn(decode_stack) if matvec == "compiled" else None
         self._head_fn = compile_fn(head) if matvec == "compiled" else None
 
     # --- weights ---------------------------------------------------------------------------------
@@ -237,16 +285,47 @@ class FastModel:
         ``pos``/``rows`` where the new K/V go (:func:`~llmcourse.core.runtime.layer.write_cache`), ``qpos``
         (B | 1, T) the queries' positions (RoPE and masks); ``compiled`` runs the compiled layer on the
         compiled weights; ``dynamic_width`` compiles the width as a symbol (the caller marks the caches)."""
+        if compiled:
+            return self._stack(x, caches, pos, rows, qpos, width, dynamic_width, with_head=False)
+        masks = self.masks(qpos, width)
+        ropes = self.rope_rows(qpos)
+        for lw, kind, (kc, vc) in zip(self.layers, self.arch.layers, caches, strict=True):
+            rope = ropes[kind.rope] if kind.rope is not None else None
+            x = decoder_layer(x, lw, self.arch, kc, vc, pos, rows, rope, masks[kind.window])
+        return x
+
+    def step_logits(self, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], pos: torch.Tensor,
+                    rows: torch.Tensor | None, qpos: torch.Tensor, width: int,
+                    dynamic_width: bool = False, layers_per_call: int | None = None) -> torch.Tensor:
+        """The compiled step of ``x`` (B, T, H) (arguments as :meth:`run`): every layer, the final norm and the
+        head, in ``ceil(layers / layers_per_call)`` compiled calls (:attr:`layers_per_call` unless given)
+        -> fp32 logits (B, T, V)."""
+        return self._stack(x, caches, pos, rows, qpos, width, dynamic_width, with_head=True, per_call=layers_per_call)
+
+    def _stack(self, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], pos: torch.Tensor,
+               rows: torch.Tensor | None, qpos: torch.Tensor, width: int, dynamic_width: bool,
+               with_head: bool, per_call: int | None = None) -> torch.Tensor:
+        """:func:`decode_stack` compiled, over runs of ``per_call`` layers (default :attr:`layers_per_call`); the
+        head in the same call when it is the whole stack."""
         masks = self.masks(qpos, width)
         if dynamic_width:
             for m in masks.values():
                 mark_dynamic(m, 3)
         ropes = self.rope_rows(qpos)
-        layers = self.step_layers if compiled else self.layers
-        layer = self._layer_fn if compiled else decoder_layer
-        for lw, kind, (kc, vc) in zip(layers, self.arch.layers, caches, strict=True):
-            rope = ropes[kind.rope] if kind.rope is not None else None
-            x = layer(x, lw, self.arch, kc, vc, pos, rows, rope, masks[kind.window])
+        rope_t = tuple(ropes[name] for name in self.arch.rope_tables)
+        mask_t = tuple(masks[w] for w in self.arch.windows)
+        n = len(self.step_layers)
+        g = self.layers_per_call if per_call is None else (n if per_call <= 0 else min(per_call, n))
+        fused = with_head and g == n  # the head joins a whole-stack call; after runs of layers it is its own
+        for i in range(0, n, g):  # call, which depends on the rows only, not on the window (fewer compilations)
+            j = min(n, i + g)
+            x = self._stack_fn(x, tuple(self.step_layers[i:j]), self.plan[i:j], self.arch, tuple(caches[i:j]), pos,
+                               rows, rope_t, mask_t, self.norm if fused else None, self.head_step if fused else None)
+        if with_head and not fused:
+            a = self.arch
+            x = self._head_fn(x, self.norm, self.head_step, a.eps, a.final_softcap)
+        if with_head:
+            self.head_compiled = True
         return x
 
     def logits(self, x: torch.Tensor, compiled: bool = False) -> torch.Tensor:
@@ -358,11 +437,8 @@ class FastModel:
         pos = torch.arange(p, p + n)
         caches = list(zip(state.k_cache, state.v_cache, strict=True))
         with compile_settings():
-            x = self.run(self.embed_ids(ids), caches, pos, None, pos.view(1, n), state.capacity, compiled=True)
-            if not width:
-                logits = self.logits(x[:, 0], compiled=True)
-            else:  # every position's logits, in one compiled call of the head
-                logits = self.logits(x, compiled=True)[:, :t]
+            logits = self.step_logits(self.embed_ids(ids), caches, pos, None, pos.view(1, n), state.capacity)
+        logits = logits[:, 0] if not width else logits[:, :t]
         state.pos = p + t
         return logits
 

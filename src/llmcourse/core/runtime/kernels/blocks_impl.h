@@ -185,14 +185,16 @@ static inline __m256i dot_us(__m256i u, __m256i s) {
 }
 
 static inline __m256i dot_us_scaled(__m256i u, __m256i s, int sa, int sb) {
-  // 8 int32 lanes: sa x (four products) for the first 16 bytes, sb for the last 16
-#if BLK_SIMD == 2
-  return _mm256_mullo_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s),
-                            _mm256_setr_epi32(sa, sa, sa, sa, sb, sb, sb, sb));
-#else
+  // 8 int32 lanes: sa x (four products) for the first 16 bytes, sb for the last 16. maddubs + madd on every
+  // level: the pairs of products fit int16 (codes < 64 here: 2 x 63 x 128 < 2^15), and madd applies the
+  // scales for free, where vpdpbusd would need a vpmulld (10 cycles' latency) after it.
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
                            _mm256_setr_epi16(sa, sa, sa, sa, sa, sa, sa, sa, sb, sb, sb, sb, sb, sb, sb, sb));
-#endif
+}
+
+static inline float f16_at(const uint8_t* p) {  // an fp16 scale through F16C (no table lookup)
+  uint16_t h; std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
 }
 
 static inline float hsum(__m256 v) {
@@ -225,7 +227,7 @@ static void dot_q8_0(const uint8_t* w, const ActRow* a, int64_t nb, float* y, in
   for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * 34;
-    const float dw = fp16_at(blk);
+    const float dw = f16_at(blk);
     const __m256i q = _mm256_loadu_si256((const __m256i*)(blk + 2));
     const __m256i u = _mm256_sign_epi8(q, q);  // |q|, and the activations take q's sign
     for (int r = 0; r < NR; ++r) {
@@ -238,24 +240,26 @@ static void dot_q8_0(const uint8_t* w, const ActRow* a, int64_t nb, float* y, in
 
 template <int TYPE, int NR>
 static void dot_legacy(const uint8_t* w, const ActRow* a, int64_t nb, float* y, int64_t ys) {
+  // Q4_0 / Q5_0: the codes minus their offset (8, 16) as signed bytes, multiplied as Q8_0 (llama.cpp's scheme:
+  // no per-block correction term); Q4_1 / Q5_1: unsigned codes, + m · fp16(d_a Σ q_a) per block.
   constexpr int size = TYPE == Q4_0 ? 18 : TYPE == Q4_1 ? 20 : TYPE == Q5_0 ? 22 : 24;
+  constexpr bool offset = TYPE == Q4_0 || TYPE == Q5_0;
   __m256 acc[NR];
   float corr[NR];
   for (int r = 0; r < NR; ++r) { acc[r] = _mm256_setzero_ps(); corr[r] = 0.f; }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * size;
-    const float dw = fp16_at(blk);
+    const float dw = f16_at(blk);
     __m256i u;
     if (TYPE == Q4_0 || TYPE == Q4_1) u = load_nibbles(blk + (TYPE == Q4_0 ? 2 : 4));
     else u = _mm256_or_si256(load_nibbles(blk + (TYPE == Q5_0 ? 6 : 8)), bits_to_16(blk + (TYPE == Q5_0 ? 2 : 4)));
+    if (offset) u = _mm256_sub_epi8(u, _mm256_set1_epi8(TYPE == Q4_0 ? 8 : 16));
+    const __m256i su = offset ? _mm256_sign_epi8(u, u) : u;
     for (int r = 0; r < NR; ++r) {
-      const float dd = dw * a[r].d[b];
-      const int32_t sa = a[r].s16[2 * b] + a[r].s16[2 * b + 1];
       const __m256i yq = _mm256_loadu_si256((const __m256i*)(a[r].q + 32 * b));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(u, yq)), _mm256_set1_ps(dd), acc[r]);
-      if (TYPE == Q4_0) corr[r] -= dd * (float)(8 * sa);
-      else if (TYPE == Q5_0) corr[r] -= dd * (float)(16 * sa);
-      else corr[r] += fp16_at(blk + 2) * a[r].sd[b];
+      const __m256i p = offset ? dot_us(su, _mm256_sign_epi8(yq, u)) : dot_us(u, yq);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a[r].d[b]), acc[r]);
+      if (!offset) corr[r] += f16_at(blk + 2) * a[r].sd[b];
     }
   }
   for (int r = 0; r < NR; ++r) y[r * ys] = hsum(acc[r]) + corr[r];
@@ -294,7 +298,7 @@ static void dot_k45(const uint8_t* w, const ActRow* a, int64_t nb, float* y, int
                                                           sc[2 * j + 1], sc[2 * j + 1]));
       }
     }
-    const float dw = fp16_at(blk), dmin = fp16_at(blk + 2);
+    const float dw = f16_at(blk), dmin = f16_at(blk + 2);
     for (int r = 0; r < NR; ++r) {
       const int32_t* bs = a[r].s16 + 16 * b;
       int32_t msum = 0;
@@ -337,7 +341,7 @@ static void dot_q6_k(const uint8_t* w, const ActRow* a, int64_t nb, float* y, in
         isum[r] = _mm256_add_epi32(isum[r], t);
       }
     }
-    const float dw = fp16_at(blk + 208);
+    const float dw = f16_at(blk + 208);
     for (int r = 0; r < NR; ++r) {
       const int32_t* bs = a[r].s16 + 16 * b;
       int32_t corr = 0;
