@@ -132,10 +132,11 @@ def test_greedy_is_token_identical_to_plain_greedy(models) -> None:
                 totals[name][0] += st.accepted
                 totals[name][1] += st.drafted
     # every path was taken: lookup drafts accepted and rejected, a model drafting for itself always right
-    for name in ("lookup", "lookup-repeats", "wrong"):
+    for name in ("lookup", "wrong"):
         accepted, drafted = totals[name]
         assert drafted > 0 and accepted < drafted, name
-    assert totals["lookup-repeats"][0] > 0.25 * totals["lookup-repeats"][1]  # 35 of 102 here
+    # the repeating model: lookup drafts only where the copy is likely, and it is (35 of 35 here)
+    assert totals["lookup-repeats"][0] > 0.5 * totals["lookup-repeats"][1] > 0
     assert totals["self"][0] == totals["self"][1] > 0
 
 
