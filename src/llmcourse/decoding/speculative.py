@@ -266,7 +266,7 @@ class LookupPolicy:
 
 
 EAGER_COST_SLOPE = 0.25  # the uncompiled path's verification of t positions: about 1 + 0.25 (t - 1) steps
-CALIBRATION_REPS = 3
+CALIBRATION_REPS = 5  # the fastest of these many interleaved runs per width: robust to a busy machine
 _COSTS: weakref.WeakKeyDictionary[FastModel, dict[tuple[int, int], dict[int, float]]] = weakref.WeakKeyDictionary()
 
 
