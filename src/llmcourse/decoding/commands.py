@@ -145,7 +145,8 @@ def _speculative(args: argparse.Namespace, cfg: GenerationConfig, spec: Speculat
     if tree_path is not None:
         st = out.stats
         speculative.draw_strip(out.rounds[0], lm.tokenizer, tree_path,
-                               title=f"{spec.speculative}, {spec.draft_tokens} drafted per round: {st.generated} tokens "
+                               title=f"{spec.speculative}, {'up to ' if spec.speculative == 'lookup' else ''}"
+                               f"{spec.draft_tokens} drafted per round: {st.generated} tokens "
                                f"in {st.target_forwards} forwards, {100 * st.acceptance_rate:.0f}% of drafts accepted")
         data["tree"] = str(tree_path)
     st = out.stats

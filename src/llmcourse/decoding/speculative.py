@@ -10,8 +10,9 @@ Decoding one token costs one pass over the target's weights whether it scores 1 
 forward of ``M_p``, keep the longest prefix the target agrees with, and get one token of the
 target's own for free. One round, with ``x`` the text so far and ``y`` its last token::
 
-    draft     x̃_1 .. x̃_γ                     lookup: the continuation of the last n-gram's most recent
-                                            earlier occurrence in x, q_i = one-hot(x̃_i);
+    draft     x̃_1 .. x̃_γ                     lookup: the continuation of the longest n-gram ending x at its
+                                            latest earlier occurrence in x, q_i = one-hot(x̃_i), γ chosen
+                                            per round (:class:`LookupPolicy`);
                                             draft model: x̃_i ~ q_i = M_q(x, x̃_<i), one M_q step each
     verify    p_1 .. p_γ+1 = M_p(y, x̃_1 .. x̃_γ)    one forward over γ + 1 positions (KV cache reused)
     accept    greedy:   n = longest prefix with x̃_i = argmax p_i
@@ -32,12 +33,19 @@ loop, so the same seed gives other samples.
 Reported: the acceptance rate ``α̂ = accepted / drafted`` and the tokens per target forward (the
 prompt's forward counts; plain decoding has exactly 1). The speed-up is about tokens per forward
 divided by what a (γ + 1)-position forward plus the drafting cost relative to a one-token step.
+
+Prompt lookup's draft length: a copy that has matched ``L`` tokens goes on for one more with
+probability ``a(L)`` (rising with ``L``, estimated per generation), so ``γ`` drafts give ``E_γ = 1 +
+Σ_j Π_{i≤j} a(L + i - 1)`` tokens for a verification costing ``c(γ + 1)`` one-token steps (measured per
+width); each round takes the ``γ`` (0 included: a plain step) maximising ``E_γ - ρ c(γ + 1)``, ``ρ`` the
+tokens per step so far (:class:`LookupPolicy`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +73,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("off", "lookup", "draft")
 MAX_DRAFT_TOKENS = 64
+DRAFT_TOKENS = 3  # a draft model's γ: each drafted token costs a draft step, and 4 positions one width
+# prompt lookup's most drafted tokens per round (it drafts fewer, or none, when they are unlikely to pay):
+# 8 positions, measured 2.9x a one-token step (1 thread, fp32); 12 positions (4.2x) seldom repaid their cost
+LOOKUP_DRAFT_TOKENS = 7
 
 
 @dataclass
@@ -75,16 +87,20 @@ class SpeculativeConfig:
                               "the last n-gram earlier in the text) or draft (a smaller --draft-model with the "
                               "same tokenizer); output is unchanged (greedy) or has the same distribution "
                               "(sampling). Default: %(default)s", choices=MODES)
-    draft_tokens: int = option(3, "drafted tokens per round (γ): at most this many are verified in one forward "
-                               "of the model. Default: %(default)s")
-    lookup_ngram: int = option(3, "--speculative lookup: the n-gram (the last N tokens) whose earlier occurrence "
-                               "is looked up. Default: %(default)s")
+    draft_tokens: int | None = option(None, "drafted tokens per round (γ), verified in one forward of the model: "
+                                      "--speculative draft drafts this many; lookup at most this many, as many "
+                                      f"as are worth their verification (none when nothing is). Default: "
+                                      f"{LOOKUP_DRAFT_TOKENS} for lookup, {DRAFT_TOKENS} for draft")
+    lookup_ngram: int = option(3, "--speculative lookup: the longest n-gram looked up: the last N tokens, else "
+                               "fewer down to 1, at their latest earlier occurrence. Default: %(default)s")
     draft_model: str | None = option(None, "--speculative draft: the draft model (same forms as --model; it must "
                                      "share the model's vocabulary)", metavar="M")
 
     def __post_init__(self) -> None:
         if self.speculative not in MODES:
             raise UserError(f"--speculative {self.speculative!r} is invalid", "pass one of " + "|".join(MODES))
+        if self.draft_tokens is None:
+            self.draft_tokens = LOOKUP_DRAFT_TOKENS if self.speculative == "lookup" else DRAFT_TOKENS
         if not isinstance(self.draft_tokens, int) or not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
             raise UserError(f"--draft-tokens {self.draft_tokens!r} is invalid",
                             f"pass --draft-tokens between 1 and {MAX_DRAFT_TOKENS}")
@@ -104,27 +120,190 @@ class SpeculativeConfig:
 # --- drafters ------------------------------------------------------------------------------------
 
 class PromptLookup:
-    """Prompt lookup drafting: the continuation of the most recent earlier occurrence of the last n tokens.
+    """Prompt lookup drafting: the continuation of an earlier occurrence of the text's last tokens.
 
-    An index from each n-gram of the text to the position after its latest occurrence, grown as the
-    text grows (O(1) per new token), so drafting never rescans the prompt."""
+    The longest n-gram ending the text, ``n`` = ``max_n`` down to ``min_n`` (transformers' prompt lookup
+    searches ``max_matching_ngram_size`` down to 1; llama.cpp's ``lookup`` keeps n-gram caches of the
+    context), that occurred before. Of a ``max_n``-gram's occurrences (the last :data:`LOOKUP_CANDIDATES`),
+    the one whose match extends furthest back wins, the latest on a tie; a shorter n-gram's latest
+    occurrence. An index per size from each n-gram to the positions after its occurrences, grown as the
+    text grows (O(max_n) per new token), so drafting never rescans the prompt. :meth:`match` also says how
+    long the matched span is: the longer the text has been copying, the likelier the copy goes on
+    (:class:`LookupPolicy`)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, min_n: int | None = None) -> None:
         self.n = n
-        self.last: dict[tuple[int, ...], int] = {}  # n-gram -> position of the token that followed it
-        self.indexed = 0  # n-grams ending before this position are in ``last``
+        self.min_n = n if min_n is None else min_n
+        if not 1 <= self.min_n <= self.n:
+            raise ValueError(f"n-gram sizes {self.min_n}..{self.n} are invalid")
+        self.last: dict[int, dict[tuple[int, ...], int]] = {m: {} for m in range(self.min_n, n)}
+        self.every: dict[tuple[int, ...], list[int]] = {}  # max_n-gram -> positions after its occurrences
+        self.indexed = 0  # n-grams ending before this position are indexed
+
+    def _index(self, tokens: Sequence[int]) -> None:
+        end = len(tokens) - 1  # the current suffix ends here: index the n-grams ending before it
+        for j in range(self.indexed, end):
+            for m, last in self.last.items():
+                if j >= m - 1:
+                    last[tuple(tokens[j - m + 1:j + 1])] = j + 1
+            if j >= self.n - 1:
+                self.every.setdefault(tuple(tokens[j - self.n + 1:j + 1]), []).append(j + 1)
+        self.indexed = max(self.indexed, end)
+
+    @staticmethod
+    def _extent(tokens: Sequence[int], start: int, length: int) -> int:
+        """How far back the span before ``start`` equals the text's end, given that ``length`` tokens do."""
+        size = len(tokens)
+        while (length < MAX_MATCH and start - length - 1 >= 0
+               and tokens[start - length - 1] == tokens[size - length - 1]):
+            length += 1
+        return length
+
+    def match(self, tokens: Sequence[int]) -> tuple[int, int]:
+        """``(start, length)``: the copy's continuation begins at ``tokens[start]``, after an earlier span
+        equal to the last ``length`` tokens (``length`` up to :data:`MAX_MATCH`); ``(0, 0)`` when no n-gram
+        of ``min_n`` .. ``n`` tokens ending the text occurred before."""
+        self._index(tokens)
+        size = len(tokens)
+        if size > self.n:
+            starts = self.every.get(tuple(tokens[size - self.n:]))
+            if starts:
+                best = (0, 0)
+                for start in reversed(starts[-LOOKUP_CANDIDATES:]):
+                    length = self._extent(tokens, start, self.n)
+                    if length > best[1]:
+                        best = (start, length)
+                return best
+        for m in range(min(self.n - 1, size - 1), self.min_n - 1, -1):
+            start = self.last[m].get(tuple(tokens[size - m:]))
+            if start is not None:  # m tokens exactly: m + 1 would have matched the (m + 1)-gram
+                return start, m
+        return 0, 0
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the last ``n`` tokens of ``tokens`` before (or none)."""
-        n = self.n
-        end = len(tokens) - 1  # the current suffix ends here: index the n-grams ending before it
-        for j in range(max(self.indexed, n - 1), end):
-            self.last[tuple(tokens[j - n + 1:j + 1])] = j + 1
-        self.indexed = max(self.indexed, end)
-        if len(tokens) < n:
-            return []
-        start = self.last.get(tuple(tokens[-n:]))
-        return [] if start is None else list(tokens[start:start + k])
+        """Up to ``k`` tokens that followed the last n-gram of ``tokens`` before (or none)."""
+        start, length = self.match(tokens)
+        return list(tokens[start:start + k]) if length else []
+
+
+LOOKUP_CANDIDATES = 16  # the latest occurrences of the longest n-gram compared by their match's length
+# P(the next token goes on copying | the text's last L tokens equal an earlier span), L = 1, 2, ...
+# (the last entry for longer matches): the prior of :class:`LookupPolicy`'s estimate, rounded from greedy
+# summaries of 6 Wikipedia extracts by the default model (bench/speculative.py's grounded prompts; 570
+# positions: 0.25 after a 1-token match, 0.56-0.68 after 2-5, 0.78-0.88 after 6-9, 0.94 after 12+).
+PRIOR_ACCEPT = (0.25, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.85, 0.9, 0.9, 0.9)
+PRIOR_WEIGHT = 4.0  # the prior counts as this many observed draft positions per match length
+MAX_MATCH = 32  # match lengths are measured up to this
+
+
+class LookupPolicy:
+    """How many looked-up tokens to verify: the draft length with the most expected tokens per unit of
+    verification cost.
+
+    With ``a(L)`` the probability that a copy which has matched ``L`` tokens goes on for one more (its
+    estimate: the observed acceptances of this generation at that match length, with :data:`PRIOR_ACCEPT`
+    counting :data:`PRIOR_WEIGHT` observations), ``k`` drafted tokens after a match of ``L`` give::
+
+        E_k = 1 + Σ_{j=1..k} Π_{i=1..j} a(L + i - 1)      tokens (the accepted drafts and the model's own)
+
+    for a verification of ``k + 1`` positions costing ``c(k + 1)`` one-token steps (measured per width:
+    :func:`verify_costs`). The long-run rate is Σ tokens / Σ cost over the rounds; the round that maximises
+    ``E_k - ρ c(k + 1)``, with ``ρ`` the rate so far (at least 1: plain steps alone make 1 token per step),
+    raises it the most (Dinkelbach's rule for a ratio of sums; maximising ``E_k / c(k + 1)`` itself would
+    refuse a longer draft whose extra tokens come at a better rate than ``ρ`` but a worse one than the
+    short draft's), so ``k = 0`` (a plain step) whenever no draft is worth its cost."""
+
+    def __init__(self, max_tokens: int, cost: Callable[[int], float], prior: Sequence[float] = PRIOR_ACCEPT,
+                 weight: float = PRIOR_WEIGHT, rate: float = 1.0) -> None:
+        self.max_tokens = max_tokens
+        self.cost = cost  # positions verified -> cost in one-token steps
+        self.prior = tuple(prior)
+        self.weight = weight
+        self.hits = [0] * len(self.prior)
+        self.seen = [0] * len(self.prior)
+        self.tokens, self.spent = rate * weight, weight  # the rate so far, starting from ``rate``
+
+    def _bucket(self, length: int) -> int:
+        return min(length, len(self.prior)) - 1
+
+    def accept_prob(self, length: int) -> float:
+        """The estimate of ``a(length)``."""
+        b = self._bucket(length)
+        return (self.hits[b] + self.weight * self.prior[b]) / (self.seen[b] + self.weight)
+
+    def expected_tokens(self, length: int, k: int) -> float:
+        """``E_k`` after a match of ``length`` tokens."""
+        total, p = 1.0, 1.0
+        for i in range(k):
+            p *= self.accept_prob(length + i)
+            total += p
+        return total
+
+    def choose(self, length: int, available: int) -> int:
+        """The draft length (0: a plain step) after a match of ``length`` tokens, at most ``available``."""
+        if length <= 0:
+            return 0
+        rate = max(1.0, self.tokens / self.spent)  # plain steps alone make 1 token per step
+        best_k, best = 0, 1.0 - rate * self.cost(1)
+        total, p = 1.0, 1.0
+        for k in range(1, min(available, self.max_tokens) + 1):
+            p *= self.accept_prob(length + k - 1)
+            total += p
+            gain = total - rate * self.cost(k + 1)
+            if gain > best + 1e-9:
+                best_k, best = k, gain
+        return best_k
+
+    def observe(self, length: int, drafted: int, accepted: int) -> None:
+        """A round after a match of ``length``: ``drafted`` tokens verified, the first ``accepted`` right.
+        Draft ``j`` (0-based) is evidence about ``a(length + j)`` only if all before it were accepted."""
+        for j in range(min(accepted + 1, drafted)):
+            b = self._bucket(length + j)
+            self.seen[b] += 1
+            self.hits[b] += j < accepted
+        self.tokens += accepted + 1
+        self.spent += self.cost(drafted + 1)
+
+
+EAGER_COST_SLOPE = 0.25  # the uncompiled path's verification of t positions: about 1 + 0.25 (t - 1) steps
+CALIBRATION_REPS = 5  # the fastest of these many interleaved runs per width: robust to a busy machine
+_COSTS: weakref.WeakKeyDictionary[FastModel, dict[tuple[int, int], dict[int, float]]] = weakref.WeakKeyDictionary()
+
+
+def verify_costs(fast: FastModel, capacity: int, max_tokens: int) -> Callable[[int], float]:
+    """The cost of verifying ``t`` positions (the last token and ``t - 1`` drafts), in one-token steps.
+
+    On the compiled path a verification runs at a width of ``VERIFY_WIDTHS`` (``t`` padded up), and each
+    width's time is measured here: the fastest of :data:`CALIBRATION_REPS` interleaved runs of every width
+    against the one-token step (the compiled steps attend over the whole static cache, so a width's time
+    does not depend on the position), once per model, cache size and thread count. The products of a few
+    positions turn compute-bound on a CPU, so these ratios depend on the machine, the threads and the
+    weights' format. The uncompiled path (small models) runs ``t`` positions unpadded: ``1 + EAGER_COST_SLOPE
+    (t - 1)``, not measured."""
+    if fast.matvec != "compiled" or not fast.multi_ok:
+        return lambda t: 1.0 + EAGER_COST_SLOPE * (t - 1)
+    cap = fast.cache_size(capacity)
+    widths = sorted({1, *(fast.verify_width(t) for t in range(2, max_tokens + 2))})
+    held = _COSTS.setdefault(fast, {})
+    key = (cap, torch.get_num_threads())
+    if not set(widths) <= set(held.get(key, {})):
+        best = dict.fromkeys(widths, float("inf"))
+        session = fast.session(1, cap)
+        with torch.inference_mode():
+            for _ in range(CALIBRATION_REPS):
+                for w in widths:
+                    session.pos = 1
+                    t0 = time.perf_counter()
+                    if w == 1:
+                        session.forward(torch.zeros(1, 1, dtype=torch.long))
+                    else:
+                        session.forward(torch.zeros(1, w, dtype=torch.long), all_logits=True)
+                    best[w] = min(best[w], time.perf_counter() - t0)
+        held[key] = {w: best[w] / best[1] for w in widths}
+        log.info("verification cost per width (one-token steps): %s",
+                 ", ".join(f"{w}: {c:.2f}" for w, c in held[key].items()))
+    costs = held[key]
+    return lambda t: costs[fast.verify_width(t)] if t > 1 else 1.0
 
 
 class DraftModel:
@@ -184,6 +363,7 @@ class SpeculativeStats:
     drafted: int = 0
     accepted: int = 0
     target_forwards: int = 0  # the prompt's forward included
+    plain_steps: int = 0  # target forwards after the prompt's that verified no draft (nothing worth drafting)
     draft_forwards: int = 0
     generated: int = 0
 
@@ -198,7 +378,8 @@ class SpeculativeStats:
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "draft_tokens": self.draft_tokens, "drafted": self.drafted,
                 "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
-                "target_forwards": self.target_forwards, "draft_forwards": self.draft_forwards,
+                "target_forwards": self.target_forwards, "plain_steps": self.plain_steps,
+                "draft_forwards": self.draft_forwards,
                 "tokens_per_target_forward": self.tokens_per_target_forward}
 
 
@@ -236,16 +417,9 @@ def _runtime(model: Any, backend: str, steps: int) -> FastModel:
     return prepare(model, "mm" if steps < COMPILE_MIN_STEPS else "auto")
 
 
-def lookup_gamma(base: int, drafted: int, accepted: int, asked: int) -> int:
-    """Prompt lookup's next draft length: ``2 γ + 1`` after a round whose ``asked`` drafts were all found and
-    accepted (a copied span tends to go on: with γ = 3, 4 then 8 verified positions, the runtime's widths),
-    else ``base``. A verification of 8 positions costs more than one of 4, so only likely drafts get it."""
-    return 2 * base + 1 if 0 < drafted == asked and accepted == drafted else base
-
-
 def _widest(spec: SpeculativeConfig) -> int:
     """The most tokens one verification runs (the last token and the drafts)."""
-    return (2 * spec.draft_tokens + 1 if spec.speculative == "lookup" else spec.draft_tokens) + 1
+    return spec.draft_tokens + 1
 
 
 def _capacity(fast: FastModel, prompt: int, cfg: GenerationConfig, spec: SpeculativeConfig) -> int:
@@ -285,7 +459,8 @@ def _accept(ps: torch.Tensor, drafted: list[int], qs: list[torch.Tensor] | None,
 def _one_sequence(fast: FastModel, drafter: PromptLookup | DraftModel | None, prompt: list[int],
                   cfg: GenerationConfig, spec: SpeculativeConfig, eos: set[int], stream: TextStream | None,
                   on_text: Callable[[str], None] | None, generator: torch.Generator | None,
-                  stats: SpeculativeStats) -> tuple[list[int], float, str, list[Round]]:
+                  stats: SpeculativeStats, cost: Callable[[int], float] | None
+                  ) -> tuple[list[int], float, str, list[Round]]:
     greedy = cfg.strategy != "sample"
     order = samplers.CHAINS[cfg.chain]
 
@@ -301,8 +476,9 @@ def _one_sequence(fast: FastModel, drafter: PromptLookup | DraftModel | None, pr
     stats.target_forwards += 1
     if isinstance(drafter, DraftModel):
         drafter.start(prompt, capacity)
-    elif isinstance(drafter, PromptLookup):
-        drafter = PromptLookup(spec.lookup_ngram)  # a fresh index per sequence
+    policy = None
+    if isinstance(drafter, PromptLookup):  # a fresh index and estimate per sequence
+        drafter, policy = PromptLookup(spec.lookup_ngram, 1), LookupPolicy(spec.draft_tokens, cost)
     tokens = list(prompt)
     out: list[int] = []
     rounds: list[Round] = []
@@ -329,16 +505,17 @@ def _one_sequence(fast: FastModel, drafter: PromptLookup | DraftModel | None, pr
     # the first token comes from the prompt's forward, as in the plain loop
     _, first = _accept(processed(logits[0], tokens).view(1, -1), [], None, greedy, generator)
     done = emit(first, logits[0])
-    gamma = spec.draft_tokens
     while not done:
-        k = min(gamma, cfg.max_new_tokens - len(out) - 1)  # the target's own token always fits
+        k = min(spec.draft_tokens, cfg.max_new_tokens - len(out) - 1)  # the target's own token always fits
         qs = None
         drafted: list[int] = []
+        length = 0  # lookup: how many tokens the copy has matched
         if k > 0 and isinstance(drafter, DraftModel):
             drafted, qs = drafter.propose(tokens, k, processed, greedy, generator)
             stats.draft_forwards += k
-        elif k > 0 and drafter is not None:
-            drafted = drafter.propose(tokens, k)
+        elif k > 0 and policy is not None:
+            start, length = drafter.match(tokens)
+            drafted = tokens[start:start + policy.choose(length, min(k, len(tokens) - start))]
         base = target.pos  # == len(tokens) - 1: the cache holds everything but the last token
         if drafted:
             raw = target.forward(torch.tensor([[tokens[-1], *drafted]]), all_logits=True)[0]  # (γ + 1, V)
@@ -347,9 +524,10 @@ def _one_sequence(fast: FastModel, drafter: PromptLookup | DraftModel | None, pr
         stats.target_forwards += 1
         ps = torch.stack([processed(raw[i], tokens + drafted[:i]) for i in range(len(drafted) + 1)])
         n, t = _accept(ps, drafted, qs, greedy, generator)
-        if isinstance(drafter, PromptLookup):
-            gamma = lookup_gamma(spec.draft_tokens, len(drafted), n, k)
+        if policy is not None:
+            policy.observe(length, len(drafted), n)
         stats.drafted += len(drafted)
+        stats.plain_steps += not drafted
         stats.accepted += n
         rounds.append(Round(len(out), drafted, n, t))
         for i in range(n):
@@ -401,8 +579,9 @@ def speculative_generate(model: Any, tokenizer: Any, prompt: str | list[int], co
         drafter.fast.warmup(1, capacity, tokens=2)  # after a fully accepted round it runs 2 tokens
     else:
         drafter = PromptLookup(spec.lookup_ngram)
-    for n in sorted({spec.draft_tokens + 1, _widest(spec)}):  # compiles the steps outside the timing
+    for n in sorted({fast.verify_width(t) for t in range(2, _widest(spec) + 1)}):  # compiled outside the timing
         fast.warmup(1, capacity, tokens=n)
+    cost = verify_costs(fast, capacity, spec.draft_tokens) if spec.speculative == "lookup" else None
     stats = SpeculativeStats(spec.speculative, spec.draft_tokens)
     sequences: list[GeneratedSequence] = []
     rounds: list[list[Round]] = []
@@ -412,7 +591,7 @@ def speculative_generate(model: Any, tokenizer: Any, prompt: str | list[int], co
         for i in range(cfg.num_return_sequences):
             stream = TextStream(tokenizer, cfg.stop) if tokenizer is not None and (on_text or cfg.stop) else None
             toks, sc, reason, rec = _one_sequence(fast, drafter, prompt_ids, cfg, spec, set(eos_list), stream,
-                                                  on_text if i == 0 else None, generator, stats)
+                                                  on_text if i == 0 else None, generator, stats, cost)
             text = stream.text if stream is not None else (
                 tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else "")
             sequences.append(GeneratedSequence(toks, text, sc, reason))

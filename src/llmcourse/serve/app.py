@@ -54,7 +54,7 @@ class ServeSettings:
     sampling: dict[str, Any] = field(default_factory=dict)
     # speculative decoding by prompt lookup for greedy requests while one sequence runs (ContinuousBatcher)
     speculative: str = "off"
-    draft_tokens: int = SpeculativeConfig.draft_tokens
+    draft_tokens: int = 3  # a fixed number per round: the server has no LookupPolicy (decoding/speculative.py)
     lookup_ngram: int = SpeculativeConfig.lookup_ngram
 
     def __post_init__(self) -> None:

@@ -61,7 +61,10 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
                    "the only running sequence; the tokens are those of plain greedy decoding. Sampled requests, "
                    "and every request while several run (the batched step shares each pass over the weights "
                    "already), decode as usual. Default: %(default)s")
-    add_config_args(g, SpeculativeConfig, exclude=("speculative", "draft_model"))
+    g.add_argument("--draft-tokens", type=int, default=3, help="--speculative lookup: tokens drafted per round, "
+                   "verified in one forward (a fixed number here; generate --speculative lookup chooses per round). "
+                   "Default: %(default)s")
+    add_config_args(g, SpeculativeConfig, exclude=("speculative", "draft_model", "draft_tokens"))
     add_chat_template_args(p)
     add_common_args(p)
     # OpenMP keeps its default wait policy (its threads spin ~3 ms at a barrier before they sleep): with all

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 MATVECS = ("auto", "compiled", "mm")
 CAPACITY_STEP = 64  # the compiled step's KV cache grows in these steps (one compilation per size)
 AUTO_MIN_BYTES = 32 * 2**20  # "auto" compiles the step for models with at least this many weight bytes
-VERIFY_WIDTHS = (4, 8, 12, 16)  # a compiled multi-token step pads its T tokens to the next of these widths
+VERIFY_WIDTHS = (2, 4, 8, 12, 16)  # a compiled multi-token step pads its T tokens to the next of these widths
 STEP_PROMPT = 6  # prompts up to this long run as one-token compiled steps on models with packed codes
 
 
