@@ -119,7 +119,7 @@ def section(ctx: TourContext) -> TourSection:
         html_table([{"T": t, **{f"p{i}": p for i, p in enumerate(ps)}} for t, ps in temps.items()]),
         f"<h3>Speed (greedy, {n_speed} tokens, this machine)</h3>", html_table(speed),
         "<h3>Speculative decoding: prompt lookup</h3><p>A request to summarise a paragraph given in the prompt "
-        "(chat template): the draft is what followed the text's last 3 tokens earlier in the prompt or the "
+        "(chat template): the draft is what followed the text's last tokens (its longest n-gram, 3 down to 1) earlier in the prompt or the "
         "answer, and the model checks all drafted tokens in one forward. The tokens are those of plain greedy "
         f"decoding; {spec_summary['lookup_new_tokens']} new tokens.</p>", html_table(spec_rows),
         _img("decoding_speculative.png", "speculative rounds"),

@@ -456,6 +456,8 @@ class ContinuousBatcher:
         self._warm_todo = deque(self.session.warm_tasks()) if warmup else deque()
         if warmup and self.spec is not None and self.session.compiled:
             self._warm_todo.appendleft((-(self.spec.draft_tokens + 1), 0))  # the verification (see _warm_one)
+            if self.spec.draft_tokens + 1 > 2:  # one draft (a short match, the end of a request) pads to width 2
+                self._warm_todo.appendleft((-2, 0))
         self._warm_total = len(self._warm_todo)
 
         def run() -> None:
