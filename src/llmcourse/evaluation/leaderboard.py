@@ -89,8 +89,8 @@ def _digest(obj: Any) -> str:
 
 
 def model_identity(spec: str, dtype: str, trust_pickle: bool = False) -> dict[str, Any]:
-    """What identifies a model's numbers: the spec, its resolved path, each file's size and mtime, the dtype
-    (re-creating a folder or file changes the identity, so its cached parts are not reused)."""
+    """What identifies a model's numbers: the spec, its resolved path, each file's size and mtime (hidden files
+    aside), the dtype (re-creating a folder or file changes the identity, so its cached parts are not reused)."""
     from llmcourse.core.models import resolve_model
 
     ms = resolve_model(spec, trust_pickle)
@@ -98,7 +98,8 @@ def model_identity(spec: str, dtype: str, trust_pickle: bool = False) -> dict[st
     path = ms.path
     if path is not None:
         path = path.resolve()
-        paths = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        paths = [path] if path.is_file() else sorted(f for f in path.rglob("*")
+                                                     if f.is_file() and not f.name.startswith("."))
         for f in paths:
             st = f.stat()
             files.append((str(f.relative_to(path)) if f != path else f.name, st.st_size, st.st_mtime_ns))
