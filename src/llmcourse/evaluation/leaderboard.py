@@ -186,7 +186,8 @@ def run(specs: list[str], datas: list[TaskData], groups: dict[str, list[str]], c
     loaded only if one of its parts is missing, the reference only for a missing KL. ``cached_only``: load and
     compute nothing, leave out the parts the cache does not hold (a long run's progress, from another shell)."""
     cache = cache or ResultCache(None)
-    ident0 = model_identity(specs[0], dtype, trust_pickle)
+    idents = [model_identity(s, dtype, trust_pickle) for s in specs]  # a bad spec fails before any work
+    ident0 = idents[0]
     mkey = "measures-" + _digest([cfg.ppl_tokens, cfg.ppl_window, cfg.decode_tokens, ident0])
     state: dict[str, Any] = {"ref": None, "ids": None}
 
@@ -203,7 +204,7 @@ def run(specs: list[str], datas: list[TaskData], groups: dict[str, list[str]], c
     rows: list[dict[str, Any]] = []
     series: dict[str, list[TaskResult]] = {}
     for k, spec in enumerate(specs):
-        ident = ident0 if k == 0 else model_identity(spec, dtype, trust_pickle)
+        ident = idents[k]
         folder = cache.model_dir(ident)
         loaded: dict[str, Any] = {}
 
