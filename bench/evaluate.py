@@ -232,6 +232,72 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> list[dict[str, Any]
     return rows
 
 
+def leaderboard_report(cache: Path, models: list[str]) -> str:
+    """Markdown tables of an ``eval leaderboard --cache`` folder (finished parts only; no model is loaded):
+    each model's measurements and scores, then each score's difference from the first model's *on the same
+    questions* with the paired standard error ``sd(x_i - y_i) / sqrt(n)`` and the number of questions whose
+    answer changed (a paired comparison resolves much smaller differences than the two scores' own errors)."""
+    sys.path.insert(0, str(HERE))
+    from common import md_table
+
+    parts: dict[str, dict[str, Any]] = {}
+    for folder in sorted(p for p in cache.iterdir() if (p / "model.json").exists()):
+        spec = json.loads((folder / "model.json").read_text())["spec"]
+        newest = sorted(folder.glob("measures-*.json"), key=lambda f: f.stat().st_mtime)
+        tasks: dict[str, Any] = {}
+        for f in sorted(folder.glob("task-*.json"), key=lambda f: f.stat().st_mtime):
+            t = json.loads(f.read_text())
+            tasks[t["result"]["task"]] = t
+        parts[spec] = {"m": json.loads(newest[-1].read_text()) if newest else {}, "tasks": tasks}
+    models = [m for m in models if m in parts]
+    names = [t for t in ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande")
+             if any(t in parts[m]["tasks"] for m in models)]
+
+    def pct(r: dict[str, Any], metric: str) -> str:
+        v, se = r["metrics"].get(metric), r["stderr"].get(metric)
+        return "-" if v is None else f"{100 * v:.1f} ± {100 * se:.1f}"
+
+    rows = []
+    for m in models:
+        me, ts = parts[m]["m"], parts[m]["tasks"]
+        row: dict[str, Any] = {"model": m, "MB": f"{me['bytes'] / 1e6:.1f}" if me.get("bytes") else "-",
+                               "ppl": f"{me['perplexity']:.3f}" if "perplexity" in me else "-",
+                               "KL": f"{me['kl']:.4f}" if "kl" in me else "-",
+                               "top-1": f"{100 * me['top1']:.1f}%" if "top1" in me else "-"}
+        n = secs = 0.0
+        for t in names:
+            r = ts.get(t, {}).get("result")
+            row[f"{t} n"] = r["n"] if r else "-"
+            row[f"{t} acc"] = pct(r, "acc") if r else "-"
+            row[f"{t} acc_norm"] = pct(r, "acc_norm") if r else "-"
+            if r:
+                n, secs = n + r["n"], secs + r["seconds"]
+        row["scoring ex/s"] = f"{n / secs:.2f}" if secs else "-"
+        row["decode tok/s"] = f"{me['decode tok/s']:.1f}" if me.get("decode tok/s") else "-"
+        rows.append(row)
+    diffs = []
+    ref = parts[models[0]]["tasks"] if models else {}
+    for m in models[1:]:
+        for t in names:
+            if t not in ref or t not in parts[m]["tasks"]:
+                continue
+            a = {e["doc_id"]: e for e in ref[t]["examples"]}
+            b = {e["doc_id"]: e for e in parts[m]["tasks"][t]["examples"]}
+            ids = sorted(set(a) & set(b))
+            row = {"model": m, "task": t, "n": len(ids)}
+            for metric in ("acc", "acc_norm"):
+                if metric not in a[ids[0]]:
+                    continue
+                d = [b[i][metric] - a[i][metric] for i in ids]
+                mu = sum(d) / len(d)
+                se = (sum((x - mu) ** 2 for x in d) / (len(d) - 1)) ** 0.5 / len(d) ** 0.5
+                row[f"Δ{metric} (pp)"] = f"{100 * mu:+.1f} ± {100 * se:.1f}"
+                row[f"{metric} changed"] = sum(x != 0 for x in d)
+            diffs.append(row)
+    return md_table(rows) + ("\n\n" + md_table(diffs) if diffs else "")
+
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setup", action="store_true", help="create lm-eval's venv and exit")
@@ -251,7 +317,14 @@ def main() -> int:
     ap.add_argument("--backend", action="store_true", help="also run our lm-eval backend under lm-eval")
     ap.add_argument("--save", default=str(HERE / "results" / "evaluate.json"), help="raw figures (JSON)")
     ap.add_argument("--name", default="evaluate", help="result section: bench/results/NAME.md")
+    ap.add_argument("--leaderboard-report", metavar="CACHE", default=None,
+                    help="print markdown tables of an `eval leaderboard --cache CACHE` folder (the models of "
+                    "--models, in that order; paired differences against the first) and exit")
+    ap.add_argument("--models", default="default", help="with --leaderboard-report: the models' specs, in order")
     args = ap.parse_args()
+    if args.leaderboard_report:
+        print(leaderboard_report(Path(args.leaderboard_report), args.models.split(",")))
+        return 0
     if args.setup:
         setup()
         return 0

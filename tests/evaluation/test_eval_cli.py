@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import tiny_model
 
 from llmcourse.cli import main
 from llmcourse.core.models import default_model_dir
+from llmcourse.evaluation import commands
 from llmcourse.evaluation.data import ENV
 
 
@@ -79,18 +81,37 @@ def test_missing_data_and_vocabulary(folder, tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
-def test_leaderboard(folder, tmp_path, capsys):
+def test_leaderboard(folder, tmp_path, capsys, monkeypatch):
     """Two models on one table: the first is the KL reference; a bad spec fails before any output."""
     other = tmp_path / "other"
     tiny_model("llama", seed=1, vocab_size=49152).save_pretrained(other)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_model_dir() / name, other / name)
-    out = tmp_path / "lb"
-    assert main(["eval", "leaderboard", "--models", f"{folder},{other}", "--tasks", "arc_easy,piqa",
-                 "--limit", "2", "--ppl-tokens", "64", "--ppl-window", "32", "--decode-tokens", "3",
-                 "--threads", "1", "--out", str(out), "--json"]) == 0
+    out, cache = tmp_path / "lb", tmp_path / "cache"
+    args = ["eval", "leaderboard", "--models", f"{folder},{other}", "--tasks", "arc_easy,piqa", "--limit", "2",
+            "--ppl-tokens", "64", "--ppl-window", "32", "--decode-tokens", "3", "--threads", "1", "--json",
+            "--cache", str(cache)]
+    assert main([*args, "--out", str(out)]) == 0
     data = json.loads(capsys.readouterr().out)
     rows = data["rows"]
+    # --cache: a rerun reads every finished part back and loads no model; a missing part is computed again,
+    # loading only the model it belongs to (its KL is cached, so not the reference)
+    loads = []
+    real = commands.load_model
+    monkeypatch.setattr(commands, "load_model", lambda spec, **kw: loads.append(spec) or real(spec, **kw))
+    assert main(args) == 0 and loads == []
+    again = json.loads(capsys.readouterr().out)["rows"]
+    assert again == rows
+    part = next(Path(rows[1]["cache"]).glob("task-piqa-*.json"))
+    part.unlink()
+    assert main(args) == 0 and loads == [str(other)] and part.exists()
+    redo = json.loads(capsys.readouterr().out)["rows"]
+    assert redo[1]["piqa acc_norm"] == rows[1]["piqa acc_norm"] and redo[0] == rows[0]
+    # --cached-only computes nothing: a task not in the cache is left out of the rows ('-' in the table)
+    only = [a if a != "arc_easy,piqa" else "arc_easy,winogrande" for a in args] + ["--cached-only"]
+    assert main(only) == 0 and loads == [str(other)]
+    partial = json.loads(capsys.readouterr().out)["rows"]
+    assert partial[1]["arc_easy acc_norm"] == rows[1]["arc_easy acc_norm"] and "winogrande acc" not in partial[1]
     assert [r["model"] for r in rows] == [str(folder), str(other)]
     assert rows[0]["kl"] == 0.0 and rows[0]["top1"] == 1.0 and rows[1]["kl"] > 0
     assert rows[0]["bytes"] > 0 and all(r["decode tok/s"] > 0 and "arc_easy acc_norm se" in r for r in rows)

@@ -21,7 +21,7 @@ from llmcourse.core.io import atomic_dir, check_not_input, write_json
 from llmcourse.core.lab import add_parser
 from llmcourse.core.models import load_model
 from llmcourse.evaluation import LAB
-from llmcourse.evaluation.leaderboard import LeaderboardConfig, model_row, table
+from llmcourse.evaluation.leaderboard import LeaderboardConfig, ResultCache, columns, run, table
 from llmcourse.evaluation.runner import (
     BenchConfig,
     bar_plot,
@@ -71,27 +71,23 @@ def cmd_leaderboard(args: argparse.Namespace) -> Result:
     if len(set(specs)) != len(specs):
         raise UserError("--models names a model twice", "list each model once")
     out = Path(args.out) if args.out else None
+    inputs = [s for s in specs if s != "default"]
     if out is not None:
-        check_not_input(out, [s for s in specs if s != "default"])
+        check_not_input(out, inputs)
+    if args.cache is not None and not str(args.cache).strip():
+        raise UserError("--cache is empty", "pass a folder path")
+    if args.cached_only and args.cache is None:
+        raise UserError("--cached-only reads --cache, which is not given", "pass --cache DIR too")
+    cache = ResultCache(args.cache)
     t0 = time.perf_counter()
     datas, groups = prepare(cfg)
     text_data = load_text("default", "eval")
     kw = model_kwargs(args)
-    ref = None
-    rows, series = [], {}
-    ids = None
-    for spec in specs:
-        lm = load_model(spec, **kw)
-        if ids is None:
-            ids = tokenize_stream(lm.tokenizer, text_data)[:, :lcfg.ppl_tokens]
-        row, shown = model_row(spec, lm, ref, ids, lcfg, datas, groups)
-        rows.append(row)
-        series[spec] = shown
-        if ref is None:
-            ref = lm
-        else:
-            del lm
-    shown0 = series[specs[0]]
+    rows, series = run(specs, datas, groups, lcfg, lambda spec: load_model(spec, **kw),
+                       lambda tok: tokenize_stream(tok, text_data), batch_size=cfg.batch_size, cache=cache,
+                       dtype=kw.get("dtype", "fp32"), trust_pickle=bool(kw.get("trust_pickle")),
+                       cached_only=args.cached_only)
+    shown0 = columns(series)
     data = {"models": specs, **asdict(cfg), **asdict(lcfg), "rows": rows, "seconds": time.perf_counter() - t0}
     text = table(rows, shown0) + f"\nKL and top-1 agreement vs {specs[0]}; scores in percent ± one standard error"
     if out is not None:
@@ -117,7 +113,9 @@ BENCH_EXAMPLES = (
 LEADERBOARD_EXAMPLES = (
     "examples:\n"
     "  llmcourse eval leaderboard --models default,out/int8,out/gptq --limit 200 --out out/leaderboard\n"
-    "  llmcourse eval leaderboard --models default,out/gguf/x-Q8_0.gguf,out/gguf/x-Q4_K_M.gguf --tasks piqa --json")
+    "  llmcourse eval leaderboard --models default,out/gguf/x-Q8_0.gguf,out/gguf/x-Q4_K_M.gguf --tasks piqa --json\n"
+    "  llmcourse eval leaderboard --models default,out/int8,out/gptq --limit 500 --cache out/lb-cache "
+    "--out out/lb   # rerun the same command after an interruption: finished parts are read back")
 
 
 def register(sub: argparse._SubParsersAction, groups: dict) -> None:
@@ -149,6 +147,14 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
     q.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
     add_config_args(q, BenchConfig, defaults={"tasks": "hellaswag,arc_easy,piqa", "limit": 100})
     add_config_args(q, LeaderboardConfig)
+    q.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep each finished part (a model's measurements, each task's scores with per-example "
+                   "log-likelihoods) in DIR as one JSON file, written as soon as it finishes; a rerun with the "
+                   "same DIR reads finished parts back instead of recomputing them (keyed by the model files' "
+                   "sizes and mtimes, the task's documents and the measurement settings)")
+    q.add_argument("--cached-only", action="store_true",
+                   help="load and compute nothing: print the board from what --cache holds ('-' for the parts "
+                   "not finished yet), e.g. to follow a long run from another shell")
     q.add_argument("--out", default=None, help="output folder (written atomically; must not be an input)")
     add_common_args(q)
     q.set_defaults(func=cmd_leaderboard)

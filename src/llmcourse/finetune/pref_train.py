@@ -165,7 +165,7 @@ class PreferenceObjective:
         log_sigma_or, log_or = orpo_odds_ratio(mean_c, mean_r)
         r_c, r_r = lam * mean_c.detach(), lam * mean_r.detach()
         metrics = reward_metrics(r_c, r_r, chosen, rejected)
-        metrics.update({"nll_loss": float(nll_sum) * B / max(1, int(len_c.sum())),
+        metrics.update({"nll_loss": float(nll_sum.detach()) * B / max(1, int(len_c.sum())),
                         "log_odds_ratio": float(log_sigma_or.detach().sum()),
                         "log_odds_chosen": float(log_or.detach().sum())})
         return {"chosen_tokens": nll_sum, "pairs": -lam * log_sigma_or.sum()}, metrics
