@@ -111,23 +111,21 @@ def ours(path: Path, n: int, pp: int) -> dict[str, float]:
             s.prefill(long_ids)
             times.append(time.perf_counter() - t0)
     return {"decode": decode, "pp": pp / min(times), "matvec": fast.matvec, "warmup_s": first,
-            **kernels_only(path)}
+            **kernels_only(lm.model)}
 
 
-def kernels_only(path: Path, reps: int = 5) -> dict[str, float]:
+def kernels_only(model, reps: int = 5) -> dict[str, float]:
     """One decode token's products alone: every projection of the file's model (q, k, v, o, gate, up, down per
     layer, then the head) through its block kernel on one random row, in the model's order, so each weight
     streams from memory once per pass as in a real step. Best of ``reps`` passes (ms) and the weight bytes read."""
     import torch
 
     from llmcourse.core.runtime.model import projections
-    from llmcourse.core.runtime.weights import project
-    from llmcourse.quant.gguf.load import load_model
+    from llmcourse.core.runtime.weights import BlockCodes, project
 
-    lm = load_model(path)
-    ws = [m.decode_weight() for m in projections(lm.model)]
-    ins = [m.in_features for m in projections(lm.model)]
-    xs = [torch.randn(1, i) for i in ins]
+    mods = [m for m in projections(model) if isinstance(getattr(m, "decode_weight", lambda: None)(), BlockCodes)]
+    ws = [m.decode_weight() for m in mods]  # a lab's folder: the projections it runs through the block kernels
+    xs = [torch.randn(1, m.in_features) for m in mods]
     nbytes = sum(w.blocks.numel() for w in ws)
     best = 1e9
     with torch.inference_mode():
