@@ -223,6 +223,33 @@ def project(w: Weight, x: torch.Tensor) -> torch.Tensor:
     return y.view(*lead, y.shape[-1])
 
 
+BLOCK_GEMM_ROWS = int(os.environ.get("LLMCOURSE_BLOCK_GEMM_ROWS", "64"))  # from this many rows: de-quantize + GEMM
+BLOCK_GEMM_CHUNK = 4096  # weight rows de-quantized at a time on that path (the 49152-row head: 9 MB at a time)
+
+
+def block_linear(w: BlockCodes, x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``x Wᵀ + b`` for ``x`` (N, I) with ``W`` held as ``w``'s blocks, as a module's forward runs it: fewer than
+    :data:`BLOCK_GEMM_ROWS` rows through the block kernel (:func:`project`: 8-bit activations, as the compiled
+    step); more (a long prompt, perplexity) de-quantize :data:`BLOCK_GEMM_CHUNK` weight rows at a time and use
+    PyTorch's fp32 GEMM (compute-bound there, and faster than the integer dot products), so the transient float
+    weight stays small. Returns ``x``'s dtype for a few rows (as :func:`project`), fp32 for many."""
+    if x.shape[0] < BLOCK_GEMM_ROWS:
+        return project(w, x)
+    from llmcourse.core.runtime.kernels import block_rows
+
+    xf = x.float() if w.perm is None else x.float().index_select(-1, w.perm)
+    xf = xf.contiguous()
+    y = xf.new_empty(x.shape[0], w.out_features)
+    for r0 in range(0, w.out_features, BLOCK_GEMM_CHUNK):
+        r1 = min(w.out_features, r0 + BLOCK_GEMM_CHUNK)
+        y[:, r0:r1] = xf @ block_rows(w.blocks, torch.arange(r0, r1), w.qtype, in_features).t()
+    if w.scale is not None:
+        y = y * w.scale
+    if w.bias is not None:
+        y = y + w.bias
+    return y
+
+
 def matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``x Wᵀ`` with ``W`` (O, I) in its usual layout: ``x`` (..., I) -> (..., O), eagerly.
 

@@ -15,16 +15,13 @@ serves transformers' eager forward; ``decode_weight`` hands the runtime a
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from llmcourse.core.runtime.kernels import BLOCK_TYPES, block_mm, block_rows, forced_level, row_bytes
-from llmcourse.core.runtime.weights import BlockCodes
+from llmcourse.core.runtime.kernels import BLOCK_TYPES, block_rows, forced_level, row_bytes
+from llmcourse.core.runtime.weights import BLOCK_GEMM_ROWS, BlockCodes, block_linear
 
-GEMM_ROWS = int(os.environ.get("LLMCOURSE_BLOCK_GEMM_ROWS", "64"))  # from this many rows: de-quantize + fp32 GEMM
-GEMM_CHUNK = 4096  # weight rows de-quantized at a time on that path (the 49152-row head: 9 MB at a time)
+GEMM_ROWS = BLOCK_GEMM_ROWS  # from this many rows: de-quantize + fp32 GEMM (core's block_linear)
 
 
 def runnable(qtype: int, in_features: int) -> bool:
@@ -46,25 +43,10 @@ class BlockLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        if rows.shape[0] >= GEMM_ROWS:
-            y = self._gemm(rows)
-        else:
-            y = block_mm(rows, self.blocks, self.qtype, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias
+        """A few rows through the block kernel, many as de-quantized chunks and the fp32 GEMM
+        (:func:`~llmcourse.core.runtime.weights.block_linear`)."""
+        y = block_linear(self.decode_weight(), x.reshape(-1, self.in_features).float(), self.in_features)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def _gemm(self, rows: torch.Tensor) -> torch.Tensor:
-        """Many rows (a long prompt, perplexity): de-quantize ``GEMM_CHUNK`` weight rows at a time and multiply
-        with PyTorch's fp32 GEMM (compute-bound there, and faster than the block kernels' integer dot
-        products); the transient float weight stays small."""
-        y = rows.new_empty(rows.shape[0], self.out_features)
-        for r0 in range(0, self.out_features, GEMM_CHUNK):
-            r1 = min(self.out_features, r0 + GEMM_CHUNK)
-            w = block_rows(self.blocks, torch.arange(r0, r1), self.qtype, self.in_features)
-            y[:, r0:r1] = rows @ w.t()
-        return y
 
     def weight_count(self) -> int:
         """Weights held (``LoadedModel.n_params``); 0 for a head tied to the embeddings."""

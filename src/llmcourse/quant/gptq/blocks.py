@@ -133,26 +133,3 @@ def q8_0_quantize(w: torch.Tensor) -> torch.Tensor:
     q = (torch.sign(v) * (whole + torch.floor(2 * (a - whole)))).clamp(-127, 127).to(torch.int8)
     head = d.to(torch.float16).view(torch.uint8)  # (O, nb, 2)
     return torch.cat([head, q.view(torch.uint8)], dim=-1).view(o, -1).contiguous()
-
-
-GEMM_ROWS = 64  # from this many rows (a long prompt): de-quantize the blocks and use the fp32 GEMM
-GEMM_CHUNK = 4096  # weight rows de-quantized at a time on that path
-
-
-def block_linear(w: BlockCodes, x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """``x Wᵀ + b`` for ``x`` (N, I) with ``W`` held as ``w``'s blocks: the block kernel for a few rows (8-bit
-    activations, as the compiled step), de-quantized chunks of ``W`` and PyTorch's GEMM for many (fp32
-    activations: compute-bound there)."""
-    from llmcourse.core.runtime.kernels import block_rows
-    from llmcourse.core.runtime.weights import project
-
-    if x.shape[0] < GEMM_ROWS:
-        return project(w, x)
-    xf = x.float() if w.perm is None else x.float().index_select(-1, w.perm)
-    y = xf.new_empty(x.shape[0], w.out_features)
-    for r0 in range(0, w.out_features, GEMM_CHUNK):
-        r1 = min(w.out_features, r0 + GEMM_CHUNK)
-        y[:, r0:r1] = xf @ block_rows(w.blocks, torch.arange(r0, r1), w.qtype, in_features).t()
-    if w.bias is not None:
-        y = y + w.bias
-    return y.to(x.dtype)

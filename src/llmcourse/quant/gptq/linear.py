@@ -32,11 +32,9 @@ import torch.nn.functional as F
 
 from llmcourse.core.runtime import PACKED_BITS, Dense, GroupCodes, PackedCodes, WordsDequantizer, pack_words
 from llmcourse.core.runtime.kernels import forced_level
-from llmcourse.core.runtime.weights import BlockCodes, project
+from llmcourse.core.runtime.weights import BLOCK_GEMM_ROWS, BlockCodes, block_linear, project
 from llmcourse.quant.gptq.blocks import (
-    GEMM_ROWS,
     Q8_0,
-    block_linear,
     head_choice,
     kernel_choice,
     kernels_ready,
@@ -259,7 +257,7 @@ class HalfHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x Tᵀ``, converting the table in slices of :data:`HEAD_SLICE` rows (no whole fp32 copy)."""
         bw = self.block_weight()
-        if bw is not None and x.reshape(-1, self.in_features).shape[0] < GEMM_ROWS:
+        if bw is not None and x.reshape(-1, self.in_features).shape[0] < BLOCK_GEMM_ROWS:
             y = project(bw, x.reshape(-1, self.in_features))
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         table = self.tied[0].table

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcourse.core.runtime import KernelOptions, RowCodes
-from llmcourse.core.runtime.weights import BlockCodes, project
+from llmcourse.core.runtime.weights import BLOCK_GEMM_ROWS, BlockCodes, project
 from llmcourse.quant.int8.formulas import QuantizedTensor, expand_stat
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,6 @@ def _compile(name: str, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.T
 
 
 Q8_0 = 8  # ggml's type id
-BLOCK_ROWS_MAX = 64  # below this many rows the block kernel runs; from it, the de-quantized GEMM
 KERNELS = ("blocks", "rows")
 
 
@@ -222,7 +221,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        bw = self.block_weight() if x2.shape[0] < BLOCK_ROWS_MAX and not torch.is_grad_enabled() else None
+        bw = self.block_weight() if x2.shape[0] < BLOCK_GEMM_ROWS and not torch.is_grad_enabled() else None
         if bw is not None:
             y = project(bw, x2)
         elif x2.shape[0] == 1 and self.inv_scale is not None and not torch.is_grad_enabled():
