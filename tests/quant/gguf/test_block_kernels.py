@@ -8,7 +8,9 @@ activations (per 32-value block for the legacy types, per 256 for the k-quants).
   (fp32 accumulation of exact integer block sums);
 * loose: against the fp32 product ``x @ W.T``, relative error of each output vector below 2 %;
 * the levels (portable C++, AVX2, AVX-512 VNNI) agree to the same tight bound (their integer sums are
-  equal; only the fp32 summation order differs).
+  equal; only the fp32 summation order differs);
+* the legacy types' interleaved layout (8 rows repacked together, ``kernels.interleave``) meets the same tight
+  bound at every level, and its lookups are the stored layout's, exactly.
 """
 
 from __future__ import annotations
@@ -83,11 +85,17 @@ def check(qtype: QT, rows: int, cols: int, n: int, seed: int = 0) -> torch.Tenso
         ref = a.double() @ w.double().T
     bound = 2e-6 * (a.abs().double() @ w.abs().double().T) + 1e-6
     got = {}
+    layouts = [(blocks, int(qtype))]
+    packed, ptype = kernels.interleave(blocks, int(qtype), cols)
+    if qtype in LEGACY and rows % 8 == 0:
+        assert ptype == int(qtype) + kernels.X8 and packed.shape == blocks.shape
+        layouts.append((packed, ptype))
     for level in range(kernels.cpu_level() + 1):
-        y = kernels.block_mm(x, blocks, int(qtype), rows, level=level)
-        assert y.shape == (n, rows) and y.dtype == torch.float32
-        err = (y.double() - ref).abs()
-        assert bool((err <= bound).all()), f"{qtype.name} level {level}: max excess {(err - bound).max():.3g}"
+        for wb, t in layouts:
+            y = kernels.block_mm(x, wb, t, rows, level=level)
+            assert y.shape == (n, rows) and y.dtype == torch.float32
+            err = (y.double() - ref).abs()
+            assert bool((err <= bound).all()), f"{qtype.name} ({t}) level {level}: max excess {(err - bound).max():.3g}"
         got[level] = y
     exact = x.double() @ w.double().T
     rel = (got[0].double() - exact).norm(dim=-1) / exact.norm(dim=-1)
@@ -98,7 +106,7 @@ def check(qtype: QT, rows: int, cols: int, n: int, seed: int = 0) -> torch.Tenso
 @pytest.mark.parametrize("qtype", LEGACY + KQUANTS, ids=lambda t: t.name)
 def test_each_type_equals_dequantize_then_multiply(qtype):
     cols = 96 if qtype in LEGACY else 768  # an odd number of blocks
-    for rows, n in [(1, 1), (17, 1), (576, 1), (37, 5), (64, 19)]:  # decode, ragged tiles, prompts
+    for rows, n in [(1, 1), (17, 1), (576, 1), (37, 5), (64, 19), (8, 3)]:  # decode, ragged tiles, prompts
         check(qtype, rows, cols, n, seed=rows + n)
 
 
@@ -117,6 +125,27 @@ def test_rows_are_the_lab_dequantization(qtype):
     ids = torch.tensor([0, 39, 7, 7, 12])
     got = kernels.block_rows(blocks, ids, int(qtype), cols)
     assert torch.equal(got, weight(qtype, blocks)[ids])
+    packed, ptype = kernels.interleave(blocks, int(qtype), cols)
+    assert torch.equal(kernels.block_rows(packed, ids, ptype, cols), got)
+    assert torch.equal(kernels.deinterleave(packed, ptype, cols)[0], blocks)
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+def test_interleaved_layout_is_the_same_bytes_regrouped(qtype):
+    """Group g, block k of the interleaved layout holds the 8 rows' scales, then (Q5_*) the fifth bits as bit planes,
+    then their codes in 4-byte slices: spot-check against the stored blocks, and the layouts that keep the stored order."""
+    cols = 64
+    blocks = random_blocks(qtype, 16, cols, seed=4)
+    packed, ptype = kernels.interleave(blocks, int(qtype), cols)
+    size = kernels.BLOCK_TYPES[int(qtype)][1]
+    stored = blocks.view(16, 2, size)
+    group = packed.view(2, 2, 8 * size)  # (groups, blocks, bytes)
+    for j in range(8):
+        assert torch.equal(group[1, 1, 2 * j:2 * j + 2], stored[8 + j, 1, 0:2])  # row 8 + j's d
+    codes = group[0, 1, -(256 if qtype == QT.Q8_0 else 128):]
+    assert torch.equal(codes[32 + 4 * 3:32 + 4 * 4], stored[3, 1, size - (32 if qtype == QT.Q8_0 else 16) + 4:][:4])
+    assert kernels.interleave(blocks[:12], int(qtype), cols)[1] == int(qtype)  # 12 rows: stored order kept
+    assert kernels.interleave(random_blocks(QT.Q4_K, 16, 256), int(QT.Q4_K), 256)[1] == int(QT.Q4_K)
 
 
 def test_zero_rows_and_forced_level_from_the_environment(monkeypatch):
@@ -143,13 +172,16 @@ def test_bad_arguments_are_errors():
 def test_several_weights_in_one_call_equal_separate_calls():
     """``mm_many`` (q/k/v, gate/up: one activation quantization, one parallel pass) gives each weight's own product."""
     cols = 512
-    ws = [(QT.Q5_0, 96), (QT.Q6_K, 17), (QT.Q8_0, 40), (QT.Q4_K, 64)]
+    ws = [(QT.Q5_0, 96), (QT.Q6_K, 17), (QT.Q8_0, 40), (QT.Q4_K, 64), (QT.Q4_0, 24)]
     blocks = [random_blocks(t, rows, cols, seed=k) for k, (t, rows) in enumerate(ws)]
+    packed = [kernels.interleave(b, int(t), cols) for (t, _), b in zip(ws, blocks, strict=True)]
     x = torch.randn(6, cols)
     for level in range(kernels.cpu_level() + 1):
-        got = kernels.block_mm_many(x, blocks, [int(t) for t, _ in ws], [rows for _, rows in ws], level=level)
-        for (t, rows), b, y in zip(ws, blocks, got, strict=True):
-            assert torch.equal(y, kernels.block_mm(x, b, int(t), rows, level=level))
+        for layout in (blocks, [b for b, _ in packed]):
+            types = [int(t) for t, _ in ws] if layout is blocks else [t for _, t in packed]
+            got = kernels.block_mm_many(x, layout, types, [rows for _, rows in ws], level=level)
+            for t, (_, rows), b, y in zip(types, ws, layout, got, strict=True):
+                assert torch.equal(y, kernels.block_mm(x, b, t, rows, level=level))
 
 
 def test_products_equal_llama_cpps_own_kernels():
@@ -199,6 +231,12 @@ def test_products_equal_llama_cpps_own_kernels():
             if qtype == QT.Q8_0 and level > 0:
                 assert err == 0, f"{qtype.name} level {level}: {err}"
             assert err < 1e-5, f"{qtype.name} level {level}: {err}"
+            packed, ptype = kernels.interleave(torch.from_numpy(w), int(qtype), 1536)
+            got = kernels.block_mm(torch.from_numpy(x).view(1, -1), packed, ptype, 32, level=level)
+            err = np.abs(got[0].numpy() - ref).max() / np.abs(ref).max()
+            if qtype == QT.Q8_0 and level > 0:  # the interleaved Q8_0 kernel keeps ggml's lanes and order
+                assert err == 0, f"{qtype.name} interleaved, level {level}: {err}"
+            assert err < 1e-5, f"{qtype.name} interleaved, level {level}: {err}"
 
 
 def test_block_linear_runs_long_inputs_as_a_float_gemm():

@@ -101,10 +101,12 @@ def test_block_product_equals_the_packed_product(sym, act_order, monkeypatch):
         y = lin(x)
     assert torch.equal(y, project(bw, x))  # the eager forward is the compiled step's product
     xp = x if bw.perm is None else x[:, bw.perm]
+    stored, qtype = kernels.deinterleave(bw.blocks, bw.qtype, 320)  # as ggml stores them
+    assert bw.qtype == qtype + kernels.X8  # 48 rows: repacked for the 8-row kernels
     wb = kernels.block_rows(bw.blocks, torch.arange(48), bw.qtype, 320)  # the blocks' weight (sorted columns)
     a, sums = q8(xp)
-    if bw.qtype == Q4_1:
-        m = torch.from_numpy(bw.blocks.view(48, 10, 20)[..., 2:4].contiguous().numpy().view("float16")[..., 0]).float()
+    if qtype == Q4_1:
+        m = torch.from_numpy(stored.view(48, 10, 20)[..., 2:4].contiguous().numpy().view("float16")[..., 0]).float()
         ref = a.double() @ (wb - m.repeat_interleave(32, 1)).double().T + sums.double() @ m.double().T
     else:
         ref = a.double() @ wb.double().T
@@ -157,7 +159,7 @@ def test_q8_0_head_is_ggml_q8_0_of_the_fp16_table(monkeypatch):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    from llmcourse.quant.gptq.blocks import q8_0_quantize
+    from llmcourse.core.runtime.kernels import q8_0_quantize
     from llmcourse.quant.gptq.linear import HalfHead, HalfTable
 
     table = (torch.randn(300, 64, generator=torch.Generator().manual_seed(0)) * 0.05).half()
@@ -168,11 +170,12 @@ def test_q8_0_head_is_ggml_q8_0_of_the_fp16_table(monkeypatch):
     assert isinstance(head.decode_weight(), fl.Dense)  # the fp16 table itself
     monkeypatch.delenv("LLMCOURSE_GPTQ_HEAD")
     bw = head.decode_weight()
-    assert isinstance(bw, BlockCodes) and bw.qtype == 8
+    assert isinstance(bw, BlockCodes) and bw.qtype == 8  # Q8_0 (300 rows: not regrouped by 8, stored order)
+    assert torch.equal(bw.blocks, q8_0_quantize(table))
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y, exact = head(x), x @ table.float().T
     assert torch.equal(y, project(bw, x))
-    w_q = kernels.block_rows(bw.blocks, torch.arange(300), 8, 64)
+    w_q = kernels.block_rows(bw.blocks, torch.arange(300), bw.qtype, 64)
     bound = rounding_bound(x, w_q) + x.abs().double() @ (w_q - table.float()).abs().double().T + 1e-5
     assert bool(((y.double() - exact.double()).abs() <= bound).all())

@@ -411,7 +411,9 @@ def _keep_blocks(model: Any, mm: np.ndarray, kept: list[tuple[str, TensorInfo]],
                  permute_qk: bool, dtype: torch.dtype) -> None:
     """Swap in :class:`~.execute.BlockLinear`/:class:`~.execute.BlockEmbedding` modules over the mapped
     blocks; q/k rows are put back from ggml's RoPE pair order by a row gather (blocks never straddle rows);
-    a tied output head multiplies by the embedding's blocks."""
+    a tied output head multiplies by the embedding's blocks. Legacy blocks (Q4_0 ... Q8_0) are repacked for
+    the kernels' 8-row groups (:func:`~llmcourse.core.runtime.kernels.interleave`: the same bytes, in memory)."""
+    from llmcourse.core.runtime.kernels import interleave
     from llmcourse.quant.gguf.execute import BlockEmbedding, BlockLinear
 
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -425,19 +427,37 @@ def _keep_blocks(model: Any, mm: np.ndarray, kept: list[tuple[str, TensorInfo]],
 
             order = unpermute_rope(torch.arange(rows).view(rows, 1), n_head if ".attn_q." in g else n_kv).view(-1)
             raw = raw[order]
+        raw, qtype = interleave(raw, int(t.qtype), n)
+        if qtype != int(t.qtype) or (permute_qk and (".attn_q." in g or ".attn_k." in g)):
+            _release(mm, t.offset, t.nbytes)  # a copy is kept: the file's pages are not needed in memory
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         if isinstance(old, torch.nn.Embedding):
             scale = getattr(old, "scalar_embed_scale", None)
-            setattr(parent, child, BlockEmbedding(raw, int(t.qtype), n, scale=scale, dtype=dtype))
-            emb_blocks = (raw, int(t.qtype), n, rows)
+            setattr(parent, child, BlockEmbedding(raw, qtype, n, scale=scale, dtype=dtype))
+            emb_blocks = (raw, qtype, n, rows)
         else:
             bias = old.bias.detach() if old.bias is not None and not old.bias.is_meta else None
-            setattr(parent, child, BlockLinear(raw, int(t.qtype), n, rows, bias))
+            setattr(parent, child, BlockLinear(raw, qtype, n, rows, bias))
     if tied and emb_blocks is not None and type(model.lm_head) is torch.nn.Linear:
         raw, qtype, n, rows = emb_blocks
         model.lm_head = BlockLinear(raw, qtype, n, rows, tied=True)
+
+
+def _release(mm: np.ndarray, offset: int, nbytes: int) -> None:
+    """Drop the mapped pages that lie wholly inside ``[offset, offset + nbytes)`` from this process's memory
+    (``madvise(MADV_DONTNEED)``; read again from the file if ever touched): the range of a tensor that was
+    copied (repacked, rows reordered), so that its bytes are not held twice."""
+    import mmap
+
+    m = getattr(mm, "_mmap", None)
+    if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    lo, hi = -(-offset // page) * page, (offset + nbytes) // page * page
+    if hi > lo:
+        m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _rebuild_meta_buffers(model: Any) -> None:

@@ -101,9 +101,10 @@ def block_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     packed = to_blocks(codes, scales, zeros, g_idx)
     if packed is None:
         return None
-    from llmcourse.core.runtime.kernels import forced_level
+    from llmcourse.core.runtime.kernels import forced_level, interleave
 
     blocks, qtype, perm = packed
+    blocks, qtype = interleave(blocks, qtype, codes.shape[1])
     return BlockCodes(blocks, qtype, codes.shape[0], bias, forced_level(), perm=perm)
 
 
@@ -119,17 +120,3 @@ def head_choice() -> str:
     name = os.environ.get("LLMCOURSE_GPTQ_HEAD", "q8_0").strip().lower()
     return name if name in HEADS else "q8_0"
 
-
-def q8_0_quantize(w: torch.Tensor) -> torch.Tensor:
-    """ggml's Q8_0 of a float weight (O, I), I a multiple of 32 -> (O, I / 32 · 34) uint8: per block of 32,
-    ``d = fp16(max|w| / 127)``, ``q = roundf(w · (1 / d))`` (half away from zero), as ggml's reference
-    quantize_row_q8_0, which llama.cpp's file quantizer runs."""
-    o, i = w.shape
-    wb = w.float().view(o, i // BLOCK, BLOCK)
-    d = wb.abs().amax(-1, keepdim=True) / 127
-    v = wb * torch.where(d != 0, 1 / d, torch.zeros_like(d))
-    a = v.abs()
-    whole = torch.floor(a)
-    q = (torch.sign(v) * (whole + torch.floor(2 * (a - whole)))).clamp(-127, 127).to(torch.int8)
-    head = d.to(torch.float16).view(torch.uint8)  # (O, nb, 2)
-    return torch.cat([head, q.view(torch.uint8)], dim=-1).view(o, -1).contiguous()

@@ -31,14 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmcourse.core.runtime import PACKED_BITS, Dense, GroupCodes, PackedCodes, WordsDequantizer, pack_words
-from llmcourse.core.runtime.kernels import forced_level
+from llmcourse.core.runtime.kernels import forced_level, interleave, q8_0_quantize
 from llmcourse.core.runtime.weights import BLOCK_GEMM_ROWS, BlockCodes, block_linear, project
 from llmcourse.quant.gptq.blocks import (
     Q8_0,
     head_choice,
     kernel_choice,
     kernels_ready,
-    q8_0_quantize,
 )
 from llmcourse.quant.gptq.blocks import block_weight as gptq_block_weight
 from llmcourse.quant.gptq.pack import unpack
@@ -245,8 +244,10 @@ class HalfHead(nn.Module):
             return None
         if self._blocks is None:
             table = self.tied[0].table
-            self._blocks = (BlockCodes(q8_0_quantize(table), Q8_0, self.out_features, level=forced_level())
-                            if table.shape[1] % 32 == 0 and kernels_ready() else False)
+            self._blocks = False
+            if table.shape[1] % 32 == 0 and kernels_ready():
+                blocks, qtype = interleave(q8_0_quantize(table), Q8_0, table.shape[1])
+                self._blocks = BlockCodes(blocks, qtype, self.out_features, level=forced_level())
         return self._blocks or None
 
     def decode_weight(self) -> Dense | BlockCodes:

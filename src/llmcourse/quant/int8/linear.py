@@ -115,23 +115,16 @@ def kernel_choice() -> str:
     return name if name in KERNELS else "blocks"
 
 
-def q8_0_blocks(codes: torch.Tensor) -> torch.Tensor:
-    """int8 ``codes`` (O, I), I a multiple of 32, as ggml Q8_0 rows (O, I / 32 · 34) uint8: per block of 32
-    codes, the fp16 scale 1.0 then the codes as they are."""
-    o, i = codes.shape
-    nb = i // 32
-    one = torch.ones(o, nb, 1, dtype=torch.float16).view(torch.uint8)  # (O, nb, 2): fp16 1.0, little endian
-    return torch.cat([one, codes.contiguous().view(torch.uint8).view(o, nb, 32)], dim=-1).view(o, nb * 34)
-
 
 def q8_0_weight(codes: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None) -> BlockCodes | None:
     """absmax int8 ``codes`` (O, I) with ``inv_scale`` (O, 1) as a :class:`BlockCodes` for the Q8_0 kernel (the
     per-row ``1/s`` as its ``scale``); None when ``I`` is not a multiple of 32 or the kernels are missing."""
-    from llmcourse.core.runtime.kernels import forced_level, load
+    from llmcourse.core.runtime.kernels import forced_level, interleave, load, q8_0_blocks
 
     if codes.dtype != torch.int8 or codes.shape[1] % 32 or not load():
         return None
-    return BlockCodes(q8_0_blocks(codes), Q8_0, codes.shape[0], bias, forced_level(),
+    blocks, qtype = interleave(q8_0_blocks(codes), Q8_0, codes.shape[1])
+    return BlockCodes(blocks, qtype, codes.shape[0], bias, forced_level(),
                       scale=inv_scale.reshape(-1).float().contiguous())
 
 

@@ -58,6 +58,9 @@ BLOCK_TYPES: dict[int, tuple[int, int]] = {
     13: (256, 176),  # Q5_K
     14: (256, 210),  # Q6_K
 }
+X8 = 256  # a legacy type + X8: its rows interleaved 8 at a time (:func:`interleave`)
+LEGACY = (2, 3, 6, 7, 8)  # the types that interleave
+BLOCK_TYPES.update({X8 + t: BLOCK_TYPES[t] for t in LEGACY})
 
 
 def cache_dir() -> Path:
@@ -102,6 +105,10 @@ def _register_fakes() -> None:
                  level: int) -> list[torch.Tensor]:
         return [x.new_empty(x.shape[0], o) for o in out_features]
 
+    @torch.library.register_fake("llmcourse_blocks::interleave")
+    def _interleave(w: torch.Tensor, qtype: int, in_features: int, inverse: bool) -> torch.Tensor:
+        return torch.empty_like(w)
+
     @torch.library.register_fake("llmcourse_blocks::rows")
     def _rows(w: torch.Tensor, ids: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
         return w.new_empty(ids.numel(), in_features, dtype=torch.float32)
@@ -144,3 +151,55 @@ def block_mm_many(x: torch.Tensor, blocks: list[torch.Tensor], qtypes: list[int]
 def block_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
     """Rows ``ids`` of ``W`` de-quantized to fp32 (K, I): an embedding lookup in a quantized table."""
     return torch.ops.llmcourse_blocks.rows(blocks, ids, qtype, in_features)
+
+
+@functools.cache
+def interleaving() -> bool:
+    """Whether weights are repacked for the group kernels (``LLMCOURSE_BLOCK_INTERLEAVE=0`` keeps the stored
+    layout; read once)."""
+    return os.environ.get("LLMCOURSE_BLOCK_INTERLEAVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def interleave(blocks: torch.Tensor, qtype: int, in_features: int) -> tuple[torch.Tensor, int]:
+    """``W``'s blocks repacked for the group kernels, as llama.cpp's CPU backend repacks Q4_0 at load: the same
+    bytes, eight rows interleaved so that one broadcast of 4 activation codes meets all eight rows and the
+    eight sums stay in the lanes of one register (no horizontal sums, scales converted 8 at a time).
+    Returns ``(blocks, qtype + X8)``, or the input unchanged where that does not apply (a k-quant, rows not a
+    multiple of 8, no kernels, or ``LLMCOURSE_BLOCK_INTERLEAVE=0``). Lookups (:func:`block_rows`) and every
+    product accept both layouts."""
+    rows = blocks.shape[0] if blocks.dim() == 2 else blocks.numel() // max(1, row_bytes(qtype, in_features))
+    if qtype not in LEGACY or rows % 8 or in_features % 32 or not interleaving() or not load():
+        return blocks, qtype
+    return torch.ops.llmcourse_blocks.interleave(blocks.contiguous(), qtype, in_features, False), X8 + qtype
+
+
+def deinterleave(blocks: torch.Tensor, qtype: int, in_features: int) -> tuple[torch.Tensor, int]:
+    """The inverse of :func:`interleave`: blocks in ggml's stored order (for writing files, tests)."""
+    if qtype < X8:
+        return blocks, qtype
+    return torch.ops.llmcourse_blocks.interleave(blocks.contiguous(), qtype - X8, in_features, True), qtype - X8
+
+
+# --- Q8_0 blocks made in memory (the int8 and GPTQ labs' folders through the Q8_0 kernel) ---------------
+def q8_0_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """int8 ``codes`` (O, I), I a multiple of 32, as ggml Q8_0 rows (O, I / 32 · 34) uint8: per block of 32
+    codes, the fp16 scale 1.0 then the codes as they are."""
+    o, i = codes.shape
+    nb = i // 32
+    one = torch.ones(o, nb, 1, dtype=torch.float16).view(torch.uint8)  # (O, nb, 2): fp16 1.0, little endian
+    return torch.cat([one, codes.contiguous().view(torch.uint8).view(o, nb, 32)], dim=-1).view(o, nb * 34)
+
+
+def q8_0_quantize(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q8_0 of a float weight (O, I), I a multiple of 32 -> (O, I / 32 · 34) uint8: per block of 32,
+    ``d = fp16(max|w| / 127)``, ``q = roundf(w · (1 / d))`` (half away from zero), as ggml's reference
+    quantize_row_q8_0, which llama.cpp's file quantizer runs."""
+    o, i = w.shape
+    wb = w.float().view(o, i // 32, 32)
+    d = wb.abs().amax(-1, keepdim=True) / 127
+    v = wb * torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    a = v.abs()
+    whole = torch.floor(a)
+    q = (torch.sign(v) * (whole + torch.floor(2 * (a - whole)))).clamp(-127, 127).to(torch.int8)
+    head = d.to(torch.float16).view(torch.uint8)  # (O, nb, 2)
+    return torch.cat([head, q.view(torch.uint8)], dim=-1).view(o, -1).contiguous()

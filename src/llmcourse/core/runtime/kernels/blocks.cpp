@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <cmath>
@@ -26,6 +27,11 @@
 namespace {
 
 enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+// A legacy type (Q4_0 ... Q8_0) + X8: its rows interleaved 8 at a time (`interleave`), the same bytes in another
+// order. Per group of 8 rows and block b (8 x the block's bytes): the 8 fp16 d, the 8 fp16 m (Q4_1, Q5_1), 32
+// bytes of fifth-bit planes (Q5_0, Q5_1: bit p of byte 4j + k = bit 4p + k of row j's qh), then the codes in
+// 32-byte vectors v whose byte 4j + k is byte 4v + k of row j's codes (Q8_0: 8 vectors of q; 4-bit: 4 of qs).
+constexpr int64_t X8 = 256;
 constexpr int64_t ROWS = 16;  // weight rows per tile of a prompt's product
 
 struct ActRow {  // one activation row as 8-bit blocks
@@ -82,9 +88,78 @@ inline void k_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {  // Q4_K/Q5_K
   }
 }
 
+inline int legacy_bytes(int64_t t) { return t == Q4_0 ? 18 : t == Q4_1 ? 20 : t == Q5_0 ? 22 : t == Q5_1 ? 24 : 34; }
+inline bool is_legacy(int64_t t) { return t == Q4_0 || t == Q4_1 || t == Q5_0 || t == Q5_1 || t == Q8_0; }
+struct X8Layout {  // byte offsets in one stored block (qh, codes) and in one interleaved group-block (m, planes, codes)
+  int bytes, qh, qs, nvec, g_m, g_h, g_codes;
+  explicit X8Layout(int64_t t) {
+    bytes = legacy_bytes(t);
+    const bool m = t == Q4_1 || t == Q5_1, h = t == Q5_0 || t == Q5_1;
+    qh = h ? (m ? 4 : 2) : -1;
+    qs = 2 + (m ? 2 : 0) + (h ? 4 : 0);
+    nvec = t == Q8_0 ? 8 : 4;
+    g_m = m ? 16 : -1;
+    g_h = h ? (m ? 32 : 16) : -1;
+    g_codes = 16 + (m ? 16 : 0) + (h ? 32 : 0);
+  }
+};
+
+// Row j's stored block -> its place in the group-block g (scatter), and back (gather).
+void scatter_block(const X8Layout& L, const uint8_t* blk, int j, uint8_t* g) {
+  std::memcpy(g + 2 * j, blk, 2);
+  if (L.g_m >= 0) std::memcpy(g + L.g_m + 2 * j, blk + 2, 2);
+  if (L.g_h >= 0) {
+    uint32_t h; std::memcpy(&h, blk + L.qh, 4);
+    for (int k = 0; k < 4; ++k) {
+      uint8_t byte = 0;
+      for (int p = 0; p < 8; ++p) byte |= (uint8_t)(((h >> (4 * p + k)) & 1) << p);
+      g[L.g_h + 4 * j + k] = byte;
+    }
+  }
+  for (int v = 0; v < L.nvec; ++v) std::memcpy(g + L.g_codes + 32 * v + 4 * j, blk + L.qs + 4 * v, 4);
+}
+
+void gather_block(const X8Layout& L, const uint8_t* g, int j, uint8_t* blk) {
+  std::memcpy(blk, g + 2 * j, 2);
+  if (L.g_m >= 0) std::memcpy(blk + 2, g + L.g_m + 2 * j, 2);
+  if (L.g_h >= 0) {
+    uint32_t h = 0;
+    for (int k = 0; k < 4; ++k)
+      for (int p = 0; p < 8; ++p) h |= (uint32_t)((g[L.g_h + 4 * j + k] >> p) & 1) << (4 * p + k);
+    std::memcpy(blk + L.qh, &h, 4);
+  }
+  for (int v = 0; v < L.nvec; ++v) std::memcpy(blk + L.qs + 4 * v, g + L.g_codes + 32 * v + 4 * j, 4);
+}
+
 namespace portable {
 #include "blocks_impl.h"
 }
+
+// The portable product of interleaved blocks: each row of the group gathered back, then the scalar kernel.
+template <int64_t T, int NR>
+void gathered8(const uint8_t* w, const ActRow* a, int64_t nb, float* y, int64_t ys) {
+  static thread_local std::vector<uint8_t> row;
+  const X8Layout L(T);
+  row.resize(nb * L.bytes);
+  const RowsFn f = portable::pick(T).f[NR - 1];
+  for (int j = 0; j < 8; ++j) {
+    for (int64_t b = 0; b < nb; ++b) gather_block(L, w + b * 8 * L.bytes, j, row.data() + b * L.bytes);
+    f(row.data(), a, nb, y + j, ys);
+  }
+}
+
+#define BLK_G8(t) DotSet{gathered8<t, 1>, gathered8<t, 2>, gathered8<t, 3>, gathered8<t, 4>}
+DotSet portable_pick8(int64_t type) {
+  switch (type) {
+    case Q8_0: return BLK_G8(Q8_0);
+    case Q4_0: return BLK_G8(Q4_0);
+    case Q4_1: return BLK_G8(Q4_1);
+    case Q5_0: return BLK_G8(Q5_0);
+    case Q5_1: return BLK_G8(Q5_1);
+    default: return {nullptr, nullptr, nullptr, nullptr};
+  }
+}
+#undef BLK_G8
 
 #ifdef BLK_X86
 #pragma GCC push_options
@@ -124,21 +199,25 @@ int64_t detected_level() {  // 0 portable, 1 AVX2, 2 AVX-512 VNNI
 
 int64_t effective(int64_t level) { return level < 0 ? detected_level() : std::min(level, detected_level()); }
 
-struct TypeInfo { int64_t block, bytes; bool k; };
+struct TypeInfo { int64_t block, bytes; bool k; int64_t unit; };  // unit: rows per call of a kernel
 
 TypeInfo type_info(int64_t t) {
+  if (t & X8) {
+    TORCH_CHECK(is_legacy(t & ~X8), "block type ", t, " has no interleaved kernel");
+    return {32, legacy_bytes(t & ~X8), false, 8};
+  }
   switch (t) {
-    case Q4_0: return {32, 18, false};
-    case Q4_1: return {32, 20, false};
-    case Q5_0: return {32, 22, false};
-    case Q5_1: return {32, 24, false};
-    case Q8_0: return {32, 34, false};
-    case Q4_K: return {256, 144, true};
-    case Q5_K: return {256, 176, true};
-    case Q6_K: return {256, 210, true};
+    case Q4_0: return {32, 18, false, 1};
+    case Q4_1: return {32, 20, false, 1};
+    case Q5_0: return {32, 22, false, 1};
+    case Q5_1: return {32, 24, false, 1};
+    case Q8_0: return {32, 34, false, 1};
+    case Q4_K: return {256, 144, true, 1};
+    case Q5_K: return {256, 176, true, 1};
+    case Q6_K: return {256, 210, true, 1};
     default: TORCH_CHECK(false, "block type ", t, " has no kernel");
   }
-  return {0, 0, false};
+  return {0, 0, false, 1};
 }
 
 using QuantFn = void (*)(const float*, int64_t, int, bool, int8_t*, float*, int32_t*, float*);
@@ -152,6 +231,13 @@ QuantFn quant_for(int64_t level) {
 }
 
 DotSet dot_for(int64_t level, int64_t type) {
+  if (type & X8) {
+#ifdef BLK_X86
+    if (level == 2) return vnni::pick8(type & ~X8);
+    if (level == 1) return avx2::pick8(type & ~X8);
+#endif
+    return portable_pick8(type & ~X8);
+  }
 #ifdef BLK_X86
   if (level == 2) return vnni::pick(type);
   if (level == 1) return avx2::pick(type);
@@ -186,7 +272,7 @@ void quantize_rows(const float* xp, int64_t n, int64_t in, int64_t block, int64_
 
 struct Job {  // one weight's product: its blocks, row bytes, kernels and output
   const uint8_t* w;
-  int64_t rb, nb, out;
+  int64_t rb, nb, out, unit;
   DotSet dot;
   const ActRow* acts;
   float* y;
@@ -211,21 +297,32 @@ std::vector<at::Tensor> block_mm_many(const at::Tensor& x, at::TensorList ws, at
     TORCH_CHECK(ws[j].scalar_type() == at::kByte && ws[j].is_contiguous(), "w must be contiguous uint8 blocks");
     const int64_t nb = in / ti.block, rb = nb * ti.bytes;
     TORCH_CHECK(ws[j].numel() == outs[j] * rb, "w holds ", ws[j].numel(), " bytes, expected ", outs[j] * rb);
+    TORCH_CHECK(outs[j] % ti.unit == 0, "interleaved blocks need a multiple of ", ti.unit, " rows");
     (ti.k ? need256 : need32) = true;
     ys.push_back(at::empty({n, outs[j]}, x.options()));
-    jobs.push_back({ws[j].data_ptr<uint8_t>(), rb, nb, outs[j], dot_for(level, types[j]), nullptr,
+    jobs.push_back({ws[j].data_ptr<uint8_t>(), rb, nb, outs[j], ti.unit, dot_for(level, types[j]), nullptr,
                     ys.back().data_ptr<float>()});
-    total += outs[j];
+    total += outs[j] / ti.unit;
   }
   if (need32) quantize_rows(x.data_ptr<float>(), n, in, 32, level, q32);
   if (need256) quantize_rows(x.data_ptr<float>(), n, in, 256, level, q256);
   for (size_t j = 0; j < jobs.size(); ++j) jobs[j].acts = type_info(types[j]).k ? q256.rows.data() : q32.rows.data();
-  const int64_t grain = std::max<int64_t>(ROWS, total / (8 * std::max(1, at::get_num_threads())));
+  // the threads split the units of all the weights: rows, or groups of 8 interleaved rows
+  const int64_t grain = std::max<int64_t>(2, total / (8 * std::max(1, at::get_num_threads())));
   at::parallel_for(0, total, grain, [&](int64_t b, int64_t e) {
     int64_t base = 0;
-    for (const Job& job : jobs) {  // the part of [b, e) that falls in this weight's rows
-      const int64_t lo = std::max(b, base) - base, hi = std::min(e, base + job.out) - base;
-      base += job.out;
+    for (const Job& job : jobs) {  // the part of [b, e) that falls in this weight's units
+      const int64_t units = job.out / job.unit;
+      const int64_t lo = std::max(b, base) - base, hi = std::min(e, base + units) - base;
+      base += units;
+      if (job.unit == 8) {  // a group of 8 rows, in cache, meets every activation row
+        for (int64_t g = lo; g < hi; ++g)
+          for (int64_t t = 0; t < n; t += 4) {
+            const int64_t k = std::min<int64_t>(4, n - t);
+            job.dot.f[k - 1](job.w + g * 8 * job.rb, job.acts + t, job.nb, job.y + t * job.out + 8 * g, job.out);
+          }
+        continue;
+      }
       for (int64_t r0 = lo; r0 < hi; r0 += ROWS) {
         const int64_t r1 = std::min(hi, r0 + ROWS);
         for (int64_t t = 0; t < n; t += 4) {
@@ -308,11 +405,49 @@ at::Tensor block_rows(const at::Tensor& w, const at::Tensor& ids, int64_t type, 
   for (int64_t i = 0; i < k; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < rows, "row ", ip[i], " out of range");
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
+  if (type & X8) {  // row r is lane r % 8 of group r / 8
+    const X8Layout L(type & ~X8);
+    at::parallel_for(0, k, 64, [&](int64_t b, int64_t e) {
+      uint8_t blk[34];
+      for (int64_t i = b; i < e; ++i) {
+        const uint8_t* g = wp + (ip[i] / 8) * 8 * rb;
+        for (int64_t j = 0; j < nb; ++j) {
+          gather_block(L, g + j * 8 * ti.bytes, (int)(ip[i] % 8), blk);
+          dequant_block(type & ~X8, blk, yp + i * in_features + j * ti.block);
+        }
+      }
+    });
+    return y;
+  }
   at::parallel_for(0, k, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
       for (int64_t j = 0; j < nb; ++j) dequant_block(type, wp + ip[i] * rb + j * ti.bytes, yp + i * in_features + j * ti.block);
   });
   return y;
+}
+
+// W (O, I) as stored -> the same bytes interleaved 8 rows at a time (type + X8; O a multiple of 8), or back.
+at::Tensor block_interleave(const at::Tensor& w, int64_t type, int64_t in_features, bool inverse) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "w must be contiguous uint8 blocks");
+  TORCH_CHECK(is_legacy(type), "only Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 blocks interleave");
+  TORCH_CHECK(in_features % 32 == 0, "inputs are not a multiple of the block size");
+  const X8Layout L(type);
+  const int64_t nb = in_features / 32, rb = nb * L.bytes;
+  TORCH_CHECK(w.numel() % (8 * rb) == 0, "interleaving needs a multiple of 8 rows");
+  const int64_t groups = w.numel() / (8 * rb);
+  at::Tensor out = at::empty_like(w);
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 16, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g)
+      for (int j = 0; j < 8; ++j)
+        for (int64_t k = 0; k < nb; ++k) {
+          const int64_t grouped = g * 8 * rb + k * 8 * L.bytes, stored = (g * 8 + j) * rb + k * L.bytes;
+          if (inverse) gather_block(L, src + grouped, j, dst + stored);
+          else scatter_block(L, src + stored, j, dst + grouped);
+        }
+  });
+  return out;
 }
 
 int64_t block_level() { return detected_level(); }
@@ -323,6 +458,7 @@ TORCH_LIBRARY(llmcourse_blocks, m) {
   m.def("mm(Tensor x, Tensor w, int qtype, int out_features, int level) -> Tensor");
   m.def("mm_many(Tensor x, Tensor[] ws, int[] qtypes, int[] out_features, int level) -> Tensor[]");
   m.def("rows(Tensor w, Tensor ids, int qtype, int in_features) -> Tensor");
+  m.def("interleave(Tensor w, int qtype, int in_features, bool inverse) -> Tensor");
   m.def("level() -> int", &block_level);
 }
 
@@ -330,4 +466,5 @@ TORCH_LIBRARY_IMPL(llmcourse_blocks, CPU, m) {
   m.impl("mm", block_mm);
   m.impl("mm_many", block_mm_many);
   m.impl("rows", block_rows);
+  m.impl("interleave", block_interleave);
 }

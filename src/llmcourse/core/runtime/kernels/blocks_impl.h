@@ -353,6 +353,104 @@ static void dot_q6_k(const uint8_t* w, const ActRow* a, int64_t nb, float* y, in
   for (int r = 0; r < NR; ++r) y[r * ys] = hsum(acc[r]);
 }
 
+// Interleaved legacy blocks (X8: eight weight rows repacked together at load, blocks.cpp `scatter_block`).
+// One call multiplies a group of 8 rows: every 32-bit lane of a code vector holds 4 codes of one row, the same
+// 4 positions in all eight, so one broadcast of 4 activation codes meets all rows and the 8 sums stay in the
+// lanes (no horizontal sums); the 8 row scales convert at once (vcvtph2ps). y[r * ys + j] receives row j's
+// product with activation row r. Q4_0/Q5_0 as unsigned codes minus z · Σ q_a per block (exact integers).
+static void dot8_q8_0_row(const uint8_t* w, const ActRow& a, int64_t nb, float* y) {
+  // Q8_0 in ggml's own order, so that each row's product is bit for bit llama.cpp's (ggml_vec_dot_q8_0_q8_0):
+  // lane v of a row's sums is positions 4v..4v+3 of every block, accumulated in fp32 block by block
+  // (acc_v = fma(cvt(sum_v), d_w · d_a, acc_v)), and the 8 lanes are added as its hsum_float_8 adds them.
+  // Code vector v holds exactly those positions for the 8 rows, so acc[v] keeps lane v of all 8 rows.
+  __m256 acc[8];
+  for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* g = w + b * 272;
+    const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g)), _mm256_set1_ps(a.d[b]));
+    for (int v = 0; v < 8; ++v) {
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(g + 16 + 32 * v));
+      int32_t a4; std::memcpy(&a4, a.q + 32 * b + 4 * v, 4);
+      const __m256i s = _mm256_sign_epi8(_mm256_set1_epi32(a4), q);  // the activations take q's sign
+      acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(_mm256_sign_epi8(q, q), s)), d, acc[v]);
+    }
+  }
+  const __m256 lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+  const __m256 hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+  _mm256_storeu_ps(y, _mm256_add_ps(lo, hi));
+}
+
+template <int NR>
+static void dot8_q8_0(const uint8_t* w, const ActRow* a, int64_t nb, float* y, int64_t ys) {
+  for (int r = 0; r < NR; ++r) dot8_q8_0_row(w, a[r], nb, y + r * ys);  // the group stays in L1 between rows
+}
+
+template <int TYPE, int NR>
+static void dot8_legacy(const uint8_t* w, const ActRow* a, int64_t nb, float* y, int64_t ys) {
+  constexpr int size = 8 * (TYPE == Q4_0 ? 18 : TYPE == Q4_1 ? 20 : TYPE == Q5_0 ? 22 : 24);
+  constexpr bool has_m = TYPE == Q4_1 || TYPE == Q5_1, has_h = TYPE == Q5_0 || TYPE == Q5_1;
+  constexpr int hoff = has_m ? 32 : 16, coff = hoff + (has_h ? 32 : 0);
+  constexpr int z = TYPE == Q4_0 ? 8 : TYPE == Q5_0 ? 16 : 0;
+  const __m256i low4 = _mm256_set1_epi8(15), bit5 = _mm256_set1_epi8(16);
+#if BLK_SIMD != 2
+  const __m256i ones = _mm256_set1_epi16(1);
+#endif
+  __m256 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* g = w + b * size;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g));
+    __m256i is[NR];
+    for (int r = 0; r < NR; ++r) is[r] = _mm256_setzero_si256();
+    {
+      __m256i h = _mm256_setzero_si256();
+      if constexpr (has_h) h = _mm256_loadu_si256((const __m256i*)(g + hoff));
+      for (int v = 0; v < 4; ++v) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i*)(g + coff + 32 * v));
+        __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        if constexpr (has_h) {  // bit plane v -> codes 4v..4v+3, plane 4 + v -> codes 16 + 4v.. (as +16)
+          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(h, 4 - v), bit5));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srli_epi16(h, v), bit5));
+        }
+        for (int r = 0; r < NR; ++r) {
+          int32_t al, ah;
+          std::memcpy(&al, a[r].q + 32 * b + 4 * v, 4);
+          std::memcpy(&ah, a[r].q + 32 * b + 16 + 4 * v, 4);
+#if BLK_SIMD == 2
+          is[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(is[r], lo, _mm256_set1_epi32(al)), hi, _mm256_set1_epi32(ah));
+#else  // two pairs of products of codes < 32 fit int16: 2 · 2 · 31 · 127 < 2^15
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(al)),
+                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ah)));
+          is[r] = _mm256_add_epi32(is[r], _mm256_madd_epi16(p, ones));
+#endif
+        }
+      }
+    }
+    __m256 mw = _mm256_setzero_ps();
+    if constexpr (has_m) mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g + 16)));
+    for (int r = 0; r < NR; ++r) {
+      __m256i t = is[r];
+      if constexpr (z != 0) t = _mm256_sub_epi32(t, _mm256_set1_epi32(z * (a[r].s16[2 * b] + a[r].s16[2 * b + 1])));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, _mm256_set1_ps(a[r].d[b])), acc[r]);
+      if constexpr (has_m) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a[r].sd[b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) _mm256_storeu_ps(y + r * ys, acc[r]);
+}
+
+#define BLK_X8(t) {dot8_legacy<t, 1>, dot8_legacy<t, 2>, dot8_legacy<t, 3>, dot8_legacy<t, 4>}
+static DotSet pick8(int64_t type) {  // the interleaved layouts (type without the X8 flag)
+  switch (type) {
+    case Q8_0: return {dot8_q8_0<1>, dot8_q8_0<2>, dot8_q8_0<3>, dot8_q8_0<4>};
+    case Q4_0: return BLK_X8(Q4_0);
+    case Q4_1: return BLK_X8(Q4_1);
+    case Q5_0: return BLK_X8(Q5_0);
+    case Q5_1: return BLK_X8(Q5_1);
+    default: return {nullptr, nullptr, nullptr, nullptr};
+  }
+}
+#undef BLK_X8
+
 #define BLK_ROWS(f) {f<1>, f<2>, f<3>, f<4>}
 static DotSet pick(int64_t type) {
   switch (type) {
