@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcourse.core.runtime.arch import Arch
-from llmcourse.core.runtime.weights import Weight, project
+from llmcourse.core.runtime.weights import Weight, project, project_many
 
 FEW_QUERIES = 16  # a compiled step with up to this many tokens per row takes the few-token forms (attention, product)
 
@@ -151,10 +151,19 @@ def product(w: Weight, x: torch.Tensor) -> torch.Tensor:
     return project(w, x)
 
 
+def products(ws: tuple[Weight, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`product` of ``x`` by each of ``ws`` (q/k/v, gate/up): block weights in one kernel call
+    (:func:`~llmcourse.core.runtime.weights.project_many`) unless :func:`product` takes a multi-token step
+    token by token."""
+    if x.dim() == 3 and 1 < x.shape[1] and x.shape[0] * x.shape[1] <= FEW_QUERIES and torch.compiler.is_compiling():
+        return [product(w, x) for w in ws]
+    return project_many(ws, x)
+
+
 def _qkv(ws: tuple[Weight, ...], h: torch.Tensor, sizes: tuple[int, int, int]) -> list[torch.Tensor]:
-    """q, k, v of ``h``: one product each, or one fused product (Phi-3) split."""
+    """q, k, v of ``h``: one product each (block weights: one kernel call), or one fused product (Phi-3) split."""
     if len(ws) == 3:
-        return [product(w, h) for w in ws]
+        return products(ws, h)
     return list(product(ws[0], h).split(sizes, dim=-1))
 
 
@@ -179,7 +188,7 @@ def decoder_layer(x: torch.Tensor, lw: LayerWeights, arch: Arch, kc: torch.Tenso
     x = x + y
     h = rms_norm(x, lw.n2, arch.eps)
     if len(lw.gate_up) == 2:
-        gate, up = product(lw.gate_up[0], h), product(lw.gate_up[1], h)
+        gate, up = products(lw.gate_up, h)
     else:  # one fused product (Phi-3): gate then up
         gate, up = product(lw.gate_up[0], h).chunk(2, dim=-1)
     y = product(lw.down, activation(arch.act, gate) * up)

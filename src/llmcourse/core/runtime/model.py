@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from llmcourse.core.runtime.arch import Arch, arch_of, check_supported, model_type
-from llmcourse.core.runtime.compile import can_compile, compile_fn, compile_settings, mark_dynamic
+from llmcourse.core.runtime.compile import KnownCalls, can_compile, compile_fn, compile_settings, mark_dynamic
 from llmcourse.core.runtime.layer import LayerWeights, attention_mask, decoder_layer, head
 from llmcourse.core.runtime.weights import (
     COMPILED_KINDS,
@@ -205,6 +205,7 @@ class FastModel:
         self.plan = tuple((self.arch.rope_tables.index(k.rope) if k.rope is not None else -1,
                            self.arch.windows.index(k.window)) for k in self.arch.layers)
         self._stack_fn = compile_fn(decode_stack) if matvec == "compiled" else None
+        self._stack_calls = KnownCalls()  # repeated step shapes skip Dynamo's guards
         self._head_fn = compile_fn(head) if matvec == "compiled" else None
 
     # --- weights ---------------------------------------------------------------------------------
@@ -317,10 +318,17 @@ class FastModel:
         n = len(self.step_layers)
         g = self.layers_per_call if per_call is None else (n if per_call <= 0 else min(per_call, n))
         fused = with_head and g == n  # the head joins a whole-stack call; after runs of layers it is its own
+        # what varies between calls (the weights and the model's constants do not): the key of a known call
+        shapes = (x.shape, x.stride(), x.dtype, pos.shape, None if rows is None else rows.shape, dynamic_width,
+                  tuple((m.shape, m.stride()) for m in mask_t), tuple((t.shape, t.stride()) for r in rope_t for t in r))
         for i in range(0, n, g):  # call, which depends on the rows only, not on the window (fewer compilations)
             j = min(n, i + g)
-            x = self._stack_fn(x, tuple(self.step_layers[i:j]), self.plan[i:j], self.arch, tuple(caches[i:j]), pos,
-                               rows, rope_t, mask_t, self.norm if fused else None, self.head_step if fused else None)
+            key = (i, j, fused, shapes, caches[i][0].stride(), tuple(c.shape for kv in caches[i:j] for c in kv))
+            x = self._stack_calls(self._stack_fn, key, x, tuple(self.step_layers[i:j]), self.plan[i:j], self.arch,
+                                  tuple(caches[i:j]), pos, rows, rope_t, mask_t, self.norm if fused else None,
+                                  self.head_step if fused else None)
+            if i == 0 and j < n:  # later runs take this run's output: its shape and strides are those of x
+                shapes = (x.shape, x.stride(), x.dtype, *shapes[3:])
         if with_head and not fused:
             a = self.arch
             x = self._head_fn(x, self.norm, self.head_step, a.eps, a.final_softcap)

@@ -223,6 +223,28 @@ def project(w: Weight, x: torch.Tensor) -> torch.Tensor:
     return y.view(*lead, y.shape[-1])
 
 
+def project_many(ws: tuple[Weight, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`project` of one input by several weights (q/k/v, gate/up). Block weights that take the inputs in
+    their stored order go through one kernel call (``mm_many``): the activations quantized once, one parallel
+    pass over all their rows, one dispatch instead of one per weight; any other mix, one :func:`project` each."""
+    if len(ws) < 2 or not all(isinstance(w, BlockCodes) and w.perm is None for w in ws) \
+            or len({w.level for w in ws}) != 1:
+        return [project(w, x) for w in ws]
+    lead, i = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, i)
+    ys = torch.ops.llmcourse_blocks.mm_many(rows.float().contiguous(), [w.blocks for w in ws], [w.qtype for w in ws],
+                                            [w.out_features for w in ws], ws[0].level)
+    out = []
+    for w, y in zip(ws, ys, strict=True):
+        if w.scale is not None:
+            y = y * w.scale
+        y = y.to(rows.dtype)
+        if w.bias is not None:
+            y = y + w.bias
+        out.append(y.view(*lead, y.shape[-1]))
+    return out
+
+
 BLOCK_GEMM_ROWS = int(os.environ.get("LLMCOURSE_BLOCK_GEMM_ROWS", "64"))  # from this many rows: de-quantize + GEMM
 BLOCK_GEMM_CHUNK = 4096  # weight rows de-quantized at a time on that path (the 49152-row head: 9 MB at a time)
 
