@@ -16,9 +16,9 @@ import torch
 from conftest import tiny_model
 
 from llmcourse.core import runtime as fl
+from llmcourse.core.runtime.kernels import q8_0_blocks
 from llmcourse.core.runtime.weights import BlockCodes, project
 from llmcourse.quant.int8 import Int8Config, quantize_model, quantize_tensor
-from llmcourse.core.runtime.kernels import q8_0_blocks
 from llmcourse.quant.int8.linear import Int8Linear
 
 kernels = pytest.importorskip("llmcourse.core.runtime.kernels")
