@@ -113,6 +113,31 @@ def test_prompt_prefix_reused(lm):
     assert b.stats["cached_prompt_tokens"] == 2 * len(system)
 
 
+def test_prompts_served_together_share_their_prefix(lm):
+    """Requests admitted together (fresh slots, nothing cached yet): each prompt after the first copies the shared
+    system prompt's K/V from the slot that computed it, and answers as it does alone."""
+    model, tok = lm
+    system = tok("you are a helpful assistant. ").input_ids
+    prompts = [system + tok(q).input_ids for q in PROMPTS[:3]]
+    b = ContinuousBatcher(model, tok, max_batch=3, ctx=128, matvec="mm", eos_token_ids=[])
+    got = run_all(b, [(p, GenerationConfig(max_new_tokens=8), 1) for p in prompts])
+    assert [g[0] for g in got] == [reference(model, tok, p, 8) for p in prompts]
+    assert b.stats["cached_prompt_tokens"] == 2 * len(system)
+
+
+def test_adopt_prefix_copies_another_slots_cache(lm):
+    model, _ = lm
+    s = BatchSession(FastModel(model, matvec="mm"), 3, 64)
+    a, c = s.acquire(), s.acquire([5, 6, 7, 1])
+    assert s.pos[c] == 0
+    ref = s.prefill(a, [5, 6, 7, 8])
+    assert s.adopt_prefix(c, [5, 6, 7, 1]) == 3 and s.cached[c] == [5, 6, 7]
+    for kc in s.k_cache:
+        assert torch.equal(kc[c, :, :3], kc[a, :, :3])
+    assert torch.allclose(s.prefill(c, [8]), ref, atol=1e-5)  # as if it had run all four tokens itself
+    assert s.adopt_prefix(c, [9, 9]) == s.pos[c]  # nothing longer elsewhere: unchanged
+
+
 def test_acquire_prefers_the_longest_cached_prefix(lm):
     model, _ = lm
     s = BatchSession(FastModel(model, matvec="mm"), 3, 64)

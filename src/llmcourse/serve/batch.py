@@ -121,6 +121,28 @@ class BatchSession:
         self.pos[slot] = reuse
         return slot
 
+    @torch.inference_mode()
+    def adopt_prefix(self, slot: int, prompt: list[int]) -> int:
+        """Move ``slot`` (holding the first ``pos[slot]`` tokens of ``prompt``) past the longest beginning of
+        ``prompt`` that any other slot's cache holds — a prompt served beside it (requests that arrive together
+        share a chat template's system prompt) or a released one — by copying those positions' K/V instead of
+        computing them again. At most ``len(prompt) - 1`` (the last token runs for its logits). Returns the new
+        ``pos[slot]``."""
+        best, src = self.pos[slot], None
+        for s in range(self.max_batch):
+            if s != slot:
+                n = common_prefix(self.cached[s], prompt, len(prompt) - 1)
+                if n > best:
+                    best, src = n, s
+        if src is None:
+            return self.pos[slot]
+        for kc, vc in zip(self.k_cache, self.v_cache, strict=True):
+            kc[slot, :, :best] = kc[src, :, :best]
+            vc[slot, :, :best] = vc[src, :, :best]
+        self.cached[slot] = list(prompt[:best])
+        self.pos[slot] = best
+        return best
+
     def release(self, slot: int) -> None:
         if slot in self.free or not 0 <= slot < self.max_batch:
             raise ValueError(f"slot {slot} is not in use")
@@ -585,6 +607,10 @@ class ContinuousBatcher:
         """Prefill up to ``budget`` more prompt tokens of ``job``; once all are in, sample its first tokens.
         Returns the tokens prefilled."""
         req = job.request
+        adopted = self.session.adopt_prefix(job.slots[0], req.prompt_ids)  # another slot may hold more of it
+        if adopted > job.prefilled:
+            self.stats["cached_prompt_tokens"] += adopted - job.prefilled
+            job.prefilled = adopted
         ids = req.prompt_ids[job.prefilled:job.prefilled + budget]
         logits = self.session.prefill(job.slots[0], ids)
         job.prefilled += len(ids)
