@@ -22,9 +22,10 @@ bf16 group scales and zero points in its own packed layout (no Q4_K sub-block sc
 8-bit activations), and torchao's CPU int8 paths dispatch to the same or to oneDNN kernels that need
 weights repacked into their format. Inductor generates no ``vpdpbusd``/``vpmaddubsw`` from a
 reduction over int8 values. ggml's products are simple integer dot products over the stored blocks,
-so ~300 lines of C++ with intrinsics, compiled once per machine by ``torch.utils.cpp_extension.load``
+so ~500 lines of C++ with intrinsics, compiled once per machine by ``torch.utils.cpp_extension.load``
 (the system compiler, as Inductor uses) and cached under ``~/.cache/llmcourse/kernels``, run the
-file's bytes as stored (memory-mapped), with no repacking.
+k-quants' bytes as stored (memory-mapped); the legacy types' rows are regrouped 8 at a time at load
+(:func:`interleave`), so that one product meets 8 rows at once (docs/gguf.md).
 
 Instruction sets, chosen at run time (``__builtin_cpu_supports``): 2 = AVX-512 VNNI (``vpdpbusd`` on
 256-bit registers), 1 = AVX2 + FMA, 0 = portable C++. ``LLMCOURSE_BLOCK_ISA=portable|avx2|vnni``
