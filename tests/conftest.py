@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -73,15 +74,33 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def _kernel_options_from_env():
-    """The runtime reads its environment overrides once per process (KernelOptions.detect): tests that set
-    them with monkeypatch get them read again, and leave no cached choice behind."""
+# functions that read an LLMCOURSE_ override once per process (functools.cache), besides KernelOptions.detect
+ENV_SWITCHES = (
+    ("llmcourse.core.runtime.model", "forced_layers_per_call"),  # LLMCOURSE_STEP_LAYERS
+    ("llmcourse.quant.int8.linear", "kernel_choice"),  # LLMCOURSE_INT8_KERNEL
+    ("llmcourse.quant.gptq.blocks", "kernel_choice"),  # LLMCOURSE_GPTQ_KERNEL
+    ("llmcourse.quant.gptq.blocks", "head_choice"),  # LLMCOURSE_GPTQ_HEAD
+    ("llmcourse.quant.gguf.load", "blocks_by_default"),  # LLMCOURSE_GGUF_BLOCKS
+)
+
+
+def _forget_env_switches() -> None:
     from llmcourse.core.runtime import KernelOptions
 
     KernelOptions.detect.cache_clear()
+    for module, name in ENV_SWITCHES:
+        if module in sys.modules:  # a module not imported yet has cached nothing
+            getattr(sys.modules[module], name).cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _kernel_options_from_env():
+    """The runtime and the labs read their environment overrides once per process (KernelOptions.detect,
+    ENV_SWITCHES): tests that set them with monkeypatch get them read again, and leave no cached choice behind.
+    A test that changes one in the middle calls that function's ``cache_clear()`` itself."""
+    _forget_env_switches()
     yield
-    KernelOptions.detect.cache_clear()
+    _forget_env_switches()
 
 
 @pytest.fixture(scope="session")

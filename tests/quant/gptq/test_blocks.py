@@ -19,7 +19,7 @@ import torch
 from llmcourse.core import runtime as fl
 from llmcourse.core.runtime.weights import BlockCodes, project
 from llmcourse.decoding import GenerationConfig, generate
-from llmcourse.quant.gptq.blocks import Q4_0, Q4_1, to_blocks
+from llmcourse.quant.gptq.blocks import Q4_0, Q4_1, head_choice, kernel_choice, to_blocks
 from llmcourse.quant.gptq.linear import GPTQLinear
 from llmcourse.quant.gptq.model import GPTQConfig, quantize_model
 from llmcourse.quant.gptq.pack import dequantize_layer, pack_layer
@@ -91,10 +91,12 @@ def test_block_product_equals_the_packed_product(sym, act_order, monkeypatch):
     lin = layer(48, 320, 64, sym, act_order, seed=1)
     x = torch.randn(5, 320, generator=torch.Generator().manual_seed(2))
     monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "packed")
+    kernel_choice.cache_clear()  # read once per process
     with torch.no_grad():
         plain = lin(x)
     w = lin.dequantize()
     monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "blocks")
+    kernel_choice.cache_clear()
     bw = lin.decode_weight()
     assert isinstance(bw, BlockCodes) and (bw.perm is not None) == act_order
     with torch.no_grad():
@@ -144,9 +146,11 @@ def test_compiled_block_step_greedy_equals_weight_only(act_order_model, monkeypa
     monkeypatch.setenv("LLMCOURSE_COMPILE", "1")
     prompt = [5, 17, 33, 9]
     monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "packed")
+    kernel_choice.cache_clear()  # read once per process
     with torch.no_grad():
         ref = act_order_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, 4:].tolist()
     monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "blocks")
+    kernel_choice.cache_clear()
     fast = fl.FastModel(act_order_model, "compiled")
     out = generate(fast, None, prompt, GenerationConfig(max_new_tokens=32, eos_token_ids=()))
     assert out.backend == "fast" and fast.matvec == "compiled" and fast.warm
@@ -167,8 +171,10 @@ def test_q8_0_head_is_ggml_q8_0_of_the_fp16_table(monkeypatch):
     assert np.array_equal(q8_0_quantize(table).numpy(), ref.reshape(300, -1))
     head = HalfHead(HalfTable(table))
     monkeypatch.setenv("LLMCOURSE_GPTQ_HEAD", "fp16")
+    head_choice.cache_clear()  # read once per process
     assert isinstance(head.decode_weight(), fl.Dense)  # the fp16 table itself
     monkeypatch.delenv("LLMCOURSE_GPTQ_HEAD")
+    head_choice.cache_clear()
     bw = head.decode_weight()
     assert isinstance(bw, BlockCodes) and bw.qtype == 8  # Q8_0 (300 rows: not regrouped by 8, stored order)
     assert torch.equal(bw.blocks, q8_0_quantize(table))
@@ -179,3 +185,18 @@ def test_q8_0_head_is_ggml_q8_0_of_the_fp16_table(monkeypatch):
     w_q = kernels.block_rows(bw.blocks, torch.arange(300), bw.qtype, 64)
     bound = rounding_bound(x, w_q) + x.abs().double() @ (w_q - table.float()).abs().double().T + 1e-5
     assert bool(((y.double() - exact.double()).abs() <= bound).all())
+
+
+
+@pytest.mark.parametrize(("choice", "var", "other", "default"), [(kernel_choice, "LLMCOURSE_GPTQ_KERNEL", "packed", "blocks"),
+                                                                 (head_choice, "LLMCOURSE_GPTQ_HEAD", "fp16", "q8_0")])
+def test_switches_are_read_once(choice, var, other, default, monkeypatch, caplog):
+    monkeypatch.setenv(var, other)
+    assert choice() == other
+    monkeypatch.setenv(var, default)
+    assert choice() == other  # read once per process
+    choice.cache_clear()
+    monkeypatch.setenv(var, "nonsense")
+    with caplog.at_level("WARNING"):
+        assert choice() == choice() == default
+    assert caplog.text.count(f"{var}=nonsense is not") == 1

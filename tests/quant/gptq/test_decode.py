@@ -10,6 +10,7 @@ from llmcourse.core.runtime import model as rt_model
 from llmcourse.core.runtime import pack_words, packed_dot, unpack_words
 from llmcourse.core.runtime.weights import BlockCodes
 from llmcourse.decoding import GenerationConfig, generate
+from llmcourse.quant.gptq.blocks import kernel_choice
 from llmcourse.quant.gptq.linear import GPTQLinear
 from llmcourse.quant.gptq.model import GPTQConfig, quantize_model
 from llmcourse.quant.gptq.pack import dequantize_layer, pack_layer
@@ -48,7 +49,9 @@ def test_decode_weights_are_the_same_weight_in_equal_groups(quantized):
     t = pack_layer(torch.randint(0, 16, (32, 64)), torch.rand(32, 2), torch.full((32, 2), 8.0), g_idx, 4)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMCOURSE_GPTQ_KERNEL", "packed")
+        kernel_choice.cache_clear()  # read once per process
         assert GPTQLinear(64, 32, 4, t).decode_weight() is None
+    kernel_choice.cache_clear()
     assert isinstance(GPTQLinear(64, 32, 4, t).decode_weight(), BlockCodes)
 
 
