@@ -118,3 +118,17 @@ def test_leaderboard(folder, tmp_path, capsys, monkeypatch):
     assert {p.name for p in out.iterdir()} >= {"leaderboard.json", "leaderboard.txt", "leaderboard.png"}
     _fails(capsys, ["eval", "leaderboard", "--models", f"{folder},{folder}", "--out", str(tmp_path / "x")],
            "twice")
+
+
+def test_cached_only_without_cached_parts_fails(folder, tmp_path, capsys):
+    """--cached-only on a missing or empty cache folder, or one that holds none of the board's parts: one line
+    that names what is missing and the fix, exit 2, nothing at --out."""
+    out, cache = tmp_path / "lb", tmp_path / "cache"
+    args = ["eval", "leaderboard", "--models", str(folder), "--tasks", "piqa", "--limit", "2", "--threads", "1",
+            "--cache", str(cache), "--cached-only", "--out", str(out)]
+    _fails(capsys, args, f"{cache} does not exist", "run without --cached-only", "--cache")
+    cache.mkdir()
+    _fails(capsys, args, f"{cache} is empty", "run without --cached-only")
+    (cache / "another-model-0123456789abcdef").mkdir()  # another board's parts
+    _fails(capsys, args, "holds none", "measures, piqa", str(folder), "run without --cached-only")
+    assert not out.exists() and not list(tmp_path.glob(".lb*"))
