@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +74,28 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
                 if "norm" in name:
                     p.normal_(0, 0.3)
     return model.eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def copy_default_tokenizer(dst: Path, chat_template: bool = False) -> None:
+    """Copy the default model's tokenizer (SmolLM2 BPE, 49,152 tokens; with ``chat_template``, its template too)."""
+    from llmcourse.core.models import default_model_dir
+
+    for name in TOKENIZER_FILES:
+        shutil.copy(default_model_dir() / name, Path(dst) / name)
+    template = default_model_dir() / "chat_template.jinja"
+    if chat_template and template.exists():
+        shutil.copy(template, Path(dst) / template.name)
+
+
+def tiny_folder(path: Path, arch: str = "llama", seed: int = 0, chat_template: bool = False, **overrides) -> Path:
+    """:func:`tiny_model` saved as a Hugging Face folder at ``path`` with the default model's tokenizer (its
+    vocabulary size unless ``vocab_size`` is given), for commands that load a model by path."""
+    tiny_model(arch, seed=seed, **{"vocab_size": 49152, **overrides}).save_pretrained(path)
+    copy_default_tokenizer(path, chat_template)
+    return Path(path)
 
 
 # functions that read an LLMCOURSE_ override once per process (functools.cache), besides KernelOptions.detect
