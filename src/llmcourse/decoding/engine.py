@@ -375,6 +375,16 @@ def text_stream(tokenizer: Any, cfg: GenerationConfig, on_text: Callable[[str], 
     return TextStream(tokenizer, cfg.stop) if tokenizer is not None and (on_text or cfg.stop) else None
 
 
+def push_stream(stream: TextStream | None, tok: int, on_text: Callable[[str], None] | None) -> bool:
+    """Feed one token to the stream (if any), handing ``on_text`` the text that became final; True on a stop string."""
+    if stream is None:
+        return False
+    piece = stream.push(tok)
+    if piece and on_text is not None:
+        on_text(piece)
+    return stream.stopped
+
+
 def flush_stream(stream: TextStream | None, on_text: Callable[[str], None] | None) -> None:
     """At a sequence's end, hand ``on_text`` the text the stream still held back (a stop string's margin)."""
     if stream is not None and on_text is not None:
@@ -507,13 +517,9 @@ def _one_sequence(decoder: Any, prompt: list[int], cfg: GenerationConfig, eos: s
             records.append(_record(scores, processed, tok))
         out.append(tok)
         ids = torch.cat((ids, torch.tensor([[tok]])), dim=1)
-        if stream is not None:
-            piece = stream.push(tok)
-            if piece and on_text is not None:
-                on_text(piece)
-            if stream.stopped:
-                reason = "stop"
-                break
+        if push_stream(stream, tok, on_text):
+            reason = "stop"
+            break
         if tok in eos:
             reason = "eos"
             break

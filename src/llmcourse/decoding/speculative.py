@@ -68,6 +68,7 @@ from llmcourse.decoding.engine import (
     flush_stream,
     model_eos_ids,
     prepare,
+    push_stream,
     sequence_text,
     text_stream,
 )
@@ -493,13 +494,9 @@ def _one_sequence(fast: FastModel, drafter: PromptLookup | DraftModel | None, pr
         score += float(torch.log_softmax(raw.float(), dim=-1)[tok])
         out.append(tok)
         tokens.append(tok)
-        if stream is not None:
-            piece = stream.push(tok)
-            if piece and on_text is not None:
-                on_text(piece)
-            if stream.stopped:
-                reason = "stop"
-                return True
+        if push_stream(stream, tok, on_text):
+            reason = "stop"
+            return True
         if tok in eos:
             reason = "eos"
             return True
