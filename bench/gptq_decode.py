@@ -25,8 +25,11 @@ from gptq import decode_tok_s  # bench/gptq.py, next to this script
 
 from llmcourse.core.models import load_model
 from llmcourse.core.threads import apply_threads, choose_threads
+from llmcourse.quant.gptq.blocks import kernel_choice as gptq_kernel_choice
+from llmcourse.quant.int8.linear import kernel_choice as int8_kernel_choice
 
-SWITCHES = {"gptq": ("LLMCOURSE_GPTQ_KERNEL", "packed"), "int8": ("LLMCOURSE_INT8_KERNEL", "rows")}
+SWITCHES = {"gptq": ("LLMCOURSE_GPTQ_KERNEL", "packed", gptq_kernel_choice),
+            "int8": ("LLMCOURSE_INT8_KERNEL", "rows", int8_kernel_choice)}  # variable, weight-only, its reader
 
 
 def agreement(folder: str, windows: int, width: int = 48) -> dict[str, float]:
@@ -34,15 +37,17 @@ def agreement(folder: str, windows: int, width: int = 48) -> dict[str, float]:
     from llmcourse.core.data import load_text, tokenize_stream
 
     lm = load_model(folder)
-    var, weight_only = SWITCHES[lm.kind]
+    var, weight_only, choice = SWITCHES[lm.kind]
     ids = tokenize_stream(lm.tokenizer, load_text("default", "eval")[:200_000])[0, :windows * width]
     ids = ids.view(windows, width)
     logits = {}
     with torch.no_grad():
         for name, value in (("blocks", "blocks"), ("weight-only", weight_only)):
             os.environ[var] = value
+            choice.cache_clear()  # the switch is read once per process
             logits[name] = torch.cat([lm.model(w[None]).logits[0] for w in ids]).double()
     os.environ.pop(var)
+    choice.cache_clear()
     ref = load_model("default").model
     with torch.no_grad():
         logits["fp32"] = torch.cat([ref(w[None]).logits[0] for w in ids]).double()

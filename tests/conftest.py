@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,15 +76,55 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def _kernel_options_from_env():
-    """The runtime reads its environment overrides once per process (KernelOptions.detect): tests that set
-    them with monkeypatch get them read again, and leave no cached choice behind."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def copy_default_tokenizer(dst: Path, chat_template: bool = False) -> None:
+    """Copy the default model's tokenizer (SmolLM2 BPE, 49,152 tokens; with ``chat_template``, its template too)."""
+    from llmcourse.core.models import default_model_dir
+
+    for name in TOKENIZER_FILES:
+        shutil.copy(default_model_dir() / name, Path(dst) / name)
+    template = default_model_dir() / "chat_template.jinja"
+    if chat_template and template.exists():
+        shutil.copy(template, Path(dst) / template.name)
+
+
+def tiny_folder(path: Path, arch: str = "llama", seed: int = 0, chat_template: bool = False, **overrides) -> Path:
+    """:func:`tiny_model` saved as a Hugging Face folder at ``path`` with the default model's tokenizer (its
+    vocabulary size unless ``vocab_size`` is given), for commands that load a model by path."""
+    tiny_model(arch, seed=seed, **{"vocab_size": 49152, **overrides}).save_pretrained(path)
+    copy_default_tokenizer(path, chat_template)
+    return Path(path)
+
+
+# functions that read an LLMCOURSE_ override once per process (functools.cache), besides KernelOptions.detect
+ENV_SWITCHES = (
+    ("llmcourse.core.runtime.model", "forced_layers_per_call"),  # LLMCOURSE_STEP_LAYERS
+    ("llmcourse.quant.int8.linear", "kernel_choice"),  # LLMCOURSE_INT8_KERNEL
+    ("llmcourse.quant.gptq.blocks", "kernel_choice"),  # LLMCOURSE_GPTQ_KERNEL
+    ("llmcourse.quant.gptq.blocks", "head_choice"),  # LLMCOURSE_GPTQ_HEAD
+    ("llmcourse.quant.gguf.load", "blocks_by_default"),  # LLMCOURSE_GGUF_BLOCKS
+)
+
+
+def _forget_env_switches() -> None:
     from llmcourse.core.runtime import KernelOptions
 
     KernelOptions.detect.cache_clear()
+    for module, name in ENV_SWITCHES:
+        if module in sys.modules:  # a module not imported yet has cached nothing
+            getattr(sys.modules[module], name).cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _kernel_options_from_env():
+    """The runtime and the labs read their environment overrides once per process (KernelOptions.detect,
+    ENV_SWITCHES): tests that set them with monkeypatch get them read again, and leave no cached choice behind.
+    A test that changes one in the middle calls that function's ``cache_clear()`` itself."""
+    _forget_env_switches()
     yield
-    KernelOptions.detect.cache_clear()
+    _forget_env_switches()
 
 
 @pytest.fixture(scope="session")

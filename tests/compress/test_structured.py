@@ -4,7 +4,6 @@ removed; the ``prune`` command's folders load in transformers and every lab; bad
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from llmcourse.compress import (
 )
 from llmcourse.core.errors import UserError
 from llmcourse.core.modules import block_inputs, decoder_blocks, run_block
-from tests.conftest import tiny_model
+from tests.conftest import tiny_folder, tiny_model
 
 
 def _windows(n: int = 3, t: int = 20, seed: int = 0) -> torch.Tensor:
@@ -102,14 +101,7 @@ def test_parse_layers():
 
 
 def _tiny_folder(tmp_path, layers: int = 3):
-    from llmcourse.core.models import default_model_dir
-
-    src = tmp_path / "tiny"
-    m = tiny_model("llama", seed=1, vocab_size=49152, num_hidden_layers=layers)
-    m.save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, src / name)
-    return src
+    return tiny_folder(tmp_path / "tiny", seed=1, num_hidden_layers=layers)
 
 
 def test_prune_command_folders_load_everywhere_and_refusals(tmp_path, capsys):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+from conftest import tiny_folder
 
 from llmcourse.core.io import atomic_dir
 
@@ -36,17 +36,8 @@ EXE = str(Path(sys.executable).with_name("llmcourse"))
 @pytest.fixture(scope="module")
 def tiny_src(tmp_path_factory) -> Path:
     """A small Llama folder with the default model's tokenizer (so every command, GGUF included, accepts it)."""
-    import shutil
-
-    from llmcourse.core.models import default_model_dir
-
-    src = tmp_path_factory.mktemp("kill") / "src"
-    tiny_model("llama", seed=1, vocab_size=49152, hidden_size=128, intermediate_size=512,
-               num_hidden_layers=4).save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (default_model_dir() / name).exists():
-            shutil.copy(default_model_dir() / name, src / name)
-    return src
+    return tiny_folder(tmp_path_factory.mktemp("kill") / "src", seed=1, chat_template=True, hidden_size=128,
+                       intermediate_size=512, num_hidden_layers=4)
 
 
 def _temporaries(folder: Path) -> list[Path]:
@@ -125,14 +116,9 @@ def test_tour_killed_while_writing(tiny_src: Path, tmp_path: Path) -> None:
     assert killed or _whole(out, "tour")
 
 
-def test_ctrl_c_while_writing_prints_one_line_exits_130_and_cleans_up(tiny_src: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    p = subprocess.Popen([EXE, "convert", "hf", "--model", str(tiny_src), "--out", str(out)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while p.poll() is None and not _temporaries(tmp_path):
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+def _interrupt(p: subprocess.Popen, out: Path, tmp_path: Path) -> None:
+    """Ctrl-C to ``p``: one line, exit 130, nothing at ``out`` nor temporaries beside it (skips when ``p`` had
+    already finished)."""
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     if p.returncode == 0:
@@ -142,21 +128,23 @@ def test_ctrl_c_while_writing_prints_one_line_exits_130_and_cleans_up(tiny_src: 
     assert not out.exists() and _temporaries(tmp_path) == []
 
 
+def test_ctrl_c_while_writing_prints_one_line_exits_130_and_cleans_up(tiny_src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    p = subprocess.Popen([EXE, "convert", "hf", "--model", str(tiny_src), "--out", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while p.poll() is None and not _temporaries(tmp_path):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    _interrupt(p, out, tmp_path)
+
+
 # --- issue 31: Ctrl-C early in start-up, a closed stdout, dead runs' temporaries cleaned by any command ----------
 
 @pytest.fixture(scope="module")
 def tiny_small(tmp_path_factory) -> Path:
     """A 64-wide Llama with the default model's tokenizer (the start-up cases need a model, not a big one)."""
-    import shutil
-
-    from llmcourse.core.models import default_model_dir
-
-    src = tmp_path_factory.mktemp("sigint") / "src"
-    tiny_model("llama", seed=1, vocab_size=49152).save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (default_model_dir() / name).exists():
-            shutil.copy(default_model_dir() / name, src / name)
-    return src
+    return tiny_folder(tmp_path_factory.mktemp("sigint") / "src", seed=1, chat_template=True)
 
 
 EARLY = {
@@ -176,13 +164,7 @@ def test_ctrl_c_during_start_up(tiny_small: Path, tmp_path: Path, name: str) -> 
     p = subprocess.Popen([EXE, *argv, "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True)
     time.sleep(random.Random(name).uniform(0.5, 2.0))
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    if p.returncode == 0:
-        pytest.skip("the command finished before Ctrl-C reached it")
-    assert p.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "llmcourse: interrupted" and "Traceback" not in err, err
-    assert not out.exists() and _temporaries(tmp_path) == []
+    _interrupt(p, out, tmp_path)
 
 
 def test_closed_stdout_exits_quietly(tiny_small: Path) -> None:

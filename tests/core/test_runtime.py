@@ -230,3 +230,15 @@ def test_compiled_multi_token_step_matches_eager(arch: str = "llama") -> None:
         ids = torch.tensor([[4, 5, 6]])  # 60 + 4 positions would overrun the 64-position cache: run eagerly
         torch.testing.assert_close(s.forward(ids, all_logits=True), e.forward(ids, all_logits=True), rtol=0, atol=1e-4)
         assert s.pos == 63 and len(fast._warm) == 2
+
+
+def test_step_layers_override_is_read_once(monkeypatch, caplog) -> None:
+    monkeypatch.setenv("LLMCOURSE_STEP_LAYERS", "3")
+    assert rt_model.default_layers_per_call(True) == rt_model.default_layers_per_call(False) == 3
+    monkeypatch.setenv("LLMCOURSE_STEP_LAYERS", "5")
+    assert rt_model.default_layers_per_call(True) == 3  # read once per process
+    rt_model.forced_layers_per_call.cache_clear()
+    monkeypatch.setenv("LLMCOURSE_STEP_LAYERS", "all")
+    with caplog.at_level("WARNING"):
+        assert (rt_model.default_layers_per_call(True), rt_model.default_layers_per_call(False)) == (0, 1)
+    assert caplog.text.count("LLMCOURSE_STEP_LAYERS=all is not") == 1

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+from conftest import tiny_folder
 
 from llmcourse.cli import main
-from llmcourse.core.models import default_model_dir
 from llmcourse.evaluation import commands
 from llmcourse.evaluation.data import ENV
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-eval")
-    tiny_model("llama", vocab_size=49152).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, path / name)
-    return path
+    return tiny_folder(tmp_path_factory.mktemp("tiny-eval"))
 
 
 def test_bench_outputs(folder, tmp_path, capsys):
@@ -72,10 +66,7 @@ def test_missing_data_and_vocabulary(folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(ENV, str(tmp_path / "empty"))
     _fails(capsys, ["eval", "bench", "--model", str(folder), "--tasks", "piqa", "--out", str(out)], "missing")
     monkeypatch.delenv(ENV)
-    small = tmp_path / "small"  # a 256-token model with SmolLM2's tokenizer: its ids cannot be scored
-    tiny_model("llama").save_pretrained(small)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, small / name)
+    small = tiny_folder(tmp_path / "small", vocab_size=256)  # SmolLM2's tokenizer: its ids cannot be scored
     _fails(capsys, ["eval", "bench", "--model", str(small), "--tasks", "piqa", "--limit", "1", "--out", str(out)],
            "vocabulary")
     assert not out.exists()
@@ -83,10 +74,7 @@ def test_missing_data_and_vocabulary(folder, tmp_path, capsys, monkeypatch):
 
 def test_leaderboard(folder, tmp_path, capsys, monkeypatch):
     """Two models on one table: the first is the KL reference; a bad spec fails before any output."""
-    other = tmp_path / "other"
-    tiny_model("llama", seed=1, vocab_size=49152).save_pretrained(other)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, other / name)
+    other = tiny_folder(tmp_path / "other", seed=1)
     out, cache = tmp_path / "lb", tmp_path / "cache"
     args = ["eval", "leaderboard", "--models", f"{folder},{other}", "--tasks", "arc_easy,piqa", "--limit", "2",
             "--ppl-tokens", "64", "--ppl-window", "32", "--decode-tokens", "3", "--threads", "1", "--json",
@@ -118,3 +106,17 @@ def test_leaderboard(folder, tmp_path, capsys, monkeypatch):
     assert {p.name for p in out.iterdir()} >= {"leaderboard.json", "leaderboard.txt", "leaderboard.png"}
     _fails(capsys, ["eval", "leaderboard", "--models", f"{folder},{folder}", "--out", str(tmp_path / "x")],
            "twice")
+
+
+def test_cached_only_without_cached_parts_fails(folder, tmp_path, capsys):
+    """--cached-only on a missing or empty cache folder, or one that holds none of the board's parts: one line
+    that names what is missing and the fix, exit 2, nothing at --out."""
+    out, cache = tmp_path / "lb", tmp_path / "cache"
+    args = ["eval", "leaderboard", "--models", str(folder), "--tasks", "piqa", "--limit", "2", "--threads", "1",
+            "--cache", str(cache), "--cached-only", "--out", str(out)]
+    _fails(capsys, args, f"{cache} does not exist", "run without --cached-only", "--cache")
+    cache.mkdir()
+    _fails(capsys, args, f"{cache} is empty", "run without --cached-only")
+    (cache / "another-model-0123456789abcdef").mkdir()  # another board's parts
+    _fails(capsys, args, "holds none", "measures, piqa", str(folder), "run without --cached-only")
+    assert not out.exists() and not list(tmp_path.glob(".lb*"))

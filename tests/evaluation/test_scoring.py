@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import copy_default_tokenizer, tiny_model
 
 from llmcourse.core.errors import UserError
-from llmcourse.core.models import default_model_dir
 from llmcourse.evaluation.packing import batches, build_tree, packable, tree_mask
 from llmcourse.evaluation.scoring import (
     Scorer,
@@ -31,8 +29,7 @@ def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
     d = tmp_path_factory.mktemp("tok")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, d / name)
+    copy_default_tokenizer(d)
     return AutoTokenizer.from_pretrained(d)
 
 

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 
 import numpy as np
 import pytest
-from conftest import tiny_model
+from conftest import tiny_folder
 
 from llmcourse.cli import main
-from llmcourse.core.models import default_model_dir
 
 ARGS = ["--windows", "2", "--window", "16", "--grid", "3", "--json"]
 
 
 def _folder(path, seed=0, **kw):
-    tiny_model("llama", seed=seed, vocab_size=49152, **kw).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, path / name)
-    return path
+    return tiny_folder(path, seed=seed, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_folder, tiny_model
 
 from llmcourse.core.errors import UserError
 from llmcourse.quant.int8 import (
@@ -267,10 +267,7 @@ def test_load_model_dispatches_to_int8_and_cli_roundtrip(tmp_path, capsys):
     from llmcourse.cli import main
     from llmcourse.core.models import load_model
 
-    src = tmp_path / "src"
-    model = tiny_model("llama", vocab_size=49152)
-    model.save_pretrained(src)
-    _copy_default_tokenizer(src)
+    src = tiny_folder(tmp_path / "src")
     out = tmp_path / "q"
     assert main(["quantize", "int8", "--model", str(src), "--out", str(out), "--method", "absmax", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -291,15 +288,6 @@ def test_load_model_dispatches_to_int8_and_cli_roundtrip(tmp_path, capsys):
     assert err.count("llmcourse: error:") == 3
     with pytest.raises(SystemExit):
         main(["quantize", "int8", "--model", str(src), "--out", str(tmp_path / "t"), "--threshold", "nan"])
-
-
-def _copy_default_tokenizer(dst):
-    import shutil
-
-    from llmcourse.core.models import default_model_dir
-
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, dst / name)
 
 
 def test_decoding_engine_runs_int8_model():

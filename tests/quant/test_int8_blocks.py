@@ -19,7 +19,7 @@ from llmcourse.core import runtime as fl
 from llmcourse.core.runtime.kernels import q8_0_blocks
 from llmcourse.core.runtime.weights import BlockCodes, project
 from llmcourse.quant.int8 import Int8Config, quantize_model, quantize_tensor
-from llmcourse.quant.int8.linear import Int8Linear
+from llmcourse.quant.int8.linear import Int8Linear, kernel_choice
 
 kernels = pytest.importorskip("llmcourse.core.runtime.kernels")
 if not kernels.load():
@@ -49,10 +49,12 @@ def test_w8a8_product_equals_weight_only_up_to_the_activations_rounding(granular
     mod = Int8Linear(quantize_tensor(lin.weight, "absmax", granularity), lin.bias.detach())
     x = torch.randn(5, 576) * 2
     monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "rows")
+    kernel_choice.cache_clear()  # read once per process
     assert isinstance(mod.decode_weight(), fl.RowCodes)
     with torch.no_grad():
         plain = mod(x)
     monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "blocks")
+    kernel_choice.cache_clear()
     bw = mod.decode_weight()
     assert isinstance(bw, BlockCodes) and bw.scale.shape == (72,)
     with torch.no_grad():
@@ -91,11 +93,25 @@ def test_compiled_w8a8_greedy_equals_weight_only(monkeypatch):
     prompt = [5, 17, 33, 9]
     monkeypatch.setenv("LLMCOURSE_COMPILE", "1")
     monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "rows")
+    kernel_choice.cache_clear()  # read once per process
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, 4:].tolist()
     monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "blocks")
+    kernel_choice.cache_clear()
     assert all(isinstance(m.decode_weight(), BlockCodes) for m in model.modules() if isinstance(m, Int8Linear))
     fast = fl.FastModel(model, "compiled")
     out = dec.generate(fast, None, prompt, dec.GenerationConfig(max_new_tokens=32, eos_token_ids=()))
     assert out.backend == "fast" and fast.matvec == "compiled" and fast.warm
     assert out.sequences[0].token_ids == ref
+
+
+def test_kernel_switch_is_read_once(monkeypatch, caplog):
+    monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "rows")
+    assert kernel_choice() == "rows"
+    monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "blocks")
+    assert kernel_choice() == "rows"  # read once per process
+    kernel_choice.cache_clear()
+    monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "row")
+    with caplog.at_level("WARNING"):
+        assert kernel_choice() == kernel_choice() == "blocks"
+    assert caplog.text.count("LLMCOURSE_INT8_KERNEL=row is not") == 1

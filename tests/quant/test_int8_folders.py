@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_folder, tiny_model
 
 import llmcourse.quant.int8 as int8
 from llmcourse.quant.int8 import (
@@ -168,17 +168,12 @@ def test_dequantize_model_matches_the_quantized_model(arch, cfg, tol):
 def test_convert_hf_writes_a_plain_folder(tmp_path, capsys):
     """`convert hf` on an int8 folder (through LoadedModel.info["dequantize"]): plain transformers loads
     the result strictly, and its logits equal the int8 model's."""
-    import shutil
-
     import transformers
 
     from llmcourse.cli import main
-    from llmcourse.core.models import default_model_dir, load_model
+    from llmcourse.core.models import load_model
 
-    src = tmp_path / "src"
-    tiny_model("llama", vocab_size=49152).save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, src / name)
+    src = tiny_folder(tmp_path / "src")
     q, hf = tmp_path / "q", tmp_path / "hf"
     assert main(["quantize", "int8", "--model", str(src), "--out", str(q), "--json"]) == 0
     capsys.readouterr()

@@ -52,7 +52,14 @@ import torch
 from torch import nn
 
 from llmcourse.core.errors import UserError
-from llmcourse.core.modules import block_inputs, decoder_blocks, linear_layers, linear_weight, run_block
+from llmcourse.core.modules import (
+    block_inputs,
+    decoder_blocks,
+    float_decoder_blocks,
+    linear_layers,
+    linear_weight,
+    run_block,
+)
 from llmcourse.core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -273,12 +280,7 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: PruneConfig,
 
 def check_model(model: nn.Module, cfg: PruneConfig) -> None:
     """A one-line UserError unless every decoder-block linear layer can be pruned with ``cfg``."""
-    if any(hasattr(m, "weight_buffers") or hasattr(m, "weight_count") for m in model.modules()):
-        raise UserError("the model is quantized", "prune the original (floating-point) model instead")
-    try:
-        prefix, blocks = decoder_blocks(model)
-    except ValueError as e:
-        raise UserError(str(e), "pruning needs a decoder-only model with Llama/Qwen2/GPT-2-style blocks") from None
+    prefix, blocks = float_decoder_blocks(model, "pruning")
     if cfg.nm:
         for name, mod in linear_layers(blocks):
             columns = linear_weight(mod).shape[1]

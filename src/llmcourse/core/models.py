@@ -259,6 +259,13 @@ def _check_hf_folder(path: Path, trust_pickle: bool) -> bool:
     raise UserError(f"{path} has no weights (*.safetensors)", "pass a complete Hugging Face model folder")
 
 
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` name (:data:`DTYPES`); another name is a one-line UserError."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load_model(
     spec: str = "default",
     dtype: str = "fp32",
@@ -267,9 +274,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load ``spec`` (see module docstring) as an eval-mode causal LM in ``dtype``."""
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = resolve_dtype(dtype)
     t0 = time.perf_counter()
     with status(f"loading {spec}…"), _readable(spec):
         ms = resolve_model(spec, trust_pickle)

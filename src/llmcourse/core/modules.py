@@ -11,7 +11,8 @@ landscape, LoRA), so each one finds "the linear layers" and "the inputs of a lay
 * :func:`input_hooks` — call ``fn(name, x)`` with the input of chosen modules during forwards;
 * :func:`decoder_blocks` and :func:`block_inputs` — the transformer blocks, and the hidden states
   (with the keyword arguments the model passes, e.g. rotary tables) that enter the first one, so
-  a lab can run the model one block at a time (GPTQ's sequential quantization).
+  a lab can run the model one block at a time (GPTQ's sequential quantization);
+  :func:`float_decoder_blocks` checks first that the model is not quantized already.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from llmcourse.core.errors import UserError
 
 
 def is_linear(m: nn.Module) -> bool:
@@ -109,6 +112,18 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(blocks, nn.ModuleList):
             return path, blocks
     raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def float_decoder_blocks(model: nn.Module, method: str) -> tuple[str, nn.ModuleList]:
+    """:func:`decoder_blocks` of a model that ``method`` (e.g. "GPTQ", "pruning") will rewrite: a one-line
+    UserError when a module already holds quantized weights (it lists them in ``weight_buffers`` or counts
+    them with ``weight_count()``, as ``LoadedModel.n_params`` reads them) or the blocks cannot be found."""
+    if any(hasattr(m, "weight_buffers") or hasattr(m, "weight_count") for m in model.modules()):
+        raise UserError("the model is already quantized", f"run {method} on the original (floating-point) model")
+    try:
+        return decoder_blocks(model)
+    except ValueError as e:
+        raise UserError(str(e), f"{method} needs a decoder-only model with Llama/Qwen2/GPT-2-style blocks") from None
 
 
 @dataclass

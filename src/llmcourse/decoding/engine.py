@@ -370,6 +370,36 @@ class TextStream:
         return out
 
 
+def text_stream(tokenizer: Any, cfg: GenerationConfig, on_text: Callable[[str], None] | None) -> TextStream | None:
+    """A :class:`TextStream` for one sequence when its text is streamed or stop strings are watched, else None."""
+    return TextStream(tokenizer, cfg.stop) if tokenizer is not None and (on_text or cfg.stop) else None
+
+
+def push_stream(stream: TextStream | None, tok: int, on_text: Callable[[str], None] | None) -> bool:
+    """Feed one token to the stream (if any), handing ``on_text`` the text that became final; True on a stop string."""
+    if stream is None:
+        return False
+    piece = stream.push(tok)
+    if piece and on_text is not None:
+        on_text(piece)
+    return stream.stopped
+
+
+def flush_stream(stream: TextStream | None, on_text: Callable[[str], None] | None) -> None:
+    """At a sequence's end, hand ``on_text`` the text the stream still held back (a stop string's margin)."""
+    if stream is not None and on_text is not None:
+        rest = stream.flush()
+        if rest:
+            on_text(rest)
+
+
+def sequence_text(stream: TextStream | None, tokenizer: Any, toks: list[int]) -> str:
+    """A sequence's text: its stream's (cut at a stop string), else its tokens decoded ('' without a tokenizer)."""
+    if stream is not None:
+        return stream.text
+    return tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else ""
+
+
 def check_prompt_text(prompt: str) -> None:
     """A one-line error for a prompt that is not text a tokenizer can read (a lone surrogate)."""
     try:
@@ -487,22 +517,15 @@ def _one_sequence(decoder: Any, prompt: list[int], cfg: GenerationConfig, eos: s
             records.append(_record(scores, processed, tok))
         out.append(tok)
         ids = torch.cat((ids, torch.tensor([[tok]])), dim=1)
-        if stream is not None:
-            piece = stream.push(tok)
-            if piece and on_text is not None:
-                on_text(piece)
-            if stream.stopped:
-                reason = "stop"
-                break
+        if push_stream(stream, tok, on_text):
+            reason = "stop"
+            break
         if tok in eos:
             reason = "eos"
             break
         if step + 1 < cfg.max_new_tokens:
             logits = decoder.step(torch.tensor([tok]))
-    if stream is not None and on_text is not None:
-        rest = stream.flush()
-        if rest:
-            on_text(rest)
+    flush_stream(stream, on_text)
     return out, score, reason, records
 
 
@@ -553,11 +576,10 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[int], config: Genera
             n = cfg.num_return_sequences
             generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
             for i in range(n):
-                stream = TextStream(tokenizer, cfg.stop) if tokenizer is not None and (on_text or cfg.stop) else None
+                stream = text_stream(tokenizer, cfg, on_text)
                 toks, sc, reason, rec = _one_sequence(decoder, prompt_ids, cfg, set(eos_list), stream,
                                                       on_text if i == 0 else None, generator, record)
-                text = stream.text if stream is not None else (
-                    tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else "")
+                text = sequence_text(stream, tokenizer, toks)
                 sequences.append(GeneratedSequence(toks, text, sc, reason))
                 records.append(rec)
                 steps += len(toks)

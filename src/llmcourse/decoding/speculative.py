@@ -65,8 +65,12 @@ from llmcourse.decoding.engine import (
     TextStream,
     check_fits,
     encode_prompt,
+    flush_stream,
     model_eos_ids,
     prepare,
+    push_stream,
+    sequence_text,
+    text_stream,
 )
 
 log = logging.getLogger(__name__)
@@ -490,13 +494,9 @@ def _one_sequence(fast: FastModel, drafter: PromptLookup | DraftModel | None, pr
         score += float(torch.log_softmax(raw.float(), dim=-1)[tok])
         out.append(tok)
         tokens.append(tok)
-        if stream is not None:
-            piece = stream.push(tok)
-            if piece and on_text is not None:
-                on_text(piece)
-            if stream.stopped:
-                reason = "stop"
-                return True
+        if push_stream(stream, tok, on_text):
+            reason = "stop"
+            return True
         if tok in eos:
             reason = "eos"
             return True
@@ -540,10 +540,7 @@ def _one_sequence(fast: FastModel, drafter: PromptLookup | DraftModel | None, pr
         target.rollback(base + 1 + n)  # keep y and the accepted drafts; t is the next round's first input
         if isinstance(drafter, DraftModel):
             drafter.rollback(base + 1 + n)
-    if stream is not None and on_text is not None:
-        rest = stream.flush()
-        if rest:
-            on_text(rest)
+    flush_stream(stream, on_text)
     return out, score, reason, rounds
 
 
@@ -589,11 +586,10 @@ def speculative_generate(model: Any, tokenizer: Any, prompt: str | list[int], co
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(cfg.num_return_sequences):
-            stream = TextStream(tokenizer, cfg.stop) if tokenizer is not None and (on_text or cfg.stop) else None
+            stream = text_stream(tokenizer, cfg, on_text)
             toks, sc, reason, rec = _one_sequence(fast, drafter, prompt_ids, cfg, spec, set(eos_list), stream,
                                                   on_text if i == 0 else None, generator, stats, cost)
-            text = stream.text if stream is not None else (
-                tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else "")
+            text = sequence_text(stream, tokenizer, toks)
             sequences.append(GeneratedSequence(toks, text, sc, reason))
             stats.generated += len(toks)
             if record:

@@ -21,7 +21,14 @@ from llmcourse.core.io import atomic_dir, check_not_input, write_json
 from llmcourse.core.lab import add_parser
 from llmcourse.core.models import load_model
 from llmcourse.evaluation import LAB
-from llmcourse.evaluation.leaderboard import LeaderboardConfig, ResultCache, columns, run, table
+from llmcourse.evaluation.leaderboard import (
+    CACHED_ONLY_FIX,
+    LeaderboardConfig,
+    ResultCache,
+    columns,
+    run,
+    table,
+)
 from llmcourse.evaluation.runner import (
     BenchConfig,
     bar_plot,
@@ -79,6 +86,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> Result:
     if args.cached_only and args.cache is None:
         raise UserError("--cached-only reads --cache, which is not given", "pass --cache DIR too")
     cache = ResultCache(args.cache)
+    if args.cached_only and not cache.root.is_dir():
+        raise UserError(f"--cached-only: the cache folder {cache.root} does not exist", CACHED_ONLY_FIX)
+    if args.cached_only and not any(cache.root.iterdir()):
+        raise UserError(f"--cached-only: the cache folder {cache.root} is empty", CACHED_ONLY_FIX)
     t0 = time.perf_counter()
     datas, groups = prepare(cfg)
     text_data = load_text("default", "eval")
@@ -154,7 +165,7 @@ def register(sub: argparse._SubParsersAction, groups: dict) -> None:
                    "sizes and mtimes, the task's documents and the measurement settings)")
     q.add_argument("--cached-only", action="store_true",
                    help="load and compute nothing: print the board from what --cache holds ('-' for the parts "
-                   "not finished yet), e.g. to follow a long run from another shell")
+                   "not finished yet), e.g. to follow a long run from another shell; an error if it holds none of them")
     q.add_argument("--out", default=None, help="output folder (written atomically; must not be an input)")
     add_common_args(q)
     q.set_defaults(func=cmd_leaderboard)

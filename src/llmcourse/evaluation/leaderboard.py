@@ -113,6 +113,9 @@ def task_key(data: TaskData) -> str:
                                           [(e.doc_id, e.gold, e.requests) for e in data.examples]])
 
 
+CACHED_ONLY_FIX = "run without --cached-only to compute the parts, or point --cache at the folder an earlier run used"
+
+
 class ResultCache:
     """Finished parts of a leaderboard as JSON files under ``root`` (``None``: a cache that keeps nothing)."""
 
@@ -184,7 +187,8 @@ def run(specs: list[str], datas: list[TaskData], groups: dict[str, list[str]], c
     ``load(spec)`` loads a model; ``text_ids(tokenizer)`` gives the perplexity text's token ids. With a
     ``cache``, finished parts are read from it and new ones written to it as soon as they finish; a model is
     loaded only if one of its parts is missing, the reference only for a missing KL. ``cached_only``: load and
-    compute nothing, leave out the parts the cache does not hold (a long run's progress, from another shell)."""
+    compute nothing, leave out the parts the cache does not hold (a long run's progress, from another shell); a
+    cache that holds none of them is a :class:`UserError` naming them."""
     cache = cache or ResultCache(None)
     idents = [model_identity(s, dtype, trust_pickle) for s in specs]  # a bad spec fails before any work
     ident0 = idents[0]
@@ -203,6 +207,7 @@ def run(specs: list[str], datas: list[TaskData], groups: dict[str, list[str]], c
 
     rows: list[dict[str, Any]] = []
     series: dict[str, list[TaskResult]] = {}
+    found = 0  # parts read from the cache
     for k, spec in enumerate(specs):
         ident = idents[k]
         folder = cache.model_dir(ident)
@@ -216,6 +221,7 @@ def run(specs: list[str], datas: list[TaskData], groups: dict[str, list[str]], c
             return loaded["lm"]
 
         m = cache.get(folder, mkey)
+        found += m is not None
         if m is None and not cached_only:
             m = measure(model(), None if k == 0 else ref(), ids(), cfg, spec)
             cache.put(folder, mkey, m, ident)
@@ -224,6 +230,7 @@ def run(specs: list[str], datas: list[TaskData], groups: dict[str, list[str]], c
         for d in datas:
             key = task_key(d)
             part = cache.get(folder, key)
+            found += part is not None
             if part is None and cached_only:
                 continue
             if part is None:
@@ -255,6 +262,10 @@ def run(specs: list[str], datas: list[TaskData], groups: dict[str, list[str]], c
         rows.append(row)
         series[spec] = shown
         loaded.clear()
+    if cached_only and not found:
+        parts = ", ".join(["measures"] + [d.task.name for d in datas])
+        raise UserError(f"--cached-only: {cache.root} holds none of this leaderboard's parts (not cached: {parts} "
+                        f"of {', '.join(specs)})", CACHED_ONLY_FIX)
     return rows, series
 
 

@@ -10,7 +10,7 @@ from gguf_helpers import byte_tokenizer
 
 from llmcourse.core import models as core_models
 from llmcourse.quant.gguf.convert import convert_to_gguf as convert
-from llmcourse.quant.gguf.load import _q8_0_fp32
+from llmcourse.quant.gguf.load import _q8_0_fp32, blocks_by_default
 from llmcourse.quant.gguf.quantize import dequantize, quantize
 
 TINY = dict(vocab_size=264, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -35,3 +35,15 @@ def test_card_reports_import_apart_from_load(tmp_path) -> None:
     convert(tiny_model("llama", **TINY), byte_tokenizer(), path, "f32", name="tiny", pre_tokenizer="gpt-2")
     card = core_models.model_card(core_models.load_model(str(path)))
     assert card["kind"] == "gguf" and 0 <= card["import_seconds"] and 0 < card["load_seconds"] < 30
+
+
+def test_blocks_switch_is_read_once(monkeypatch, caplog) -> None:
+    monkeypatch.setenv("LLMCOURSE_GGUF_BLOCKS", "0")
+    assert blocks_by_default() is False
+    monkeypatch.setenv("LLMCOURSE_GGUF_BLOCKS", "1")
+    assert blocks_by_default() is False  # read once per process
+    blocks_by_default.cache_clear()
+    monkeypatch.setenv("LLMCOURSE_GGUF_BLOCKS", "no")
+    with caplog.at_level("WARNING"):
+        assert blocks_by_default() is blocks_by_default() is True
+    assert caplog.text.count("LLMCOURSE_GGUF_BLOCKS=no is not") == 1

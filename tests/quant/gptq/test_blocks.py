@@ -15,15 +15,14 @@ import dataclasses
 
 import pytest
 import torch
+from gptq_helpers import quantized_tiny, random_layer
 
 from llmcourse.core import runtime as fl
 from llmcourse.core.runtime.weights import BlockCodes, project
 from llmcourse.decoding import GenerationConfig, generate
-from llmcourse.quant.gptq.blocks import Q4_0, Q4_1, to_blocks
+from llmcourse.quant.gptq.blocks import Q4_0, Q4_1, head_choice, kernel_choice, to_blocks
 from llmcourse.quant.gptq.linear import GPTQLinear
-from llmcourse.quant.gptq.model import GPTQConfig, quantize_model
-from llmcourse.quant.gptq.pack import dequantize_layer, pack_layer
-from tests.conftest import tiny_model
+from llmcourse.quant.gptq.pack import dequantize_layer
 
 kernels = pytest.importorskip("llmcourse.core.runtime.kernels")
 if not kernels.load():
@@ -48,25 +47,12 @@ def rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return step.double() @ w.abs().view(w.shape[0], i // 32, 32).sum(-1).double().T
 
 
-def layer(o: int, i: int, group: int, sym: bool, act_order: bool, seed: int = 0) -> GPTQLinear:
-    """A random 4-bit GPTQ layer (checkpoint tensors) with a ragged last group when ``group`` does not divide ``i``."""
-    gen = torch.Generator().manual_seed(seed)
-    g_idx = torch.arange(i) // group
-    if act_order:
-        g_idx = g_idx[torch.randperm(i, generator=gen)]
-    groups = int(g_idx.max()) + 1
-    zeros = torch.full((o, groups), 8.0) if sym else torch.randint(1, 16, (o, groups), generator=gen).float()
-    t = pack_layer(torch.randint(0, 16, (o, i), generator=gen), torch.rand(o, groups, generator=gen) * 0.02 + 1e-3,
-                   zeros, g_idx, 4, bias=torch.randn(o, generator=gen) * 0.1)
-    return GPTQLinear(i, o, 4, t)
-
-
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("act_order", [False, True], ids=["natural", "act-order"])
 def test_blocks_hold_the_checkpoint_weights(sym, act_order):
     """Symmetric layers become Q4_0 blocks with the checkpoint's weights bit for bit; asymmetric ones Q4_1,
     within the fp16 rounding of ``m = -s z``. Act-order: the same weight with its columns sorted by group."""
-    lin = layer(40, 576, 128, sym, act_order)  # 576 = 4 x 128 + 64: a ragged last group
+    lin = random_layer(40, 576, 128, sym, act_order)  # 576 = 4 x 128 + 64: a ragged last group
     codes, scales, zeros, g_idx = lin.parts()
     blocks, qtype, perm = to_blocks(codes, scales, zeros, g_idx)
     assert qtype == (Q4_0 if sym else Q4_1) and blocks.shape == (40, 18 * 18 if sym else 18 * 20)
@@ -88,13 +74,15 @@ def test_block_product_equals_the_packed_product(sym, act_order, monkeypatch):
     """The layer's block product (few rows) against its weight-only product (``LLMCOURSE_GPTQ_KERNEL=packed``):
     tight with the activations' rounding reproduced, within the rounding bound without it; the portable
     kernels give the same to the tight bound."""
-    lin = layer(48, 320, 64, sym, act_order, seed=1)
+    lin = random_layer(48, 320, 64, sym, act_order, seed=1)
     x = torch.randn(5, 320, generator=torch.Generator().manual_seed(2))
     monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "packed")
+    kernel_choice.cache_clear()  # read once per process
     with torch.no_grad():
         plain = lin(x)
     w = lin.dequantize()
     monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "blocks")
+    kernel_choice.cache_clear()
     bw = lin.decode_weight()
     assert isinstance(bw, BlockCodes) and (bw.perm is not None) == act_order
     with torch.no_grad():
@@ -121,18 +109,14 @@ def test_block_product_equals_the_packed_product(sym, act_order, monkeypatch):
 
 def test_layouts_the_blocks_cannot_hold_keep_the_packed_path():
     """A group size that is not a multiple of 32 (runs of 32 inputs across two groups) or 3 bits: no blocks."""
-    assert layer(16, 96, 48, True, False).decode_weight().__class__.__name__ == "PackedCodes"
-    t = pack_layer(torch.randint(0, 8, (32, 96)), torch.rand(32, 3), torch.full((32, 3), 4.0), torch.arange(96) // 32, 3)
-    assert not isinstance(GPTQLinear(96, 32, 3, t).decode_weight(), BlockCodes)
+    assert random_layer(16, 96, 48, True, False).decode_weight().__class__.__name__ == "PackedCodes"
+    assert not isinstance(random_layer(32, 96, 32, True, False, bits=3).decode_weight(), BlockCodes)
 
 
 @pytest.fixture(scope="module")
 def act_order_model():
     """A tiny Llama quantized by GPTQ at 4 bits, g32, act-order: every layer runs as blocks."""
-    m = tiny_model("llama", seed=11)
-    windows = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
-    quantize_model(m, windows, GPTQConfig(bits=4, group_size=32, desc_act=True))
-    return m
+    return quantized_tiny(11, bits=4, group_size=32, desc_act=True)
 
 
 @pytest.mark.skipif(not fl.can_compile(), reason="no C++ compiler for TorchInductor")
@@ -144,9 +128,11 @@ def test_compiled_block_step_greedy_equals_weight_only(act_order_model, monkeypa
     monkeypatch.setenv("LLMCOURSE_COMPILE", "1")
     prompt = [5, 17, 33, 9]
     monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "packed")
+    kernel_choice.cache_clear()  # read once per process
     with torch.no_grad():
         ref = act_order_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, 4:].tolist()
     monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "blocks")
+    kernel_choice.cache_clear()
     fast = fl.FastModel(act_order_model, "compiled")
     out = generate(fast, None, prompt, GenerationConfig(max_new_tokens=32, eos_token_ids=()))
     assert out.backend == "fast" and fast.matvec == "compiled" and fast.warm
@@ -167,8 +153,10 @@ def test_q8_0_head_is_ggml_q8_0_of_the_fp16_table(monkeypatch):
     assert np.array_equal(q8_0_quantize(table).numpy(), ref.reshape(300, -1))
     head = HalfHead(HalfTable(table))
     monkeypatch.setenv("LLMCOURSE_GPTQ_HEAD", "fp16")
+    head_choice.cache_clear()  # read once per process
     assert isinstance(head.decode_weight(), fl.Dense)  # the fp16 table itself
     monkeypatch.delenv("LLMCOURSE_GPTQ_HEAD")
+    head_choice.cache_clear()
     bw = head.decode_weight()
     assert isinstance(bw, BlockCodes) and bw.qtype == 8  # Q8_0 (300 rows: not regrouped by 8, stored order)
     assert torch.equal(bw.blocks, q8_0_quantize(table))
@@ -179,3 +167,17 @@ def test_q8_0_head_is_ggml_q8_0_of_the_fp16_table(monkeypatch):
     w_q = kernels.block_rows(bw.blocks, torch.arange(300), bw.qtype, 64)
     bound = rounding_bound(x, w_q) + x.abs().double() @ (w_q - table.float()).abs().double().T + 1e-5
     assert bool(((y.double() - exact.double()).abs() <= bound).all())
+
+
+@pytest.mark.parametrize(("choice", "var", "other", "default"), [(kernel_choice, "LLMCOURSE_GPTQ_KERNEL", "packed", "blocks"),
+                                                                 (head_choice, "LLMCOURSE_GPTQ_HEAD", "fp16", "q8_0")])
+def test_switches_are_read_once(choice, var, other, default, monkeypatch, caplog):
+    monkeypatch.setenv(var, other)
+    assert choice() == other
+    monkeypatch.setenv(var, default)
+    assert choice() == other  # read once per process
+    choice.cache_clear()
+    monkeypatch.setenv(var, "nonsense")
+    with caplog.at_level("WARNING"):
+        assert choice() == choice() == default
+    assert caplog.text.count(f"{var}=nonsense is not") == 1

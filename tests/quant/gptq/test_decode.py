@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gptq_helpers import quantized_tiny, random_layer
 
 from llmcourse.core import runtime as fl
 from llmcourse.core.runtime import model as rt_model
 from llmcourse.core.runtime import pack_words, packed_dot, unpack_words
 from llmcourse.core.runtime.weights import BlockCodes
 from llmcourse.decoding import GenerationConfig, generate
+from llmcourse.quant.gptq.blocks import kernel_choice
 from llmcourse.quant.gptq.linear import GPTQLinear
-from llmcourse.quant.gptq.model import GPTQConfig, quantize_model
-from llmcourse.quant.gptq.pack import dequantize_layer, pack_layer
+from llmcourse.quant.gptq.pack import dequantize_layer
 from tests.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
 def quantized():
     """A tiny Llama at 4 bits, g48: its 64- and 128-wide layers end in a shorter group (ragged)."""
-    m = tiny_model("llama", seed=7)
-    windows = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
-    quantize_model(m, windows, GPTQConfig(bits=4, group_size=48, act_group_aware=True))
-    return m
+    return quantized_tiny(7, bits=4, group_size=48, act_group_aware=True)
 
 
 def test_decode_weights_are_the_same_weight_in_equal_groups(quantized):
@@ -44,27 +42,21 @@ def test_decode_weights_are_the_same_weight_in_equal_groups(quantized):
         assert x._codes is None  # the words replaced the one-byte codes
     # act-order: a permuted g_idx has no equal runs, so the packed words' layer offers nothing (the step calls
     # forward()); the block kernels take it with the inputs sorted by group (test_blocks.py)
-    g_idx = torch.randperm(64, generator=torch.Generator().manual_seed(0)) // 32
-    t = pack_layer(torch.randint(0, 16, (32, 64)), torch.rand(32, 2), torch.full((32, 2), 8.0), g_idx, 4)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMCOURSE_GPTQ_KERNEL", "packed")
-        assert GPTQLinear(64, 32, 4, t).decode_weight() is None
-    assert isinstance(GPTQLinear(64, 32, 4, t).decode_weight(), BlockCodes)
+        kernel_choice.cache_clear()  # read once per process
+        assert random_layer(32, 64, 32, True, True).decode_weight() is None
+    kernel_choice.cache_clear()
+    assert isinstance(random_layer(32, 64, 32, True, True).decode_weight(), BlockCodes)
 
 
 @pytest.mark.parametrize("order", ["natural", "act-order"])
 def test_dequantize_equals_the_checkpoint_formula(order):
     """The in-place equal-group path (natural g_idx, ragged last group) and the gather path (act-order) give
     the packed tensors' own ``scales[g] (q - zero[g])`` bit for bit."""
-    gen = torch.Generator().manual_seed(3)
-    g_idx = torch.arange(80) // 32  # groups of 32, 32, 16
-    if order == "act-order":
-        g_idx = g_idx[torch.randperm(80, generator=gen)]
-    t = pack_layer(torch.randint(0, 16, (24, 80), generator=gen), torch.rand(24, 3, generator=gen) + 0.01,
-                   torch.randint(1, 16, (24, 3), generator=gen).float(), g_idx, 4)
-    layer = GPTQLinear(80, 24, 4, t)
+    layer = random_layer(24, 80, 32, False, order == "act-order", seed=3)  # groups of 32, 32, 16
     assert (layer.equal_group_parts() is None) == (order == "act-order")
-    assert torch.equal(layer.dequantize(), dequantize_layer(t, 4))
+    assert torch.equal(layer.dequantize(), dequantize_layer(dict(layer.named_buffers()), 4))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from llmcourse.core.errors import UserError
 from llmcourse.quant.gptq.gptq import GPTQ, find_params, group_aware_order, quantize, rtn
 from llmcourse.quant.gptq.linear import GPTQLinear
 from llmcourse.quant.gptq.model import GPTQConfig, quantize_model, sequential_stages
-from tests.conftest import tiny_model
+from tests.conftest import tiny_folder, tiny_model
 
 
 def reference_gptq(W, H, bits, group_size, sym, damp, desc_act=False):
@@ -240,13 +239,7 @@ def test_config_and_model_checks():
 
 
 def _tiny_folder(tmp_path):
-    from llmcourse.core.models import default_model_dir
-
-    src = tmp_path / "src"
-    tiny_model("llama", vocab_size=49152).save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, src / name)
-    return src
+    return tiny_folder(tmp_path / "src")
 
 
 def test_cli_round_trip_and_refusals(tmp_path, capsys):

@@ -35,6 +35,7 @@ products sum in a different order, so they are not bit-identical.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -65,19 +66,29 @@ VERIFY_WIDTHS = (2, 4, 8, 12, 16)  # a compiled multi-token step pads its T toke
 STEP_PROMPT = 6  # prompts up to this long run as one-token compiled steps on models with packed codes
 
 
+@functools.cache
+def forced_layers_per_call() -> int | None:
+    """``LLMCOURSE_STEP_LAYERS`` (read once per process) as a count of layers per compiled call, or None when
+    unset; a value that is not a count logs a warning and is ignored."""
+    raw = os.environ.get("LLMCOURSE_STEP_LAYERS", "").strip()
+    if raw and not raw.isdigit():
+        log.warning("LLMCOURSE_STEP_LAYERS=%s is not a count of layers; using the default", raw)
+    return int(raw) if raw.isdigit() else None
+
+
 def default_layers_per_call(blocks: bool) -> int:
     """Layers per compiled call of the decode step, 0 = all of them (the whole stack, final norm and head in one
-    call; see :func:`decode_stack`): ``LLMCOURSE_STEP_LAYERS`` if set (read per model), else 0 for a model with
-    GGUF block weights and 1 for the others.
+    call; see :func:`decode_stack`): ``LLMCOURSE_STEP_LAYERS`` if set (:func:`forced_layers_per_call`), else 0
+    for a model with GGUF block weights and 1 for the others.
 
     Measured on the default model (1 thread, 2-core machine under load): the whole stack took a Q8_0 step from
     ~47 to ~25 ms and Q4_0 from ~34 to ~17 ms, for a first compilation of 50-60 s instead of ~15 s (~16 s once
     Inductor's cache holds it); the fp32 weights' step (bound by reading 538 MB) gained nothing measurable
     (47 vs 54 ms, noise) and its first compilation went from ~15 s to 106 s, so float and codes models keep one
     call per layer."""
-    raw = os.environ.get("LLMCOURSE_STEP_LAYERS", "").strip()
-    if raw.isdigit():
-        return int(raw)
+    forced = forced_layers_per_call()
+    if forced is not None:
+        return forced
     return 0 if blocks else 1
 
 

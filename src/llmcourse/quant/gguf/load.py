@@ -8,6 +8,8 @@ inverts the converter's names and q/k permutation (:mod:`.names`).
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -316,6 +318,16 @@ def _tensor_fp32(mm: np.ndarray, t: TensorInfo) -> torch.Tensor:
     return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1, n))
 
 
+@functools.cache
+def blocks_by_default() -> bool:
+    """Whether :func:`load_model` keeps quantized weights as blocks when not told: ``LLMCOURSE_GGUF_BLOCKS``
+    (``0`` no, ``1`` yes, the default), read once per process; another value logs a warning and keeps yes."""
+    raw = os.environ.get("LLMCOURSE_GGUF_BLOCKS", "").strip()
+    if raw not in ("", "0", "1"):
+        logging.getLogger(__name__).warning("LLMCOURSE_GGUF_BLOCKS=%s is not 0 or 1; using 1", raw)
+    return raw != "0"
+
+
 def load_model(path: str | Path, dtype: str = "fp32", blocks: bool | None = None) -> LoadedModel:
     """A GGUF file as a Hugging Face model, identical to transformers' GGUF path, in about a second.
 
@@ -352,7 +364,7 @@ def load_model(path: str | Path, dtype: str = "fp32", blocks: bool | None = None
     todo: list[tuple[str, torch.Size, str, TensorInfo]] = []
     kept: list[tuple[str, TensorInfo]] = []  # tensors executed as stored blocks (module name, tensor)
     if blocks is None:
-        blocks = dtype == "fp32" and os.environ.get("LLMCOURSE_GGUF_BLOCKS", "1") != "0"
+        blocks = dtype == "fp32" and blocks_by_default()
     if blocks:
         from llmcourse.core.runtime.kernels import load as load_kernels
 

@@ -26,21 +26,29 @@ llama.cpp's CPU backend): the only difference from de-quantize-then-multiply bes
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
 
 from llmcourse.core.runtime.weights import BlockCodes
 
+log = logging.getLogger(__name__)
+
 Q4_0, Q4_1, Q8_0 = 2, 3, 8  # ggml type ids
 BLOCK = 32  # values per legacy block
 KERNELS = ("blocks", "packed")
 
 
+@functools.cache
 def kernel_choice() -> str:
     """Which product decodes GPTQ folders: ``blocks`` (the default; this module) or ``packed``
-    (``LLMCOURSE_GPTQ_KERNEL``, read at each call so tests can switch it)."""
-    name = os.environ.get("LLMCOURSE_GPTQ_KERNEL", "blocks").strip().lower()
+    (``LLMCOURSE_GPTQ_KERNEL``, read once per process: tests that set it call ``kernel_choice.cache_clear()``;
+    another value logs a warning and keeps ``blocks``)."""
+    name = os.environ.get("LLMCOURSE_GPTQ_KERNEL", "").strip().lower()
+    if name and name not in KERNELS:
+        log.warning("LLMCOURSE_GPTQ_KERNEL=%s is not one of %s; using blocks", name, ", ".join(KERNELS))
     return name if name in KERNELS else "blocks"
 
 
@@ -111,12 +119,16 @@ def block_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 HEADS = ("fp16", "q8_0")
 
 
+@functools.cache
 def head_choice() -> str:
     """How the tied fp16 output head multiplies a few rows (decoding): ``q8_0`` (the default: the table
     re-quantized once to Q8_0 blocks, 34 bytes per 32 weights instead of 64, for the Q8_0 kernel, as a GGUF
     file's head; on the default model KL 0.0008 from the fp16 head, top-1 98.6%, KL to fp32 unchanged at
-    0.5454) or ``fp16`` (the checkpoint's table itself): ``LLMCOURSE_GPTQ_HEAD``, read at each call.
+    0.5454) or ``fp16`` (the checkpoint's table itself): ``LLMCOURSE_GPTQ_HEAD``, read once per process (tests
+    that set it call ``head_choice.cache_clear()``; another value logs a warning and keeps ``q8_0``).
     Lookups and many-row products (perplexity) always use the fp16 table."""
-    name = os.environ.get("LLMCOURSE_GPTQ_HEAD", "q8_0").strip().lower()
+    name = os.environ.get("LLMCOURSE_GPTQ_HEAD", "").strip().lower()
+    if name and name not in HEADS:
+        log.warning("LLMCOURSE_GPTQ_HEAD=%s is not one of %s; using q8_0", name, ", ".join(HEADS))
     return name if name in HEADS else "q8_0"
 

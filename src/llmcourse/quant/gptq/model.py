@@ -45,6 +45,7 @@ from llmcourse.core.modules import (
     BlockInput,
     block_inputs,
     decoder_blocks,
+    float_decoder_blocks,
     input_hooks,
     linear_layers,
     linear_weight,
@@ -159,12 +160,7 @@ def check_model(model: nn.Module, cfg: GPTQConfig) -> None:
 
     A group size that does not divide a layer's width leaves a shorter last group (``ceil(I / g)``
     groups, as AutoGPTQ and GPTQModel do: the default model's 576-wide layers at g128 have 4.5)."""
-    if any(hasattr(m, "weight_buffers") or hasattr(m, "weight_count") for m in model.modules()):
-        raise UserError("the model is already quantized", "quantize the original (floating-point) model instead")
-    try:
-        prefix, blocks = decoder_blocks(model)
-    except ValueError as e:
-        raise UserError(str(e), "GPTQ needs a decoder-only model with Llama/Qwen2/GPT-2-style blocks") from None
+    prefix, blocks = float_decoder_blocks(model, "GPTQ")
     for name, m in linear_layers(blocks):
         name = f"{prefix}.{name}"
         out_f, in_f = linear_weight(m).shape
@@ -501,12 +497,10 @@ def load_quantized(path: str | Path, dtype: str = "fp32") -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    from llmcourse.core.models import DTYPES, LoadedModel
+    from llmcourse.core.models import LoadedModel, resolve_dtype
 
     path = Path(path)
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = resolve_dtype(dtype)
     try:
         qcfg = json.loads((path / QUANTIZE_CONFIG).read_text())
         bits = int(qcfg["bits"])

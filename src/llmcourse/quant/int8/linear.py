@@ -32,6 +32,7 @@ keep the de-quantized fp32 GEMM. Zero-point and group-wise statistics keep the w
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -108,10 +109,14 @@ Q8_0 = 8  # ggml's type id
 KERNELS = ("blocks", "rows")
 
 
+@functools.cache
 def kernel_choice() -> str:
     """``blocks`` (W8A8 through the Q8_0 block kernel, the default) or ``rows`` (weight-only int8, the
-    compiled row reduction): ``LLMCOURSE_INT8_KERNEL``, read at each call so tests can switch it."""
-    name = os.environ.get("LLMCOURSE_INT8_KERNEL", "blocks").strip().lower()
+    compiled row reduction): ``LLMCOURSE_INT8_KERNEL``, read once per process (tests that set it call
+    ``kernel_choice.cache_clear()``); another value logs a warning and keeps ``blocks``."""
+    name = os.environ.get("LLMCOURSE_INT8_KERNEL", "").strip().lower()
+    if name and name not in KERNELS:
+        log.warning("LLMCOURSE_INT8_KERNEL=%s is not one of %s; using blocks", name, ", ".join(KERNELS))
     return name if name in KERNELS else "blocks"
 
 

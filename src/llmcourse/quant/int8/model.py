@@ -42,7 +42,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from llmcourse.core.errors import UserError
-from llmcourse.core.models import DTYPES, LoadedModel
+from llmcourse.core.models import LoadedModel, resolve_dtype
 from llmcourse.core.modules import (
     is_linear,
     linear_layers,
@@ -379,9 +379,7 @@ def load_quantized(path: str | Path, dtype: str = "fp32") -> LoadedModel:
     from transformers.initialization import no_init_weights
 
     path = Path(path)
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = resolve_dtype(dtype)
     try:
         meta = json.loads((path / MARKER_FILE).read_text())
         cfg = Int8Config(**{k: meta[k] for k in ("method", "granularity", "group_size", "threshold", "skip",
