@@ -105,6 +105,8 @@ ENV_SWITCHES = (
     ("llmcourse.quant.gptq.blocks", "kernel_choice"),  # LLMCOURSE_GPTQ_KERNEL
     ("llmcourse.quant.gptq.blocks", "head_choice"),  # LLMCOURSE_GPTQ_HEAD
     ("llmcourse.quant.gguf.load", "blocks_by_default"),  # LLMCOURSE_GGUF_BLOCKS
+    ("llmcourse.core.runtime.kernels", "interleaving"),  # LLMCOURSE_BLOCK_INTERLEAVE
+    ("llmcourse.core.runtime.compile", "skip_repeat_guards"),  # LLMCOURSE_GUARDS
 )
 
 
