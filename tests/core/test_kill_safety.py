@@ -151,7 +151,7 @@ EARLY = {
     "convert hf": ["convert", "hf", "--model", "{src}", "--out", "{out}"],
     "quantize int8": ["quantize", "int8", "--model", "{src}", "--out", "{out}"],
     "generate": ["generate", "--model", "{src}", "--prompt", "hi", "--max-new-tokens", "200"],
-    "eval perplexity": ["eval", "perplexity", "--model", "{src}", "--max-length", "64"],
+    "eval perplexity": ["eval", "perplexity", "--model", "{src}", "--max-length", "64", "--stride", "32"],
     "chat": ["chat", "--model", "{src}", "--prompt", "hi", "--max-new-tokens", "200"],
 }
 
