@@ -250,3 +250,19 @@ def test_block_linear_runs_long_inputs_as_a_float_gemm():
     x = torch.randn(execute.GEMM_ROWS, 256)
     torch.testing.assert_close(lin(x), x @ w.T, atol=1e-4, rtol=1e-5)
     assert torch.equal(lin(x[:3]), kernels.block_mm(x[:3], blocks, int(QT.Q4_K), 4100))
+
+
+def test_per_row_scales_multiply_each_output_in_the_same_call():
+    """``scale`` (the int8 lab's per-row 1/s) applied inside the kernel call: exactly ``y * scale``, both layouts."""
+    cols = 96
+    blocks = random_blocks(QT.Q8_0, 24, cols, seed=6)
+    packed, ptype = kernels.interleave(blocks, int(QT.Q8_0), cols)
+    scale = torch.rand(24) + 0.5
+    x = torch.randn(5, cols)
+    for level in range(kernels.cpu_level() + 1):
+        for wb, t in ((blocks, int(QT.Q8_0)), (packed, ptype)):
+            plain = kernels.block_mm(x, wb, t, 24, level=level)
+            scaled = torch.ops.llmcourse_blocks.mm(x, wb, t, 24, level, scale)
+            assert torch.equal(scaled, plain * scale)
+            (many,) = torch.ops.llmcourse_blocks.mm_many(x, [wb], [t], [24], level, [scale])
+            assert torch.equal(many, scaled)

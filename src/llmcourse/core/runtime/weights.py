@@ -197,9 +197,7 @@ def project(w: Weight, x: torch.Tensor) -> torch.Tensor:
         y = rows_dot(w.weight, rows)
     elif isinstance(w, BlockCodes):  # an opaque call of the C++ kernel, compiled or not
         xb = rows.float() if w.perm is None else rows.float().index_select(-1, w.perm)
-        y = torch.ops.llmcourse_blocks.mm(xb.contiguous(), w.blocks, w.qtype, w.out_features, w.level)
-        if w.scale is not None:
-            y = y * w.scale
+        y = torch.ops.llmcourse_blocks.mm(xb.contiguous(), w.blocks, w.qtype, w.out_features, w.level, w.scale)
         y = y.to(rows.dtype)
     elif isinstance(w, PackedCodes):
         y = packed_dot(w.words, w.scale, w.zero, rows)
@@ -233,11 +231,9 @@ def project_many(ws: tuple[Weight, ...], x: torch.Tensor) -> list[torch.Tensor]:
     lead, i = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, i)
     ys = torch.ops.llmcourse_blocks.mm_many(rows.float().contiguous(), [w.blocks for w in ws], [w.qtype for w in ws],
-                                            [w.out_features for w in ws], ws[0].level)
+                                            [w.out_features for w in ws], ws[0].level, [w.scale for w in ws])
     out = []
     for w, y in zip(ws, ys, strict=True):
-        if w.scale is not None:
-            y = y * w.scale
         y = y.to(rows.dtype)
         if w.bias is not None:
             y = y + w.bias

@@ -98,12 +98,13 @@ def _register_fakes() -> None:
     """Shapes for ``torch.compile`` (the ops run as opaque calls inside the compiled decode step)."""
 
     @torch.library.register_fake("llmcourse_blocks::mm")
-    def _mm(x: torch.Tensor, w: torch.Tensor, qtype: int, out_features: int, level: int) -> torch.Tensor:
+    def _mm(x: torch.Tensor, w: torch.Tensor, qtype: int, out_features: int, level: int,
+            scale: torch.Tensor | None = None) -> torch.Tensor:
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("llmcourse_blocks::mm_many")
     def _mm_many(x: torch.Tensor, ws: list[torch.Tensor], qtypes: list[int], out_features: list[int],
-                 level: int) -> list[torch.Tensor]:
+                 level: int, scales: list[torch.Tensor | None]) -> list[torch.Tensor]:
         return [x.new_empty(x.shape[0], o) for o in out_features]
 
     @torch.library.register_fake("llmcourse_blocks::interleave")
@@ -146,7 +147,7 @@ def block_mm_many(x: torch.Tensor, blocks: list[torch.Tensor], qtypes: list[int]
     """:func:`block_mm` for several weights sharing ``x`` (q/k/v, gate/up): ``x`` quantized once, one
     parallel pass over all their output rows."""
     return torch.ops.llmcourse_blocks.mm_many(x, blocks, qtypes, out_features,
-                                              forced_level() if level is None else level)
+                                              forced_level() if level is None else level, [None] * len(blocks))
 
 
 def block_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:

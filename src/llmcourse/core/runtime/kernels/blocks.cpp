@@ -276,12 +276,14 @@ struct Job {  // one weight's product: its blocks, row bytes, kernels and output
   DotSet dot;
   const ActRow* acts;
   float* y;
+  const float* scale;  // per output row, applied after the product (nullptr: none)
 };
 
 // y_j = x W_j^T for several weights sharing the input x (q/k/v, gate/up): the activations are quantized once
-// per block size and all the weights' output rows are split over the threads in one parallel region.
+// per block size and all the weights' output rows are split over the threads in one parallel region; each
+// output row times scales[j] where given (the int8 lab's per-row scales: in this pass, not one more call).
 std::vector<at::Tensor> block_mm_many(const at::Tensor& x, at::TensorList ws, at::IntArrayRef types,
-                                      at::IntArrayRef outs, int64_t level) {
+                                      at::IntArrayRef outs, int64_t level, const c10::List<std::optional<at::Tensor>>& scales) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be (N, I) contiguous fp32");
   TORCH_CHECK(ws.size() == types.size() && ws.size() == outs.size() && !ws.empty(), "one type and size per weight");
   const int64_t n = x.size(0), in = x.size(1);
@@ -300,8 +302,17 @@ std::vector<at::Tensor> block_mm_many(const at::Tensor& x, at::TensorList ws, at
     TORCH_CHECK(outs[j] % ti.unit == 0, "interleaved blocks need a multiple of ", ti.unit, " rows");
     (ti.k ? need256 : need32) = true;
     ys.push_back(at::empty({n, outs[j]}, x.options()));
+    const float* sp = nullptr;
+    if (j < scales.size()) {
+      const std::optional<at::Tensor> s = scales.get(j);
+      if (s.has_value() && s->defined()) {
+        TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->numel() == outs[j],
+                    "a scale must be contiguous fp32 with one value per output row");
+        sp = s->data_ptr<float>();
+      }
+    }
     jobs.push_back({ws[j].data_ptr<uint8_t>(), rb, nb, outs[j], ti.unit, dot_for(level, types[j]), nullptr,
-                    ys.back().data_ptr<float>()});
+                    ys.back().data_ptr<float>(), sp});
     total += outs[j] / ti.unit;
   }
   if (need32) quantize_rows(x.data_ptr<float>(), n, in, 32, level, q32);
@@ -321,6 +332,9 @@ std::vector<at::Tensor> block_mm_many(const at::Tensor& x, at::TensorList ws, at
             const int64_t k = std::min<int64_t>(4, n - t);
             job.dot.f[k - 1](job.w + g * 8 * job.rb, job.acts + t, job.nb, job.y + t * job.out + 8 * g, job.out);
           }
+        if (job.scale)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t r = 8 * lo; r < 8 * hi; ++r) job.y[t * job.out + r] *= job.scale[r];
         continue;
       }
       for (int64_t r0 = lo; r0 < hi; r0 += ROWS) {
@@ -330,14 +344,20 @@ std::vector<at::Tensor> block_mm_many(const at::Tensor& x, at::TensorList ws, at
           for (int64_t r = r0; r < r1; ++r)
             job.dot.f[k - 1](job.w + r * job.rb, job.acts + t, job.nb, job.y + t * job.out + r, job.out);
         }
+        if (job.scale)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t r = r0; r < r1; ++r) job.y[t * job.out + r] *= job.scale[r];
       }
     }
   });
   return ys;
 }
 
-at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features, int64_t level) {
-  return block_mm_many(x, {w}, {type}, {out_features}, level)[0];
+at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features, int64_t level,
+                    const std::optional<at::Tensor>& scale) {
+  c10::List<std::optional<at::Tensor>> scales;
+  scales.push_back(scale);
+  return block_mm_many(x, {w}, {type}, {out_features}, level, scales)[0];
 }
 
 // The weight rows `ids` as fp32 (an embedding lookup of a quantized table): exact ggml de-quantization.
@@ -455,8 +475,8 @@ int64_t block_level() { return detected_level(); }
 }  // namespace
 
 TORCH_LIBRARY(llmcourse_blocks, m) {
-  m.def("mm(Tensor x, Tensor w, int qtype, int out_features, int level) -> Tensor");
-  m.def("mm_many(Tensor x, Tensor[] ws, int[] qtypes, int[] out_features, int level) -> Tensor[]");
+  m.def("mm(Tensor x, Tensor w, int qtype, int out_features, int level, Tensor? scale=None) -> Tensor");
+  m.def("mm_many(Tensor x, Tensor[] ws, int[] qtypes, int[] out_features, int level, Tensor?[] scales) -> Tensor[]");
   m.def("rows(Tensor w, Tensor ids, int qtype, int in_features) -> Tensor");
   m.def("interleave(Tensor w, int qtype, int in_features, bool inverse) -> Tensor");
   m.def("level() -> int", &block_level);
