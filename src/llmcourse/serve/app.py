@@ -426,6 +426,8 @@ def create_app(lm: Any, settings: ServeSettings | None = None) -> FastAPI:
 
     async def next_event(request: Request, events: asyncio.Queue, req: BatchRequest) -> Any:
         """The next event, or None when the client went away (its slots are freed at once)."""
+        if not events.empty():  # already there (the usual case under load): no timer, no task
+            return events.get_nowait()
         while True:
             try:
                 return await asyncio.wait_for(events.get(), 0.5)
