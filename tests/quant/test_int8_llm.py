@@ -186,8 +186,10 @@ def test_int_mm_is_left_out_where_it_is_exact_but_slow():
     import subprocess
     import sys
 
+    # one thread: with a busy core, a two-thread fp32 product waits for its second thread and the probe's timing
+    # (not the choice it makes on a quiet machine) would be tested
     out = subprocess.run([sys.executable, "-c", _SPEED_SCRIPT], capture_output=True, text=True, check=True,
-                         env={**os.environ, "LLMCOURSE_INT_MM": ""}).stdout.split()
+                         env={**os.environ, "LLMCOURSE_INT_MM": "", "OMP_NUM_THREADS": "1"}).stdout.split()
     assert out == ["1", "0", "0"], out
     out = subprocess.run([sys.executable, "-c", _SPEED_SCRIPT.replace("torch.backends.mkldnn.enabled = False", "")],
                          capture_output=True, text=True, check=True, env={**os.environ, "LLMCOURSE_INT_MM": "0"}).stdout
