@@ -270,6 +270,10 @@ void quantize_rows(const float* xp, int64_t n, int64_t in, int64_t block, int64_
     out.rows[r] = {out.q.data() + r * in, out.d.data() + r * nb, out.s16.data() + r * in / 16, out.sd.data() + r * nb};
 }
 
+inline void scale_rows(float* __restrict y, const float* __restrict s, int64_t n) {  // y_i *= s_i (vectorized)
+  for (int64_t i = 0; i < n; ++i) y[i] *= s[i];
+}
+
 struct Job {  // one weight's product: its blocks, row bytes, kernels and output
   const uint8_t* w;
   int64_t rb, nb, out, unit;
@@ -333,8 +337,7 @@ std::vector<at::Tensor> block_mm_many(const at::Tensor& x, at::TensorList ws, at
             job.dot.f[k - 1](job.w + g * 8 * job.rb, job.acts + t, job.nb, job.y + t * job.out + 8 * g, job.out);
           }
         if (job.scale)
-          for (int64_t t = 0; t < n; ++t)
-            for (int64_t r = 8 * lo; r < 8 * hi; ++r) job.y[t * job.out + r] *= job.scale[r];
+          for (int64_t t = 0; t < n; ++t) scale_rows(job.y + t * job.out + 8 * lo, job.scale + 8 * lo, 8 * (hi - lo));
         continue;
       }
       for (int64_t r0 = lo; r0 < hi; r0 += ROWS) {
@@ -345,8 +348,7 @@ std::vector<at::Tensor> block_mm_many(const at::Tensor& x, at::TensorList ws, at
             job.dot.f[k - 1](job.w + r * job.rb, job.acts + t, job.nb, job.y + t * job.out + r, job.out);
         }
         if (job.scale)
-          for (int64_t t = 0; t < n; ++t)
-            for (int64_t r = r0; r < r1; ++r) job.y[t * job.out + r] *= job.scale[r];
+          for (int64_t t = 0; t < n; ++t) scale_rows(job.y + t * job.out + r0, job.scale + r0, r1 - r0);
       }
     }
   });
