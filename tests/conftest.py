@@ -150,3 +150,24 @@ def _one_thread_in_compress(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def compiled_greedy_and_reference(model, prompt: list[int], monkeypatch, var: str, reference: str, kernel: str,
+                                  choice, n: int = 32) -> tuple[list[int], list[int]]:
+    """``n`` greedy tokens of the runtime's compiled step with the switch ``var=kernel``, and transformers'
+    ``generate()`` with ``var=reference`` (the weight-only product), for the block-kernel equivalence tests of
+    the int8 and GPTQ labs; ``choice`` is the switch's read-once function (its cache is cleared at each change)."""
+    dec = pytest.importorskip("llmcourse.decoding", reason="decoding lab not present")
+    from llmcourse.core import runtime as fl
+
+    monkeypatch.setenv("LLMCOURSE_COMPILE", "1")
+    monkeypatch.setenv(var, reference)
+    choice.cache_clear()  # read once per process
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    monkeypatch.setenv(var, kernel)
+    choice.cache_clear()
+    fast = fl.FastModel(model, "compiled")
+    out = dec.generate(fast, None, prompt, dec.GenerationConfig(max_new_tokens=n, eos_token_ids=()))
+    assert out.backend == "fast" and fast.matvec == "compiled" and fast.warm
+    return out.sequences[0].token_ids, ref

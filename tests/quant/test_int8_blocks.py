@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import compiled_greedy_and_reference, tiny_model
 
 from llmcourse.core import runtime as fl
 from llmcourse.core.runtime.kernels import q8_0_blocks
@@ -87,22 +87,12 @@ def test_zero_point_group_and_odd_widths_keep_the_weight_only_paths():
 def test_compiled_w8a8_greedy_equals_weight_only(monkeypatch):
     """The compiled step through the Q8_0 kernel picks transformers' greedy tokens over the weight-only int8
     layers (fp32 activations) on a tiny Llama (its tied head included), 32 tokens."""
-    dec = pytest.importorskip("llmcourse.decoding", reason="decoding lab not present")
     model = tiny_model("llama", seed=5)
     quantize_model(model, Int8Config("absmax", "row"))
-    prompt = [5, 17, 33, 9]
-    monkeypatch.setenv("LLMCOURSE_COMPILE", "1")
-    monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "rows")
-    kernel_choice.cache_clear()  # read once per process
-    with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, 4:].tolist()
-    monkeypatch.setenv("LLMCOURSE_INT8_KERNEL", "blocks")
-    kernel_choice.cache_clear()
+    ours, ref = compiled_greedy_and_reference(model, [5, 17, 33, 9], monkeypatch, "LLMCOURSE_INT8_KERNEL", "rows",
+                                              "blocks", kernel_choice)
     assert all(isinstance(m.decode_weight(), BlockCodes) for m in model.modules() if isinstance(m, Int8Linear))
-    fast = fl.FastModel(model, "compiled")
-    out = dec.generate(fast, None, prompt, dec.GenerationConfig(max_new_tokens=32, eos_token_ids=()))
-    assert out.backend == "fast" and fast.matvec == "compiled" and fast.warm
-    assert out.sequences[0].token_ids == ref
+    assert ours == ref
 
 
 def test_kernel_switch_is_read_once(monkeypatch, caplog):

@@ -15,11 +15,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import compiled_greedy_and_reference
 from gptq_helpers import quantized_tiny, random_layer
 
 from llmcourse.core import runtime as fl
 from llmcourse.core.runtime.weights import BlockCodes, project
-from llmcourse.decoding import GenerationConfig, generate
 from llmcourse.quant.gptq.blocks import Q4_0, Q4_1, head_choice, kernel_choice, to_blocks
 from llmcourse.quant.gptq.linear import GPTQLinear
 from llmcourse.quant.gptq.pack import dequantize_layer
@@ -125,18 +125,9 @@ def test_compiled_block_step_greedy_equals_weight_only(act_order_model, monkeypa
     the weight-only layers (fp32 activations) for 32 greedy tokens on this model."""
     layers = [x for x in act_order_model.modules() if isinstance(x, GPTQLinear)]
     assert all(isinstance(x.decode_weight(), BlockCodes) and x.decode_weight().perm is not None for x in layers)
-    monkeypatch.setenv("LLMCOURSE_COMPILE", "1")
-    prompt = [5, 17, 33, 9]
-    monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "packed")
-    kernel_choice.cache_clear()  # read once per process
-    with torch.no_grad():
-        ref = act_order_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, 4:].tolist()
-    monkeypatch.setenv("LLMCOURSE_GPTQ_KERNEL", "blocks")
-    kernel_choice.cache_clear()
-    fast = fl.FastModel(act_order_model, "compiled")
-    out = generate(fast, None, prompt, GenerationConfig(max_new_tokens=32, eos_token_ids=()))
-    assert out.backend == "fast" and fast.matvec == "compiled" and fast.warm
-    assert out.sequences[0].token_ids == ref
+    ours, ref = compiled_greedy_and_reference(act_order_model, [5, 17, 33, 9], monkeypatch, "LLMCOURSE_GPTQ_KERNEL",
+                                              "packed", "blocks", kernel_choice)
+    assert ours == ref
 
 
 def test_q8_0_head_is_ggml_q8_0_of_the_fp16_table(monkeypatch):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import shutil
 import threading
@@ -18,6 +17,8 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
+
+from llmcourse.core.env import env_choice
 
 # Inductor checks each input's sizes and strides again in Python on every call (assert_size_stride);
 # Dynamo's guards already check them (dynamic=False), and with ~30 inputs per layer the re-checks cost
@@ -45,17 +46,11 @@ def compile_settings() -> Iterator[None]:
         yield
 
 
-log = logging.getLogger(__name__)
-
-
 @functools.cache
 def skip_repeat_guards() -> bool:
     """Whether :class:`KnownCalls` skips Dynamo's guard checks on a repeated call (the default);
     ``LLMCOURSE_GUARDS=all`` checks them on every call (read once)."""
-    raw = os.environ.get("LLMCOURSE_GUARDS", "").strip().lower()
-    if raw not in ("", "all", "repeat"):
-        log.warning("LLMCOURSE_GUARDS=%s is not 'all' or 'repeat'; using 'repeat'", raw)
-    return raw != "all"
+    return env_choice("LLMCOURSE_GUARDS", ("repeat", "all"), "repeat") != "all"
 
 
 class KnownCalls:

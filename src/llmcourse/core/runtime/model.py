@@ -330,16 +330,15 @@ class FastModel:
         g = self.layers_per_call if per_call is None else (n if per_call <= 0 else min(per_call, n))
         fused = with_head and g == n  # the head joins a whole-stack call; after runs of layers it is its own
         # what varies between calls (the weights and the model's constants do not): the key of a known call
-        shapes = (x.shape, x.stride(), x.dtype, pos.shape, None if rows is None else rows.shape, dynamic_width,
+        common = (pos.shape, None if rows is None else rows.shape, dynamic_width,
                   tuple((m.shape, m.stride()) for m in mask_t), tuple((t.shape, t.stride()) for r in rope_t for t in r))
         for i in range(0, n, g):  # call, which depends on the rows only, not on the window (fewer compilations)
             j = min(n, i + g)
-            key = (i, j, fused, shapes, caches[i][0].stride(), tuple(c.shape for kv in caches[i:j] for c in kv))
+            key = (i, j, fused, x.shape, x.stride(), x.dtype, common, caches[i][0].stride(),
+                   tuple(c.shape for kv in caches[i:j] for c in kv))
             x = self._stack_calls(self._stack_fn, key, x, tuple(self.step_layers[i:j]), self.plan[i:j], self.arch,
                                   tuple(caches[i:j]), pos, rows, rope_t, mask_t, self.norm if fused else None,
                                   self.head_step if fused else None)
-            if i == 0 and j < n:  # later runs take this run's output: its shape and strides are those of x
-                shapes = (x.shape, x.stride(), x.dtype, *shapes[3:])
         if with_head and not fused:
             a = self.arch
             x = self._head_fn(x, self.norm, self.head_step, a.eps, a.final_softcap)

@@ -9,9 +9,7 @@ inverts the converter's names and q/k permutation (:mod:`.names`).
 from __future__ import annotations
 
 import functools
-import logging
 import math
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from llmcourse.core.env import env_choice
 from llmcourse.core.errors import UserError
 from llmcourse.core.formats import read_gguf_model
 from llmcourse.core.gguf_container import KV, TensorInfo, to_stored
@@ -322,10 +321,7 @@ def _tensor_fp32(mm: np.ndarray, t: TensorInfo) -> torch.Tensor:
 def blocks_by_default() -> bool:
     """Whether :func:`load_model` keeps quantized weights as blocks when not told: ``LLMCOURSE_GGUF_BLOCKS``
     (``0`` no, ``1`` yes, the default), read once per process; another value logs a warning and keeps yes."""
-    raw = os.environ.get("LLMCOURSE_GGUF_BLOCKS", "").strip()
-    if raw not in ("", "0", "1"):
-        logging.getLogger(__name__).warning("LLMCOURSE_GGUF_BLOCKS=%s is not 0 or 1; using 1", raw)
-    return raw != "0"
+    return env_choice("LLMCOURSE_GGUF_BLOCKS", ("1", "0"), "1") != "0"
 
 
 def load_model(path: str | Path, dtype: str = "fp32", blocks: bool | None = None) -> LoadedModel:
@@ -434,13 +430,14 @@ def _keep_blocks(model: Any, mm: np.ndarray, kept: list[tuple[str, TensorInfo]],
         rows, n = t.shape
         raw = torch.from_numpy(mm[t.offset:t.offset + t.nbytes]).view(rows, -1)
         g = t.name
-        if permute_qk and (".attn_q." in g or ".attn_k." in g):
+        permuted = permute_qk and (".attn_q." in g or ".attn_k." in g)
+        if permuted:
             from llmcourse.quant.gguf.names import unpermute_rope
 
             order = unpermute_rope(torch.arange(rows).view(rows, 1), n_head if ".attn_q." in g else n_kv).view(-1)
             raw = raw[order]
         raw, qtype = interleave(raw, int(t.qtype), n)
-        if qtype != int(t.qtype) or (permute_qk and (".attn_q." in g or ".attn_k." in g)):
+        if qtype != int(t.qtype) or permuted:
             _release(mm, t.offset, t.nbytes)  # a copy is kept: the file's pages are not needed in memory
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

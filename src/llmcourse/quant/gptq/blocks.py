@@ -27,14 +27,11 @@ llama.cpp's CPU backend): the only difference from de-quantize-then-multiply bes
 from __future__ import annotations
 
 import functools
-import logging
-import os
 
 import torch
 
+from llmcourse.core.env import env_choice
 from llmcourse.core.runtime.weights import BlockCodes
-
-log = logging.getLogger(__name__)
 
 Q4_0, Q4_1, Q8_0 = 2, 3, 8  # ggml type ids
 BLOCK = 32  # values per legacy block
@@ -46,10 +43,7 @@ def kernel_choice() -> str:
     """Which product decodes GPTQ folders: ``blocks`` (the default; this module) or ``packed``
     (``LLMCOURSE_GPTQ_KERNEL``, read once per process: tests that set it call ``kernel_choice.cache_clear()``;
     another value logs a warning and keeps ``blocks``)."""
-    name = os.environ.get("LLMCOURSE_GPTQ_KERNEL", "").strip().lower()
-    if name and name not in KERNELS:
-        log.warning("LLMCOURSE_GPTQ_KERNEL=%s is not one of %s; using blocks", name, ", ".join(KERNELS))
-    return name if name in KERNELS else "blocks"
+    return env_choice("LLMCOURSE_GPTQ_KERNEL", KERNELS, "blocks")
 
 
 def kernels_ready() -> bool:
@@ -127,8 +121,5 @@ def head_choice() -> str:
     0.5454) or ``fp16`` (the checkpoint's table itself): ``LLMCOURSE_GPTQ_HEAD``, read once per process (tests
     that set it call ``head_choice.cache_clear()``; another value logs a warning and keeps ``q8_0``).
     Lookups and many-row products (perplexity) always use the fp16 table."""
-    name = os.environ.get("LLMCOURSE_GPTQ_HEAD", "").strip().lower()
-    if name and name not in HEADS:
-        log.warning("LLMCOURSE_GPTQ_HEAD=%s is not one of %s; using q8_0", name, ", ".join(HEADS))
-    return name if name in HEADS else "q8_0"
+    return env_choice("LLMCOURSE_GPTQ_HEAD", HEADS, "q8_0")
 

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmcourse.core.env import env_choice
 from llmcourse.core.runtime import KernelOptions, RowCodes
 from llmcourse.core.runtime.weights import BLOCK_GEMM_ROWS, BlockCodes, project
 from llmcourse.quant.int8.formulas import QuantizedTensor, expand_stat
@@ -114,10 +114,7 @@ def kernel_choice() -> str:
     """``blocks`` (W8A8 through the Q8_0 block kernel, the default) or ``rows`` (weight-only int8, the
     compiled row reduction): ``LLMCOURSE_INT8_KERNEL``, read once per process (tests that set it call
     ``kernel_choice.cache_clear()``); another value logs a warning and keeps ``blocks``."""
-    name = os.environ.get("LLMCOURSE_INT8_KERNEL", "").strip().lower()
-    if name and name not in KERNELS:
-        log.warning("LLMCOURSE_INT8_KERNEL=%s is not one of %s; using blocks", name, ", ".join(KERNELS))
-    return name if name in KERNELS else "blocks"
+    return env_choice("LLMCOURSE_INT8_KERNEL", KERNELS, "blocks")
 
 
 

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from llmcourse.core.env import env_choice
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
@@ -119,10 +121,7 @@ def _register_fakes() -> None:
 @functools.cache
 def forced_level() -> int:
     """The level ``LLMCOURSE_BLOCK_ISA`` asks for (read once), or -1 (the best this CPU has)."""
-    name = os.environ.get("LLMCOURSE_BLOCK_ISA", "").strip().lower()
-    if name and name not in LEVELS:
-        log.warning("LLMCOURSE_BLOCK_ISA=%s is not one of %s; using the best the CPU has", name, ", ".join(LEVELS))
-    return LEVELS.get(name, -1)
+    return LEVELS.get(env_choice("LLMCOURSE_BLOCK_ISA", LEVELS, ""), -1)
 
 
 def cpu_level() -> int:
@@ -159,18 +158,18 @@ def block_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, in_features:
 def interleaving() -> bool:
     """Whether weights are repacked for the group kernels (``LLMCOURSE_BLOCK_INTERLEAVE=0`` keeps the stored
     layout; read once)."""
-    return os.environ.get("LLMCOURSE_BLOCK_INTERLEAVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_choice("LLMCOURSE_BLOCK_INTERLEAVE", ("1", "0", "on", "off", "true", "false", "yes", "no"),
+                      "1") not in ("0", "off", "false", "no")
 
 
 def interleave(blocks: torch.Tensor, qtype: int, in_features: int) -> tuple[torch.Tensor, int]:
-    """``W``'s blocks repacked for the group kernels, as llama.cpp's CPU backend repacks Q4_0 at load: the same
+    """``W``'s blocks (O, row bytes) repacked for the group kernels, as llama.cpp's CPU backend repacks Q4_0 at load: the same
     bytes, eight rows interleaved so that one broadcast of 4 activation codes meets all eight rows and the
     eight sums stay in the lanes of one register (no horizontal sums, scales converted 8 at a time).
     Returns ``(blocks, qtype + X8)``, or the input unchanged where that does not apply (a k-quant, rows not a
     multiple of 8, no kernels, or ``LLMCOURSE_BLOCK_INTERLEAVE=0``). Lookups (:func:`block_rows`) and every
     product accept both layouts."""
-    rows = blocks.shape[0] if blocks.dim() == 2 else blocks.numel() // max(1, row_bytes(qtype, in_features))
-    if qtype not in LEGACY or rows % 8 or in_features % 32 or not interleaving() or not load():
+    if qtype not in LEGACY or blocks.shape[0] % 8 or in_features % 32 or not interleaving() or not load():
         return blocks, qtype
     return torch.ops.llmcourse_blocks.interleave(blocks.contiguous(), qtype, in_features, False), X8 + qtype
 
